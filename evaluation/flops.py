@@ -1,0 +1,39 @@
+"""Analytic forward FLOPs of a decoder (2 FLOPs per multiply-add, matrix products only).
+
+Per generated token: the weight matrices (attention projections, MLP, LM head) plus attention
+over the keys actually held in the cache, which is where KV compression saves compute.
+Checked against ``torch.utils.flop_counter.FlopCounterMode`` in tests/test_flops.py.
+"""
+
+
+def _dims(config) -> tuple[int, int, int]:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return head_dim * config.num_attention_heads, head_dim * kv_heads, config.hidden_size
+
+
+def weight_flops_per_token(config) -> int:
+    """FLOPs of every weight matrix for one token (independent of the context length)."""
+    q_width, kv_width, hidden = _dims(config)
+    mlp_matrices = 2 if config.model_type == "gpt_neox" else 3  # Llama's MLP is gated
+    per_layer = 2 * hidden * (q_width + 2 * kv_width) + 2 * q_width * hidden
+    per_layer += mlp_matrices * 2 * hidden * config.intermediate_size
+    return config.num_hidden_layers * per_layer + 2 * hidden * config.vocab_size
+
+
+def attention_flops_per_token(config, n_keys: int) -> int:
+    """FLOPs of q.K^T and softmax(.)V for one query attending to ``n_keys`` keys in every layer."""
+    q_width, _, _ = _dims(config)
+    return config.num_hidden_layers * 4 * q_width * n_keys
+
+
+def decode_flops(config, cache_before: int, new_tokens: int) -> int:
+    """FLOPs of ``new_tokens`` decode steps starting from a cache of ``cache_before`` tokens."""
+    keys_attended = sum(cache_before + step + 1 for step in range(new_tokens))
+    return new_tokens * weight_flops_per_token(config) + attention_flops_per_token(config, keys_attended)
+
+
+def prefill_flops(config, prompt_tokens: int) -> int:
+    """Causal prefill: token t attends to t keys (the useful work; kernels may compute more)."""
+    keys_attended = prompt_tokens * (prompt_tokens + 1) // 2
+    return prompt_tokens * weight_flops_per_token(config) + attention_flops_per_token(config, keys_attended)

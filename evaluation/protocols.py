@@ -1,0 +1,116 @@
+"""Perplexity under KV compression, measured so that compression can matter (DESIGN.md section 5).
+
+A press compresses a layer's cache *after* that layer's attention ran, so one teacher-forced
+pass over a whole text with a press active scores every token with the full cache: it
+measures nothing. Both protocols here score tokens against a cache that was already pressed.
+
+- ``context``: prefill the first N tokens with the press, then score the next M tokens
+  teacher-forced against that compressed cache (kvpress style). Ratio 0 equals dense exactly.
+- ``streaming``: feed the text in chunks of C tokens; after each chunk the cache is cut back
+  to ``budget`` tokens by the press's scoring rule (kvpress's DecodingPress); every token after
+  the first is scored. Positions are absolute (token index in the text).
+"""
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from kvpress import BasePress, DecodingPress, ScorerPress
+from torch.nn import functional as F
+from tqdm import tqdm
+from transformers import DynamicCache
+
+
+class ProtocolError(ValueError):
+    """The protocol's settings do not fit the model or the text."""
+
+
+@dataclass
+class Perplexity:
+    nll_sum: float
+    tokens: int
+    cache_tokens: float  # mean over layers (and windows/chunks) of the tokens held when scoring
+
+    @property
+    def mean_nll(self) -> float:
+        return self.nll_sum / self.tokens
+
+    @property
+    def ppl(self) -> float:
+        return float(torch.tensor(self.mean_nll).exp())
+
+
+def _pressed(press: BasePress | None, model):
+    return press(model) if press is not None else contextlib.nullcontext()
+
+
+def _cache_lengths(cache) -> list[int]:
+    return [layer.keys.shape[2] for layer in cache.layers]
+
+
+@torch.no_grad()
+def context_nll(
+    model, ids: torch.Tensor, press: BasePress | None, context_tokens: int, eval_tokens: int, num_windows: int = 1
+) -> Perplexity:
+    """``num_windows`` consecutive windows of ``context_tokens + eval_tokens + 1`` tokens: prefill
+    the context with the press, score ``eval_tokens`` tokens against the pressed cache."""
+    if isinstance(press, DecodingPress):
+        raise ProtocolError("a decoding press only acts while tokens stream in: use --protocol streaming")
+    limit = model.config.max_position_embeddings
+    if context_tokens + eval_tokens > limit:
+        raise ProtocolError(
+            f"context {context_tokens} + eval {eval_tokens} tokens exceed the model's {limit}-token context; "
+            "shorten them or use --protocol streaming for long texts"
+        )
+    window = context_tokens + eval_tokens + 1
+    if ids.numel() < window * num_windows:
+        raise ProtocolError(f"text has {ids.numel()} tokens, {num_windows} window(s) need {window * num_windows}")
+
+    nll_sum, kept = 0.0, []
+    positions = torch.arange(context_tokens, context_tokens + eval_tokens, device=model.device).unsqueeze(0)
+    for index in tqdm(range(num_windows), desc="windows", disable=num_windows == 1):
+        sample = ids[index * window : (index + 1) * window].unsqueeze(0).to(model.device)
+        cache = DynamicCache()
+        with _pressed(press, model):
+            model.model(input_ids=sample[:, :context_tokens], past_key_values=cache)
+        kept.extend(_cache_lengths(cache))
+        # Positions continue from the original context length, not from the pressed cache size.
+        logits = model(input_ids=sample[:, context_tokens:-1], past_key_values=cache, position_ids=positions).logits
+        nll_sum += F.cross_entropy(logits[0].float(), sample[0, context_tokens + 1 :], reduction="sum").item()
+    return Perplexity(nll_sum, eval_tokens * num_windows, sum(kept) / len(kept))
+
+
+def streaming_press(press: BasePress, budget: int) -> DecodingPress:
+    """Hold ``press``'s scoring rule at ``budget`` tokens, compressing after every chunk."""
+    if not isinstance(press, ScorerPress):
+        raise ProtocolError(f"{type(press).__name__} has no per-token score; streaming needs a scoring press")
+    if budget < 1:
+        raise ProtocolError(f"--budget must be at least 1 token, got {budget}")
+    press.compression_ratio = 0.0  # the decoding press sets the ratio that reaches the budget
+    return DecodingPress(base_press=press, compression_interval=1, target_size=budget)
+
+
+@torch.no_grad()
+def streaming_nll(
+    model, ids: torch.Tensor, press: DecodingPress | None, chunk_tokens: int, max_tokens: int | None = None
+) -> Perplexity:
+    """Stream ``ids`` (first ``max_tokens``) in full chunks of ``chunk_tokens``; score every
+    token after the first. Without a press the cache grows with the text (dense control)."""
+    if chunk_tokens < 1:
+        raise ProtocolError(f"--chunk_tokens must be at least 1, got {chunk_tokens}")
+    ids = ids[:max_tokens] if max_tokens else ids
+    n_chunks = (ids.numel() - 1) // chunk_tokens  # full chunks only: every scoring call sees C queries
+    if n_chunks < 1:
+        raise ProtocolError(f"text has {ids.numel()} tokens, fewer than one chunk of {chunk_tokens} plus one")
+    ids = ids[: n_chunks * chunk_tokens + 1].unsqueeze(0).to(model.device)
+
+    cache, nll_sum, held = DynamicCache(), 0.0, []
+    with _pressed(press, model):
+        for start in tqdm(range(0, n_chunks * chunk_tokens, chunk_tokens), desc="chunks", disable=n_chunks < 8):
+            positions = torch.arange(start, start + chunk_tokens, device=model.device).unsqueeze(0)
+            chunk = ids[:, start : start + chunk_tokens]
+            held.append(sum(_cache_lengths(cache)) / len(model.model.layers) if start else 0)
+            logits = model(input_ids=chunk, past_key_values=cache, position_ids=positions).logits
+            targets = ids[0, start + 1 : start + chunk_tokens + 1]
+            nll_sum += F.cross_entropy(logits[0].float(), targets, reduction="sum").item()
+    return Perplexity(nll_sum, n_chunks * chunk_tokens, sum(held) / len(held))
