@@ -3,6 +3,7 @@
 import json
 import os
 import platform
+import subprocess
 import tempfile
 from datetime import datetime, timezone
 from importlib.metadata import version
@@ -24,11 +25,21 @@ def environment(device: str) -> dict:
         "kvpress": version("kvpress"),
         "cpu": platform.processor() or platform.machine(),
         "device": device,
+        "git_commit": _git_commit(),
     }
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
     return info
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:

@@ -1,13 +1,14 @@
 """Make KVPress presses run on GPT-NeoX (Pythia) exactly as they run on Llama.
 
-kvpress 0.5.5 assumes the Llama layout: the decoder at ``model.model``, attention at
-``layer.self_attn`` called with ``hidden_states=`` and ``past_key_values=``, separate
-``q_proj``/``k_proj``/``o_proj``, ``module.head_dim``, ``config.num_key_value_heads``, and a
-RoPE that rotates the full head with Llama's ``rotate_half`` (dim i paired with i + head_dim/2).
-GPT-NeoX differs on every point: ``model.gpt_neox``, ``layer.attention`` called with
-``layer_past=``, one fused ``query_key_value`` projection whose output is laid out per head as
-[q | k | v], and a partial rotary that turns only the first ``rotary_ndims`` dims of each head
-(``rotary_pct`` = 0.25 in Pythia), pairing dim i with i + rotary_ndims/2.
+kvpress 0.5.5 assumes the Llama layout: the decoder at ``model.model`` with the token
+embedding at ``embed_tokens``, attention at ``layer.self_attn`` called with ``hidden_states=``
+and ``past_key_values=``, separate ``q_proj``/``k_proj``/``o_proj``, ``module.head_dim``,
+``config.num_key_value_heads``, and a RoPE that rotates the full head with Llama's
+``rotate_half`` (dim i paired with i + head_dim/2). GPT-NeoX differs on every point:
+``model.gpt_neox`` with ``embed_in``, ``layer.attention`` called with ``layer_past=``, one
+fused ``query_key_value`` projection whose output is laid out per head as [q | k | v], and a
+partial rotary that turns only the first ``rotary_ndims`` dims of each head (``rotary_pct`` =
+0.25 in Pythia), pairing dim i with i + rotary_ndims/2.
 
 The rotary mismatch is the subtle one: presses such as SnapKV rebuild post-RoPE queries with
 Llama's formula, which cannot express NeoX's pairing. We therefore run GPT-NeoX attention in a
@@ -23,6 +24,8 @@ it (used by tests to compare against the untouched implementation). Models must 
 after ``apply()``: the rotary frequencies are padded when the rotary module is created.
 """
 
+import functools
+
 import torch
 from torch import nn
 from transformers.models.gpt_neox import modeling_gpt_neox as neox
@@ -35,8 +38,7 @@ def to_kvpress_order(x: torch.Tensor, rotary_ndims: int) -> torch.Tensor:
     """Reorder the last (head) dim of NeoX queries/keys into the basis kvpress expects.
 
     Layout: [rotary first half | pass-through | rotary second half | pass-through], so NeoX's
-    rotary pair (i, i + rotary_ndims/2) sits at (i, i + head_dim/2). Slices, not an index
-    tensor, so the decode step stays free of host-to-device copies.
+    rotary pair (i, i + rotary_ndims/2) sits at (i, i + head_dim/2).
     """
     head_dim = x.shape[-1]
     if head_dim % 2 or rotary_ndims % 2:
@@ -48,14 +50,20 @@ def to_kvpress_order(x: torch.Tensor, rotary_ndims: int) -> torch.Tensor:
     )
 
 
+@functools.lru_cache(maxsize=None)
+def _order_index(head_dim: int, rotary_ndims: int, device: torch.device) -> torch.Tensor:
+    # Built once per device so the decode step does one gather, with no host-to-device copy.
+    return to_kvpress_order(torch.arange(head_dim), rotary_ndims).to(device)
+
+
 def split_qkv(module: nn.Module, hidden_states: torch.Tensor):
     """Pre-RoPE queries, keys and values of a GPT-NeoX attention module, each (batch, heads,
     seq, head_dim); queries and keys in the reordered basis, values in NeoX's own order."""
     batch, seq, _ = hidden_states.shape
     qkv = module.query_key_value(hidden_states).view(batch, seq, -1, 3, module.head_size).transpose(1, 2)
-    query = to_kvpress_order(qkv[..., 0, :], module.rotary_ndims)
-    key = to_kvpress_order(qkv[..., 1, :], module.rotary_ndims)
-    return query, key, qkv[..., 2, :]
+    order = _order_index(module.head_size, module.rotary_ndims, qkv.device)
+    query_key = qkv[..., :2, :].index_select(-1, order)
+    return query_key[..., 0, :], query_key[..., 1, :], qkv[..., 2, :]
 
 
 def _attention_forward(
@@ -128,6 +136,8 @@ def _padded_rope_parameters(config=None, device=None, seq_len=None):
 def _replacements() -> dict:
     return {
         (neox.GPTNeoXForCausalLM, "model"): property(lambda self: self.gpt_neox),
+        # FinchPress hooks model.model.embed_tokens; KVgradPress embeds through it.
+        (neox.GPTNeoXModel, "embed_tokens"): property(lambda self: self.embed_in),
         (neox.GPTNeoXLayer, "self_attn"): property(lambda self: self.attention),
         (neox.GPTNeoXAttention, "forward"): _attention_forward,
         (neox.GPTNeoXAttention, "__call__"): _attention_call,
