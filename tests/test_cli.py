@@ -1,0 +1,107 @@
+"""evaluation/perplexity.py: a full offline run writes its result file; bad input gets a
+one-line error, exit code 2, no traceback and no result file."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from tests.conftest import REPO_ROOT, build, shared_data_dir, tiny_neox_config
+
+SCRIPT = str(REPO_ROOT / "evaluation" / "perplexity.py")
+
+
+def run_cli(*args, data_dir=None):
+    env = os.environ | {"KVPRESS_NEOX_DATA": str(data_dir or shared_data_dir()), "HF_HUB_OFFLINE": "1",
+                        "HF_DATASETS_OFFLINE": "1"}
+    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def tiny_pythia_folder(tmp_path_factory):
+    """A local GPT-NeoX folder without tokenizer files, like a downloaded checkpoint: the
+    tokenizer must come from the offline data folder."""
+    folder = tmp_path_factory.mktemp("tiny-pythia")
+    build(tiny_neox_config(max_position_embeddings=256)).save_pretrained(folder)
+    return folder
+
+
+def test_context_and_speed_runs_write_results(tiny_pythia_folder, tmp_path):
+    output = tmp_path / "context.json"
+    result = run_cli("--model", str(tiny_pythia_folder), "--press", "snapkv", "knorm", "--compression_ratio", "0",
+                     "0.5", "--eval_tokens", "32", "--num_windows", "2", "--output", str(output))
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(output.read_text())["rows"]
+    assert [(row["method"], row["compression_ratio"]) for row in rows] == [
+        ("dense", 0.0), ("snapkv", 0.0), ("snapkv", 0.5), ("knorm", 0.0), ("knorm", 0.5)]
+    assert rows[1]["ppl"] == rows[0]["ppl"] and rows[2]["ppl"] != rows[0]["ppl"]
+    assert rows[2]["context_tokens"] == 256 - 32 and rows[2]["mean_cache_tokens"] == 112
+    assert "snapkv" in result.stdout and "wrote" in result.stdout
+
+    output = tmp_path / "speed.json"
+    result = run_cli("--model", str(tiny_pythia_folder), "--speed", "--press", "streaming_llm", "--prompt_tokens",
+                     "64", "--new_tokens", "8", "--repeats", "1", "--output", str(output))
+    assert result.returncode == 0, result.stderr
+    payload = json.loads(output.read_text())
+    dense, pressed = payload["rows"]
+    assert dense["kept_tokens_layer0"] == 64 and pressed["kept_tokens_layer0"] == 32
+    assert pressed["kv_mib_final"] < dense["kv_mib_final"] and len(pressed["tokens"][0]) == 8
+    assert {"ttft_ms", "tpot_ms", "decode_tokens_per_s", "prefill_gflops"} <= dense.keys()
+    assert payload["environment"]["torch"] and payload["command"].startswith("python evaluation/perplexity.py")
+
+
+@pytest.fixture(scope="module")
+def gpt2_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("gpt2")
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100)).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--press", "nope"], "unknown press 'nope'; known presses: expected_attention"),
+        (["--compression_ratio", "1.0"], "compression ratio must be in [0, 1), got 1.0"),
+        (["--compression_ratio", "-0.1"], "compression ratio must be in [0, 1)"),
+        (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
+        (["--context_tokens", "4000"], "use --protocol streaming"),
+        (["--dataset", "pg19", "--sample_idx", "7"], "out of range: 2 local PG-19 books"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_no_file(tiny_pythia_folder, tmp_path, args, message):
+    output = tmp_path / "never.json"
+    result = run_cli("--model", str(tiny_pythia_folder), *args, "--output", str(output))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0]
+    assert not output.exists()
+
+
+def test_missing_data_names_both_ways(tiny_pythia_folder, tmp_path):
+    empty = tmp_path / "empty"
+    (empty / "tokenizer").mkdir(parents=True)
+    (empty / "tokenizer" / "tokenizer.json").write_text((shared_data_dir() / "tokenizer" / "tokenizer.json").read_text())
+    result = run_cli("--model", str(tiny_pythia_folder), "--output", str(tmp_path / "x.json"), data_dir=empty)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--data-dir" in result.stderr and "KVPRESS_NEOX_DATA" in result.stderr and "datasets" in result.stderr
+
+
+def test_unsupported_model_lists_supported_ones(gpt2_folder, tmp_path):
+    result = run_cli("--model", str(gpt2_folder), "--output", str(tmp_path / "x.json"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "GPT2LMHeadModel is not supported" in result.stderr and "GPTNeoXForCausalLM" in result.stderr
+
+
+def test_random_init_quality_is_refused():
+    result = run_cli("--random-init", "--model", "EleutherAI/pythia-70m")
+    assert result.returncode == 2 and "add --speed" in result.stderr
+
+
+def test_help_documents_every_option():
+    result = run_cli("--help")
+    for option in ["--model", "--random-init", "--dataset", "--sample_idx", "--press", "--compression_ratio",
+                   "--protocol", "--speed", "--device", "--dtype", "--attn_implementation", "--output", "--data-dir"]:
+        assert option in result.stdout

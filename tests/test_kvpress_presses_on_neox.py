@@ -1,0 +1,492 @@
+"""Every press kvpress 0.5.5 exports, run on a tiny random GPT-NeoX (Pythia layout: partial
+rotary, fused QKV) through the ``kv-press-text-generation`` pipeline.
+
+Each case runs the real pipeline (prefill with the press, then greedy decoding of a question)
+on ~120 tokens of wikitext and checks, besides getting a string answer, that the press really
+acted on the KV cache the pipeline used:
+
+- prefill presses: every layer keeps the number of KV pairs the press's own rule gives
+  (``int(L * (1 - ratio))`` for a plain scorer at ratio 0.5), fewer than the L context tokens;
+- head-wise presses (AdaKV, KVzip, DuoAttention, DMS...): the cache keeps its length but the
+  right number of (head, position) pairs is masked, and the masked keys were really replaced
+  by kvpress's fake keys inside the GPT-NeoX attention call;
+- decoding presses: the cache stays bounded by the press's target while the answer is decoded.
+
+A few cases also run on tiny Llama, the architecture kvpress is written for, as a reference.
+Presses that cannot run on Pythia are listed in ``CANNOT_RUN`` with the reason, and
+``test_every_kvpress_export_is_covered`` keeps that list and the cases in sync with
+``kvpress.__all__``. docs/kvpress_presses_on_neox.md is the human-readable version.
+"""
+
+from dataclasses import dataclass
+from typing import Callable
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import DynamicCache, pipeline
+
+import kvpress
+from kvpress import (
+    AdaKVPress,
+    BlockPress,
+    CAMPress,
+    CapPress,
+    ChunkKVPress,
+    ChunkPress,
+    CompactorPress,
+    ComposedPress,
+    CompressionRatioDecodingPress,
+    CriticalAdaKVPress,
+    CriticalKVPress,
+    CURPress,
+    DecodingPress,
+    DMSPress,
+    DuoAttentionPress,
+    EntropyGatedChunkKVPress,
+    ExpectedAttentionPress,
+    ExpectedAttentionStatsPress,
+    FinchPress,
+    KeyDiffPress,
+    KeyRerotationPress,
+    KnormPress,
+    KVComposePress,
+    KVgradPress,
+    KVzipPress,
+    LagKVPress,
+    LeverageScorePress,
+    MergingPress,
+    NonCausalAttnPress,
+    ObservedAttentionPress,
+    PerLayerCompressionPress,
+    PrefillDecodingPress,
+    PyramidKVPress,
+    RandomPress,
+    SimLayerKVPress,
+    SnapKVPress,
+    StreamingLLMPress,
+    ThinKPress,
+    TOVAPress,
+)
+from kvpress.presses import duo_attention_press, expected_attention_with_stats
+from kvpress.presses.expected_attention_with_stats import ExpectedAttentionStats, collect_queries
+from kvpress.utils import compute_n_kept
+
+from tests.conftest import build, shared_data_dir, tiny_llama_config, tiny_neox_config
+from evaluation.models import offline_tokenizer
+
+RATIO = 0.5
+CONTEXT_TOKENS = 120
+QUESTION = " Who is Robert Boulter?"
+MAX_NEW_TOKENS = 5
+
+# Presses that cannot run on a Pythia model: each needs an artefact trained for one specific
+# checkpoint and fetched from the hub at run time, and none exists for any Pythia model.
+CANNOT_RUN = {
+    "QFilterPress": "needs Q-filters trained per model, downloaded from the hub as "
+    "nthngdy/<model>_qfilt in post_init_from_model; none exist for Pythia",
+    "KVzapPress": "needs the KVzap scorer trained per model, downloaded from the hub as "
+    "nvidia/KVzap-{mlp,linear}-<model>; none exist for Pythia",
+    "FastKVzipPress": "needs gate weights trained per model, downloaded from the hub repo "
+    "Jang-Hyun/Fast-KVzip (<model>/q<groups>_dim16_sink16.pt); none exist for Pythia",
+    "RestoreKVPress": "needs restore embeddings and a LoRA adapter trained per model, downloaded "
+    "from the hub as higokri/RestoreKV-<model>; none exist for Pythia",
+    "LUKVPress": "needs a per-(ratio, layer, kv-head) budget curve fetched from GitHub; kvpress 0.5.5 "
+    "ships one for meta-llama/Llama-3.1-8B-Instruct + ExpectedAttentionPress only (KeyError otherwise)",
+}
+
+# Exported names that are not presses one can run.
+NOT_PRESSES = {
+    "BasePress": "abstract base class (compress() not implemented)",
+    "ScorerPress": "abstract base of the scoring presses (score() not implemented); every scorer below is one",
+    "KVPressTextGenerationPipeline": "the pipeline every case runs through",
+}
+
+
+# ----------------------------------------------------------------------------- expectations
+# Each takes (model, cache, press, L) after the pipeline ran; L = context length in tokens.
+
+
+def lengths(cache) -> list[int]:
+    return [cache.layers[i].keys.shape[2] for i in range(len(cache))]
+
+
+def kept(n_of_L: Callable[[int], int]):
+    """Every layer keeps exactly n_of_L(L) < L KV pairs."""
+
+    def check(model, cache, press, L):
+        n = n_of_L(L)
+        assert n < L
+        assert lengths(cache) == [n] * model.config.num_hidden_layers
+
+    return check
+
+
+SCORER_KEPT = kept(lambda L: compute_n_kept(L, RATIO))
+
+
+def shorter(model, cache, press, L):
+    """Compressed, by a rule whose exact count depends on the scores (ChunkKV)."""
+    assert all(0 < n < L for n in lengths(cache))
+
+
+def masked_keys_replaced(model, cache) -> list[int]:
+    """Per layer, how many (head, position) pairs are masked; checks each masked key in the cache
+    was overwritten by kvpress's fake key (one per head), i.e. the masking ran inside the
+    GPT-NeoX attention call."""
+    counts = []
+    for layer in model.model.layers:
+        indices = getattr(layer.self_attn, "masked_key_indices", None)
+        if indices is None:
+            counts.append(0)
+            continue
+        batch, head, position = indices
+        keys = cache.layers[layer.self_attn.layer_idx].keys
+        inside = position < keys.shape[2]  # DMS may mask decoded tokens the pipeline dropped
+        batch, head, position = batch[inside], head[inside], position[inside]
+        for h in head.unique():
+            fake = keys[batch[head == h], h, position[head == h]]
+            assert torch.equal(fake, fake[:1].expand_as(fake)), "masked keys were not replaced by the fake key"
+        counts.append(len(indices[0]))
+    return counts
+
+
+def masked_per_layer(model, cache, press, L):
+    """AdaKV-style: the full cache stays, kv_heads * (L - n_kept) pairs per layer are masked."""
+    heads = model.config.num_key_value_heads
+    assert lengths(cache) == [L] * model.config.num_hidden_layers
+    assert masked_keys_replaced(model, cache) == [heads * (L - compute_n_kept(L, RATIO))] * len(cache)
+
+
+def masked_in_total(model, cache, press, L):
+    """KVzip-style: the ratio is met over all layers together."""
+    total = model.config.num_hidden_layers * model.config.num_key_value_heads * L
+    assert lengths(cache) == [L] * model.config.num_hidden_layers
+    assert sum(masked_keys_replaced(model, cache)) == int(total * RATIO)
+
+
+def masked_some(model, cache, press, L):
+    """DMS: a threshold rule, so some pairs masked and a positive compression ratio."""
+    assert sum(masked_keys_replaced(model, cache)) > 0
+    assert 0 < press.compression_ratio < 1
+
+
+def bounded(limit: int):
+    """Decoding presses: the cache never grows past the press's budget while decoding."""
+
+    def check(model, cache, press, L):
+        assert all(n <= limit < L for n in lengths(cache))
+
+    return check
+
+
+def zeroed_channels(n_kept_pairs: Callable[[int], int], zero_channels: int):
+    """ThinK: key channels pruned (set to zero) per head, on top of any token pruning."""
+
+    def check(model, cache, press, L):
+        kept(n_kept_pairs)(model, cache, press, L) if n_kept_pairs else None
+        for layer in range(len(cache)):
+            keys = cache.layers[layer].keys
+            zero = (keys == 0).all(dim=2)  # (batch, heads, head_dim)
+            assert (zero.sum(-1) == zero_channels).all()
+
+    return check
+
+
+# ----------------------------------------------------------------------------- the cases
+
+snap = lambda: SnapKVPress(compression_ratio=RATIO, window_size=16)  # noqa: E731
+knorm = lambda: KnormPress(compression_ratio=RATIO)  # noqa: E731
+BOTH = ("eager", "sdpa")
+SDPA = ("sdpa",)  # the press refuses attention weights or eager attention, on Llama as well
+EAGER = ("eager",)  # the press needs the attention weights
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str  # the kvpress class under test
+    make: Callable[[], kvpress.BasePress]
+    check: Callable
+    attn: tuple[str, ...] = BOTH
+    label: str = ""  # to tell apart several cases of one class
+
+
+def chunk_kept(L: int, chunk: int = 40) -> int:
+    """ChunkPress keeps max(1, int(c * (1 - ratio))) pairs of each chunk of c tokens."""
+    return sum(max(1, int(min(chunk, L - start) * (1 - RATIO))) for start in range(0, L, chunk))
+
+
+CASES = [
+    # scorer presses, pruning after prefill
+    Case("SnapKVPress", snap, SCORER_KEPT),
+    Case("KnormPress", knorm, SCORER_KEPT),
+    Case("TOVAPress", lambda: TOVAPress(compression_ratio=RATIO), SCORER_KEPT),
+    Case("ObservedAttentionPress", lambda: ObservedAttentionPress(compression_ratio=RATIO), SCORER_KEPT, EAGER),
+    Case("ExpectedAttentionPress", lambda: ExpectedAttentionPress(RATIO, n_future_positions=32), SCORER_KEPT),
+    Case("RandomPress", lambda: RandomPress(compression_ratio=RATIO, seed=0), SCORER_KEPT),
+    Case("StreamingLLMPress", lambda: StreamingLLMPress(compression_ratio=RATIO), SCORER_KEPT),
+    Case("KeyDiffPress", lambda: KeyDiffPress(compression_ratio=RATIO), SCORER_KEPT),
+    Case("LagKVPress", lambda: LagKVPress(compression_ratio=RATIO, lag_size=16), SCORER_KEPT),
+    Case("CURPress", lambda: CURPress(compression_ratio=RATIO, local_window_size=16), SCORER_KEPT),
+    Case("LeverageScorePress", lambda: LeverageScorePress(compression_ratio=RATIO, sketch_dimension=8), SCORER_KEPT),
+    Case("NonCausalAttnPress", lambda: NonCausalAttnPress(compression_ratio=RATIO, chunk_size=32), SCORER_KEPT),
+    Case(
+        "CompactorPress",
+        lambda: CompactorPress(compression_ratio=RATIO, sink_size_start=4, chunk_size=32, sketch_dimension=8),
+        SCORER_KEPT,
+    ),
+    Case("CapPress", lambda: CapPress(compression_ratio=RATIO, n_future_positions=32), SCORER_KEPT),
+    Case("CriticalKVPress", lambda: CriticalKVPress(press=snap()), SCORER_KEPT),
+    Case("PyramidKVPress", lambda: PyramidKVPress(compression_ratio=RATIO), kept(lambda L: round(L * (1 - RATIO)))),
+    # wrappers around a scorer
+    Case("KeyRerotationPress", lambda: KeyRerotationPress(press=snap()), SCORER_KEPT),
+    Case("MergingPress", lambda: MergingPress(press=knorm()), SCORER_KEPT),
+    Case("ChunkPress", lambda: ChunkPress(press=knorm(), chunk_length=40), kept(chunk_kept), SDPA),
+    Case("BlockPress", lambda: BlockPress(press=snap(), block_size=32), SCORER_KEPT, SDPA),
+    Case("ChunkKVPress", lambda: ChunkKVPress(press=snap(), chunk_length=10), shorter, SDPA),
+    Case("EntropyGatedChunkKVPress", lambda: EntropyGatedChunkKVPress(press=knorm()), SCORER_KEPT, SDPA),
+    Case(
+        "PerLayerCompressionPress",
+        lambda: PerLayerCompressionPress(press=knorm(), compression_ratios=[RATIO, RATIO]),
+        SCORER_KEPT,
+        label="uniform",
+    ),
+    Case(
+        "ComposedPress",
+        lambda: ComposedPress([snap(), ThinKPress(key_channel_compression_ratio=0.25, window_size=16)]),
+        zeroed_channels(lambda L: compute_n_kept(L, RATIO), 4),
+    ),
+    Case("ThinKPress", lambda: ThinKPress(key_channel_compression_ratio=RATIO, window_size=16), zeroed_channels(None, 8)),
+    Case(
+        "SimLayerKVPress",
+        lambda: SimLayerKVPress(lazy_threshold=0.01, n_recent=32, n_initial=4),
+        kept(lambda L: 4 + 32 - 1),  # lazy layers keep n_initial + n_recent - n_last
+    ),
+    # head-wise (masking) presses
+    Case("AdaKVPress", lambda: AdaKVPress(press=snap()), masked_per_layer, SDPA),
+    Case("CriticalAdaKVPress", lambda: CriticalAdaKVPress(press=snap()), masked_per_layer, SDPA),
+    Case(
+        "DMSPress",
+        lambda: DMSPress(press=RandomPress(seed=0), threshold=0.5, sliding_window_size=16, decoding=True),
+        masked_some,
+        SDPA,
+    ),
+    # decoding presses
+    Case("DecodingPress", lambda: DecodingPress(knorm(), compression_interval=2, target_size=60), bounded(62)),
+    Case(
+        "CAMPress",
+        lambda: CAMPress(base_press=knorm(), compression_interval=2, target_size=60, merge_budget=4),
+        bounded(62),
+    ),
+    Case(
+        "CompressionRatioDecodingPress",
+        lambda: CompressionRatioDecodingPress(knorm(), compression_interval=2, target_compression_ratio=RATIO),
+        bounded(70),  # half of the ~135 tokens seen, plus one compression interval
+    ),
+    Case(
+        "PrefillDecodingPress",
+        lambda: PrefillDecodingPress(snap(), DecodingPress(knorm(), compression_interval=2, target_size=40)),
+        bounded(42),
+    ),
+]
+CASE_PARAMS = [
+    pytest.param(case, attn, id=f"{case.name}{'-' + case.label if case.label else ''}-{attn}")
+    for case in CASES
+    for attn in case.attn
+]
+
+# Cases with a set-up of their own, tested below (the name is the class they test).
+SPECIAL_CASES = {
+    "FinchPress",
+    "KVzipPress",
+    "KVgradPress",
+    "DuoAttentionPress",
+    "ExpectedAttentionStatsPress",
+    "KVComposePress",
+    "PerLayerCompressionPress",
+    "PyramidKVPress",
+}
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def wikitext() -> str:
+    return (shared_data_dir() / "wikitext-2-raw-v1" / "test.raw").read_text()[:60_000]
+
+
+@pytest.fixture(scope="module")
+def context(tokenizer, wikitext) -> str:
+    return tokenizer.decode(tokenizer.encode(wikitext[:2000])[:CONTEXT_TOKENS])
+
+
+def context_length(tokenizer, text: str) -> int:
+    """Tokens the pipeline prefills for ``text``: it prepends the BOS token (no chat template)."""
+    return len(tokenizer.encode(tokenizer.bos_token + text, add_special_tokens=False))
+
+
+def model_for(arch: str, attn: str, tokenizer, folder=None):
+    model = build(tiny_neox_config() if arch == "neox" else tiny_llama_config(), attn_implementation=attn)
+    if folder is not None:
+        # KVzip, KVgrad and DuoAttention load the tokenizer from model.config.name_or_path, as a
+        # model loaded from the hub or a local folder has it.
+        tokenizer.save_pretrained(folder)
+        model.config.name_or_path = str(folder)
+    return model
+
+
+def run_pipeline(model, tokenizer, press, context, question=QUESTION):
+    cache = DynamicCache()
+    pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer, device="cpu")
+    with torch.no_grad():
+        answer = pipe(context, question=question, press=press, max_new_tokens=MAX_NEW_TOKENS, cache=cache)["answer"]
+    assert isinstance(answer, str) and answer
+    return cache
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("case, attn", CASE_PARAMS)
+def test_press_through_pipeline_on_neox(case, attn, tokenizer, context):
+    model = model_for("neox", attn, tokenizer)
+    press = case.make()
+    cache = run_pipeline(model, tokenizer, press, context)
+    case.check(model, cache, press, context_length(tokenizer, context))
+
+
+LLAMA_REFERENCE = ["SnapKVPress", "KeyRerotationPress", "AdaKVPress", "DecodingPress", "ThinKPress"]
+
+
+@pytest.mark.parametrize(
+    "case, attn", [p for p in CASE_PARAMS if p.values[0].name in LLAMA_REFERENCE and p.values[1] == "sdpa"]
+)
+def test_press_through_pipeline_on_llama(case, attn, tokenizer, context):
+    """The same checks hold on Llama, the layout kvpress is written for."""
+    model = model_for("llama", attn, tokenizer)
+    press = case.make()
+    cache = run_pipeline(model, tokenizer, press, context)
+    case.check(model, cache, press, context_length(tokenizer, context))
+
+
+@pytest.mark.parametrize("press_class", [SnapKVPress, TOVAPress])
+def test_recomputed_window_attention_matches_eager_on_neox(press_class, tokenizer, context):
+    """With sdpa, SnapKV/TOVA rebuild post-RoPE queries with Llama's rotate_half; with eager they
+    read the model's attention weights. On NeoX both must keep the same KV pairs, which holds
+    only if the reordered basis makes NeoX's partial rotary a Llama rotary."""
+    make = (lambda: press_class(compression_ratio=RATIO, window_size=16)) if press_class is SnapKVPress else (
+        lambda: press_class(compression_ratio=RATIO)
+    )
+    caches = [run_pipeline(model_for("neox", attn, tokenizer), tokenizer, make(), context) for attn in BOTH]
+    for eager_layer, sdpa_layer in zip(caches[0].layers, caches[1].layers):
+        torch.testing.assert_close(eager_layer.keys, sdpa_layer.keys)
+
+
+@pytest.mark.parametrize("arch", ["neox", "llama"])
+@pytest.mark.parametrize("attn", BOTH)
+def test_finch_press(arch, attn, tokenizer, context):
+    """FinchPress finds the question window through a delimiter token, hooked on
+    model.model.embed_tokens (GPT-NeoX's embed_in, aliased by the patch)."""
+    model = model_for(arch, attn, tokenizer)
+    press = FinchPress(compression_ratio=RATIO)
+    # update_model_and_tokenizer adds the delimiter token: give it a tokenizer of its own
+    finch_tokenizer = press.update_model_and_tokenizer(model, offline_tokenizer(shared_data_dir()))
+    prompt = context + press.delimiter_token + QUESTION
+    cache = run_pipeline(model, finch_tokenizer, press, prompt, question="")
+    n_tokens = context_length(finch_tokenizer, prompt) - 1  # the delimiter is dropped
+    assert press.window_size == n_tokens - context_length(finch_tokenizer, context)
+    assert lengths(cache) == [compute_n_kept(n_tokens, RATIO)] * model.config.num_hidden_layers
+
+
+@pytest.mark.parametrize("arch", ["neox", "llama"])
+@pytest.mark.parametrize("press_class", [KVzipPress, KVgradPress])
+def test_kvzip_presses(press_class, arch, tokenizer, context, tmp_path):
+    """KVzip replays the context; KVgrad also backpropagates through the model and embeds through
+    model.model.embed_tokens. Both are head-wise (sdpa only, on Llama too)."""
+    model = model_for(arch, "sdpa", tokenizer, folder=tmp_path)
+    cache = run_pipeline(model, tokenizer, press_class(compression_ratio=RATIO, chunk_size=64), context)
+    masked_in_total(model, cache, None, context_length(tokenizer, context))
+
+
+def local_texts(wikitext: str, n: int, chars: int) -> Dataset:
+    """Stand-in for the kmfoda/booksum hub dataset the press loads (column "chapter")."""
+    paragraphs = [p.strip() for p in wikitext.split("\n") if len(p) > chars]
+    return Dataset.from_dict({"chapter": [p[:chars] for p in paragraphs[:n]]})
+
+
+@pytest.mark.parametrize("arch", ["neox", "llama"])
+def test_duo_attention_on_the_fly(arch, tokenizer, wikitext, tmp_path, monkeypatch):
+    """DuoAttention with head scores computed on the fly (the pretrained patterns exist only for
+    some Llama/Mistral checkpoints), from local wikitext instead of the booksum hub dataset. It
+    keeps 128 sink + 256 recent tokens on streaming heads, so the context here is longer."""
+    monkeypatch.setattr(duo_attention_press, "load_dataset", lambda *a, **k: local_texts(wikitext, 50, 400))
+    model = model_for(arch, "sdpa", tokenizer, folder=tmp_path / arch)
+    long_context = tokenizer.decode(tokenizer.encode(wikitext[:4000])[:440])
+    press = DuoAttentionPress(head_compression_ratio=0.5, on_the_fly_scoring=True)
+    cache = run_pipeline(model, tokenizer, press, long_context)
+    L = context_length(tokenizer, long_context)
+    streaming_heads = press.streaming_mask.sum(dim=1).tolist()
+    assert sum(streaming_heads) == round(0.5 * press.streaming_mask.numel())
+    assert lengths(cache) == [L] * model.config.num_hidden_layers
+    assert masked_keys_replaced(model, cache) == [n * (L - 128 - 256) for n in streaming_heads]
+
+
+@pytest.mark.parametrize("arch", ["neox", "llama"])
+def test_expected_attention_stats_press(arch, tokenizer, wikitext, context, tmp_path, monkeypatch):
+    """Query statistics collected with kvpress's own collect_queries (it captures queries inside
+    the model's apply_rotary_pos_emb, i.e. in the patched basis on NeoX), saved, and loaded back
+    through stats_folder: the hub holds such statistics for a few Llama/Qwen models only."""
+    monkeypatch.setattr(expected_attention_with_stats, "load_dataset", lambda *a, **k: local_texts(wikitext, 4, 1000))
+    model = model_for(arch, "sdpa", tokenizer, folder=tmp_path / "model")
+    _, mean, cov = collect_queries(model, "local/wikitext", num_samples=4, sample_seq_len=1000, n_sink=4)
+    config = model.config
+    stats = ExpectedAttentionStats(
+        num_layers=config.num_hidden_layers, num_heads=config.num_attention_heads, head_dim=config.head_dim,
+        dataset_name="local/wikitext", model_name=config.name_or_path, num_samples=4, sample_seq_len=1000, n_sink=4,
+    )  # fmt: skip
+    stats.query_mean.data, stats.query_cov.data = mean, cov
+    stats.save_pretrained(tmp_path / "stats")
+    press = ExpectedAttentionStatsPress(compression_ratio=RATIO, n_future_positions=32, stats_folder=str(tmp_path / "stats"))
+    cache = run_pipeline(model, tokenizer, press, context)
+    SCORER_KEPT(model, cache, press, context_length(tokenizer, context))
+
+
+def prefill(model, tokenizer, press, context):
+    """The pipeline's prefill step on its own: model.model under the press."""
+    cache = DynamicCache()
+    ids = torch.tensor([tokenizer.encode(tokenizer.bos_token + context, add_special_tokens=False)])
+    with torch.no_grad(), press(model):
+        model.model(input_ids=ids, past_key_values=cache)
+    return cache, ids.shape[1]
+
+
+@pytest.mark.parametrize("arch", ["neox", "llama"])
+def test_presses_with_a_budget_per_layer(arch, tokenizer, context):
+    """PyramidKV (non-uniform budgets), PerLayerCompression (different ratios) and KVCompose
+    (structured) leave a different cache length in each layer. The prefill compression works the
+    same on NeoX as on Llama; decoding on such a ragged cache needs flash-attention on every
+    model (eager/sdpa build one mask for layer 0's length), so only prefill is tested here."""
+    model = model_for(arch, "sdpa", tokenizer)
+    pyramid = PyramidKVPress(compression_ratio=RATIO, window_size=16)
+    cache, L = prefill(model, tokenizer, pyramid, context)
+    budgets = [pyramid.get_layer_budget(layer.self_attn, L) for layer in model.model.layers]
+    assert budgets[0] > budgets[1] and lengths(cache) == budgets
+
+    cache, L = prefill(model, tokenizer, PerLayerCompressionPress(knorm(), compression_ratios=[0.25, 0.75]), context)
+    assert lengths(cache) == [compute_n_kept(L, 0.25), compute_n_kept(L, 0.75)]
+
+    cache, L = prefill(model, tokenizer, KVComposePress(compression_ratio=RATIO), context)
+    assert all(n < L for n in lengths(cache))
+    assert sum(lengths(cache)) == compute_n_kept(model.config.num_hidden_layers * L, RATIO)
+
+
+def test_every_kvpress_export_is_covered():
+    """Each name kvpress exports is tested here, listed as unable to run, or not a press."""
+    tested = {case.name for case in CASES} | SPECIAL_CASES
+    exported = set(kvpress.__all__)
+    assert not tested & set(CANNOT_RUN)
+    assert tested | set(CANNOT_RUN) | set(NOT_PRESSES) == exported, (
+        f"not covered: {sorted(exported - tested - set(CANNOT_RUN) - set(NOT_PRESSES))}; "
+        f"unknown: {sorted((tested | set(CANNOT_RUN) | set(NOT_PRESSES)) - exported)}"
+    )
