@@ -1,9 +1,10 @@
 # Issue 2's GPU run: random-init Pythia-2.8B, fp16, prompt 2000, 256 forced new tokens, batch 1,
-# dense vs SnapKV at 50% and 25% kept, on the kvpress decode path (HF forward + DynamicCache).
+# dense vs SnapKV, Knorm and StreamingLLM at 50% and 25% kept, on the kvpress decode path
+# (HF forward + DynamicCache per token).
 # Run from the repo root on the GPU machine:  source evaluation/device/setup_env.sh && bash evaluation/device/foundation_speed.sh
 set -e
 out=${OUT:-results}
 python3 evaluation/perplexity.py --model EleutherAI/pythia-2.8b --random-init --speed --dtype float16 \
-  --attn_implementation sdpa --press snapkv --compression_ratio 0.5 0.75 \
+  --attn_implementation sdpa --press snapkv knorm streaming_llm --compression_ratio 0.5 0.75 \
   --prompt_tokens 2000 --new_tokens 256 --batch_size 1 --repeats 3 \
-  --output "$out/pythia-2.8b_random_speed_snapkv_h100.json"
+  --output "$out/pythia-2.8b_random_speed_h100.json"
