@@ -72,27 +72,29 @@ from kvpress.presses import duo_attention_press, expected_attention_with_stats
 from kvpress.presses.expected_attention_with_stats import ExpectedAttentionStats, collect_queries
 from kvpress.utils import compute_n_kept
 
-from tests.conftest import build, shared_data_dir, tiny_llama_config, tiny_neox_config
 from evaluation.models import offline_tokenizer
+from tests.conftest import build, shared_data_dir, tiny_llama_config, tiny_neox_config
 
 RATIO = 0.5
 CONTEXT_TOKENS = 120
 QUESTION = " Who is Robert Boulter?"
 MAX_NEW_TOKENS = 5
 
-# Presses that cannot run on a Pythia model: each needs an artefact trained for one specific
-# checkpoint and fetched from the hub at run time, and none exists for any Pythia model.
+# Presses that cannot run on a Pythia model: each loads, in post_init_from_model, an artefact
+# trained for one specific checkpoint and published on the hub (or GitHub) for a few
+# Llama/Qwen/Mistral-family models; none is known for Pythia, so one would have to be trained
+# first. They fail the same way on the tiny Llama here (no artefact for it either).
 CANNOT_RUN = {
-    "QFilterPress": "needs Q-filters trained per model, downloaded from the hub as "
-    "nthngdy/<model>_qfilt in post_init_from_model; none exist for Pythia",
-    "KVzapPress": "needs the KVzap scorer trained per model, downloaded from the hub as "
-    "nvidia/KVzap-{mlp,linear}-<model>; none exist for Pythia",
-    "FastKVzipPress": "needs gate weights trained per model, downloaded from the hub repo "
-    "Jang-Hyun/Fast-KVzip (<model>/q<groups>_dim16_sink16.pt); none exist for Pythia",
-    "RestoreKVPress": "needs restore embeddings and a LoRA adapter trained per model, downloaded "
-    "from the hub as higokri/RestoreKV-<model>; none exist for Pythia",
-    "LUKVPress": "needs a per-(ratio, layer, kv-head) budget curve fetched from GitHub; kvpress 0.5.5 "
-    "ships one for meta-llama/Llama-3.1-8B-Instruct + ExpectedAttentionPress only (KeyError otherwise)",
+    "QFilterPress": "loads Q-filters trained per checkpoint from the hub (nthngdy/<model>_qfilt); "
+    "none known for Pythia",
+    "KVzapPress": "loads a KVzap scorer trained per checkpoint from the hub (nvidia/KVzap-{mlp,linear}-<model>); "
+    "none known for Pythia",
+    "FastKVzipPress": "loads gates trained per checkpoint from the hub (Jang-Hyun/Fast-KVzip, "
+    "<model>/q<groups>_dim16_sink16.pt); none known for Pythia",
+    "RestoreKVPress": "loads restore embeddings and a LoRA adapter trained per checkpoint from the hub "
+    "(higokri/RestoreKV-<model>); none known for Pythia",
+    "LUKVPress": "loads a per-(ratio, layer, kv-head) budget curve from GitHub; kvpress 0.5.5 lists one only, "
+    "for meta-llama/Llama-3.1-8B-Instruct + ExpectedAttentionPress (KeyError for any other model)",
 }
 
 # Exported names that are not presses one can run.
@@ -104,7 +106,25 @@ NOT_PRESSES = {
 
 
 # ----------------------------------------------------------------------------- expectations
-# Each takes (model, cache, press, L) after the pipeline ran; L = context length in tokens.
+
+
+@dataclass
+class Run:
+    """What a pipeline call left behind, for the checks."""
+
+    model: torch.nn.Module
+    press: kvpress.BasePress
+    cache: DynamicCache  # the cache the pipeline used (it drops the answer, keeps the context)
+    context_length: int  # L: tokens prefilled
+    decoding_lengths: list[list[int]]  # per-layer cache lengths after each decoding forward
+
+    @property
+    def lengths(self) -> list[int]:
+        return lengths(self.cache)
+
+    @property
+    def layers(self) -> int:
+        return self.model.config.num_hidden_layers
 
 
 def lengths(cache) -> list[int]:
@@ -114,10 +134,10 @@ def lengths(cache) -> list[int]:
 def kept(n_of_L: Callable[[int], int]):
     """Every layer keeps exactly n_of_L(L) < L KV pairs."""
 
-    def check(model, cache, press, L):
-        n = n_of_L(L)
-        assert n < L
-        assert lengths(cache) == [n] * model.config.num_hidden_layers
+    def check(run: Run):
+        n = n_of_L(run.context_length)
+        assert n < run.context_length
+        assert run.lengths == [n] * run.layers
 
     return check
 
@@ -125,15 +145,16 @@ def kept(n_of_L: Callable[[int], int]):
 SCORER_KEPT = kept(lambda L: compute_n_kept(L, RATIO))
 
 
-def shorter(model, cache, press, L):
-    """Compressed, by a rule whose exact count depends on the scores (ChunkKV)."""
-    assert all(0 < n < L for n in lengths(cache))
+def shorter(run: Run):
+    """Compressed, by a rule whose exact count depends on the scores (ChunkKV keeps whole chunks)."""
+    assert all(0 < n < run.context_length for n in run.lengths)
 
 
 def masked_keys_replaced(model, cache) -> list[int]:
     """Per layer, how many (head, position) pairs are masked; checks each masked key in the cache
     was overwritten by kvpress's fake key (one per head), i.e. the masking ran inside the
-    GPT-NeoX attention call."""
+    GPT-NeoX attention call (at each decoding step, kvpress's attention patch writes the fake
+    key of that step into every masked position of the cache)."""
     counts = []
     for layer in model.model.layers:
         indices = getattr(layer.self_attn, "masked_key_indices", None)
@@ -142,8 +163,6 @@ def masked_keys_replaced(model, cache) -> list[int]:
             continue
         batch, head, position = indices
         keys = cache.layers[layer.self_attn.layer_idx].keys
-        inside = position < keys.shape[2]  # DMS may mask decoded tokens the pipeline dropped
-        batch, head, position = batch[inside], head[inside], position[inside]
         for h in head.unique():
             fake = keys[batch[head == h], h, position[head == h]]
             assert torch.equal(fake, fake[:1].expand_as(fake)), "masked keys were not replaced by the fake key"
@@ -151,43 +170,50 @@ def masked_keys_replaced(model, cache) -> list[int]:
     return counts
 
 
-def masked_per_layer(model, cache, press, L):
+def masked_per_layer(run: Run):
     """AdaKV-style: the full cache stays, kv_heads * (L - n_kept) pairs per layer are masked."""
-    heads = model.config.num_key_value_heads
-    assert lengths(cache) == [L] * model.config.num_hidden_layers
-    assert masked_keys_replaced(model, cache) == [heads * (L - compute_n_kept(L, RATIO))] * len(cache)
+    L, heads = run.context_length, run.model.config.num_key_value_heads
+    assert run.lengths == [L] * run.layers
+    assert masked_keys_replaced(run.model, run.cache) == [heads * (L - compute_n_kept(L, RATIO))] * run.layers
 
 
-def masked_in_total(model, cache, press, L):
+def masked_in_total(run: Run):
     """KVzip-style: the ratio is met over all layers together."""
-    total = model.config.num_hidden_layers * model.config.num_key_value_heads * L
-    assert lengths(cache) == [L] * model.config.num_hidden_layers
-    assert sum(masked_keys_replaced(model, cache)) == int(total * RATIO)
+    L = run.context_length
+    assert run.lengths == [L] * run.layers
+    total = run.layers * run.model.config.num_key_value_heads * L
+    assert sum(masked_keys_replaced(run.model, run.cache)) == int(total * RATIO)
 
 
-def masked_some(model, cache, press, L):
-    """DMS: a threshold rule, so some pairs masked and a positive compression ratio."""
-    assert sum(masked_keys_replaced(model, cache)) > 0
-    assert 0 < press.compression_ratio < 1
+def masked_some(run: Run):
+    """DMS: a threshold rule, so some pairs masked and a compression ratio in (0, 1). (DMS keeps
+    masking while decoding, after the last attention call too, so the pairs it masks last were
+    never replaced by a fake key: only the masking itself is checked.)"""
+    assert all(layer.self_attn.masked_key_indices is not None for layer in run.model.model.layers)
+    assert 0 < run.press.compression_ratio < 1
 
 
-def bounded(limit: int):
-    """Decoding presses: the cache never grows past the press's budget while decoding."""
+def bounded(limit: int, interval: int):
+    """Decoding presses: from the first compression step on (after ``interval`` decoding
+    forwards), the cache stays within ``limit`` < L while the question and answer are decoded."""
 
-    def check(model, cache, press, L):
-        assert all(n <= limit < L for n in lengths(cache))
+    def check(run: Run):
+        assert len(run.decoding_lengths) > interval
+        assert max(run.decoding_lengths[0]) > limit  # before the first compression step
+        assert all(n <= limit < run.context_length for step in run.decoding_lengths[interval - 1 :] for n in step)
 
     return check
 
 
-def zeroed_channels(n_kept_pairs: Callable[[int], int], zero_channels: int):
-    """ThinK: key channels pruned (set to zero) per head, on top of any token pruning."""
+def zeroed_channels(zero_channels: int, n_of_L: Callable[[int], int] | None = None):
+    """ThinK: that many key channels of each head set to zero (after token pruning to n_of_L(L)
+    pairs when composed with a scorer)."""
 
-    def check(model, cache, press, L):
-        kept(n_kept_pairs)(model, cache, press, L) if n_kept_pairs else None
-        for layer in range(len(cache)):
-            keys = cache.layers[layer].keys
-            zero = (keys == 0).all(dim=2)  # (batch, heads, head_dim)
+    def check(run: Run):
+        if n_of_L is not None:
+            kept(n_of_L)(run)
+        for layer in range(len(run.cache)):
+            zero = (run.cache.layers[layer].keys == 0).all(dim=2)  # (batch, heads, head_dim)
             assert (zero.sum(-1) == zero_channels).all()
 
     return check
@@ -237,6 +263,8 @@ CASES = [
     ),
     Case("CapPress", lambda: CapPress(compression_ratio=RATIO, n_future_positions=32), SCORER_KEPT),
     Case("CriticalKVPress", lambda: CriticalKVPress(press=snap()), SCORER_KEPT),
+    # At the default window (64) and this context, PyramidKV's budgets fall back to a uniform
+    # round(L / 2); its pyramid (one budget per layer) is tested at prefill below.
     Case("PyramidKVPress", lambda: PyramidKVPress(compression_ratio=RATIO), kept(lambda L: round(L * (1 - RATIO)))),
     # wrappers around a scorer
     Case("KeyRerotationPress", lambda: KeyRerotationPress(press=snap()), SCORER_KEPT),
@@ -245,6 +273,7 @@ CASES = [
     Case("BlockPress", lambda: BlockPress(press=snap(), block_size=32), SCORER_KEPT, SDPA),
     Case("ChunkKVPress", lambda: ChunkKVPress(press=snap(), chunk_length=10), shorter, SDPA),
     Case("EntropyGatedChunkKVPress", lambda: EntropyGatedChunkKVPress(press=knorm()), SCORER_KEPT, SDPA),
+    # Equal ratios through the pipeline; different ratios (a ragged cache) at prefill below.
     Case(
         "PerLayerCompressionPress",
         lambda: PerLayerCompressionPress(press=knorm(), compression_ratios=[RATIO, RATIO]),
@@ -254,9 +283,9 @@ CASES = [
     Case(
         "ComposedPress",
         lambda: ComposedPress([snap(), ThinKPress(key_channel_compression_ratio=0.25, window_size=16)]),
-        zeroed_channels(lambda L: compute_n_kept(L, RATIO), 4),
+        zeroed_channels(4, lambda L: compute_n_kept(L, RATIO)),
     ),
-    Case("ThinKPress", lambda: ThinKPress(key_channel_compression_ratio=RATIO, window_size=16), zeroed_channels(None, 8)),
+    Case("ThinKPress", lambda: ThinKPress(key_channel_compression_ratio=RATIO, window_size=16), zeroed_channels(8)),
     Case(
         "SimLayerKVPress",
         lambda: SimLayerKVPress(lazy_threshold=0.01, n_recent=32, n_initial=4),
@@ -272,21 +301,21 @@ CASES = [
         SDPA,
     ),
     # decoding presses
-    Case("DecodingPress", lambda: DecodingPress(knorm(), compression_interval=2, target_size=60), bounded(62)),
+    Case("DecodingPress", lambda: DecodingPress(knorm(), compression_interval=2, target_size=60), bounded(61, 2)),
     Case(
         "CAMPress",
         lambda: CAMPress(base_press=knorm(), compression_interval=2, target_size=60, merge_budget=4),
-        bounded(62),
+        bounded(61, 2),
     ),
     Case(
         "CompressionRatioDecodingPress",
         lambda: CompressionRatioDecodingPress(knorm(), compression_interval=2, target_compression_ratio=RATIO),
-        bounded(70),  # half of the ~135 tokens seen, plus one compression interval
+        bounded(68, 2),  # half of the <= 134 tokens seen, plus one decoding step
     ),
     Case(
         "PrefillDecodingPress",
         lambda: PrefillDecodingPress(snap(), DecodingPress(knorm(), compression_interval=2, target_size=40)),
-        bounded(42),
+        bounded(41, 2),
     ),
 ]
 CASE_PARAMS = [
@@ -336,13 +365,21 @@ def model_for(arch: str, attn: str, tokenizer, folder=None):
     return model
 
 
-def run_pipeline(model, tokenizer, press, context, question=QUESTION):
+def run_pipeline(model, tokenizer, press, context, question=QUESTION) -> Run:
+    """Answer ``question`` about ``context`` through the kvpress pipeline, with ``press``."""
     cache = DynamicCache()
+    decoding_lengths = []
+    # The pipeline prefills through model.model and decodes through model: this hook sees the
+    # decoding forwards only (the question, then each new token).
+    hook = model.register_forward_hook(lambda module, args, output: decoding_lengths.append(lengths(cache)))
     pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer, device="cpu")
-    with torch.no_grad():
-        answer = pipe(context, question=question, press=press, max_new_tokens=MAX_NEW_TOKENS, cache=cache)["answer"]
-    assert isinstance(answer, str) and answer
-    return cache
+    try:
+        with torch.no_grad():
+            answer = pipe(context, question=question, press=press, max_new_tokens=MAX_NEW_TOKENS, cache=cache)
+    finally:
+        hook.remove()
+    assert isinstance(answer["answer"], str) and answer["answer"]
+    return Run(model, press, cache, context_length(tokenizer, context), decoding_lengths)
 
 
 # ----------------------------------------------------------------------------- tests
@@ -350,10 +387,7 @@ def run_pipeline(model, tokenizer, press, context, question=QUESTION):
 
 @pytest.mark.parametrize("case, attn", CASE_PARAMS)
 def test_press_through_pipeline_on_neox(case, attn, tokenizer, context):
-    model = model_for("neox", attn, tokenizer)
-    press = case.make()
-    cache = run_pipeline(model, tokenizer, press, context)
-    case.check(model, cache, press, context_length(tokenizer, context))
+    case.check(run_pipeline(model_for("neox", attn, tokenizer), tokenizer, case.make(), context))
 
 
 LLAMA_REFERENCE = ["SnapKVPress", "KeyRerotationPress", "AdaKVPress", "DecodingPress", "ThinKPress"]
@@ -364,10 +398,7 @@ LLAMA_REFERENCE = ["SnapKVPress", "KeyRerotationPress", "AdaKVPress", "DecodingP
 )
 def test_press_through_pipeline_on_llama(case, attn, tokenizer, context):
     """The same checks hold on Llama, the layout kvpress is written for."""
-    model = model_for("llama", attn, tokenizer)
-    press = case.make()
-    cache = run_pipeline(model, tokenizer, press, context)
-    case.check(model, cache, press, context_length(tokenizer, context))
+    case.check(run_pipeline(model_for("llama", attn, tokenizer), tokenizer, case.make(), context))
 
 
 @pytest.mark.parametrize("press_class", [SnapKVPress, TOVAPress])
@@ -378,8 +409,9 @@ def test_recomputed_window_attention_matches_eager_on_neox(press_class, tokenize
     make = (lambda: press_class(compression_ratio=RATIO, window_size=16)) if press_class is SnapKVPress else (
         lambda: press_class(compression_ratio=RATIO)
     )
-    caches = [run_pipeline(model_for("neox", attn, tokenizer), tokenizer, make(), context) for attn in BOTH]
-    for eager_layer, sdpa_layer in zip(caches[0].layers, caches[1].layers):
+    eager, sdpa = (run_pipeline(model_for("neox", attn, tokenizer), tokenizer, make(), context) for attn in BOTH)
+    assert eager.lengths == sdpa.lengths == [compute_n_kept(eager.context_length, RATIO)] * eager.layers
+    for eager_layer, sdpa_layer in zip(eager.cache.layers, sdpa.cache.layers):
         torch.testing.assert_close(eager_layer.keys, sdpa_layer.keys)
 
 
@@ -393,10 +425,10 @@ def test_finch_press(arch, attn, tokenizer, context):
     # update_model_and_tokenizer adds the delimiter token: give it a tokenizer of its own
     finch_tokenizer = press.update_model_and_tokenizer(model, offline_tokenizer(shared_data_dir()))
     prompt = context + press.delimiter_token + QUESTION
-    cache = run_pipeline(model, finch_tokenizer, press, prompt, question="")
-    n_tokens = context_length(finch_tokenizer, prompt) - 1  # the delimiter is dropped
+    run = run_pipeline(model, finch_tokenizer, press, prompt, question="")
+    n_tokens = run.context_length - 1  # the delimiter is dropped
     assert press.window_size == n_tokens - context_length(finch_tokenizer, context)
-    assert lengths(cache) == [compute_n_kept(n_tokens, RATIO)] * model.config.num_hidden_layers
+    assert run.lengths == [compute_n_kept(n_tokens, RATIO)] * run.layers
 
 
 @pytest.mark.parametrize("arch", ["neox", "llama"])
@@ -405,8 +437,7 @@ def test_kvzip_presses(press_class, arch, tokenizer, context, tmp_path):
     """KVzip replays the context; KVgrad also backpropagates through the model and embeds through
     model.model.embed_tokens. Both are head-wise (sdpa only, on Llama too)."""
     model = model_for(arch, "sdpa", tokenizer, folder=tmp_path)
-    cache = run_pipeline(model, tokenizer, press_class(compression_ratio=RATIO, chunk_size=64), context)
-    masked_in_total(model, cache, None, context_length(tokenizer, context))
+    masked_in_total(run_pipeline(model, tokenizer, press_class(compression_ratio=RATIO, chunk_size=64), context))
 
 
 def local_texts(wikitext: str, n: int, chars: int) -> Dataset:
@@ -424,32 +455,38 @@ def test_duo_attention_on_the_fly(arch, tokenizer, wikitext, tmp_path, monkeypat
     model = model_for(arch, "sdpa", tokenizer, folder=tmp_path / arch)
     long_context = tokenizer.decode(tokenizer.encode(wikitext[:4000])[:440])
     press = DuoAttentionPress(head_compression_ratio=0.5, on_the_fly_scoring=True)
-    cache = run_pipeline(model, tokenizer, press, long_context)
-    L = context_length(tokenizer, long_context)
-    streaming_heads = press.streaming_mask.sum(dim=1).tolist()
+    run = run_pipeline(model, tokenizer, press, long_context)
+    L = run.context_length
+    streaming_heads = press.streaming_mask.sum(dim=1).tolist()  # per layer
     assert sum(streaming_heads) == round(0.5 * press.streaming_mask.numel())
-    assert lengths(cache) == [L] * model.config.num_hidden_layers
-    assert masked_keys_replaced(model, cache) == [n * (L - 128 - 256) for n in streaming_heads]
+    assert run.lengths == [L] * run.layers
+    assert masked_keys_replaced(model, run.cache) == [n * (L - 128 - 256) for n in streaming_heads]
 
 
 @pytest.mark.parametrize("arch", ["neox", "llama"])
 def test_expected_attention_stats_press(arch, tokenizer, wikitext, context, tmp_path, monkeypatch):
     """Query statistics collected with kvpress's own collect_queries (it captures queries inside
     the model's apply_rotary_pos_emb, i.e. in the patched basis on NeoX), saved, and loaded back
-    through stats_folder: the hub holds such statistics for a few Llama/Qwen models only."""
+    through stats_folder: the hub statistics cover specific checkpoints, none known for Pythia."""
     monkeypatch.setattr(expected_attention_with_stats, "load_dataset", lambda *a, **k: local_texts(wikitext, 4, 1000))
     model = model_for(arch, "sdpa", tokenizer, folder=tmp_path / "model")
     _, mean, cov = collect_queries(model, "local/wikitext", num_samples=4, sample_seq_len=1000, n_sink=4)
     config = model.config
     stats = ExpectedAttentionStats(
-        num_layers=config.num_hidden_layers, num_heads=config.num_attention_heads, head_dim=config.head_dim,
-        dataset_name="local/wikitext", model_name=config.name_or_path, num_samples=4, sample_seq_len=1000, n_sink=4,
-    )  # fmt: skip
+        num_layers=config.num_hidden_layers,
+        num_heads=config.num_attention_heads,
+        head_dim=config.head_dim,
+        dataset_name="local/wikitext",
+        model_name=config.name_or_path,
+        num_samples=4,
+        sample_seq_len=1000,
+        n_sink=4,
+    )
     stats.query_mean.data, stats.query_cov.data = mean, cov
     stats.save_pretrained(tmp_path / "stats")
-    press = ExpectedAttentionStatsPress(compression_ratio=RATIO, n_future_positions=32, stats_folder=str(tmp_path / "stats"))
-    cache = run_pipeline(model, tokenizer, press, context)
-    SCORER_KEPT(model, cache, press, context_length(tokenizer, context))
+    stats_folder = str(tmp_path / "stats")
+    press = ExpectedAttentionStatsPress(compression_ratio=RATIO, n_future_positions=32, stats_folder=stats_folder)
+    SCORER_KEPT(run_pipeline(model, tokenizer, press, context))
 
 
 def prefill(model, tokenizer, press, context):
