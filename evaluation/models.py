@@ -136,7 +136,7 @@ def load_model(
                 f"cannot load {name} ({error.__class__.__name__}): it needs the Hugging Face hub or a local "
                 f"folder; offline, use --model {SMOLLM2_ALIAS} or --random-init"
             ) from None
-        tier = "real weights"
+        tier = "checkpoint weights"
 
     patches.require_supported(model)
     return LoadedModel(model.to(device).eval(), name, tier, folder)

@@ -83,6 +83,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def use_attention_for(model, name: str, requested: str) -> str:
+    """Presses that score with attention weights get eager attention; the rest run on the
+    requested back end. Returns the back end now set on ``model``."""
+    attn = "eager" if name in NEEDS_EAGER_ATTENTION else requested
+    if model.config._attn_implementation != attn:
+        model.set_attn_implementation(attn)
+    return attn
+
+
 def requested_presses(names: list[str]) -> list[str]:
     if names == ["all"]:
         return press_names()
@@ -108,18 +117,21 @@ def quality_rows(args, loaded, presses: list[str]) -> list[dict]:
         context = args.context_tokens or model.config.max_position_embeddings - args.eval_tokens
         settings = [(DENSE, 0.0)] + [(name, ratio) for name in presses for ratio in args.compression_ratio]
         for name, ratio in settings:
+            attn = use_attention_for(model, name, args.attn_implementation)
             press = None if name == DENSE else make_press(name, ratio)
             result = context_nll(model, ids, press, context, args.eval_tokens, args.num_windows)
-            rows.append({"method": name, "compression_ratio": ratio, "context_tokens": context,
+            rows.append({"method": name, "compression_ratio": ratio, "attn_implementation": attn,
+                         "context_tokens": context,
                          "eval_tokens": args.eval_tokens, "num_windows": args.num_windows})
             rows[-1] |= {"ppl": result.ppl, "mean_nll": result.mean_nll, "scored_tokens": result.tokens,
                          "mean_cache_tokens": result.cache_tokens}
             print(f"{name} @ {ratio}: ppl {result.ppl:.4f}", file=sys.stderr)
     else:
         for name in [DENSE] + presses:
+            attn = use_attention_for(model, name, args.attn_implementation)
             press = None if name == DENSE else streaming_press(make_press(name, 0.0), args.budget)
             result = streaming_nll(model, ids, press, args.chunk_tokens, args.max_tokens)
-            rows.append({"method": name, "budget": None if name == DENSE else args.budget,
+            rows.append({"method": name, "attn_implementation": attn, "budget": None if name == DENSE else args.budget,
                          "chunk_tokens": args.chunk_tokens, "ppl": result.ppl, "mean_nll": result.mean_nll,
                          "scored_tokens": result.tokens, "mean_cache_tokens": result.cache_tokens})
             print(f"{name}: ppl {result.ppl:.4f}", file=sys.stderr)
@@ -144,9 +156,10 @@ def speed_rows(args, loaded, presses: list[str]) -> list[dict]:
     rows = []
     settings = [(DENSE, 0.0)] + [(name, ratio) for name in presses for ratio in args.compression_ratio]
     for name, ratio in settings:
+        attn = use_attention_for(model, name, args.attn_implementation)
         press = None if name == DENSE else make_press(name, ratio)
         result = measure(model, prompt, press, args.new_tokens, repeats=args.repeats)
-        rows.append({"method": name, "compression_ratio": ratio, "prompt": source} | result)
+        rows.append({"method": name, "compression_ratio": ratio, "attn_implementation": attn, "prompt": source} | result)
         print(f"{name} @ {ratio}: TTFT {result['ttft_ms']:.1f} ms, TPOT {result['tpot_ms']:.2f} ms", file=sys.stderr)
     dense = rows[0]
     for row in rows:
@@ -162,27 +175,23 @@ def run(args: argparse.Namespace) -> Path:
         raise ProtocolError("--new_tokens must be at least 2 to time decode steps")
     if args.random_init and not args.speed:
         raise ProtocolError("--random-init has random weights: its perplexity means nothing; add --speed")
-    attn = "eager" if NEEDS_EAGER_ATTENTION & set(presses) else args.attn_implementation
-    if attn != args.attn_implementation:
-        print(f"note: {sorted(NEEDS_EAGER_ATTENTION & set(presses))} need attention weights: eager attention for all "
-              "methods in this run", file=sys.stderr)
     dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
     torch.manual_seed(args.seed)
-    loaded = load_model(args.model, args.random_init, dtype, args.device, attn, args.data_dir)
+    loaded = load_model(args.model, args.random_init, dtype, args.device, args.attn_implementation, args.data_dir)
 
     rows = speed_rows(args, loaded, presses) if args.speed else quality_rows(args, loaded, presses)
     output = args.output or default_output(args, presses)
     write_json_atomic(output, {
         "command": "python evaluation/perplexity.py " + " ".join(sys.argv[1:]),
-        "model": args.model, "model_tier": loaded.tier, "dtype": dtype, "attn_implementation": attn,
+        "model": args.model, "model_tier": loaded.tier, "dtype": dtype,
         "protocol": "speed" if args.speed else args.protocol,
         "environment": environment(args.device),
         "rows": rows,
     })
-    columns = (["method", "compression_ratio", "ttft_ms", "tpot_ms", "tpot_speedup_vs_dense", "decode_tokens_per_s",
+    columns = (["method", "compression_ratio", "attn_implementation", "ttft_ms", "tpot_ms", "tpot_speedup_vs_dense", "decode_tokens_per_s",
                 "peak_memory_gib", "kv_mib_final", "decode_gflops_per_token"] if args.speed else
-               ["method", "compression_ratio", "budget", "ppl", "mean_nll", "scored_tokens", "mean_cache_tokens"])
-    print(f"\n{loaded.name} ({loaded.tier}), {dtype}, {attn} attention, "
+               ["method", "compression_ratio", "attn_implementation", "budget", "ppl", "mean_nll", "scored_tokens", "mean_cache_tokens"])
+    print(f"\n{loaded.name} ({loaded.tier}), {dtype}, "
           f"{'speed' if args.speed else args.protocol + ' protocol'}")
     print(table(rows, columns))
     print(f"\nwrote {output}")

@@ -31,6 +31,8 @@ from torch import nn
 from transformers.models.gpt_neox import modeling_gpt_neox as neox
 from transformers.models.gpt_neox.configuration_gpt_neox import GPTNeoXConfig
 
+from patches.attention_mask import fit_mask_to_keys
+
 _ORIGINALS = {}  # (owner, attribute name) -> the attribute before apply(); empty when not applied
 
 
@@ -96,7 +98,7 @@ def _attention_forward(
         query,
         key,
         value,
-        attention_mask,
+        fit_mask_to_keys(attention_mask, key.shape[-2]),  # eager is not among the functions attention_mask wraps
         scaling=self.scaling,
         dropout=0.0 if not self.training else self.attention_dropout,
         **kwargs,

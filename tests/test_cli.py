@@ -53,6 +53,19 @@ def test_context_and_speed_runs_write_results(tiny_pythia_folder, tmp_path):
     assert payload["environment"]["torch"] and payload["command"].startswith("python evaluation/perplexity.py")
 
 
+@pytest.mark.parametrize("protocol_args", [["--eval_tokens", "32"], ["--protocol", "streaming", "--budget", "64",
+                                                                   "--max_tokens", "385"]], ids=["context", "streaming"])
+def test_every_registered_press_runs_by_name(tiny_pythia_folder, tmp_path, protocol_args):
+    from presses import press_names
+
+    output = tmp_path / "all.json"
+    result = run_cli("--model", str(tiny_pythia_folder), "--press", "all", *protocol_args, "--output", str(output))
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(output.read_text())["rows"]
+    assert [row["method"] for row in rows] == ["dense", *press_names()]
+    assert all(row["mean_cache_tokens"] < rows[0]["mean_cache_tokens"] for row in rows[1:])
+
+
 @pytest.fixture(scope="module")
 def gpt2_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("gpt2")
