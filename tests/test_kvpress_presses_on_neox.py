@@ -498,20 +498,26 @@ def prefill(model, tokenizer, press, context):
     return cache, ids.shape[1]
 
 
-@pytest.mark.parametrize("arch", ["neox", "llama"])
-def test_presses_with_a_budget_per_layer(arch, tokenizer, context):
+@pytest.mark.parametrize("arch, attn", [("neox", "eager"), ("neox", "sdpa"), ("llama", "sdpa")])
+def test_presses_with_a_budget_per_layer(arch, attn, tokenizer, context):
     """PyramidKV (non-uniform budgets), PerLayerCompression (different ratios) and KVCompose
-    (structured) leave a different cache length in each layer. The prefill compression works the
-    same on NeoX as on Llama; decoding on such a ragged cache needs flash-attention on every
-    model (eager/sdpa build one mask for layer 0's length), so only prefill is tested here."""
-    model = model_for(arch, "sdpa", tokenizer)
+    (structured) leave a different cache length in each layer. Transformers builds one mask for
+    layer 0's length; patches/attention_mask.py refits it per layer, so these ragged caches also
+    decode through the pipeline on eager (GPT-NeoX) and SDPA attention, not only flash-attention."""
+    model = model_for(arch, attn, tokenizer)
     pyramid = PyramidKVPress(compression_ratio=RATIO, window_size=16)
     cache, L = prefill(model, tokenizer, pyramid, context)
     budgets = [pyramid.get_layer_budget(layer.self_attn, L) for layer in model.model.layers]
     assert budgets[0] > budgets[1] and lengths(cache) == budgets
+    run = run_pipeline(model, tokenizer, pyramid, context)  # decodes the question over the ragged cache
+    assert lengths(run.cache) == [pyramid.get_layer_budget(layer.self_attn, run.context_length)
+                                  for layer in model.model.layers]
 
-    cache, L = prefill(model, tokenizer, PerLayerCompressionPress(knorm(), compression_ratios=[0.25, 0.75]), context)
+    per_layer = PerLayerCompressionPress(knorm(), compression_ratios=[0.25, 0.75])
+    cache, L = prefill(model, tokenizer, per_layer, context)
     assert lengths(cache) == [compute_n_kept(L, 0.25), compute_n_kept(L, 0.75)]
+    run = run_pipeline(model, tokenizer, per_layer, context)
+    assert lengths(run.cache) == [compute_n_kept(run.context_length, 0.25), compute_n_kept(run.context_length, 0.75)]
 
     cache, L = prefill(model, tokenizer, KVComposePress(compression_ratio=RATIO), context)
     assert all(n < L for n in lengths(cache))
