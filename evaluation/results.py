@@ -39,7 +39,8 @@ def _git_commit() -> str:
             ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, check=True
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        # The GPU machine gets the working tree without .git: the caller passes the commit.
+        return os.environ.get("KVPRESS_NEOX_COMMIT", "unknown")
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:

@@ -1,7 +1,8 @@
 # Issue 2's GPU run: random-init Pythia-2.8B, fp16, prompt 2000, 256 forced new tokens, batch 1,
 # dense vs SnapKV, Knorm and StreamingLLM at 50% and 25% kept, on the kvpress decode path
 # (HF forward + DynamicCache per token).
-# Run from the repo root on the GPU machine:  source evaluation/device/setup_env.sh && bash evaluation/device/foundation_speed.sh
+# Run from the repo root on the GPU machine (pass the commit: the machine gets no .git):
+#   export KVPRESS_NEOX_COMMIT=<hash>; source evaluation/device/setup_env.sh && bash evaluation/device/foundation_speed.sh
 set -e
 out=${OUT:-results}
 python3 evaluation/perplexity.py --model EleutherAI/pythia-2.8b --random-init --speed --dtype float16 \
