@@ -108,6 +108,8 @@ def load_model(
     if dtype not in DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
     folder = data_dir(data_folder)
+    if attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ModelLoadError("flash_attention_2 needs flash-attn (pip install 'kvpress-neox[flash]'); or use sdpa")
     kwargs = {"dtype": DTYPES[dtype], "attn_implementation": attn_implementation}
 
     if name == SMOLLM2_ALIAS:

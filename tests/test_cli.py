@@ -82,6 +82,7 @@ def gpt2_folder(tmp_path_factory):
         (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
         (["--context_tokens", "4000"], "use --protocol streaming"),
         (["--dataset", "pg19", "--sample_idx", "7"], "out of range: 2 local PG-19 books"),
+        (["--attn_implementation", "flash_attention_2"], "needs flash-attn"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_no_file(tiny_pythia_folder, tmp_path, args, message):
