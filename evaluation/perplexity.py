@@ -22,11 +22,11 @@ import transformers
 
 from evaluation.data import DataError, load_text
 from evaluation.models import DTYPES, REPO_ROOT, SMOLLM2_ALIAS, ModelLoadError, load_model
-from evaluation.protocols import ProtocolError, context_nll, streaming_nll, streaming_press
+from evaluation.protocols import ProtocolError, context_nll, streaming_nll
 from evaluation.results import environment, table, write_json_atomic
 from evaluation.speed import measure
 from patches import UnsupportedModelError
-from presses import NEEDS_EAGER_ATTENTION, PressConfigError, make_press, press_names
+from presses import NEEDS_EAGER_ATTENTION, PressConfigError, Settings, make_press, make_streaming_press, press_names
 from presses.registry import check_compression_ratio
 
 DENSE = "dense"
@@ -68,8 +68,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     protocol.add_argument("--context_tokens", type=int,
                           help="context: tokens prefilled with the press (N); default: model context - M")
     protocol.add_argument("--num_windows", type=int, default=1, help="context: consecutive windows to average")
-    protocol.add_argument("--budget", type=int, default=512, help="streaming: cache tokens kept after each chunk")
+    protocol.add_argument("--budget", type=int, default=512, help="streaming: tokens each layer's cache keeps")
     protocol.add_argument("--chunk_tokens", type=int, default=128, help="streaming: tokens fed per step")
+    protocol.add_argument("--compress_every", type=int, default=1,
+                          help="streaming: evict once this many tokens beyond the budget have arrived (1: every step)")
+    protocol.add_argument("--n_sink", type=int, default=4, help="first tokens kept by methods with attention sinks")
+    protocol.add_argument("--window", type=int, default=64,
+                          help="recent / observation window of methods that have one (SnapKV: last queries scored)")
     protocol.add_argument("--max_tokens", type=int, help="streaming: stop after this many tokens of the text")
 
     speed = parser.add_argument_group("speed (--speed replaces the quality measurement)")
@@ -92,11 +97,18 @@ def use_attention_for(model, name: str, requested: str) -> str:
     return attn
 
 
-def requested_presses(names: list[str]) -> list[str]:
-    if names == ["all"]:
-        return press_names()
-    for name in names:
-        make_press(name, 0.0)  # unknown names fail here, before any model is loaded
+def settings_from(args: argparse.Namespace, ratio: float = 0.0) -> Settings:
+    return Settings(compression_ratio=ratio, n_sink=args.n_sink, window=args.window, budget=args.budget,
+                    compress_every=args.compress_every, chunk_tokens=args.chunk_tokens)
+
+
+def requested_presses(args: argparse.Namespace) -> list[str]:
+    names = press_names() if args.press == ["all"] else args.press
+    for name in names:  # unknown names and impossible settings fail here, before any model is loaded
+        if args.protocol == "streaming" and not args.speed:
+            make_streaming_press(name, settings_from(args))
+        else:
+            make_press(name, 0.0, settings_from(args))
     return names
 
 
@@ -118,7 +130,7 @@ def quality_rows(args, loaded, presses: list[str]) -> list[dict]:
         settings = [(DENSE, 0.0)] + [(name, ratio) for name in presses for ratio in args.compression_ratio]
         for name, ratio in settings:
             attn = use_attention_for(model, name, args.attn_implementation)
-            press = None if name == DENSE else make_press(name, ratio)
+            press = None if name == DENSE else make_press(name, ratio, settings_from(args))
             result = context_nll(model, ids, press, context, args.eval_tokens, args.num_windows)
             rows.append({"method": name, "compression_ratio": ratio, "attn_implementation": attn,
                          "context_tokens": context,
@@ -129,7 +141,7 @@ def quality_rows(args, loaded, presses: list[str]) -> list[dict]:
     else:
         for name in [DENSE] + presses:
             attn = use_attention_for(model, name, args.attn_implementation)
-            press = None if name == DENSE else streaming_press(make_press(name, 0.0), args.budget)
+            press = None if name == DENSE else make_streaming_press(name, settings_from(args))
             result = streaming_nll(model, ids, press, args.chunk_tokens, args.max_tokens)
             rows.append({"method": name, "attn_implementation": attn, "budget": None if name == DENSE else args.budget,
                          "chunk_tokens": args.chunk_tokens, "ppl": result.ppl, "mean_nll": result.mean_nll,
@@ -157,7 +169,7 @@ def speed_rows(args, loaded, presses: list[str]) -> list[dict]:
     settings = [(DENSE, 0.0)] + [(name, ratio) for name in presses for ratio in args.compression_ratio]
     for name, ratio in settings:
         attn = use_attention_for(model, name, args.attn_implementation)
-        press = None if name == DENSE else make_press(name, ratio)
+        press = None if name == DENSE else make_press(name, ratio, settings_from(args))
         result = measure(model, prompt, press, args.new_tokens, repeats=args.repeats)
         rows.append({"method": name, "compression_ratio": ratio, "attn_implementation": attn, "prompt": source} | result)
         print(f"{name} @ {ratio}: TTFT {result['ttft_ms']:.1f} ms, TPOT {result['tpot_ms']:.2f} ms", file=sys.stderr)
@@ -168,7 +180,7 @@ def speed_rows(args, loaded, presses: list[str]) -> list[dict]:
 
 
 def run(args: argparse.Namespace) -> Path:
-    presses = requested_presses(args.press)
+    presses = requested_presses(args)
     for ratio in args.compression_ratio:
         check_compression_ratio(ratio)
     if args.speed and args.new_tokens < 2:

@@ -6,16 +6,17 @@ measures nothing. Both protocols here score tokens against a cache that was alre
 
 - ``context``: prefill the first N tokens with the press, then score the next M tokens
   teacher-forced against that compressed cache (kvpress style). Ratio 0 equals dense exactly.
-- ``streaming``: feed the text in chunks of C tokens; after each chunk the cache is cut back
-  to ``budget`` tokens by the press's scoring rule (kvpress's DecodingPress); every token after
-  the first is scored. Positions are absolute (token index in the text).
+- ``streaming``: feed the text in chunks of C tokens; a streaming press (``BudgetPress`` or a
+  method's own) holds each layer's cache at its budget; every token after the first is scored.
+  Positions are the token's index in the text, or its slot in the cache for presses with
+  ``positions_in_cache`` (StreamingLLM's rule).
 """
 
 import contextlib
 from dataclasses import dataclass
 
 import torch
-from kvpress import BasePress, DecodingPress, ScorerPress
+from kvpress import BasePress, DecodingPress
 from torch.nn import functional as F
 from tqdm import tqdm
 from transformers import DynamicCache
@@ -80,22 +81,13 @@ def context_nll(
     return Perplexity(nll_sum, eval_tokens * num_windows, sum(kept) / len(kept))
 
 
-def streaming_press(press: BasePress, budget: int) -> DecodingPress:
-    """Hold ``press``'s scoring rule at ``budget`` tokens, compressing after every chunk."""
-    if not isinstance(press, ScorerPress):
-        raise ProtocolError(f"{type(press).__name__} has no per-token score; streaming needs a scoring press")
-    if budget < 1:
-        raise ProtocolError(f"--budget must be at least 1 token, got {budget}")
-    press.compression_ratio = 0.0  # the decoding press sets the ratio that reaches the budget
-    return DecodingPress(base_press=press, compression_interval=1, target_size=budget)
-
-
 @torch.no_grad()
 def streaming_nll(
-    model, ids: torch.Tensor, press: DecodingPress | None, chunk_tokens: int, max_tokens: int | None = None
+    model, ids: torch.Tensor, press: BasePress | None, chunk_tokens: int, max_tokens: int | None = None
 ) -> Perplexity:
     """Stream ``ids`` (first ``max_tokens``) in full chunks of ``chunk_tokens``; score every
     token after the first. Without a press the cache grows with the text (dense control)."""
+    in_cache = getattr(press, "positions_in_cache", False)
     if chunk_tokens < 1:
         raise ProtocolError(f"--chunk_tokens must be at least 1, got {chunk_tokens}")
     ids = ids[:max_tokens] if max_tokens else ids
@@ -107,9 +99,11 @@ def streaming_nll(
     cache, nll_sum, held = DynamicCache(), 0.0, []
     with _pressed(press, model):
         for start in tqdm(range(0, n_chunks * chunk_tokens, chunk_tokens), desc="chunks", disable=n_chunks < 8):
-            positions = torch.arange(start, start + chunk_tokens, device=model.device).unsqueeze(0)
+            cached = sum(_cache_lengths(cache)) / len(model.model.layers) if start else 0
+            first = int(cached) if in_cache else start  # in-cache positions: every layer holds the same count
+            positions = torch.arange(first, first + chunk_tokens, device=model.device).unsqueeze(0)
             chunk = ids[:, start : start + chunk_tokens]
-            held.append(sum(_cache_lengths(cache)) / len(model.model.layers) if start else 0)
+            held.append(cached)
             logits = model(input_ids=chunk, past_key_values=cache, position_ids=positions).logits
             targets = ids[0, start + 1 : start + chunk_tokens + 1]
             nll_sum += F.cross_entropy(logits[0].float(), targets, reduction="sum").item()

@@ -1,29 +1,53 @@
-"""Every press by a short name, built from one compression ratio.
+"""Every method by a short name, for both ways of using it.
 
-The CLI (``evaluation/perplexity.py --press NAME``) and the tests go through ``make_press``,
-so a name added here is runnable everywhere. kvpress presses are used as shipped; the
-GPT-NeoX support they need lives in ``patches/``.
+- ``make_press(name, ratio)``: the prefill press (kvpress style): compress once after prefill,
+  removing ``ratio`` of the KV pairs.
+- ``make_streaming_press(name, budget)``: the same scoring rule held at ``budget`` tokens while
+  text streams in or tokens are decoded (``BudgetPress``), or a method's own streaming press.
+
+The CLI (``evaluation/perplexity.py --press NAME``) and the tests go through these two
+functions, so a method added here is runnable everywhere. kvpress presses are used as shipped;
+the GPT-NeoX support they need lives in ``patches/``.
 """
 
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import kvpress
-from kvpress import BasePress
+from kvpress import BasePress, ScorerPress
 
-PressFactory = Callable[[float], BasePress]
+from presses.budget_press import BudgetPress
 
-PRESSES: dict[str, PressFactory] = {
-    # kvpress 0.5.5, scoring rules applied once after prefill
-    "snapkv": lambda ratio: kvpress.SnapKVPress(compression_ratio=ratio),
-    "pyramidkv": lambda ratio: kvpress.PyramidKVPress(compression_ratio=ratio),
-    "streaming_llm": lambda ratio: kvpress.StreamingLLMPress(compression_ratio=ratio),
-    "knorm": lambda ratio: kvpress.KnormPress(compression_ratio=ratio),
-    "tova": lambda ratio: kvpress.TOVAPress(compression_ratio=ratio),
-    "observed_attention": lambda ratio: kvpress.ObservedAttentionPress(compression_ratio=ratio),
-    "expected_attention": lambda ratio: kvpress.ExpectedAttentionPress(compression_ratio=ratio),
-    "random": lambda ratio: kvpress.RandomPress(compression_ratio=ratio, seed=0),
-    "keydiff": lambda ratio: kvpress.KeyDiffPress(compression_ratio=ratio),
-    "lagkv": lambda ratio: kvpress.LagKVPress(compression_ratio=ratio),
+
+@dataclass(frozen=True)
+class Settings:
+    compression_ratio: float = 0.0  # prefill presses: fraction of KV pairs removed
+    n_sink: int = 4  # methods that keep the first tokens ("attention sinks")
+    window: int = 64  # methods with a recent-token or observation window
+    budget: int = 512  # streaming: tokens each layer's cache holds
+    compress_every: int = 1  # streaming: evict once this many tokens beyond the budget arrived
+    chunk_tokens: int = 1  # streaming: tokens per forward call (queries a scorer sees)
+
+
+@dataclass(frozen=True)
+class Method:
+    build: Callable[[Settings], BasePress]  # a ScorerPress, or a press that streams on its own
+    prefill: bool = True  # has a compress-once-after-prefill form
+    positions_in_cache: bool = False  # streaming: positions counted inside the cache (StreamingLLM)
+
+
+PRESSES: dict[str, Method] = {
+    # kvpress 0.5.5, used as shipped
+    "snapkv": Method(lambda s: kvpress.SnapKVPress(s.compression_ratio, window_size=s.window)),
+    "pyramidkv": Method(lambda s: kvpress.PyramidKVPress(s.compression_ratio, window_size=s.window)),
+    "streaming_llm": Method(lambda s: kvpress.StreamingLLMPress(s.compression_ratio, n_sink=s.n_sink)),
+    "knorm": Method(lambda s: kvpress.KnormPress(s.compression_ratio)),
+    "tova": Method(lambda s: kvpress.TOVAPress(s.compression_ratio)),
+    "observed_attention": Method(lambda s: kvpress.ObservedAttentionPress(s.compression_ratio)),
+    "expected_attention": Method(lambda s: kvpress.ExpectedAttentionPress(s.compression_ratio, n_sink=s.n_sink)),
+    "random": Method(lambda s: kvpress.RandomPress(s.compression_ratio, seed=0)),
+    "keydiff": Method(lambda s: kvpress.KeyDiffPress(s.compression_ratio)),
+    "lagkv": Method(lambda s: kvpress.LagKVPress(s.compression_ratio, n_sink=s.n_sink)),
 }
 
 # Presses whose scores need the attention weights: the model must run with eager attention.
@@ -43,9 +67,34 @@ def check_compression_ratio(ratio: float) -> None:
         raise PressConfigError(f"compression ratio must be in [0, 1), got {ratio}")
 
 
-def make_press(name: str, compression_ratio: float) -> BasePress:
-    """Build the press registered as ``name`` at ``compression_ratio`` (fraction of KV pairs removed)."""
+def _method(name: str) -> Method:
     if name not in PRESSES:
         raise PressConfigError(f"unknown press {name!r}; known presses: {', '.join(press_names())}")
+    return PRESSES[name]
+
+
+def make_press(name: str, compression_ratio: float, settings: Settings = Settings()) -> BasePress:
+    """The prefill press registered as ``name`` at ``compression_ratio`` (fraction removed)."""
+    method = _method(name)
     check_compression_ratio(compression_ratio)
-    return PRESSES[name](compression_ratio)
+    if not method.prefill:
+        raise PressConfigError(f"{name} only acts while tokens stream in: use --protocol streaming")
+    return method.build(replace(settings, compression_ratio=compression_ratio))
+
+
+def make_streaming_press(name: str, settings: Settings = Settings()) -> BasePress:
+    """``name``'s rule holding each layer's cache at ``settings.budget`` tokens, evicting
+    whenever ``settings.compress_every`` tokens beyond the budget have arrived."""
+    method = _method(name)
+    if min(settings.budget, settings.compress_every, settings.chunk_tokens) < 1:
+        raise PressConfigError(f"budget, compress_every and chunk_tokens must be at least 1: {settings}")
+    press = method.build(replace(settings, compression_ratio=0.0))
+    if getattr(press, "window_size", 0) >= settings.chunk_tokens:
+        raise PressConfigError(
+            f"{name} scores with the last {press.window_size} queries of each call: stream in chunks of more "
+            f"tokens (--chunk_tokens) or use a smaller --window"
+        )
+    if not isinstance(press, ScorerPress):
+        return press
+    return BudgetPress(press, compression_interval=settings.compress_every, target_size=settings.budget,
+                       positions_in_cache=method.positions_in_cache)

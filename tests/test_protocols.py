@@ -7,8 +7,8 @@ from torch.nn import functional as F
 
 from evaluation.data import load_text
 from evaluation.models import load_model
-from evaluation.protocols import ProtocolError, context_nll, streaming_nll, streaming_press
-from presses import make_press
+from evaluation.protocols import ProtocolError, context_nll, streaming_nll
+from presses import Settings, make_press, make_streaming_press
 from tests.conftest import shared_data_dir
 
 
@@ -47,11 +47,11 @@ def test_context_protocol_refuses_windows_past_the_model_context(tiny_neox, wiki
 
 def test_streaming_holds_the_budget_and_a_large_budget_is_dense(tiny_neox, wikitext_ids):
     dense = streaming_nll(tiny_neox, wikitext_ids, None, chunk_tokens=16, max_tokens=257)
-    loose = streaming_nll(tiny_neox, wikitext_ids, streaming_press(make_press("knorm", 0.0), 10_000), 16, 257)
+    loose = streaming_nll(tiny_neox, wikitext_ids, make_streaming_press("knorm", Settings(budget=10_000)), 16, 257)
     assert dense.tokens == 256 and loose.nll_sum == dense.nll_sum
 
     held = []
-    press = streaming_press(make_press("streaming_llm", 0.0), budget=48)
+    press = make_streaming_press("streaming_llm", Settings(budget=48, chunk_tokens=16))
     original = press.forward_hook
 
     def record(module, args, kwargs, output):

@@ -1,0 +1,72 @@
+"""Hold any scoring rule at a fixed KV budget while text streams in (decode-time eviction)."""
+
+from dataclasses import dataclass
+
+import torch
+from kvpress import DecodingPress, KeyRerotationPress, ScorerPress
+from torch import nn
+
+
+@dataclass
+class BudgetPress(DecodingPress):
+    """Decode-time eviction: after a layer's attention, once its cache holds ``target_size +
+    compression_interval`` tokens or more (every step when the interval is 1), keep the
+    ``target_size`` tokens that ``base_press`` scores highest and drop the rest.
+
+    ``base_press`` is any kvpress ScorerPress (its ratio is set so that exactly the budget
+    survives) or a scorer from this package with memory across steps: such a scorer may define
+    ``observe(module, hidden_states, keys, values, kwargs)``, called after every forward call
+    before any eviction (H2O accumulates attention there), and ``keep(module, indices)``, called
+    with the kept indices so its per-token state follows the cache. Unlike kvpress's
+    DecodingPress it also acts on the first (prefill) call and keeps no hidden-state buffer: the
+    scorer sees the queries of the current call.
+
+    ``positions_in_cache``: StreamingLLM's rule for positions. Kept keys are re-rotated to
+    positions 0..n-1 of the cache, and the caller must give new tokens the positions that
+    follow (``evaluation/protocols.py`` does). Re-rotation uses the model's rotary frequencies;
+    on GPT-NeoX the patch's reordered basis makes that the partial rotary.
+    """
+
+    compression_interval: int = 1
+    target_size: int = 512
+    hidden_states_buffer_size: int = 0
+    positions_in_cache: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.target_size < 1:
+            raise ValueError(f"budget must be at least 1 token, got {self.target_size}")
+
+    def keep_indices(self, module: nn.Module, hidden_states, keys, values, attentions, kwargs) -> torch.Tensor:
+        """Indices (batch, kv_heads, target_size) of the tokens to keep, in cache order."""
+        k_len = keys.shape[2]
+        # kvpress scorers such as StreamingLLM score relative to their ratio: make the ratio
+        # keep exactly target_size tokens (int(k_len * (1 - ratio)) == target_size).
+        self.base_press.compression_ratio = 1.0 - (self.target_size + 0.5) / k_len
+        scores = self.base_press.score(module, hidden_states, keys, values, attentions, kwargs)
+        return scores.topk(self.target_size, dim=-1).indices.sort(dim=-1).values
+
+    def forward_hook(self, module: nn.Module, input, kwargs: dict, output):
+        hidden_states = kwargs["hidden_states"]
+        cache_layer = kwargs["past_key_values"].layers[module.layer_idx]
+        keys, values = cache_layer.keys, cache_layer.values
+        if hasattr(self.base_press, "observe"):
+            self.base_press.observe(module, hidden_states, keys, values, kwargs)
+        if keys.shape[2] < self.target_size + self.compression_interval:
+            return output
+
+        indices = self.keep_indices(module, hidden_states, keys, values, output[1], kwargs)
+        if hasattr(self.base_press, "keep"):
+            self.base_press.keep(module, indices)
+        gather_index = indices.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1])
+        if self.positions_in_cache:
+            cache_layer.keys = KeyRerotationPress.rerotate_keys(module, indices, keys)
+        else:
+            cache_layer.keys = keys.gather(2, gather_index).contiguous()
+        cache_layer.values = values.gather(2, gather_index).contiguous()
+        return output
+
+    def reset(self):
+        super().reset()
+        if hasattr(self.base_press, "reset"):
+            self.base_press.reset()
