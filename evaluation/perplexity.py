@@ -68,7 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     protocol.add_argument("--context_tokens", type=int,
                           help="context: tokens prefilled with the press (N); default: model context - M")
     protocol.add_argument("--num_windows", type=int, default=1, help="context: consecutive windows to average")
-    protocol.add_argument("--budget", type=int, default=512, help="streaming: tokens each layer's cache keeps")
+    protocol.add_argument("--budget", type=int, nargs="+", default=[512],
+                          help="streaming: tokens each layer's cache keeps (several values: one run each)")
     protocol.add_argument("--chunk_tokens", type=int, default=128, help="streaming: tokens fed per step")
     protocol.add_argument("--compress_every", type=int, default=1,
                           help="streaming: evict once this many tokens beyond the budget have arrived (1: every step)")
@@ -97,8 +98,8 @@ def use_attention_for(model, name: str, requested: str) -> str:
     return attn
 
 
-def settings_from(args: argparse.Namespace, ratio: float = 0.0) -> Settings:
-    return Settings(compression_ratio=ratio, n_sink=args.n_sink, window=args.window, budget=args.budget,
+def settings_from(args: argparse.Namespace, ratio: float = 0.0, budget: int | None = None) -> Settings:
+    return Settings(compression_ratio=ratio, n_sink=args.n_sink, window=args.window, budget=budget or args.budget[0],
                     compress_every=args.compress_every, chunk_tokens=args.chunk_tokens)
 
 
@@ -106,7 +107,8 @@ def requested_presses(args: argparse.Namespace) -> list[str]:
     names = press_names() if args.press == ["all"] else args.press
     for name in names:  # unknown names and impossible settings fail here, before any model is loaded
         if args.protocol == "streaming" and not args.speed:
-            make_streaming_press(name, settings_from(args))
+            for budget in args.budget:
+                make_streaming_press(name, settings_from(args, budget=budget))
         else:
             make_press(name, 0.0, settings_from(args))
     return names
@@ -139,14 +141,15 @@ def quality_rows(args, loaded, presses: list[str]) -> list[dict]:
                          "mean_cache_tokens": result.cache_tokens}
             print(f"{name} @ {ratio}: ppl {result.ppl:.4f}", file=sys.stderr)
     else:
-        for name in [DENSE] + presses:
+        settings = [(DENSE, None)] + [(name, budget) for name in presses for budget in args.budget]
+        for name, budget in settings:
             attn = use_attention_for(model, name, args.attn_implementation)
-            press = None if name == DENSE else make_streaming_press(name, settings_from(args))
+            press = None if name == DENSE else make_streaming_press(name, settings_from(args, budget=budget))
             result = streaming_nll(model, ids, press, args.chunk_tokens, args.max_tokens)
-            rows.append({"method": name, "attn_implementation": attn, "budget": None if name == DENSE else args.budget,
+            rows.append({"method": name, "attn_implementation": attn, "budget": budget,
                          "chunk_tokens": args.chunk_tokens, "ppl": result.ppl, "mean_nll": result.mean_nll,
                          "scored_tokens": result.tokens, "mean_cache_tokens": result.cache_tokens})
-            print(f"{name}: ppl {result.ppl:.4f}", file=sys.stderr)
+            print(f"{name} @ budget {budget}: ppl {result.ppl:.4f}", file=sys.stderr)
     for row in rows:
         row["data"] = source
     return rows

@@ -1,0 +1,84 @@
+"""Turn quality result files of evaluation/perplexity.py into a plot and a markdown table.
+
+  python evaluation/report.py results/smollm2-135m_context_wikitext_all.json [more.json ...]
+
+For each file: a PNG beside it (PPL against the cache kept, one line per method, dense as a
+dashed line) and a markdown table (method x setting -> PPL) printed for the README.
+Context protocol: x = fraction of the context's KV pairs kept (1 - compression ratio).
+Streaming protocol: x = cache budget in tokens per layer.
+"""
+
+import argparse
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on the machines this runs on
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+
+def load_rows(path: Path) -> tuple[dict, pd.DataFrame]:
+    payload = json.loads(path.read_text())
+    if payload["protocol"] not in ("context", "streaming"):
+        raise SystemExit(f"error: {path} is a {payload['protocol']} result; report.py plots quality results")
+    rows = pd.DataFrame(payload["rows"])
+    if payload["protocol"] == "context":
+        rows["setting"] = 1.0 - rows["compression_ratio"]
+    else:
+        rows["setting"] = rows["budget"]
+    return payload, rows
+
+
+def plot(payload: dict, rows: pd.DataFrame, output: Path) -> None:
+    dense = rows[rows.method == "dense"]
+    figure, axis = plt.subplots(figsize=(6.4, 4.2))
+    for method, group in rows[rows.method != "dense"].groupby("method"):
+        group = group.sort_values("setting")
+        axis.plot(group.setting, group.ppl, marker="o", markersize=3, label=method)
+    axis.axhline(dense.ppl.iloc[0], color="black", linestyle="--", label="dense")
+    if payload["protocol"] == "context":
+        axis.set_xlabel("fraction of the context KV kept")
+    else:
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("cache budget (tokens per layer)")
+    axis.set_ylabel("perplexity")
+    data = re.sub(r" \(local .*\)", "", rows.data.iloc[0])
+    axis.set_title(f"{payload['model']} — {data}\n{payload['protocol']} protocol", fontsize=9)
+    axis.legend(fontsize=7, ncol=2)
+    figure.tight_layout()
+    handle, temporary = tempfile.mkstemp(dir=output.parent, suffix=".png")
+    os.close(handle)
+    figure.savefig(temporary, dpi=130)
+    plt.close(figure)
+    os.replace(temporary, output)
+
+
+def markdown_table(payload: dict, rows: pd.DataFrame) -> str:
+    label = "kept fraction" if payload["protocol"] == "context" else "budget (tokens)"
+    pressed = rows[rows.method != "dense"].pivot_table(index="method", columns="setting", values="ppl")
+    pressed = pressed.sort_values(pressed.columns.min())  # best at the tightest setting first
+    header = f"| method | " + " | ".join(f"{label} {c:g}" for c in pressed.columns) + " |"
+    lines = [header, "|" + " --- |" * (len(pressed.columns) + 1)]
+    lines.append(f"| dense | {rows[rows.method == 'dense'].ppl.iloc[0]:.3f} (all) |" + " |" * (len(pressed.columns) - 1))
+    for method, values in pressed.iterrows():
+        lines.append(f"| {method} | " + " | ".join(f"{v:.3f}" for v in values) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", nargs="+", type=Path)
+    for path in parser.parse_args().results:
+        payload, rows = load_rows(path)
+        plot(payload, rows, path.with_suffix(".png"))
+        print(f"\n{path} -> {path.with_suffix('.png')}\n")
+        print(markdown_table(payload, rows))
+
+
+if __name__ == "__main__":
+    main()
