@@ -104,9 +104,10 @@ def settings_from(args: argparse.Namespace, ratio: float = 0.0, budget: int | No
 
 
 def requested_presses(args: argparse.Namespace) -> list[str]:
-    names = press_names() if args.press == ["all"] else args.press
+    streaming = args.protocol == "streaming" and not args.speed
+    names = press_names("streaming" if streaming else "context") if args.press == ["all"] else args.press
     for name in names:  # unknown names and impossible settings fail here, before any model is loaded
-        if args.protocol == "streaming" and not args.speed:
+        if streaming:
             for budget in args.budget:
                 make_streaming_press(name, settings_from(args, budget=budget))
         else:

@@ -58,8 +58,9 @@ class PressConfigError(ValueError):
     """A press name or setting the user gave cannot be used."""
 
 
-def press_names() -> list[str]:
-    return sorted(PRESSES)
+def press_names(protocol: str | None = None) -> list[str]:
+    """All names, or those usable in ``protocol`` ("context" needs a prefill form)."""
+    return sorted(name for name, method in PRESSES.items() if protocol != "context" or method.prefill)
 
 
 def check_compression_ratio(ratio: float) -> None:
