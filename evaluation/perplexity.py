@@ -22,7 +22,7 @@ import transformers
 
 from evaluation.data import DataError, load_text
 from evaluation.models import DTYPES, REPO_ROOT, SMOLLM2_ALIAS, ModelLoadError, load_model
-from evaluation.protocols import ProtocolError, context_nll, streaming_nll
+from evaluation.protocols import SEGMENT_TOKENS, ProtocolError, context_nll, streaming_nll
 from evaluation.results import environment, table, write_json_atomic
 from evaluation.speed import measure
 from patches import UnsupportedModelError
@@ -149,7 +149,8 @@ def quality_rows(args, loaded, presses: list[str]) -> list[dict]:
             result = streaming_nll(model, ids, press, args.chunk_tokens, args.max_tokens)
             rows.append({"method": name, "attn_implementation": attn, "budget": budget,
                          "chunk_tokens": args.chunk_tokens, "ppl": result.ppl, "mean_nll": result.mean_nll,
-                         "scored_tokens": result.tokens, "mean_cache_tokens": result.cache_tokens})
+                         "scored_tokens": result.tokens, "mean_cache_tokens": result.cache_tokens,
+                         f"ppl_per_{SEGMENT_TOKENS}_tokens": result.segment_ppl})
             print(f"{name} @ budget {budget}: ppl {result.ppl:.4f}", file=sys.stderr)
     for row in rows:
         row["data"] = source

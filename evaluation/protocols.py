@@ -22,6 +22,9 @@ from tqdm import tqdm
 from transformers import DynamicCache
 
 
+SEGMENT_TOKENS = 1024  # streaming: PPL is also reported per stretch, to see where a method breaks
+
+
 class ProtocolError(ValueError):
     """The protocol's settings do not fit the model or the text."""
 
@@ -31,6 +34,7 @@ class Perplexity:
     nll_sum: float
     tokens: int
     cache_tokens: float  # mean over layers (and windows/chunks) of the tokens held when scoring
+    segment_ppl: list[float] | None = None  # streaming: PPL of each SEGMENT_TOKENS-token stretch of the text
 
     @property
     def mean_nll(self) -> float:
@@ -96,7 +100,7 @@ def streaming_nll(
         raise ProtocolError(f"text has {ids.numel()} tokens, fewer than one chunk of {chunk_tokens} plus one")
     ids = ids[: n_chunks * chunk_tokens + 1].unsqueeze(0).to(model.device)
 
-    cache, nll_sum, held = DynamicCache(), 0.0, []
+    cache, token_nll, held = DynamicCache(), [], []
     with _pressed(press, model):
         for start in tqdm(range(0, n_chunks * chunk_tokens, chunk_tokens), desc="chunks", disable=n_chunks < 8):
             cached = sum(_cache_lengths(cache)) / len(model.model.layers) if start else 0
@@ -106,5 +110,8 @@ def streaming_nll(
             held.append(cached)
             logits = model(input_ids=chunk, past_key_values=cache, position_ids=positions).logits
             targets = ids[0, start + 1 : start + chunk_tokens + 1]
-            nll_sum += F.cross_entropy(logits[0].float(), targets, reduction="sum").item()
-    return Perplexity(nll_sum, n_chunks * chunk_tokens, sum(held) / len(held))
+            token_nll.append(F.cross_entropy(logits[0].float(), targets, reduction="none"))
+    token_nll = torch.cat(token_nll)
+    segments = token_nll.split(SEGMENT_TOKENS)
+    return Perplexity(token_nll.sum().item(), token_nll.numel(), sum(held) / len(held),
+                      segment_ppl=[segment.mean().exp().item() for segment in segments])

@@ -51,6 +51,28 @@ def plot(payload: dict, rows: pd.DataFrame, output: Path) -> None:
     axis.set_title(f"{payload['model']} — {data}\n{payload['protocol']} protocol", fontsize=9)
     axis.legend(fontsize=7, ncol=2)
     figure.tight_layout()
+    _save(figure, output)
+
+
+def plot_by_position(payload: dict, rows: pd.DataFrame, budget: int, output: Path) -> None:
+    """StreamingLLM's figure: PPL along the text for dense and every method at one budget."""
+    column = next(c for c in rows.columns if c.startswith("ppl_per_"))
+    segment = int(column.split("_")[2])
+    figure, axis = plt.subplots(figsize=(6.4, 4.2))
+    for _, row in rows[(rows.method == "dense") | (rows.budget == budget)].iterrows():
+        ends = [segment * (i + 1) for i in range(len(row[column]))]
+        style = dict(color="black", linestyle="--") if row.method == "dense" else {}
+        axis.plot(ends, row[column], marker="o", markersize=2, label=row.method, **style)
+    axis.set_yscale("log")
+    axis.set_xlabel(f"tokens streamed (PPL of each {segment}-token stretch)")
+    axis.set_ylabel("perplexity")
+    axis.set_title(f"{payload['model']}, streaming, budget {budget} tokens per layer", fontsize=9)
+    axis.legend(fontsize=7, ncol=2)
+    figure.tight_layout()
+    _save(figure, output)
+
+
+def _save(figure, output: Path) -> None:
     handle, temporary = tempfile.mkstemp(dir=output.parent, suffix=".png")
     os.close(handle)
     figure.savefig(temporary, dpi=130)
@@ -73,10 +95,18 @@ def markdown_table(payload: dict, rows: pd.DataFrame) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", nargs="+", type=Path)
-    for path in parser.parse_args().results:
+    parser.add_argument("--position_budget", type=int, default=1024,
+                        help="streaming files: the budget whose PPL-along-the-text plot is drawn")
+    args = parser.parse_args()
+    for path in args.results:
         payload, rows = load_rows(path)
         plot(payload, rows, path.with_suffix(".png"))
-        print(f"\n{path} -> {path.with_suffix('.png')}\n")
+        print(f"\n{path} -> {path.with_suffix('.png')}")
+        if payload["protocol"] == "streaming" and (rows.budget == args.position_budget).any():
+            by_position = path.with_name(f"{path.stem}_by_position_budget{args.position_budget}.png")
+            plot_by_position(payload, rows, args.position_budget, by_position)
+            print(f"{path} -> {by_position}")
+        print()
         print(markdown_table(payload, rows))
 
 
