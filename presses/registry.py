@@ -17,6 +17,8 @@ import kvpress
 from kvpress import BasePress, ScorerPress
 
 from presses.budget_press import BudgetPress
+from presses.h2o_press import H2OPress
+from presses.scissorhands_press import ScissorhandsPress
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,9 @@ PRESSES: dict[str, Method] = {
     "random": Method(lambda s: kvpress.RandomPress(s.compression_ratio, seed=0)),
     "keydiff": Method(lambda s: kvpress.KeyDiffPress(s.compression_ratio)),
     "lagkv": Method(lambda s: kvpress.LagKVPress(s.compression_ratio, n_sink=s.n_sink)),
+    # this package: scoring rules with memory across steps (observe / keep, see BudgetPress)
+    "h2o": Method(lambda s: H2OPress(s.compression_ratio)),
+    "scissorhands": Method(lambda s: ScissorhandsPress(s.compression_ratio, history_window=s.window)),
 }
 
 # Presses whose scores need the attention weights: the model must run with eager attention.
