@@ -18,6 +18,7 @@ from kvpress import BasePress, ScorerPress
 
 from presses.budget_press import BudgetPress
 from presses.h2o_press import H2OPress
+from presses.infllm_press import InfLLMPress
 from presses.scissorhands_press import ScissorhandsPress
 
 
@@ -53,6 +54,8 @@ PRESSES: dict[str, Method] = {
     # this package: scoring rules with memory across steps (observe / keep, see BudgetPress)
     "h2o": Method(lambda s: H2OPress(s.compression_ratio)),
     "scissorhands": Method(lambda s: ScissorhandsPress(s.compression_ratio, history_window=s.window)),
+    # this package: methods that stream with their own press
+    "infllm": Method(lambda s: InfLLMPress.from_budget(s.budget, n_init=s.n_sink, local=s.window), prefill=False),
 }
 
 # Presses whose scores need the attention weights: the model must run with eager attention.
@@ -94,7 +97,10 @@ def make_streaming_press(name: str, settings: Settings = Settings()) -> BasePres
     method = _method(name)
     if min(settings.budget, settings.compress_every, settings.chunk_tokens) < 1:
         raise PressConfigError(f"budget, compress_every and chunk_tokens must be at least 1: {settings}")
-    press = method.build(replace(settings, compression_ratio=0.0))
+    try:
+        press = method.build(replace(settings, compression_ratio=0.0))
+    except ValueError as error:  # a method's own check of its settings (e.g. InfLLM's block layout)
+        raise PressConfigError(f"{name}: {error}") from None
     if getattr(press, "window_size", 0) >= settings.chunk_tokens:
         raise PressConfigError(
             f"{name} scores with the last {press.window_size} queries of each call: stream in chunks of more "
