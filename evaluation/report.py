@@ -84,7 +84,7 @@ def markdown_table(payload: dict, rows: pd.DataFrame) -> str:
     label = "kept fraction" if payload["protocol"] == "context" else "budget (tokens)"
     pressed = rows[rows.method != "dense"].pivot_table(index="method", columns="setting", values="ppl")
     pressed = pressed.sort_values(pressed.columns.min())  # best at the tightest setting first
-    header = f"| method | " + " | ".join(f"{label} {c:g}" for c in pressed.columns) + " |"
+    header = "| method | " + " | ".join(f"{label} {c:g}" for c in pressed.columns) + " |"
     lines = [header, "|" + " --- |" * (len(pressed.columns) + 1)]
     lines.append(f"| dense | {rows[rows.method == 'dense'].ppl.iloc[0]:.3f} (all) |" + " |" * (len(pressed.columns) - 1))
     for method, values in pressed.iterrows():

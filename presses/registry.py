@@ -19,7 +19,9 @@ from kvpress import BasePress, ScorerPress
 from presses.budget_press import BudgetPress
 from presses.h2o_press import H2OPress
 from presses.infllm_press import InfLLMPress
+from presses.lm_infinite_press import LMInfinitePress
 from presses.scissorhands_press import ScissorhandsPress
+from presses.treekv_press import TreeKVPress
 
 
 @dataclass(frozen=True)
@@ -37,13 +39,17 @@ class Method:
     build: Callable[[Settings], BasePress]  # a ScorerPress, or a press that streams on its own
     prefill: bool = True  # has a compress-once-after-prefill form
     positions_in_cache: bool = False  # streaming: positions counted inside the cache (StreamingLLM)
+    stream: Callable[[Settings], BasePress] | None = None  # a method's own streaming press, if its rule needs one
 
 
 PRESSES: dict[str, Method] = {
     # kvpress 0.5.5, used as shipped
     "snapkv": Method(lambda s: kvpress.SnapKVPress(s.compression_ratio, window_size=s.window)),
     "pyramidkv": Method(lambda s: kvpress.PyramidKVPress(s.compression_ratio, window_size=s.window)),
-    "streaming_llm": Method(lambda s: kvpress.StreamingLLMPress(s.compression_ratio, n_sink=s.n_sink)),
+    "streaming_llm": Method(lambda s: kvpress.StreamingLLMPress(s.compression_ratio, n_sink=s.n_sink),
+                            positions_in_cache=True),
+    "sliding_window": Method(lambda s: kvpress.StreamingLLMPress(s.compression_ratio, n_sink=0),
+                             positions_in_cache=True),  # StreamingLLM's control: no sinks
     "knorm": Method(lambda s: kvpress.KnormPress(s.compression_ratio)),
     "tova": Method(lambda s: kvpress.TOVAPress(s.compression_ratio)),
     "observed_attention": Method(lambda s: kvpress.ObservedAttentionPress(s.compression_ratio)),
@@ -54,7 +60,13 @@ PRESSES: dict[str, Method] = {
     # this package: scoring rules with memory across steps (observe / keep, see BudgetPress)
     "h2o": Method(lambda s: H2OPress(s.compression_ratio)),
     "scissorhands": Method(lambda s: ScissorhandsPress(s.compression_ratio, history_window=s.window)),
+    "treekv": Method(lambda s: TreeKVPress(s.compression_ratio, n_sink=s.n_sink, window=s.window),
+                     positions_in_cache=True),
     # this package: methods that stream with their own press
+    "lm_infinite": Method(
+        lambda s: LMInfinitePress(s.compression_ratio, n_global=s.n_sink),
+        stream=lambda s: LMInfinitePress(n_global=s.n_sink, target_size=s.budget, compression_interval=s.compress_every),
+    ),
     "infllm": Method(lambda s: InfLLMPress.from_budget(s.budget, n_init=s.n_sink, local=s.window), prefill=False),
 }
 
@@ -97,6 +109,8 @@ def make_streaming_press(name: str, settings: Settings = Settings()) -> BasePres
     method = _method(name)
     if min(settings.budget, settings.compress_every, settings.chunk_tokens) < 1:
         raise PressConfigError(f"budget, compress_every and chunk_tokens must be at least 1: {settings}")
+    if method.stream is not None:
+        return method.stream(settings)
     try:
         press = method.build(replace(settings, compression_ratio=0.0))
     except ValueError as error:  # a method's own check of its settings (e.g. InfLLM's block layout)

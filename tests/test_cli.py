@@ -53,8 +53,8 @@ def test_context_and_speed_runs_write_results(tiny_pythia_folder, tmp_path):
     assert payload["environment"]["torch"] and payload["command"].startswith("python evaluation/perplexity.py")
 
 
-@pytest.mark.parametrize("protocol_args", [["--eval_tokens", "32"], ["--protocol", "streaming", "--budget", "64",
-                                                                   "--max_tokens", "385"]], ids=["context", "streaming"])
+@pytest.mark.parametrize("protocol_args", [["--eval_tokens", "32"], ["--protocol", "streaming", "--budget", "128",
+                                                                   "--max_tokens", "513"]], ids=["context", "streaming"])
 def test_every_registered_press_runs_by_name(tiny_pythia_folder, tmp_path, protocol_args):
     from presses import press_names
 
