@@ -1,9 +1,11 @@
 """Turn quality result files of evaluation/perplexity.py into a plot and a markdown table.
 
-  python evaluation/report.py results/smollm2-135m_context_wikitext_all.json [more.json ...]
+  python evaluation/report.py results/a.json [more.json ...] --output results/name
 
-For each file: a PNG beside it (PPL against the cache kept, one line per method, dense as a
-dashed line) and a markdown table (method x setting -> PPL) printed for the README.
+The files (one model, data and protocol; e.g. one sweep split over several runs) are merged,
+keeping the first file's dense row. Writes name.png (PPL against the cache kept, one line per
+method, dense as a dashed line), for streaming also name_by_position_budgetB.png (PPL along the
+text), and prints a markdown table (method x setting -> PPL) for the README.
 Context protocol: x = fraction of the context's KV pairs kept (1 - compression ratio).
 Streaming protocol: x = cache budget in tokens per layer.
 """
@@ -22,11 +24,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 
-def load_rows(path: Path) -> tuple[dict, pd.DataFrame]:
-    payload = json.loads(path.read_text())
-    if payload["protocol"] not in ("context", "streaming"):
-        raise SystemExit(f"error: {path} is a {payload['protocol']} result; report.py plots quality results")
-    rows = pd.DataFrame(payload["rows"])
+def load_rows(paths: list[Path]) -> tuple[dict, pd.DataFrame]:
+    payloads = [json.loads(path.read_text()) for path in paths]
+    payload = payloads[0]
+    for path, other in zip(paths, payloads):
+        if other["protocol"] not in ("context", "streaming"):
+            raise SystemExit(f"error: {path} is a {other['protocol']} result; report.py plots quality results")
+        if (other["protocol"], other["model"], other["rows"][0]["data"]) != (
+                payload["protocol"], payload["model"], payload["rows"][0]["data"]):
+            raise SystemExit(f"error: {path} is another model, data or protocol than {paths[0]}")
+    rows = pd.DataFrame([row for index, other in enumerate(payloads) for row in other["rows"]
+                         if index == 0 or row["method"] != "dense"])
     if payload["protocol"] == "context":
         rows["setting"] = 1.0 - rows["compression_ratio"]
     else:
@@ -37,6 +45,7 @@ def load_rows(path: Path) -> tuple[dict, pd.DataFrame]:
 def plot(payload: dict, rows: pd.DataFrame, output: Path) -> None:
     dense = rows[rows.method == "dense"]
     figure, axis = plt.subplots(figsize=(6.4, 4.2))
+    axis.set_prop_cycle(color=plt.cm.tab20.colors)  # up to 20 methods, each its own colour
     for method, group in rows[rows.method != "dense"].groupby("method"):
         group = group.sort_values("setting")
         axis.plot(group.setting, group.ppl, marker="o", markersize=3, label=method)
@@ -54,12 +63,12 @@ def plot(payload: dict, rows: pd.DataFrame, output: Path) -> None:
     _save(figure, output)
 
 
-def plot_by_position(payload: dict, rows: pd.DataFrame, budget: int, output: Path) -> None:
-    """StreamingLLM's figure: PPL along the text for dense and every method at one budget."""
+def plot_by_position(payload: dict, rows: pd.DataFrame, budget: int, methods: list[str], output: Path) -> None:
+    """StreamingLLM's figure: PPL along the text for dense and ``methods`` at one budget."""
     column = next(c for c in rows.columns if c.startswith("ppl_per_"))
     segment = int(column.split("_")[2])
     figure, axis = plt.subplots(figsize=(6.4, 4.2))
-    for _, row in rows[(rows.method == "dense") | (rows.budget == budget)].iterrows():
+    for _, row in rows[(rows.method == "dense") | ((rows.budget == budget) & rows.method.isin(methods))].iterrows():
         ends = [segment * (i + 1) for i in range(len(row[column]))]
         style = dict(color="black", linestyle="--") if row.method == "dense" else {}
         axis.plot(ends, row[column], marker="o", markersize=2, label=row.method, **style)
@@ -88,26 +97,30 @@ def markdown_table(payload: dict, rows: pd.DataFrame) -> str:
     lines = [header, "|" + " --- |" * (len(pressed.columns) + 1)]
     lines.append(f"| dense | {rows[rows.method == 'dense'].ppl.iloc[0]:.3f} (all) |" + " |" * (len(pressed.columns) - 1))
     for method, values in pressed.iterrows():
-        lines.append(f"| {method} | " + " | ".join(f"{v:.3f}" for v in values) + " |")
+        lines.append(f"| {method} | " + " | ".join("—" if pd.isna(v) else f"{v:.3f}" for v in values) + " |")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", nargs="+", type=Path)
+    parser.add_argument("--output", type=Path, help="path without suffix (default: the first file's)")
     parser.add_argument("--position_budget", type=int, default=1024,
-                        help="streaming files: the budget whose PPL-along-the-text plot is drawn")
+                        help="streaming: the budget whose PPL-along-the-text plot is drawn")
+    parser.add_argument("--position_methods", nargs="+",
+                        default=["streaming_llm", "sliding_window", "lm_infinite", "infllm", "tova", "h2o"],
+                        help="streaming: the methods drawn along the text (beside dense)")
     args = parser.parse_args()
-    for path in args.results:
-        payload, rows = load_rows(path)
-        plot(payload, rows, path.with_suffix(".png"))
-        print(f"\n{path} -> {path.with_suffix('.png')}")
-        if payload["protocol"] == "streaming" and (rows.budget == args.position_budget).any():
-            by_position = path.with_name(f"{path.stem}_by_position_budget{args.position_budget}.png")
-            plot_by_position(payload, rows, args.position_budget, by_position)
-            print(f"{path} -> {by_position}")
-        print()
-        print(markdown_table(payload, rows))
+    payload, rows = load_rows(args.results)
+    stem = args.output or args.results[0].with_suffix("")
+    plot(payload, rows, stem.with_suffix(".png"))
+    print(f"wrote {stem.with_suffix('.png')}")
+    if payload["protocol"] == "streaming" and (rows.budget == args.position_budget).any():
+        by_position = stem.with_name(f"{stem.name}_by_position_budget{args.position_budget}.png")
+        plot_by_position(payload, rows, args.position_budget, args.position_methods, by_position)
+        print(f"wrote {by_position}")
+    print()
+    print(markdown_table(payload, rows))
 
 
 if __name__ == "__main__":
