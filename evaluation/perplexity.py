@@ -26,8 +26,15 @@ from evaluation.protocols import SEGMENT_TOKENS, ProtocolError, context_nll, str
 from evaluation.results import environment, table, write_json_atomic
 from evaluation.speed import measure
 from patches import UnsupportedModelError
-from presses import NEEDS_EAGER_ATTENTION, PressConfigError, Settings, make_press, make_streaming_press, press_names
-from presses.registry import check_compression_ratio
+from presses import (
+    NEEDS_EAGER_ATTENTION,
+    PressConfigError,
+    Settings,
+    make_press,
+    make_streaming_press,
+    press_names,
+)
+from presses.registry import check_compression_ratio, method_for
 
 DENSE = "dense"
 
@@ -103,14 +110,23 @@ def settings_from(args: argparse.Namespace, ratio: float = 0.0, budget: int | No
                     compress_every=args.compress_every, chunk_tokens=args.chunk_tokens)
 
 
+def context_press(name: str, ratio: float, args: argparse.Namespace, context_tokens: int):
+    """The press for the context protocol: the method's prefill form, or, for a decode-time
+    method (InfLLM), its streaming form holding the kept fraction of the context."""
+    if method_for(name).prefill:
+        return make_press(name, ratio, settings_from(args))
+    check_compression_ratio(ratio)
+    return make_streaming_press(name, settings_from(args, budget=max(1, int(context_tokens * (1 - ratio)))))
+
+
 def requested_presses(args: argparse.Namespace) -> list[str]:
     streaming = args.protocol == "streaming" and not args.speed
-    names = press_names("streaming" if streaming else "context") if args.press == ["all"] else args.press
+    names = press_names() if args.press == ["all"] else args.press
     for name in names:  # unknown names and impossible settings fail here, before any model is loaded
         if streaming:
             for budget in args.budget:
                 make_streaming_press(name, settings_from(args, budget=budget))
-        else:
+        elif method_for(name).prefill or args.speed:
             make_press(name, 0.0, settings_from(args))
     return names
 
@@ -133,8 +149,8 @@ def quality_rows(args, loaded, presses: list[str]) -> list[dict]:
         settings = [(DENSE, 0.0)] + [(name, ratio) for name in presses for ratio in args.compression_ratio]
         for name, ratio in settings:
             attn = use_attention_for(model, name, args.attn_implementation)
-            press = None if name == DENSE else make_press(name, ratio, settings_from(args))
-            result = context_nll(model, ids, press, context, args.eval_tokens, args.num_windows)
+            press = None if name == DENSE else context_press(name, ratio, args, context)
+            result = context_nll(model, ids, press, context, args.eval_tokens, args.num_windows, args.chunk_tokens)
             rows.append({"method": name, "compression_ratio": ratio, "attn_implementation": attn,
                          "context_tokens": context,
                          "eval_tokens": args.eval_tokens, "num_windows": args.num_windows})

@@ -53,14 +53,31 @@ def _cache_lengths(cache) -> list[int]:
     return [layer.keys.shape[2] for layer in cache.layers]
 
 
+def _feed(forward, ids: torch.Tensor, cache, first_position: int, chunk_tokens: int | None) -> list:
+    """Run ``ids`` (1, n) through ``forward`` in calls of ``chunk_tokens`` (one call if None),
+    at text positions from ``first_position``; returns each call's output."""
+    step = chunk_tokens or ids.shape[1]
+    outputs = []
+    for start in range(0, ids.shape[1], step):
+        stop = min(start + step, ids.shape[1])
+        positions = torch.arange(first_position + start, first_position + stop, device=ids.device).unsqueeze(0)
+        outputs.append(forward(input_ids=ids[:, start:stop], past_key_values=cache, position_ids=positions))
+    return outputs
+
+
 @torch.no_grad()
 def context_nll(
-    model, ids: torch.Tensor, press: BasePress | None, context_tokens: int, eval_tokens: int, num_windows: int = 1
+    model, ids: torch.Tensor, press: BasePress | None, context_tokens: int, eval_tokens: int, num_windows: int = 1,
+    chunk_tokens: int = 128,
 ) -> Perplexity:
     """``num_windows`` consecutive windows of ``context_tokens + eval_tokens + 1`` tokens: prefill
-    the context with the press, score ``eval_tokens`` tokens against the pressed cache."""
-    if isinstance(press, DecodingPress):
-        raise ProtocolError("a decoding press only acts while tokens stream in: use --protocol streaming")
+    the context with the press, score ``eval_tokens`` tokens against the pressed cache.
+
+    A decode-time press (a DecodingPress such as InfLLM) only acts while tokens stream in: the
+    context is fed in calls of ``chunk_tokens`` and the press stays on while the scored tokens
+    are fed the same way."""
+    decode_time = isinstance(press, DecodingPress)
+    chunk = chunk_tokens if decode_time else None
     limit = model.config.max_position_embeddings
     if context_tokens + eval_tokens > limit:
         raise ProtocolError(
@@ -72,15 +89,18 @@ def context_nll(
         raise ProtocolError(f"text has {ids.numel()} tokens, {num_windows} window(s) need {window * num_windows}")
 
     nll_sum, kept = 0.0, []
-    positions = torch.arange(context_tokens, context_tokens + eval_tokens, device=model.device).unsqueeze(0)
     for index in tqdm(range(num_windows), desc="windows", disable=num_windows == 1):
         sample = ids[index * window : (index + 1) * window].unsqueeze(0).to(model.device)
         cache = DynamicCache()
+        scored = sample[:, context_tokens:-1]  # positions continue from the context length, not the cache size
         with _pressed(press, model):
-            model.model(input_ids=sample[:, :context_tokens], past_key_values=cache)
-        kept.extend(_cache_lengths(cache))
-        # Positions continue from the original context length, not from the pressed cache size.
-        logits = model(input_ids=sample[:, context_tokens:-1], past_key_values=cache, position_ids=positions).logits
+            _feed(model.model, sample[:, :context_tokens], cache, 0, chunk)
+            kept.extend(_cache_lengths(cache))
+            if decode_time:  # a decode-time press stays on while the scored tokens stream in
+                outputs = _feed(model, scored, cache, context_tokens, chunk)
+        if not decode_time:
+            outputs = _feed(model, scored, cache, context_tokens, chunk)
+        logits = torch.cat([output.logits for output in outputs], dim=1)
         nll_sum += F.cross_entropy(logits[0].float(), sample[0, context_tokens + 1 :], reduction="sum").item()
     return Perplexity(nll_sum, eval_tokens * num_windows, sum(kept) / len(kept))
 

@@ -37,7 +37,7 @@ class Settings:
 @dataclass(frozen=True)
 class Method:
     build: Callable[[Settings], BasePress]  # a ScorerPress, or a press that streams on its own
-    prefill: bool = True  # has a compress-once-after-prefill form
+    prefill: bool = True  # has a compress-once-after-prefill form (else the context streams in)
     positions_in_cache: bool = False  # streaming: positions counted inside the cache (StreamingLLM)
     stream: Callable[[Settings], BasePress] | None = None  # a method's own streaming press, if its rule needs one
 
@@ -78,9 +78,8 @@ class PressConfigError(ValueError):
     """A press name or setting the user gave cannot be used."""
 
 
-def press_names(protocol: str | None = None) -> list[str]:
-    """All names, or those usable in ``protocol`` ("context" needs a prefill form)."""
-    return sorted(name for name, method in PRESSES.items() if protocol != "context" or method.prefill)
+def press_names() -> list[str]:
+    return sorted(PRESSES)
 
 
 def check_compression_ratio(ratio: float) -> None:
@@ -88,7 +87,7 @@ def check_compression_ratio(ratio: float) -> None:
         raise PressConfigError(f"compression ratio must be in [0, 1), got {ratio}")
 
 
-def _method(name: str) -> Method:
+def method_for(name: str) -> Method:
     if name not in PRESSES:
         raise PressConfigError(f"unknown press {name!r}; known presses: {', '.join(press_names())}")
     return PRESSES[name]
@@ -96,7 +95,7 @@ def _method(name: str) -> Method:
 
 def make_press(name: str, compression_ratio: float, settings: Settings = Settings()) -> BasePress:
     """The prefill press registered as ``name`` at ``compression_ratio`` (fraction removed)."""
-    method = _method(name)
+    method = method_for(name)
     check_compression_ratio(compression_ratio)
     if not method.prefill:
         raise PressConfigError(f"{name} only acts while tokens stream in: use --protocol streaming")
@@ -106,7 +105,7 @@ def make_press(name: str, compression_ratio: float, settings: Settings = Setting
 def make_streaming_press(name: str, settings: Settings = Settings()) -> BasePress:
     """``name``'s rule holding each layer's cache at ``settings.budget`` tokens, evicting
     whenever ``settings.compress_every`` tokens beyond the budget have arrived."""
-    method = _method(name)
+    method = method_for(name)
     if min(settings.budget, settings.compress_every, settings.chunk_tokens) < 1:
         raise PressConfigError(f"budget, compress_every and chunk_tokens must be at least 1: {settings}")
     if method.stream is not None:

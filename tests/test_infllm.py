@@ -7,7 +7,7 @@ import torch
 from kvpress import BasePress
 from transformers.models.llama.modeling_llama import rotate_half
 
-from evaluation.protocols import ProtocolError, context_nll, streaming_nll
+from evaluation.protocols import context_nll, streaming_nll
 from patches.gpt_neox import split_qkv
 from presses.infllm_press import InfLLMPress
 from tests.conftest import build, tiny_llama_config, tiny_neox_config
@@ -159,5 +159,15 @@ def test_budget_and_protocol_guard(ids):
         InfLLMPress.from_budget(90, n_init=4, local=64, block_size=32)
     with pytest.raises(ValueError, match="local window"):
         InfLLMPress(local=16, block_size=32)
-    with pytest.raises(ProtocolError, match="streaming"):
-        context_nll(None, ids, press, context_tokens=32, eval_tokens=8)
+
+
+def test_context_protocol_streams_the_context_with_the_press_on(ids):
+    """In the context protocol a decode-time press sees the context stream in and stays on while
+    the scored tokens are fed: with nothing evicted it is dense exactly, with a tight memory not."""
+    model = build(tiny_neox_config())
+    settings = dict(context_tokens=96, eval_tokens=16, chunk_tokens=CHUNK)
+    dense = context_nll(model, ids, None, **settings)
+    roomy = InfLLMPress(n_init=4, local=128, block_size=8, top_k=1, positions="original")
+    assert context_nll(model, ids, roomy, **settings).nll_sum == dense.nll_sum
+    tight = context_nll(model, ids, InfLLMPress(**TIGHT), **settings)
+    assert tight.nll_sum != dense.nll_sum and tight.cache_tokens <= 4 + 32
