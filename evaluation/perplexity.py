@@ -24,7 +24,7 @@ from evaluation.data import DataError, load_text
 from evaluation.models import DTYPES, REPO_ROOT, SMOLLM2_ALIAS, ModelLoadError, load_model
 from evaluation.protocols import SEGMENT_TOKENS, ProtocolError, context_nll, streaming_nll
 from evaluation.results import environment, table, write_json_atomic
-from evaluation.speed import measure
+from evaluation.speed import DECODERS, measure
 from patches import UnsupportedModelError
 from presses import (
     NEEDS_EAGER_ATTENTION,
@@ -91,6 +91,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     speed.add_argument("--new_tokens", type=int, default=256, help="forced generation length (no early EOS)")
     speed.add_argument("--batch_size", type=int, default=1)
     speed.add_argument("--repeats", type=int, default=3, help="timed runs per method (median), after one warm-up")
+    speed.add_argument("--decoder", nargs="+", default=["kvpress"], choices=DECODERS,
+                       help="kvpress: the pipeline's per-token loop on a DynamicCache (the HF baseline); "
+                            "static: StaticCache + torch.compile CUDA graphs (decoding/generate.py)")
 
     parser.add_argument("--output", type=Path, help="result JSON path (default: results/<model>_<run>.json)")
     return parser.parse_args(argv)
@@ -188,15 +191,18 @@ def speed_rows(args, loaded, presses: list[str]) -> list[dict]:
     prompt = prompt.to(model.device)
     rows = []
     settings = [(DENSE, 0.0)] + [(name, ratio) for name in presses for ratio in args.compression_ratio]
-    for name, ratio in settings:
-        attn = use_attention_for(model, name, args.attn_implementation)
-        press = None if name == DENSE else make_press(name, ratio, settings_from(args))
-        result = measure(model, prompt, press, args.new_tokens, repeats=args.repeats)
-        rows.append({"method": name, "compression_ratio": ratio, "attn_implementation": attn, "prompt": source} | result)
-        print(f"{name} @ {ratio}: TTFT {result['ttft_ms']:.1f} ms, TPOT {result['tpot_ms']:.2f} ms", file=sys.stderr)
-    dense = rows[0]
+    for decoder in args.decoder:
+        for name, ratio in settings:
+            attn = use_attention_for(model, name, args.attn_implementation)
+            press = None if name == DENSE else make_press(name, ratio, settings_from(args))
+            result = measure(model, prompt, press, args.new_tokens, repeats=args.repeats, decoder=decoder)
+            rows.append({"method": name, "compression_ratio": ratio, "attn_implementation": attn,
+                         "prompt": source} | result)
+            print(f"{decoder} {name} @ {ratio}: TTFT {result['ttft_ms']:.1f} ms, TPOT {result['tpot_ms']:.2f} ms",
+                  file=sys.stderr)
+    baseline = rows[0]  # dense with the first decoder (kvpress by default: the HF loop)
     for row in rows:
-        row["tpot_speedup_vs_dense"] = dense["tpot_ms"] / row["tpot_ms"]
+        row["tpot_speedup_vs_dense"] = baseline["tpot_ms"] / row["tpot_ms"]
     return rows
 
 
@@ -221,7 +227,7 @@ def run(args: argparse.Namespace) -> Path:
         "environment": environment(args.device),
         "rows": rows,
     })
-    columns = (["method", "compression_ratio", "attn_implementation", "ttft_ms", "tpot_ms", "tpot_speedup_vs_dense", "decode_tokens_per_s",
+    columns = (["decoder", "method", "compression_ratio", "attn_implementation", "ttft_ms", "tpot_ms", "tpot_speedup_vs_dense", "decode_tokens_per_s",
                 "peak_memory_gib", "kv_mib_final", "decode_gflops_per_token"] if args.speed else
                ["method", "compression_ratio", "attn_implementation", "budget", "ppl", "mean_nll", "scored_tokens", "mean_cache_tokens"])
     print(f"\n{loaded.name} ({loaded.tier}), {dtype}, "

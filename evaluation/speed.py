@@ -7,18 +7,17 @@ of steps. Timings are wall-clock with CUDA synchronisation, after warm-up, media
 """
 
 import contextlib
+import functools
 import statistics
 import time
 
 import torch
 from transformers import DynamicCache
 
+from decoding.generate import compiled_step, generate, synchronize
 from evaluation import flops
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+DECODERS = ("kvpress", "static")  # the kvpress per-token loop on a DynamicCache; the StaticCache + CUDA-graph path
 
 
 def kv_bytes(cache) -> int:
@@ -32,12 +31,12 @@ def generate_forced(model, prompt: torch.Tensor, press, new_tokens: int) -> dict
     device = model.device
     batch, prompt_len = prompt.shape
     cache = DynamicCache()
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     with press(model) if press is not None else contextlib.nullcontext():
         hidden = model.model(input_ids=prompt, past_key_values=cache).last_hidden_state
     token = model.get_output_embeddings()(hidden[:, -1:]).argmax(-1)
-    _sync(device)
+    synchronize(device)
     first_token_at = time.perf_counter()
     kept = cache.layers[0].keys.shape[2]
     kv_after_prefill = kv_bytes(cache)
@@ -49,7 +48,7 @@ def generate_forced(model, prompt: torch.Tensor, press, new_tokens: int) -> dict
         logits = model(input_ids=token, past_key_values=cache, position_ids=position).logits
         token = logits[:, -1:].argmax(-1)
         generated.append(token)
-    _sync(device)
+    synchronize(device)
     end = time.perf_counter()
     return {
         "tokens": torch.cat(generated, dim=1),
@@ -61,19 +60,33 @@ def generate_forced(model, prompt: torch.Tensor, press, new_tokens: int) -> dict
     }
 
 
-def measure(model, prompt: torch.Tensor, press, new_tokens: int, repeats: int = 3, warmup: int = 1) -> dict:
-    """Median timings over ``repeats`` runs after ``warmup`` runs, peak memory of the last run."""
+def generate_static(model, prompt: torch.Tensor, press, new_tokens: int, step) -> dict:
+    """One run of the static-cache path, in generate_forced's format."""
+    run = {}
+    run["tokens"] = generate(model, prompt, press, new_tokens, step=step, timings=run)
+    return run
+
+
+def measure(model, prompt: torch.Tensor, press, new_tokens: int, repeats: int = 3, warmup: int = 1,
+            decoder: str = "kvpress") -> dict:
+    """Median timings over ``repeats`` runs after ``warmup`` runs (compilation happens there),
+    peak memory of the last run."""
     if new_tokens < 2:
         raise ValueError("--new_tokens must be at least 2 to time decode steps")
     device = model.device
+    if decoder == "static":
+        step = compiled_step(device.type == "cuda")  # CUDA graphs need CUDA; on CPU the same step, eager
+        run_once = functools.partial(generate_static, model, prompt, press, new_tokens, step)
+    else:
+        run_once = functools.partial(generate_forced, model, prompt, press, new_tokens)
     for _ in range(warmup):
-        generate_forced(model, prompt, press, new_tokens)
+        run_once()
     runs = []
     for _ in range(repeats):
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-        runs.append(generate_forced(model, prompt, press, new_tokens))
+        runs.append(run_once())
     batch, prompt_len = prompt.shape
     ttft = statistics.median(run["ttft_s"] for run in runs)
     decode = statistics.median(run["decode_s"] for run in runs)
@@ -81,6 +94,7 @@ def measure(model, prompt: torch.Tensor, press, new_tokens: int, repeats: int = 
     config = model.config
     decode_work = flops.decode_flops(config, last["kept_tokens_layer0"], new_tokens - 1)
     return {
+        "decoder": decoder,
         "batch_size": batch,
         "prompt_tokens": prompt_len,
         "new_tokens": new_tokens,

@@ -1,0 +1,95 @@
+"""Fast greedy generation after a press: the whole decode path in one file (gpt-fast style).
+
+1. Prefill: the prompt runs through ``model.model`` with the press active (any kvpress press):
+   the DynamicCache comes out compressed, and the last hidden state gives the first token.
+2. The kept keys/values are copied into a preallocated transformers ``StaticCache`` sized for
+   kept + new tokens, so every decode step has the same shapes and tensor addresses.
+3. Each decode step is ``model.forward`` on one token per sequence, compiled with
+   ``torch.compile(mode="reduce-overhead")``: on CUDA the step replays as one captured CUDA
+   graph instead of hundreds of kernel launches from Python. Positions continue from the
+   prompt length; cache slots continue from the kept length.
+
+Tokens equal those of the plain kvpress loop (``evaluation/speed.py``) for the same press
+(tests/test_fast_decode.py, on CPU without compilation). Not yet supported: layers holding
+different numbers of tokens (PyramidKV; StaticCache has one fill level), sampling, and batches
+of different prompt lengths.
+"""
+
+import contextlib
+import time
+
+import torch
+from transformers import DynamicCache, StaticCache
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so that a host clock measures it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class RaggedCacheError(ValueError):
+    """The press left layers with different cache lengths; the static path needs one length."""
+
+
+@torch.no_grad()
+def prefill(model, prompt: torch.Tensor, press=None) -> tuple[torch.Tensor, DynamicCache]:
+    """Run the prompt (batch, length) with the press; return the first generated token (batch, 1)
+    and the pressed cache."""
+    cache = DynamicCache()
+    with press(model) if press is not None else contextlib.nullcontext():
+        hidden = model.model(input_ids=prompt, past_key_values=cache).last_hidden_state
+    return model.get_output_embeddings()(hidden[:, -1:]).argmax(-1), cache
+
+
+def to_static_cache(model, pressed: DynamicCache, new_tokens: int) -> tuple[StaticCache, int]:
+    """Copy the pressed keys/values into a StaticCache with room for ``new_tokens`` more;
+    return it and the kept length (the first free slot)."""
+    lengths = {layer.keys.shape[2] for layer in pressed.layers}
+    if len(lengths) != 1:
+        raise RaggedCacheError(f"layers hold {sorted(lengths)} tokens: the static decode path needs one length")
+    kept = lengths.pop()
+    static = StaticCache(config=model.config, max_cache_len=kept + new_tokens)
+    slots = torch.arange(kept, device=model.device)
+    for index, layer in enumerate(pressed.layers):
+        static.update(layer.keys, layer.values, index, {"cache_position": slots})
+    return static, kept
+
+
+def decode_step(model, token: torch.Tensor, cache: StaticCache, position: torch.Tensor, slot: torch.Tensor):
+    """One greedy step: ``token`` (batch, 1) at text ``position`` (batch, 1), written to cache ``slot`` (1,)."""
+    logits = model(input_ids=token, past_key_values=cache, position_ids=position, cache_position=slot).logits
+    return logits[:, -1:].argmax(-1)
+
+
+def compiled_step(compile: bool):
+    """The decode step, compiled into a CUDA-graph replay when ``compile`` is set."""
+    return torch.compile(decode_step, mode="reduce-overhead") if compile else decode_step
+
+
+@torch.no_grad()
+def generate(model, prompt: torch.Tensor, press, new_tokens: int, step=decode_step, timings: dict | None = None):
+    """Exactly ``new_tokens`` greedy tokens (no early stop) after ``prompt``, with ``press``
+    applied at prefill. ``step``: ``decode_step`` or ``compiled_step(True)``. ``timings``, if
+    given, receives ttft_s (prefill and cache copy, to the first token), decode_s, kept tokens
+    and KV bytes."""
+    synchronize(model.device)
+    start = time.perf_counter()
+    token, pressed = prefill(model, prompt, press)
+    cache, kept = to_static_cache(model, pressed, new_tokens)
+    synchronize(model.device)
+    first_token_at = time.perf_counter()
+    batch, prompt_len = prompt.shape
+    generated = [token]
+    for index in range(new_tokens - 1):
+        position = torch.full((batch, 1), prompt_len + index, device=model.device)
+        slot = torch.tensor([kept + index], device=model.device)
+        # CUDA graphs reuse their output buffers: clone before the next replay overwrites it.
+        token = step(model, token, cache, position, slot).clone()
+        generated.append(token)
+    synchronize(model.device)
+    if timings is not None:
+        timings.update(ttft_s=first_token_at - start, decode_s=time.perf_counter() - first_token_at,
+                       kept_tokens_layer0=kept, kv_bytes_after_prefill=sum(l.keys.nbytes + l.values.nbytes for l in pressed.layers),
+                       kv_bytes_final=sum(l.keys.nbytes + l.values.nbytes for l in cache.layers))
+    return torch.cat(generated, dim=1)
