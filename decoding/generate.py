@@ -43,8 +43,9 @@ def prefill(model, prompt: torch.Tensor, press=None) -> tuple[torch.Tensor, Dyna
 
 
 def to_static_cache(model, pressed: DynamicCache, new_tokens: int) -> tuple[StaticCache, int]:
-    """Copy the pressed keys/values into a StaticCache with room for ``new_tokens`` more;
-    return it and the kept length (the first free slot)."""
+    """Move the pressed keys/values into a StaticCache with room for ``new_tokens`` more;
+    return it and the kept length (the first free slot). ``pressed`` is consumed: each layer is
+    emptied once copied, so the two caches never both hold everything (large batches fit)."""
     lengths = {layer.keys.shape[2] for layer in pressed.layers}
     if len(lengths) != 1:
         raise RaggedCacheError(f"layers hold {sorted(lengths)} tokens: the static decode path needs one length")
@@ -53,6 +54,7 @@ def to_static_cache(model, pressed: DynamicCache, new_tokens: int) -> tuple[Stat
     slots = torch.arange(kept, device=model.device)
     for index, layer in enumerate(pressed.layers):
         static.update(layer.keys, layer.values, index, {"cache_position": slots})
+        layer.keys, layer.values = layer.keys.new_empty(0), layer.values.new_empty(0)  # frees the storage
     return static, kept
 
 
@@ -76,6 +78,7 @@ def generate(model, prompt: torch.Tensor, press, new_tokens: int, step=decode_st
     synchronize(model.device)
     start = time.perf_counter()
     token, pressed = prefill(model, prompt, press)
+    kept_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in pressed.layers)
     cache, kept = to_static_cache(model, pressed, new_tokens)
     synchronize(model.device)
     first_token_at = time.perf_counter()
@@ -90,6 +93,6 @@ def generate(model, prompt: torch.Tensor, press, new_tokens: int, step=decode_st
     synchronize(model.device)
     if timings is not None:
         timings.update(ttft_s=first_token_at - start, decode_s=time.perf_counter() - first_token_at,
-                       kept_tokens_layer0=kept, kv_bytes_after_prefill=sum(l.keys.nbytes + l.values.nbytes for l in pressed.layers),
-                       kv_bytes_final=sum(l.keys.nbytes + l.values.nbytes for l in cache.layers))
+                       kept_tokens_layer0=kept, kv_bytes_after_prefill=kept_bytes,
+                       kv_bytes_final=sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers))
     return torch.cat(generated, dim=1)

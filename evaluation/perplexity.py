@@ -195,14 +195,20 @@ def speed_rows(args, loaded, presses: list[str]) -> list[dict]:
         for name, ratio in settings:
             attn = use_attention_for(model, name, args.attn_implementation)
             press = None if name == DENSE else make_press(name, ratio, settings_from(args))
-            result = measure(model, prompt, press, args.new_tokens, repeats=args.repeats, decoder=decoder)
-            rows.append({"method": name, "compression_ratio": ratio, "attn_implementation": attn,
-                         "prompt": source} | result)
-            print(f"{decoder} {name} @ {ratio}: TTFT {result['ttft_ms']:.1f} ms, TPOT {result['tpot_ms']:.2f} ms",
-                  file=sys.stderr)
-    baseline = rows[0]  # dense with the first decoder (kvpress by default: the HF loop)
-    for row in rows:
-        row["tpot_speedup_vs_dense"] = baseline["tpot_ms"] / row["tpot_ms"]
+            row = {"method": name, "compression_ratio": ratio, "decoder": decoder, "attn_implementation": attn,
+                   "batch_size": args.batch_size, "prompt": source}
+            try:
+                row |= measure(model, prompt, press, args.new_tokens, repeats=args.repeats, decoder=decoder)
+            except torch.cuda.OutOfMemoryError:  # a measurement too: this batch does not fit this method
+                torch.cuda.empty_cache()
+                row["error"] = "CUDA out of memory"
+            rows.append(row)
+            print(f"{decoder} {name} @ {ratio}: " + (row.get("error") or
+                  f"TTFT {row['ttft_ms']:.1f} ms, TPOT {row['tpot_ms']:.2f} ms"), file=sys.stderr)
+    timed = [row for row in rows if "tpot_ms" in row]
+    for row in timed:  # against dense with the first decoder (kvpress by default: the HF loop), if it fit
+        if rows[0] in timed:
+            row["tpot_speedup_vs_dense"] = rows[0]["tpot_ms"] / row["tpot_ms"]
     return rows
 
 
