@@ -21,6 +21,8 @@ import time
 import torch
 from transformers import DynamicCache, StaticCache
 
+from decoding.kv_cache import kv_bytes
+
 
 def synchronize(device: torch.device) -> None:
     """Wait for queued GPU work, so that a host clock measures it."""
@@ -78,7 +80,7 @@ def generate(model, prompt: torch.Tensor, press, new_tokens: int, step=decode_st
     synchronize(model.device)
     start = time.perf_counter()
     token, pressed = prefill(model, prompt, press)
-    kept_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in pressed.layers)
+    kept_bytes = kv_bytes(pressed)
     cache, kept = to_static_cache(model, pressed, new_tokens)
     synchronize(model.device)
     first_token_at = time.perf_counter()
@@ -94,5 +96,5 @@ def generate(model, prompt: torch.Tensor, press, new_tokens: int, step=decode_st
     if timings is not None:
         timings.update(ttft_s=first_token_at - start, decode_s=time.perf_counter() - first_token_at,
                        kept_tokens_layer0=kept, kv_bytes_after_prefill=kept_bytes,
-                       kv_bytes_final=sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers))
+                       kv_bytes_final=kv_bytes(cache))
     return torch.cat(generated, dim=1)

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import transformers
 
+from decoding.kv_cache import KV_QUANT
 from evaluation.data import DataError, load_text
 from evaluation.models import DTYPES, REPO_ROOT, SMOLLM2_ALIAS, ModelLoadError, load_model
 from evaluation.protocols import SEGMENT_TOKENS, ProtocolError, context_nll, streaming_nll
@@ -55,6 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument("--attn_implementation", default="sdpa", choices=["eager", "sdpa", "flash_attention_2"],
                        help="attention back end (presses that need attention weights switch the run to eager)")
     model.add_argument("--seed", type=int, default=0, help="seed for random init and random prompts")
+    model.add_argument("--kv_quant", default="none", choices=sorted(KV_QUANT),
+                       help="KV cache kept quantized (optimum-quanto int4/int2, transformers QuantizedCache): "
+                            "context protocol and --speed with the kvpress decoder")
 
     press = parser.add_argument_group("press")
     press.add_argument("--press", nargs="+", default=["snapkv"],
@@ -153,9 +157,10 @@ def quality_rows(args, loaded, presses: list[str]) -> list[dict]:
         for name, ratio in settings:
             attn = use_attention_for(model, name, args.attn_implementation)
             press = None if name == DENSE else context_press(name, ratio, args, context)
-            result = context_nll(model, ids, press, context, args.eval_tokens, args.num_windows, args.chunk_tokens)
+            result = context_nll(model, ids, press, context, args.eval_tokens, args.num_windows, args.chunk_tokens,
+                                 args.kv_quant)
             rows.append({"method": name, "compression_ratio": ratio, "attn_implementation": attn,
-                         "context_tokens": context,
+                         "kv_quant": args.kv_quant, "context_tokens": context,
                          "eval_tokens": args.eval_tokens, "num_windows": args.num_windows})
             rows[-1] |= {"ppl": result.ppl, "mean_nll": result.mean_nll, "scored_tokens": result.tokens,
                          "mean_cache_tokens": result.cache_tokens}
@@ -198,7 +203,8 @@ def speed_rows(args, loaded, presses: list[str]) -> list[dict]:
             row = {"method": name, "compression_ratio": ratio, "decoder": decoder, "attn_implementation": attn,
                    "batch_size": args.batch_size, "prompt": source}
             try:
-                row |= measure(model, prompt, press, args.new_tokens, repeats=args.repeats, decoder=decoder)
+                row |= measure(model, prompt, press, args.new_tokens, repeats=args.repeats, decoder=decoder,
+                               kv_quant=args.kv_quant)
             except torch.cuda.OutOfMemoryError:  # a measurement too: this batch does not fit this method
                 torch.cuda.empty_cache()
                 row["error"] = "CUDA out of memory"
@@ -218,6 +224,8 @@ def run(args: argparse.Namespace) -> Path:
         check_compression_ratio(ratio)
     if args.speed and args.new_tokens < 2:
         raise ProtocolError("--new_tokens must be at least 2 to time decode steps")
+    if args.kv_quant != "none" and (args.protocol == "streaming" and not args.speed or "static" in args.decoder):
+        raise ProtocolError("--kv_quant works with the context protocol and with --speed --decoder kvpress")
     if args.random_init and not args.speed:
         raise ProtocolError("--random-init has random weights: its perplexity means nothing; add --speed")
     dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
@@ -233,9 +241,9 @@ def run(args: argparse.Namespace) -> Path:
         "environment": environment(args.device),
         "rows": rows,
     })
-    columns = (["decoder", "method", "compression_ratio", "attn_implementation", "ttft_ms", "tpot_ms", "tpot_speedup_vs_dense", "decode_tokens_per_s",
+    columns = (["decoder", "kv_quant", "method", "compression_ratio", "attn_implementation", "ttft_ms", "tpot_ms", "tpot_speedup_vs_dense", "decode_tokens_per_s",
                 "peak_memory_gib", "kv_mib_final", "decode_gflops_per_token"] if args.speed else
-               ["method", "compression_ratio", "attn_implementation", "budget", "ppl", "mean_nll", "scored_tokens", "mean_cache_tokens"])
+               ["method", "compression_ratio", "kv_quant", "attn_implementation", "budget", "ppl", "mean_nll", "scored_tokens", "mean_cache_tokens"])
     print(f"\n{loaded.name} ({loaded.tier}), {dtype}, "
           f"{'speed' if args.speed else args.protocol + ' protocol'}")
     print(table(rows, columns))

@@ -21,6 +21,8 @@ from torch.nn import functional as F
 from tqdm import tqdm
 from transformers import DynamicCache
 
+from decoding.kv_cache import make_cache
+
 
 SEGMENT_TOKENS = 1024  # streaming: PPL is also reported per stretch, to see where a method breaks
 
@@ -50,7 +52,7 @@ def _pressed(press: BasePress | None, model):
 
 
 def _cache_lengths(cache) -> list[int]:
-    return [layer.keys.shape[2] for layer in cache.layers]
+    return [cache.get_seq_length(index) for index in range(len(cache.layers))]
 
 
 def _feed(forward, ids: torch.Tensor, cache, first_position: int, chunk_tokens: int | None) -> list:
@@ -68,14 +70,14 @@ def _feed(forward, ids: torch.Tensor, cache, first_position: int, chunk_tokens: 
 @torch.no_grad()
 def context_nll(
     model, ids: torch.Tensor, press: BasePress | None, context_tokens: int, eval_tokens: int, num_windows: int = 1,
-    chunk_tokens: int = 128,
+    chunk_tokens: int = 128, kv_quant: str = "none",
 ) -> Perplexity:
     """``num_windows`` consecutive windows of ``context_tokens + eval_tokens + 1`` tokens: prefill
     the context with the press, score ``eval_tokens`` tokens against the pressed cache.
 
     A decode-time press (a DecodingPress such as InfLLM) only acts while tokens stream in: the
     context is fed in calls of ``chunk_tokens`` and the press stays on while the scored tokens
-    are fed the same way."""
+    are fed the same way. ``kv_quant``: keep the cache quantized (decoding/kv_cache.py)."""
     decode_time = isinstance(press, DecodingPress)
     chunk = chunk_tokens if decode_time else None
     limit = model.config.max_position_embeddings
@@ -91,7 +93,7 @@ def context_nll(
     nll_sum, kept = 0.0, []
     for index in tqdm(range(num_windows), desc="windows", disable=num_windows == 1):
         sample = ids[index * window : (index + 1) * window].unsqueeze(0).to(model.device)
-        cache = DynamicCache()
+        cache = make_cache(model, kv_quant)
         scored = sample[:, context_tokens:-1]  # positions continue from the context length, not the cache size
         with _pressed(press, model):
             _feed(model.model, sample[:, :context_tokens], cache, 0, chunk)

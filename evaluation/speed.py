@@ -12,25 +12,21 @@ import statistics
 import time
 
 import torch
-from transformers import DynamicCache
 
 from decoding.generate import compiled_step, generate, synchronize
+from decoding.kv_cache import kv_bytes, make_cache
 from evaluation import flops
 
 DECODERS = ("kvpress", "static")  # the kvpress per-token loop on a DynamicCache; the StaticCache + CUDA-graph path
 
 
-def kv_bytes(cache) -> int:
-    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
-
-
 @torch.no_grad()
-def generate_forced(model, prompt: torch.Tensor, press, new_tokens: int) -> dict:
+def generate_forced(model, prompt: torch.Tensor, press, new_tokens: int, kv_quant: str = "none") -> dict:
     """Greedy generation of exactly ``new_tokens`` tokens after ``prompt`` (batch, length);
     returns the tokens, the timings and the cache sizes of one run."""
     device = model.device
     batch, prompt_len = prompt.shape
-    cache = DynamicCache()
+    cache = make_cache(model, kv_quant)
     synchronize(device)
     start = time.perf_counter()
     with press(model) if press is not None else contextlib.nullcontext():
@@ -38,7 +34,7 @@ def generate_forced(model, prompt: torch.Tensor, press, new_tokens: int) -> dict
     token = model.get_output_embeddings()(hidden[:, -1:]).argmax(-1)
     synchronize(device)
     first_token_at = time.perf_counter()
-    kept = cache.layers[0].keys.shape[2]
+    kept = cache.get_seq_length(0)
     kv_after_prefill = kv_bytes(cache)
 
     generated = [token]
@@ -68,17 +64,19 @@ def generate_static(model, prompt: torch.Tensor, press, new_tokens: int, step) -
 
 
 def measure(model, prompt: torch.Tensor, press, new_tokens: int, repeats: int = 3, warmup: int = 1,
-            decoder: str = "kvpress") -> dict:
+            decoder: str = "kvpress", kv_quant: str = "none") -> dict:
     """Median timings over ``repeats`` runs after ``warmup`` runs (compilation happens there),
     peak memory of the last run."""
     if new_tokens < 2:
         raise ValueError("--new_tokens must be at least 2 to time decode steps")
     device = model.device
+    if decoder == "static" and kv_quant != "none":
+        raise ValueError("the static decoder keeps a full-precision StaticCache: use --decoder kvpress with --kv_quant")
     if decoder == "static":
         step = compiled_step(device.type == "cuda")  # CUDA graphs need CUDA; on CPU the same step, eager
         run_once = functools.partial(generate_static, model, prompt, press, new_tokens, step)
     else:
-        run_once = functools.partial(generate_forced, model, prompt, press, new_tokens)
+        run_once = functools.partial(generate_forced, model, prompt, press, new_tokens, kv_quant)
     for _ in range(warmup):
         run_once()
     runs = []
@@ -95,6 +93,7 @@ def measure(model, prompt: torch.Tensor, press, new_tokens: int, repeats: int = 
     decode_work = flops.decode_flops(config, last["kept_tokens_layer0"], new_tokens - 1)
     return {
         "decoder": decoder,
+        "kv_quant": kv_quant,
         "batch_size": batch,
         "prompt_tokens": prompt_len,
         "new_tokens": new_tokens,

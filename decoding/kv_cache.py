@@ -1,0 +1,32 @@
+"""The KV cache a run uses: full precision (DynamicCache) or quantized (transformers'
+QuantizedCache with the optimum-quanto back end: int4 or int2, per-channel groups of
+``q_group_size``, the newest ``residual_length`` tokens kept in full precision until they are
+quantized in a batch). kvpress presses compress either kind."""
+
+from transformers import Cache, DynamicCache, QuantizedCache
+
+KV_QUANT = {"none": None, "int4": 4, "int2": 2}
+
+
+def make_cache(model, kv_quant: str = "none", q_group_size: int = 64, residual_length: int = 128) -> Cache:
+    if kv_quant not in KV_QUANT:
+        raise ValueError(f"unknown KV quantization {kv_quant!r}; choose from {', '.join(KV_QUANT)}")
+    if KV_QUANT[kv_quant] is None:
+        return DynamicCache()
+    return QuantizedCache(backend="quanto", config=model.config, nbits=KV_QUANT[kv_quant],
+                          q_group_size=q_group_size, residual_length=residual_length)
+
+
+def tensor_bytes(tensor) -> int:
+    """Bytes a tensor really holds; quanto's quantized tensors are summed over their parts
+    (packed data, scales, shifts), not counted at their nominal dtype."""
+    if hasattr(tensor, "__tensor_flatten__"):
+        return sum(tensor_bytes(getattr(tensor, name)) for name in tensor.__tensor_flatten__()[0])
+    return tensor.numel() * tensor.element_size()
+
+
+def kv_bytes(cache: Cache) -> int:
+    """Bytes held by a cache's keys and values, quantized parts included."""
+    parts = ("keys", "values", "_quantized_keys", "_quantized_values")
+    return sum(tensor_bytes(getattr(layer, part)) for layer in cache.layers for part in parts
+               if getattr(layer, part, None) is not None)
