@@ -43,6 +43,20 @@ def build(config, seed: int = 0, attn_implementation: str = "eager"):
     return model_class(config).eval()
 
 
+def record_cache_lengths(press) -> list[int]:
+    """Wrap ``press``'s forward hook: after each layer's call, append that layer's cache length
+    (what the press left) to the returned list."""
+    lengths, original = [], press.forward_hook
+
+    def record(module, args, kwargs, output):
+        result = original(module, args, kwargs, output)
+        lengths.append(kwargs["past_key_values"].layers[module.layer_idx].keys.shape[2])
+        return result
+
+    press.forward_hook = record
+    return lengths
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     tok = offline_tokenizer(shared_data_dir())

@@ -15,7 +15,7 @@ from evaluation.protocols import context_nll, streaming_nll
 from presses.budget_press import BudgetPress
 from presses.h2o_press import H2OPress
 from presses.scissorhands_press import ScissorhandsPress
-from tests.conftest import build, tiny_llama_config, tiny_neox_config
+from tests.conftest import build, record_cache_lengths, tiny_llama_config, tiny_neox_config
 from tests.test_gpt_neox_patch import assert_kept_entries_are_dense_entries
 
 IDS = torch.randint(0, 2000, (200,), generator=torch.Generator().manual_seed(0))
@@ -68,15 +68,8 @@ def test_streaming_large_budget_is_dense_and_a_tight_one_holds(model_name, name)
     _, loose_logits = with_logits(model, lambda: stream(loose))
     assert all_equal(loose_logits, dense_logits)
 
-    tight, held = BudgetPress(SCORERS[name](), target_size=24), []
-    original = tight.forward_hook
-
-    def record(module, args, kwargs, output):
-        result = original(module, args, kwargs, output)
-        held.append(kwargs["past_key_values"].layers[module.layer_idx].keys.shape[2])
-        return result
-
-    tight.forward_hook = record
+    tight = BudgetPress(SCORERS[name](), target_size=24)
+    held = record_cache_lengths(tight)
     assert stream(tight).nll_sum != dense.nll_sum
     assert max(held) == 24 and len(held) == 2 * tokens // chunk  # 2 layers x 24 chunks, never above
     assert not getattr(tight.base_press, "accumulated", None) and not getattr(tight.base_press, "history", None)

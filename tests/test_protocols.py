@@ -9,7 +9,7 @@ from evaluation.data import load_text
 from evaluation.models import load_model
 from evaluation.protocols import ProtocolError, context_nll, streaming_nll
 from presses import Settings, make_press, make_streaming_press
-from tests.conftest import shared_data_dir
+from tests.conftest import record_cache_lengths, shared_data_dir
 
 
 @pytest.fixture(scope="module")
@@ -50,16 +50,8 @@ def test_streaming_holds_the_budget_and_a_large_budget_is_dense(tiny_neox, wikit
     loose = streaming_nll(tiny_neox, wikitext_ids, make_streaming_press("knorm", Settings(budget=10_000)), 16, 257)
     assert dense.tokens == 256 and loose.nll_sum == dense.nll_sum
 
-    held = []
     press = make_streaming_press("streaming_llm", Settings(budget=48, chunk_tokens=16))
-    original = press.forward_hook
-
-    def record(module, args, kwargs, output):
-        result = original(module, args, kwargs, output)
-        held.append(kwargs["past_key_values"].layers[module.layer_idx].keys.shape[2])
-        return result
-
-    press.forward_hook = record
+    held = record_cache_lengths(press)
     tight = streaming_nll(tiny_neox, wikitext_ids, press, chunk_tokens=16, max_tokens=257)
     assert max(held) == 48 and len(held) == 2 * 16  # 2 layers x 16 chunks; never above the budget
     assert tight.nll_sum != dense.nll_sum
