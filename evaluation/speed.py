@@ -1,6 +1,7 @@
 """TTFT, TPOT, throughput, peak memory, KV bytes and FLOPs of generation with a press
-(DESIGN.md section 6), on the kvpress decode path: prefill through ``model.model`` with the
-press active, then a greedy loop of single-token forward calls on the pressed DynamicCache.
+(DESIGN.md section 6), on one of two decode paths: ``kvpress`` (prefill through ``model.model``
+with the press active, then the pipeline's greedy loop of single-token forward calls on the
+pressed, possibly quantized, cache) or ``static`` (decoding/generate.py: StaticCache + CUDA graphs).
 
 The generation length is forced (no early stop at EOS) so every method makes the same number
 of steps. Timings are wall-clock with CUDA synchronisation, after warm-up, median of repeats.
