@@ -211,10 +211,11 @@ def speed_rows(args, loaded, presses: list[str]) -> list[dict]:
             rows.append(row)
             print(f"{decoder} {name} @ {ratio}: " + (row.get("error") or
                   f"TTFT {row['ttft_ms']:.1f} ms, TPOT {row['tpot_ms']:.2f} ms"), file=sys.stderr)
-    timed = [row for row in rows if "tpot_ms" in row]
-    for row in timed:  # against dense with the first decoder (kvpress by default: the HF loop), if it fit
-        if rows[0] in timed:
-            row["tpot_speedup_vs_dense"] = rows[0]["tpot_ms"] / row["tpot_ms"]
+    baseline = rows[0]  # dense with the first decoder (kvpress by default: the HF loop)
+    if "tpot_ms" in baseline:  # no ratios when the baseline itself did not fit
+        for row in rows:
+            if "tpot_ms" in row:
+                row["tpot_speedup_vs_dense"] = baseline["tpot_ms"] / row["tpot_ms"]
     return rows
 
 
