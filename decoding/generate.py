@@ -36,12 +36,12 @@ class RaggedCacheError(ValueError):
 
 @torch.no_grad()
 def prefill(model, prompt: torch.Tensor, press=None) -> tuple[torch.Tensor, DynamicCache]:
-    """Run the prompt (batch, length) with the press; return the first generated token (batch, 1)
-    and the pressed cache."""
+    """Run the prompt (batch, length) with the press; return the last position's logits
+    (batch, vocab) and the pressed cache."""
     cache = DynamicCache()
     with press(model) if press is not None else contextlib.nullcontext():
         hidden = model.model(input_ids=prompt, past_key_values=cache).last_hidden_state
-    return model.get_output_embeddings()(hidden[:, -1:]).argmax(-1), cache
+    return model.get_output_embeddings()(hidden[:, -1]), cache
 
 
 def to_static_cache(model, pressed: DynamicCache, new_tokens: int) -> tuple[StaticCache, int]:
@@ -79,7 +79,8 @@ def generate(model, prompt: torch.Tensor, press, new_tokens: int, step=decode_st
     and KV bytes."""
     synchronize(model.device)
     start = time.perf_counter()
-    token, pressed = prefill(model, prompt, press)
+    logits, pressed = prefill(model, prompt, press)
+    token = logits.argmax(-1, keepdim=True)
     kept_bytes = kv_bytes(pressed)
     cache, kept = to_static_cache(model, pressed, new_tokens)
     synchronize(model.device)

@@ -25,7 +25,7 @@ from evaluation.data import DataError, load_text
 from evaluation.models import DTYPES, REPO_ROOT, SMOLLM2_ALIAS, ModelLoadError, load_model
 from evaluation.protocols import SEGMENT_TOKENS, ProtocolError, context_nll, streaming_nll
 from evaluation.results import environment, table, write_json_atomic
-from evaluation.speed import DECODERS, measure
+from evaluation.speed import DECODERS, HF_BASELINES, measure, prompt_ids
 from patches import UnsupportedModelError
 from presses import (
     NEEDS_EAGER_ATTENTION,
@@ -96,8 +96,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     speed.add_argument("--batch_size", type=int, default=1)
     speed.add_argument("--repeats", type=int, default=3, help="timed runs per method (median), after one warm-up")
     speed.add_argument("--decoder", nargs="+", default=["kvpress"], choices=DECODERS,
-                       help="kvpress: the pipeline's per-token loop on a DynamicCache (the HF baseline); "
-                            "static: StaticCache + torch.compile CUDA graphs (decoding/generate.py)")
+                       help="hf_eager / hf_sdpa / hf_static: transformers' generate (dense only); kvpress: the "
+                            "pipeline's per-token loop on a DynamicCache; static: StaticCache + torch.compile CUDA "
+                            "graphs (decoding/generate.py); neox: GPT-NeoX's step written out, one CUDA graph "
+                            "(decoding/neox_decode.py). Grids: evaluation/speed_grid.py")
 
     parser.add_argument("--output", type=Path, help="result JSON path (default: results/<model>_<run>.json)")
     return parser.parse_args(argv)
@@ -184,8 +186,7 @@ def quality_rows(args, loaded, presses: list[str]) -> list[dict]:
 def speed_rows(args, loaded, presses: list[str]) -> list[dict]:
     model = loaded.model
     if args.random_init:
-        generator = torch.Generator().manual_seed(args.seed)
-        prompt = torch.randint(2, model.config.vocab_size, (args.batch_size, args.prompt_tokens), generator=generator)
+        prompt = prompt_ids(model.config.vocab_size, args.batch_size, args.prompt_tokens, args.seed)
         source = "random token ids"
     else:
         text, source = load_text(args.dataset, loaded.data_folder, args.sample_idx)
@@ -197,7 +198,7 @@ def speed_rows(args, loaded, presses: list[str]) -> list[dict]:
     rows = []
     settings = [(DENSE, 0.0)] + [(name, ratio) for name in presses for ratio in args.compression_ratio]
     for decoder in args.decoder:
-        for name, ratio in settings:
+        for name, ratio in settings[:1] if decoder in HF_BASELINES else settings:
             attn = use_attention_for(model, name, args.attn_implementation)
             press = None if name == DENSE else make_press(name, ratio, settings_from(args))
             row = {"method": name, "compression_ratio": ratio, "decoder": decoder, "attn_implementation": attn,

@@ -12,9 +12,7 @@ Streaming protocol: x = cache budget in tokens per layer.
 
 import argparse
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -22,6 +20,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on the machines this runs on
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+
+from evaluation.results import save_figure_atomic  # noqa: E402
 
 
 def load_rows(paths: list[Path]) -> tuple[dict, pd.DataFrame]:
@@ -82,11 +82,8 @@ def plot_by_position(payload: dict, rows: pd.DataFrame, budget: int, methods: li
 
 
 def _save(figure, output: Path) -> None:
-    handle, temporary = tempfile.mkstemp(dir=output.parent, suffix=".png")
-    os.close(handle)
-    figure.savefig(temporary, dpi=130)
+    save_figure_atomic(figure, output)
     plt.close(figure)
-    os.replace(temporary, output)
 
 
 def markdown_table(payload: dict, rows: pd.DataFrame) -> str:

@@ -43,18 +43,42 @@ def _git_commit() -> str:
         return os.environ.get("KVPRESS_NEOX_COMMIT", "unknown")
 
 
-def write_json_atomic(path: Path, payload: dict) -> None:
-    """Write to a temporary file beside ``path`` and rename it: never a half-written result."""
+def _write_atomic(path: Path, write) -> None:
+    """``write(temporary_path)``, then rename onto ``path``: never a half-written result."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(handle)
     try:
-        with os.fdopen(handle, "w") as stream:
-            json.dump(payload, stream, indent=2)
-            stream.write("\n")
+        write(temporary)
         os.replace(temporary, path)
     except BaseException:
         os.unlink(temporary)
         raise
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    write_text_atomic(path, json.dumps(payload, indent=2) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    _write_atomic(path, lambda temporary: Path(temporary).write_text(text))
+
+
+def save_figure_atomic(figure, path: Path, dpi: int = 130) -> None:
+    """Save a matplotlib figure; the format follows the suffix."""
+    _write_atomic(path, lambda temporary: figure.savefig(temporary, dpi=dpi))
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    """A pipe table for the README (pandas' own to_markdown needs the tabulate package)."""
+    def cell(value) -> str:
+        if isinstance(value, float):
+            return "—" if pd.isna(value) else f"{value:.4g}"
+        return "—" if value is None else str(value)
+
+    lines = ["| " + " | ".join(frame.columns) + " |", "|" + " --- |" * len(frame.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines)
 
 
 def table(rows: list[dict], columns: list[str]) -> str:

@@ -1,7 +1,15 @@
 """TTFT, TPOT, throughput, peak memory, KV bytes and FLOPs of generation with a press
-(DESIGN.md section 6), on one of two decode paths: ``kvpress`` (prefill through ``model.model``
-with the press active, then the pipeline's greedy loop of single-token forward calls on the
-pressed, possibly quantized, cache) or ``static`` (decoding/generate.py: StaticCache + CUDA graphs).
+(DESIGN.md section 6), on one of these decode paths:
+
+- ``hf_eager``, ``hf_sdpa``: transformers' ``generate`` with a DynamicCache, eager or SDPA
+  attention (the plain Hugging Face baselines; dense only);
+- ``hf_static``: ``generate`` with a StaticCache, which transformers compiles on its own (what a
+  user would pick instead; dense only);
+- ``kvpress``: prefill through ``model.model`` with the press active, then the kvpress pipeline's
+  greedy loop of single-token forward calls on the pressed, possibly quantized, cache;
+- ``static``: decoding/generate.py (the pressed KV in a StaticCache, the HF step as a CUDA graph);
+- ``neox``: decoding/neox_decode.py (GPT-NeoX's step written out, compiled whole as one CUDA graph;
+  attention back end by name).
 
 The generation length is forced (no early stop at EOS) so every method makes the same number
 of steps. Timings are wall-clock with CUDA synchronisation, after warm-up, median of repeats.
@@ -14,11 +22,22 @@ import time
 
 import torch
 
-from decoding.generate import compiled_step, generate, synchronize
+from transformers import DynamicCache, StaticCache
+
+from decoding import generate as hf_static_path
+from decoding import neox_decode
+from decoding.generate import synchronize
 from decoding.kv_cache import kv_bytes, make_cache
 from evaluation import flops
 
-DECODERS = ("kvpress", "static")  # the kvpress per-token loop on a DynamicCache; the StaticCache + CUDA-graph path
+HF_BASELINES = {"hf_eager": "eager", "hf_sdpa": "sdpa", "hf_static": "sdpa"}  # decoder -> attention it runs with
+DECODERS = (*HF_BASELINES, "kvpress", "static", "neox")
+
+
+def prompt_ids(vocab_size: int, batch: int, tokens: int, seed: int) -> torch.Tensor:
+    """Random token ids (batch, tokens): with a forced generation length the content does not
+    change the work, so speed runs need no text (ids 0 and 1 are Pythia's special tokens)."""
+    return torch.randint(2, vocab_size, (batch, tokens), generator=torch.Generator().manual_seed(seed))
 
 
 @torch.no_grad()
@@ -57,27 +76,75 @@ def generate_forced(model, prompt: torch.Tensor, press, new_tokens: int, kv_quan
     }
 
 
+@torch.no_grad()
+def generate_hf(model, prompt: torch.Tensor, new_tokens: int, static: bool) -> dict:
+    """transformers' own ``generate`` (greedy, exactly ``new_tokens``), in generate_forced's
+    format. It reports no first-token time, so TTFT is a separate one-token generation and the
+    decode time is the difference."""
+    batch, prompt_len = prompt.shape
+
+    def timed(tokens: int):
+        cache = StaticCache(config=model.config, max_cache_len=prompt_len + new_tokens) if static else DynamicCache()
+        synchronize(model.device)
+        start = time.perf_counter()
+        output = model.generate(prompt, attention_mask=torch.ones_like(prompt), past_key_values=cache,
+                                max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                                pad_token_id=model.config.eos_token_id)
+        synchronize(model.device)
+        return output, time.perf_counter() - start, cache
+
+    _, ttft, _ = timed(1)
+    output, total, cache = timed(new_tokens)
+    return {"tokens": output[:, prompt_len:], "ttft_s": ttft, "decode_s": total - ttft,
+            "kept_tokens_layer0": prompt_len, "kv_bytes_after_prefill": None, "kv_bytes_final": kv_bytes(cache)}
+
+
 def generate_static(model, prompt: torch.Tensor, press, new_tokens: int, step) -> dict:
-    """One run of the static-cache path, in generate_forced's format."""
+    """One run of the StaticCache path, in generate_forced's format."""
     run = {}
-    run["tokens"] = generate(model, prompt, press, new_tokens, step=step, timings=run)
+    run["tokens"] = hf_static_path.generate(model, prompt, press, new_tokens, step=step, timings=run)
     return run
 
 
+def generate_neox(model, prompts: list[torch.Tensor], press, new_tokens: int, step, backend: str) -> dict:
+    """One run of the plain GPT-NeoX path, in generate_forced's format."""
+    run = {}
+    run["tokens"] = neox_decode.generate(model, prompts, press, new_tokens, step=step, backend=backend, timings=run)
+    return run
+
+
+def run_once_for(model, prompt: torch.Tensor, press, new_tokens: int, decoder: str, kv_quant: str = "none",
+                 backend: str = "sdpa", compile_mode: str = "reduce-overhead"):
+    """A no-argument function generating once with ``decoder`` (see the module docstring)."""
+    compile = model.device.type == "cuda"  # CUDA graphs need CUDA; on CPU the same steps run eagerly
+    if decoder not in DECODERS:
+        raise ValueError(f"unknown decoder {decoder!r}; choose from {', '.join(DECODERS)}")
+    if kv_quant != "none" and decoder != "kvpress":
+        raise ValueError("a quantized KV cache runs on the kvpress decoder only (--decoder kvpress)")
+    if decoder in HF_BASELINES:
+        if press is not None:
+            raise ValueError(f"{decoder} is transformers' own generate: dense only")
+        if model.config._attn_implementation != HF_BASELINES[decoder]:
+            model.set_attn_implementation(HF_BASELINES[decoder])
+        return functools.partial(generate_hf, model, prompt, new_tokens, decoder == "hf_static")
+    if decoder == "static":
+        step = hf_static_path.compiled_step(compile)
+        return functools.partial(generate_static, model, prompt, press, new_tokens, step)
+    if decoder == "neox":
+        step = neox_decode.compiled_step(compile, compile_mode)
+        return functools.partial(generate_neox, model, list(prompt.split(1)), press, new_tokens, step, backend)
+    return functools.partial(generate_forced, model, prompt, press, new_tokens, kv_quant)
+
+
 def measure(model, prompt: torch.Tensor, press, new_tokens: int, repeats: int = 3, warmup: int = 1,
-            decoder: str = "kvpress", kv_quant: str = "none") -> dict:
+            decoder: str = "kvpress", kv_quant: str = "none", backend: str = "sdpa",
+            compile_mode: str = "reduce-overhead") -> dict:
     """Median timings over ``repeats`` runs after ``warmup`` runs (compilation happens there),
     peak memory of the last run."""
     if new_tokens < 2:
         raise ValueError("--new_tokens must be at least 2 to time decode steps")
     device = model.device
-    if decoder == "static" and kv_quant != "none":
-        raise ValueError("the static decoder keeps a full-precision StaticCache: use --decoder kvpress with --kv_quant")
-    if decoder == "static":
-        step = compiled_step(device.type == "cuda")  # CUDA graphs need CUDA; on CPU the same step, eager
-        run_once = functools.partial(generate_static, model, prompt, press, new_tokens, step)
-    else:
-        run_once = functools.partial(generate_forced, model, prompt, press, new_tokens, kv_quant)
+    run_once = run_once_for(model, prompt, press, new_tokens, decoder, kv_quant, backend, compile_mode)
     for _ in range(warmup):
         run_once()
     runs = []
@@ -94,6 +161,8 @@ def measure(model, prompt: torch.Tensor, press, new_tokens: int, repeats: int = 
     decode_work = flops.decode_flops(config, last["kept_tokens_layer0"], new_tokens - 1)
     return {
         "decoder": decoder,
+        "decode_attention": backend if decoder == "neox" else model.config._attn_implementation,
+        "compile_mode": compile_mode if decoder == "neox" else None,
         "kv_quant": kv_quant,
         "batch_size": batch,
         "prompt_tokens": prompt_len,
@@ -105,7 +174,7 @@ def measure(model, prompt: torch.Tensor, press, new_tokens: int, repeats: int = 
         "end_to_end_tokens_per_s": batch * new_tokens / (ttft + decode),
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "kept_tokens_layer0": last["kept_tokens_layer0"],
-        "kv_mib_after_prefill": last["kv_bytes_after_prefill"] / 2**20,
+        "kv_mib_after_prefill": None if last["kv_bytes_after_prefill"] is None else last["kv_bytes_after_prefill"] / 2**20,
         "kv_mib_final": last["kv_bytes_final"] / 2**20,
         "prefill_gflops": batch * flops.prefill_flops(config, prompt_len) / 1e9,
         "decode_gflops_per_token": batch * decode_work / (new_tokens - 1) / 1e9,

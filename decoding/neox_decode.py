@@ -1,0 +1,203 @@
+"""GPT-NeoX decoding written out plainly (gpt-fast style): the whole decode step in one function.
+
+Why a second decode path next to ``decoding/generate.py`` (Hugging Face model + StaticCache):
+the HF step carries cache objects, mask builders and hooks that torch.compile cannot fold into
+one graph, so the compiled step still costs twice the memory-bandwidth floor on an H100. Here
+the step is a few tensor operations per layer over the model's own weights (nothing copied),
+compiled whole (``fullgraph=True``), replayed as one CUDA graph.
+
+The KV buffer is preallocated for prompt + new tokens and holds whatever a press kept. Layers
+and sequences may keep different numbers of tokens (PyramidKV budgets, different prompt
+lengths in one batch): each (layer, sequence) is right-aligned so that kept tokens end at slot
+``kept`` and every new token goes to the same slot in all layers; the slots in front of a
+shorter cache are masked out. Positions continue from each sequence's own prompt length.
+
+Attention back ends by name: ``sdpa`` (torch's scaled_dot_product_attention with a boolean
+mask), ``flex`` (FlexAttention; compiled on CUDA it runs its split-KV decoding kernel,
+Flash-Decoding style) and ``eager`` (matmul, fp32 softmax, matmul, as transformers' eager).
+Greedy or sampled (temperature, top-k), sampling through the Gumbel-max trick so the random
+draw is an input of the step and the same noise gives the same tokens on any path.
+"""
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import flex_attention
+from transformers import DynamicCache
+from transformers.models.gpt_neox.modeling_gpt_neox import apply_rotary_pos_emb
+
+from decoding import generate as hf_static
+from decoding.kv_cache import kv_bytes, tensor_bytes
+from patches.gpt_neox import split_qkv
+
+ATTENTION_BACKENDS = ("sdpa", "flex", "eager")
+
+
+@dataclass
+class KVBuffer:
+    """Per layer (batch, heads, slots, head_dim) keys and values, in the patched (kvpress)
+    head basis; ``first_valid`` (layers, batch): the first slot holding a real token."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    first_valid: torch.Tensor
+    kept: int  # slots filled after prefill: the first decode step writes here
+
+    def nbytes(self) -> int:
+        return sum(tensor_bytes(t) for t in self.keys + self.values)
+
+
+def load_buffer(caches: list[DynamicCache], new_tokens: int) -> KVBuffer:
+    """Right-align the pressed caches (one per sequence, batch 1 each) into one buffer with
+    ``new_tokens`` free slots. Each source layer is emptied once copied, so the pressed caches
+    and the buffer never both hold everything."""
+    layers = len(caches[0].layers)
+    lengths = torch.tensor([[cache.layers[layer].keys.shape[2] for cache in caches] for layer in range(layers)])
+    kept = int(lengths.max())
+    sample = caches[0].layers[0].keys
+    batch, heads, head_dim = len(caches), sample.shape[1], sample.shape[3]
+    shape = (batch, heads, kept + new_tokens, head_dim)
+    keys, values = [], []
+    for layer in range(layers):
+        layer_keys, layer_values = sample.new_zeros(shape), sample.new_zeros(shape)
+        for row, cache in enumerate(caches):
+            source = cache.layers[layer]
+            length = source.keys.shape[2]
+            layer_keys[row, :, kept - length : kept] = source.keys[0]
+            layer_values[row, :, kept - length : kept] = source.values[0]
+            source.keys, source.values = source.keys.new_empty(0), source.values.new_empty(0)
+        # Fixed addresses: the compiled step writes into these in place, replay after replay.
+        torch._dynamo.mark_static_address(layer_keys)
+        torch._dynamo.mark_static_address(layer_values)
+        keys.append(layer_keys)
+        values.append(layer_values)
+    return KVBuffer(keys, values, (kept - lengths).to(sample.device), kept)
+
+
+def attend(query, keys, values, visible, scaling: float, backend: str):
+    """Single-token attention: query (batch, heads, 1, dim) over the buffer's slots where
+    ``visible`` (batch, slots) is True."""
+    if backend == "sdpa":
+        return F.scaled_dot_product_attention(query, keys, values, attn_mask=visible[:, None, None, :], scale=scaling)
+    if backend == "flex":
+        def hide_padding(score, batch, head, query_index, slot):
+            return torch.where(visible[batch, slot], score, -float("inf"))
+        return flex_attention(query, keys, values, score_mod=hide_padding, scale=scaling)
+    if backend == "eager":
+        scores = torch.matmul(query, keys.transpose(2, 3)) * scaling
+        scores = scores.masked_fill(~visible[:, None, None, :], torch.finfo(scores.dtype).min)
+        return torch.matmul(F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype), values)
+    raise ValueError(f"unknown attention back end {backend!r}; choose from {', '.join(ATTENTION_BACKENDS)}")
+
+
+def next_token(logits: torch.Tensor, temperature: float, top_k: int | None, noise: torch.Tensor | None):
+    """Greedy when ``temperature`` is 0; else a draw from softmax(logits / temperature) over the
+    ``top_k`` best, using ``noise`` (uniform in (0, 1), logits' shape) by the Gumbel-max trick."""
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth_best = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth_best, -float("inf"))
+    return (logits - torch.log(-torch.log(noise))).argmax(-1, keepdim=True)
+
+
+def decode_step(model, token, position, slot, buffer: KVBuffer, noise=None,
+                backend: str = "sdpa", temperature: float = 0.0, top_k: int | None = None):
+    """One token per sequence through every layer: ``token`` and ``position`` (batch, 1),
+    written at buffer ``slot`` (1,); returns the next token (batch, 1)."""
+    neox = model.gpt_neox
+    hidden = neox.embed_in(token)
+    cos, sin = neox.rotary_emb(hidden, position_ids=position)
+    slots = torch.arange(buffer.keys[0].shape[2], device=token.device)
+    written = slots <= slot  # slots holding a token once this step's token is in
+    for index, layer in enumerate(neox.layers):
+        attention = layer.attention
+        query, key, value = split_qkv(attention, layer.input_layernorm(hidden))
+        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        buffer.keys[index].index_copy_(2, slot, key)
+        buffer.values[index].index_copy_(2, slot, value)
+        visible = written & (slots >= buffer.first_valid[index][:, None])
+        attended = attend(query, buffer.keys[index], buffer.values[index], visible, attention.scaling, backend)
+        attended = attention.dense(attended.transpose(1, 2).reshape(hidden.shape))
+        # The same residual arithmetic, in the same order, as transformers' GPTNeoXLayer.
+        if layer.use_parallel_residual:
+            hidden = layer.mlp(layer.post_attention_layernorm(hidden)) + attended + hidden
+        else:
+            attended = attended + hidden
+            hidden = layer.mlp(layer.post_attention_layernorm(attended)) + attended
+    logits = model.embed_out(neox.final_layer_norm(hidden))[:, -1]
+    return next_token(logits, temperature, top_k, noise)
+
+
+def compiled_step(compile: bool, mode: str = "reduce-overhead"):
+    """The decode step compiled whole (CUDA-graph replay with ``reduce-overhead``), or as is."""
+    return torch.compile(decode_step, mode=mode, fullgraph=True) if compile else decode_step
+
+
+@torch.no_grad()
+def prefill(model, prompts: list[torch.Tensor], press=None) -> tuple[torch.Tensor, list[DynamicCache]]:
+    """Each prompt (1, length) with the press (prompts of one length run as one batch); returns
+    the last-position logits (batch, vocab) and one pressed cache per prompt, in input order."""
+    logits, caches = [None] * len(prompts), [None] * len(prompts)
+    by_length = {}
+    for row, prompt in enumerate(prompts):
+        by_length.setdefault(prompt.shape[1], []).append(row)
+    for rows in by_length.values():
+        group_logits, cache = hf_static.prefill(model, torch.cat([prompts[row] for row in rows]), press)
+        for offset, row in enumerate(rows):
+            logits[row] = group_logits[offset]
+            caches[row] = cache if len(rows) == 1 else _row_of(cache, offset)
+    return torch.stack(logits), caches
+
+
+def _row_of(cache: DynamicCache, row: int) -> DynamicCache:
+    single = DynamicCache()
+    for index, layer in enumerate(cache.layers):
+        single.update(layer.keys[row : row + 1], layer.values[row : row + 1], index)
+    return single
+
+
+def _noise(shape, device, generator):
+    # Uniform in (0, 1): the open interval keeps log(-log(u)) finite.
+    return torch.rand(shape, device=device, generator=generator).clamp_(torch.finfo(torch.float32).tiny, 1.0)
+
+
+@torch.no_grad()
+def generate(model, prompts: list[torch.Tensor], press, new_tokens: int, step=decode_step, backend: str = "sdpa",
+             temperature: float = 0.0, top_k: int | None = None, generator: torch.Generator | None = None,
+             timings: dict | None = None) -> torch.Tensor:
+    """Exactly ``new_tokens`` tokens (no early stop) after each prompt (1, length_i), the press
+    applied at prefill; returns (batch, new_tokens). ``step``: ``decode_step`` or
+    ``compiled_step(True)``. ``timings``, if given, receives ttft_s (prefill, first token and the
+    copy into the buffer), decode_s, kept tokens and KV bytes."""
+    if model.config.model_type != "gpt_neox":
+        raise ValueError(f"the plain decode step is written for GPT-NeoX, not {model.config.model_type}")
+    device = model.device
+    batch = len(prompts)
+    sampled = temperature > 0
+    noise_shape = (batch, model.config.vocab_size)
+    hf_static.synchronize(device)
+    start = time.perf_counter()
+    logits, caches = prefill(model, prompts, press)
+    token = next_token(logits, temperature, top_k, _noise(noise_shape, device, generator) if sampled else None)
+    kept_bytes = sum(kv_bytes(cache) for cache in caches)
+    buffer = load_buffer(caches, new_tokens)
+    hf_static.synchronize(device)
+    first_token_at = time.perf_counter()
+    lengths = torch.tensor([[prompt.shape[1]] for prompt in prompts], device=device)
+    generated = [token]
+    for index in range(new_tokens - 1):
+        slot = torch.tensor([buffer.kept + index], device=device)
+        noise = _noise(noise_shape, device, generator) if sampled else None
+        # CUDA graphs reuse their output buffers: clone before the next replay overwrites it.
+        token = step(model, token, lengths + index, slot, buffer, noise, backend, temperature, top_k).clone()
+        generated.append(token)
+    hf_static.synchronize(device)
+    if timings is not None:
+        timings.update(ttft_s=first_token_at - start, decode_s=time.perf_counter() - first_token_at,
+                       kept_tokens_layer0=int(buffer.kept - buffer.first_valid[0].min()),
+                       kv_bytes_after_prefill=kept_bytes, kv_bytes_final=buffer.nbytes())
+    return torch.cat(generated, dim=1)

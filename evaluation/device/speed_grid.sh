@@ -1,0 +1,27 @@
+# Issue 6 speed grid on the H100: random-init Pythia-2.8B, fp16, prompt 2000, 256 forced new tokens.
+# One part per device call (10-minute limit); each part's cells come back as one tarball.
+#   export KVPRESS_NEOX_COMMIT=<hash>; source evaluation/device/setup_env.sh && bash evaluation/device/speed_grid.sh PART
+#   baselines: transformers eager / SDPA / static+compile, the kvpress loop, the HF StaticCache path (batch 1, dense)
+#   fast:      the plain GPT-NeoX step, three attention back ends (dense), and SnapKV / StreamingLLM /
+#              PyramidKV at 50% and 25% kept (SDPA), batch 1
+#   batch:     largest batch at 2k context, dense vs SnapKV at 25% kept, plain GPT-NeoX step
+# Then, here: python evaluation/speed_grid.py --merge DIR... --output_dir results/pythia-2.8b_random_grid_h100
+set -e
+part=$1
+work=/tmp/grid_$part
+common="--model EleutherAI/pythia-2.8b --random-init --dtype float16 --prompt_tokens 2000 --new_tokens 256"
+case "$part" in
+  baselines)
+    python3 evaluation/speed_grid.py $common --decoder hf_eager hf_sdpa hf_static kvpress static --press \
+      --batch_size 1 --output_dir "$work" ;;
+  fast)
+    python3 evaluation/speed_grid.py $common --decoder neox --decode_attention sdpa flex eager --press \
+      --batch_size 1 --output_dir "$work/backends"
+    python3 evaluation/speed_grid.py $common --decoder neox --press snapkv streaming_llm pyramidkv \
+      --compression_ratio 0.5 0.75 --batch_size 1 --output_dir "$work/presses" ;;
+  batch)
+    python3 evaluation/speed_grid.py $common --decoder neox --press snapkv --compression_ratio 0.75 \
+      --batch_size 64 128 256 --repeats 1 --output_dir "$work" ;;
+  *) echo "usage: speed_grid.sh baselines|fast|batch" >&2; exit 2 ;;
+esac
+tar czf "${OUT:-results}/grid_$part.tgz" -C "$work" .

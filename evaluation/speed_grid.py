@@ -1,0 +1,224 @@
+"""The speed benchmark as one call: decoder x method x batch size x prompt length x new tokens.
+
+  python evaluation/speed_grid.py --model EleutherAI/pythia-2.8b --random-init \\
+      --decoder hf_eager hf_static kvpress neox --press snapkv --compression_ratio 0.5 0.75 \\
+      --batch_size 1 8 --prompt_tokens 2000 --new_tokens 256 --output_dir results/grid
+
+Every cell is measured by ``evaluation/speed.py`` (warm-up, median of repeats) and written to its
+own JSON file as soon as it is done, so a grid cut short keeps what it measured. At the end:
+``summary.json`` (all cells), ``summary.md`` (the table, with TPOT against the roofline floor of
+``evaluation/roofline.py`` and the speed-up against the first decoder's dense cell of the same
+shape), ``tpot.png`` and ``throughput.png``. The Hugging Face baselines (``hf_*``) are dense only.
+Once a (decoder, method, ratio, prompt, new tokens) runs out of GPU memory at some batch size,
+its larger batch sizes are recorded as out of memory without trying: the largest batch that fits
+is the last one measured.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on the machines this runs on
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+from decoding.neox_decode import ATTENTION_BACKENDS  # noqa: E402
+from evaluation import roofline  # noqa: E402
+from evaluation.data import DataError  # noqa: E402
+from evaluation.models import DTYPES, ModelLoadError, load_model  # noqa: E402
+from evaluation.results import environment, markdown_table, save_figure_atomic, write_json_atomic, write_text_atomic  # noqa: E402
+from evaluation.speed import DECODERS, HF_BASELINES, measure, prompt_ids  # noqa: E402
+from patches import UnsupportedModelError  # noqa: E402
+from presses import PressConfigError, make_press  # noqa: E402
+from presses.registry import check_compression_ratio  # noqa: E402
+
+DENSE = "dense"
+COLUMNS = ["decoder", "decode_attention", "method", "compression_ratio", "batch_size", "prompt_tokens", "new_tokens",
+           "ttft_ms", "tpot_ms", "tpot_floor_ms", "tpot_over_floor", "tpot_speedup", "decode_tokens_per_s",
+           "end_to_end_tokens_per_s", "peak_memory_gib", "kv_mib_final", "error"]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="evaluation/speed_grid.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="EleutherAI/pythia-2.8b")
+    parser.add_argument("--random-init", action="store_true", help="exact config, random weights (speed stand-in)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: float16 on CUDA, float32 on CPU")
+    parser.add_argument("--data-dir", dest="data_dir", help="offline data folder (prompts from text, tokenizer)")
+    parser.add_argument("--dataset", default="wikitext", help="prompt text when the weights are real")
+    parser.add_argument("--decoder", nargs="+", default=["hf_eager", "hf_static", "kvpress", "neox"], choices=DECODERS)
+    parser.add_argument("--decode_attention", nargs="+", default=["sdpa"], choices=ATTENTION_BACKENDS,
+                        help="attention back ends of the neox decoder (one cell each)")
+    parser.add_argument("--compile_mode", default="reduce-overhead", choices=["reduce-overhead", "max-autotune"],
+                        help="torch.compile mode of the neox decoder's step (both capture CUDA graphs)")
+    parser.add_argument("--press", nargs="*", default=["snapkv"], help="methods beside dense (registry names)")
+    parser.add_argument("--compression_ratio", type=float, nargs="+", default=[0.5, 0.75])
+    parser.add_argument("--batch_size", type=int, nargs="+", default=[1])
+    parser.add_argument("--prompt_tokens", type=int, nargs="+", default=[2000])
+    parser.add_argument("--new_tokens", type=int, nargs="+", default=[256])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--gpu", default="h100-measured", choices=sorted(roofline.GPUS), help="roofline figures")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--baseline", help="decoder whose dense cells the speed-ups divide (default: the first)")
+    parser.add_argument("--merge", type=Path, nargs="+",
+                        help="measure nothing: merge the cell files under these folders (several calls' parts) "
+                             "into one summary in --output_dir")
+    parser.add_argument("--output_dir", type=Path, required=True)
+    return parser.parse_args(argv)
+
+
+def cells(args) -> list[dict]:
+    """Every cell of the grid, in the order it runs (batch sizes ascending, for the OOM rule)."""
+    methods = [(DENSE, 0.0)] + [(name, ratio) for name in args.press for ratio in args.compression_ratio]
+    grid = []
+    for prompt in args.prompt_tokens:
+        for new in args.new_tokens:
+            for decoder in args.decoder:
+                backends = args.decode_attention if decoder == "neox" else [None]
+                for backend in backends:
+                    for name, ratio in methods:
+                        if decoder in HF_BASELINES and name != DENSE:
+                            continue
+                        for batch in sorted(args.batch_size):
+                            grid.append(dict(decoder=decoder, backend=backend, method=name, compression_ratio=ratio,
+                                             batch_size=batch, prompt_tokens=prompt, new_tokens=new))
+    return grid
+
+
+def cell_name(cell: dict) -> str:
+    backend = f"_{cell['backend']}" if cell["backend"] else ""
+    return (f"{cell['decoder']}{backend}_{cell['method']}_r{cell['compression_ratio']:g}_b{cell['batch_size']}"
+            f"_p{cell['prompt_tokens']}_n{cell['new_tokens']}.json")
+
+
+def run_cell(model, cell: dict, args) -> dict:
+    press = None if cell["method"] == DENSE else make_press(cell["method"], cell["compression_ratio"])
+    prompt = prompt_ids(model.config.vocab_size, cell["batch_size"], cell["prompt_tokens"], args.seed)
+    prompt = prompt.to(model.device)
+    row = {"method": cell["method"], "compression_ratio": cell["compression_ratio"]}
+    try:
+        row |= measure(model, prompt, press, cell["new_tokens"], repeats=args.repeats, decoder=cell["decoder"],
+                       backend=cell["backend"] or "sdpa", compile_mode=args.compile_mode)
+    except torch.cuda.OutOfMemoryError:  # a result too: this batch does not fit this method
+        torch.cuda.empty_cache()
+        row |= _failed(cell, "CUDA out of memory")
+    except Exception as error:  # noqa: BLE001 -- one failing cell (e.g. a compiler error) must not lose the grid
+        row |= _failed(cell, f"{type(error).__name__}: {str(error)[:500]}")
+    if "tpot_ms" in row:
+        mean_cache = row["kept_tokens_layer0"] + cell["new_tokens"] / 2
+        row["tpot_floor_ms"] = roofline.step_floor_ms(model.config, cell["batch_size"], 1, round(mean_cache), args.gpu)
+        row["tpot_over_floor"] = row["tpot_ms"] / row["tpot_floor_ms"]
+    row.pop("tokens", None)
+    return row
+
+
+def _failed(cell: dict, error: str) -> dict:
+    return {key: cell[key] for key in ("decoder", "batch_size", "prompt_tokens", "new_tokens")} | {
+        "decode_attention": cell["backend"], "error": error}
+
+
+def add_speedups(rows: list[dict], baseline_decoder: str) -> None:
+    """TPOT speed-up of every cell against ``baseline_decoder``'s dense cell of the same shape."""
+    shape = ("batch_size", "prompt_tokens", "new_tokens")
+    baselines = {tuple(r[k] for k in shape): r for r in rows
+                 if r["decoder"] == baseline_decoder and r["method"] == DENSE and "tpot_ms" in r}
+    for row in rows:
+        baseline = baselines.get(tuple(row[k] for k in shape))
+        if baseline is not None and "tpot_ms" in row:
+            row["tpot_speedup"] = baseline["tpot_ms"] / row["tpot_ms"]
+
+
+def plot(frame: pd.DataFrame, value: str, label: str, path: Path) -> None:
+    """``value`` against batch size, one line per decoder / method / ratio."""
+    measured = frame[frame[value].notna()] if value in frame else frame.iloc[0:0]
+    figure, axis = plt.subplots(figsize=(6.4, 4.2))
+    axis.set_prop_cycle(color=plt.cm.tab20.colors)
+    for key, group in measured.groupby(["decoder", "decode_attention", "method", "compression_ratio"], dropna=False):
+        decoder, backend, method, ratio = key
+        name = f"{decoder}/{backend} {method}" + (f" {1 - ratio:.0%} kept" if method != DENSE else "")
+        group = group.sort_values("batch_size")
+        axis.plot(group.batch_size, group[value], marker="o", markersize=3, label=name)
+    axis.set_xscale("log", base=2)
+    axis.set_yscale("log")
+    axis.set_xlabel("batch size")
+    axis.set_ylabel(label)
+    axis.legend(fontsize=6, ncol=2)
+    figure.tight_layout()
+    save_figure_atomic(figure, path)
+    plt.close(figure)
+
+
+def summarize(header: dict, rows: list[dict], output_dir: Path, baseline: str) -> str:
+    """summary.json, summary.md, tpot.png and throughput.png in ``output_dir``; returns the table."""
+    add_speedups(rows, baseline)
+    write_json_atomic(output_dir / "summary.json", header | {"rows": rows})
+    frame = pd.DataFrame(rows)
+    table = markdown_table(frame[[c for c in COLUMNS if c in frame.columns]])
+    device = header["environment"].get("gpu", header["environment"]["device"])
+    write_text_atomic(output_dir / "summary.md",
+                      f"{header['model']} ({header['model_tier']}), {header['dtype']}, {device}; speed-up: TPOT of "
+                      f"{baseline} dense / TPOT of the cell; floor: roofline of evaluation/roofline.py\n\n{table}\n")
+    plot(frame, "tpot_ms", "time per output token (ms)", output_dir / "tpot.png")
+    plot(frame, "decode_tokens_per_s", "decode throughput (tokens/s)", output_dir / "throughput.png")
+    return table
+
+
+def merge(folders: list[Path]) -> tuple[dict, list[dict]]:
+    files = sorted(p for folder in folders for p in folder.rglob("*.json") if p.name != "summary.json")
+    if not files:
+        raise SystemExit(f"error: no cell files under {', '.join(map(str, folders))}")
+    payloads = [json.loads(path.read_text()) for path in files]
+    header = {k: v for k, v in payloads[0].items() if k != "rows"}
+    header["command"] = sorted({payload["command"] for payload in payloads})
+    return header, [payload["rows"][0] for payload in payloads]
+
+
+def measure_grid(args) -> tuple[dict, list[dict]]:
+    try:
+        for name in args.press:
+            make_press(name, 0.0)  # unknown names fail here, before the model loads
+        for ratio in args.compression_ratio:
+            check_compression_ratio(ratio)
+        if min(args.new_tokens) < 2:
+            raise PressConfigError("--new_tokens must be at least 2 to time decode steps")
+        dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
+        loaded = load_model(args.model, args.random_init, dtype, args.device, "sdpa", args.data_dir)
+    except (PressConfigError, DataError, ModelLoadError, UnsupportedModelError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    header = {"command": "python evaluation/speed_grid.py " + " ".join(sys.argv[1:]), "model": args.model,
+              "model_tier": loaded.tier, "dtype": dtype, "protocol": "speed", "environment": environment(args.device)}
+    rows, out_of_memory = [], set()
+    for cell in cells(args):
+        family = tuple(cell[k] for k in ("decoder", "backend", "method", "compression_ratio", "prompt_tokens",
+                                         "new_tokens"))
+        if family in out_of_memory:
+            row = {"method": cell["method"], "compression_ratio": cell["compression_ratio"]}
+            row |= _failed(cell, "not run: a smaller batch was already out of memory")
+        else:
+            loaded.model.set_attn_implementation("sdpa")  # prefill attention; hf_eager switches to eager itself
+            row = run_cell(loaded.model, cell, args)
+            if row.get("error") == "CUDA out of memory":
+                out_of_memory.add(family)
+        rows.append(row)
+        write_json_atomic(args.output_dir / cell_name(cell), header | {"rows": [row]})
+        print(" ".join(f"{k}={row[k]:.4g}" if isinstance(row.get(k), float) else f"{k}={row.get(k)}"
+                       for k in COLUMNS if row.get(k) is not None), file=sys.stderr, flush=True)
+    return header, rows
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    transformers.utils.logging.disable_progress_bar()
+    header, rows = merge(args.merge) if args.merge else measure_grid(args)
+    print(summarize(header, rows, args.output_dir, args.baseline or args.decoder[0]))
+
+
+if __name__ == "__main__":
+    main()

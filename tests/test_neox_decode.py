@@ -1,0 +1,86 @@
+"""The plain GPT-NeoX decode step (decoding/neox_decode.py) gives the tokens of the kvpress loop."""
+
+import pytest
+import torch
+from kvpress import PyramidKVPress
+
+from decoding import neox_decode
+from evaluation.speed import generate_forced
+from presses import make_press
+from tests.conftest import build, record_cache_lengths, tiny_neox_config
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build(tiny_neox_config(), attn_implementation="sdpa")
+
+
+def prompts(batch: int, length: int, seed: int = 3) -> torch.Tensor:
+    return torch.randint(2, 1000, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("backend", neox_decode.ATTENTION_BACKENDS)
+@pytest.mark.parametrize("name, ratio", [(None, 0.0), ("snapkv", 0.5), ("streaming_llm", 0.5), ("pyramidkv", 0.5)])
+def test_same_greedy_tokens_as_the_kvpress_loop(model, backend, name, ratio):
+    prompt = prompts(2, 100)
+    press = make_press(name, ratio) if name else None
+    expected = generate_forced(model, prompt, press, new_tokens=12)["tokens"]
+    assert torch.equal(neox_decode.generate(model, list(prompt.split(1)), press, 12, backend=backend), expected)
+
+
+def test_layers_keeping_different_lengths_decode_like_the_kvpress_loop(model):
+    press = PyramidKVPress(0.5, window_size=4, beta=2)
+    lengths = record_cache_lengths(press)
+    prompt = prompts(1, 100)
+    expected = generate_forced(model, prompt, press, new_tokens=12)["tokens"]
+    assert len(set(lengths)) > 1, "the press must leave the layers ragged for this test to mean anything"
+    assert torch.equal(neox_decode.generate(model, [prompt], press, 12), expected)
+
+
+def test_prompts_of_different_lengths_in_one_batch_decode_as_if_alone(model):
+    short, long = prompts(1, 70, seed=4), prompts(1, 100, seed=5)
+    press = make_press("snapkv", 0.5)
+    alone = [generate_forced(model, prompt, press, new_tokens=10)["tokens"] for prompt in (short, long)]
+    together = neox_decode.generate(model, [short, long], press, 10)
+    assert torch.equal(together, torch.cat(alone))
+
+
+def test_compiled_step_gives_the_same_tokens(model):
+    prompt = prompts(2, 100)
+    press = make_press("snapkv", 0.5)
+    expected = neox_decode.generate(model, list(prompt.split(1)), press, 6)
+    step = neox_decode.compiled_step(True, mode="default")  # CPU: inductor, no CUDA graphs
+    assert torch.equal(neox_decode.generate(model, list(prompt.split(1)), press, 6, step=step), expected)
+
+
+def test_sampling_is_reproducible_and_not_greedy(model):
+    prompt = list(prompts(2, 100).split(1))
+
+    def sample(seed, backend="sdpa"):
+        generator = torch.Generator().manual_seed(seed)
+        return neox_decode.generate(model, prompt, None, 16, backend=backend, temperature=1.0, generator=generator)
+
+    assert torch.equal(sample(0), sample(0, backend="eager"))
+    assert not torch.equal(sample(0), sample(1))
+    assert not torch.equal(sample(0), neox_decode.generate(model, prompt, None, 16))
+
+
+def test_sampler_draws_from_the_tempered_top_k_distribution():
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, 0.0]])
+    temperature, top_k, draws = 0.7, 3, 40_000
+    noise = torch.rand((draws, 5), generator=torch.Generator().manual_seed(0))
+    tokens = neox_decode.next_token(logits.expand(draws, -1), temperature, top_k, noise)[:, 0]
+    observed = torch.bincount(tokens, minlength=5).float() / draws
+    expected = torch.zeros(5)
+    expected[:3] = torch.softmax(logits[0, :3] / temperature, dim=0)
+    assert (observed - expected).abs().max() < 0.01  # about 4 standard errors at 40k draws
+
+
+def test_unknown_attention_backend_is_refused(model):
+    with pytest.raises(ValueError, match="sdpa, flex, eager"):
+        neox_decode.generate(model, [prompts(1, 20)], None, 3, backend="flash3")
+
+
+def test_other_architectures_are_refused(tiny_llama):
+    with pytest.raises(ValueError, match="GPT-NeoX"):
+        neox_decode.generate(tiny_llama, [prompts(1, 20)], None, 3)
