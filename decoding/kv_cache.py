@@ -26,7 +26,12 @@ def tensor_bytes(tensor) -> int:
 
 
 def kv_bytes(cache: Cache) -> int:
-    """Bytes held by a cache's keys and values, quantized parts included."""
+    """Bytes held by a cache's keys and values, quantized parts included. A layer that holds
+    its data in another form (presses/cross_layer_cache.py) lists it in ``held_tensors()``;
+    a tensor held by several layers (shared or merged storage) is counted once."""
     parts = ("keys", "values", "_quantized_keys", "_quantized_values")
-    return sum(tensor_bytes(getattr(layer, part)) for layer in cache.layers for part in parts
-               if getattr(layer, part, None) is not None)
+    held = {}
+    for layer in cache.layers:
+        tensors = layer.held_tensors() if hasattr(layer, "held_tensors") else [getattr(layer, part, None) for part in parts]
+        held |= {id(tensor): tensor for tensor in tensors if tensor is not None}
+    return sum(tensor_bytes(tensor) for tensor in held.values())
