@@ -1,7 +1,7 @@
 """KVSharer: layer-wise dissimilar KV cache sharing (Yang et al. 2024, "KVSharer: Efficient
 Inference via Layer-Wise Dissimilar KV Cache Sharing"), training-free."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from kvpress import BasePress
@@ -36,16 +36,20 @@ class KVSharerPress(BasePress):
     threshold: float = 0.5
     most_similar_first: bool = False
     sample_tokens: int = 64  # calibration samples: the text cut into pieces of this many tokens
-    sharing: dict[int, int] = field(default_factory=dict)  # layer j -> the earlier layer i whose cache it reads
+    sharing: dict[int, int] | None = None  # layer j -> the earlier layer i whose cache it reads; None: not calibrated
 
     def __post_init__(self):
         if not 0.0 <= self.compression_ratio < 1.0:
             raise ValueError(f"compression ratio must be in [0, 1), got {self.compression_ratio}")
         self._feeds: dict[int, SourceFeed] = {}
 
+    def post_init_from_model(self, model):
+        if self.sharing is None and self.target_count(len(model.model.layers)) > 0:
+            raise ValueError("KVSharerPress needs calibrate(model, ids) on a calibration text first (or a sharing map)")
+
     def forward_hook(self, module, input, kwargs, output):
         index = module.layer_idx
-        readers = sorted(j for j, i in self.sharing.items() if i == index)
+        readers = sorted(j for j, i in (self.sharing or {}).items() if i == index)
         if not readers:
             return output
         cache = kwargs["past_key_values"]

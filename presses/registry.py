@@ -19,7 +19,9 @@ from kvpress import BasePress, ScorerPress
 from presses.budget_press import BudgetPress
 from presses.h2o_press import H2OPress
 from presses.infllm_press import InfLLMPress
+from presses.kvsharer_press import KVSharerPress
 from presses.lm_infinite_press import LMInfinitePress
+from presses.minicache_press import MiniCachePress
 from presses.scissorhands_press import ScissorhandsPress
 from presses.treekv_press import TreeKVPress
 
@@ -42,6 +44,18 @@ class Method:
     stream: Callable[[Settings], BasePress] | None = None  # a method's own streaming press, if its rule needs one
 
 
+def _prefill_only(name: str) -> Callable[[Settings], BasePress]:
+    """The streaming form of a method that acts once, after prefill (the cross-layer methods)."""
+    def refuse(settings: Settings) -> BasePress:
+        raise PressConfigError(f"{name} merges or shares layers once, after prefill: it has no streaming form")
+    return refuse
+
+
+def _each_of_two(ratio: float) -> float:
+    """The ratio each of two composed presses removes so that together they remove ``ratio``."""
+    return 1 - (1 - ratio) ** 0.5
+
+
 PRESSES: dict[str, Method] = {
     # kvpress 0.5.5, used as shipped
     "snapkv": Method(lambda s: kvpress.SnapKVPress(s.compression_ratio, window_size=s.window)),
@@ -62,6 +76,21 @@ PRESSES: dict[str, Method] = {
     "scissorhands": Method(lambda s: ScissorhandsPress(s.compression_ratio, history_window=s.window)),
     "treekv": Method(lambda s: TreeKVPress(s.compression_ratio, n_sink=s.n_sink, window=s.window),
                      positions_in_cache=True),
+    # this package: cross-layer methods (docs/cross_layer_kv.md). minicache: ratio -> merged pairs
+    # round(ratio x layers) from the top (0.25: from the middle layer; at most 0.5); kvsharer: ratio ->
+    # shared layers round(ratio x layers), chosen by calibrate(model, ids) first (evaluation/calibration.py).
+    "minicache": Method(lambda s: MiniCachePress(s.compression_ratio), stream=_prefill_only("minicache")),
+    "kvsharer": Method(lambda s: KVSharerPress(s.compression_ratio), stream=_prefill_only("kvsharer")),
+    "kvsharer_similar": Method(lambda s: KVSharerPress(s.compression_ratio, most_similar_first=True),
+                               stream=_prefill_only("kvsharer_similar")),  # control: most similar pairs first
+    # combinations: each part removes 1 - sqrt(1 - ratio), so together they remove the ratio
+    "kvsharer_snapkv": Method(lambda s: kvpress.ComposedPress([
+        KVSharerPress(_each_of_two(s.compression_ratio)),
+        kvpress.SnapKVPress(_each_of_two(s.compression_ratio), window_size=s.window)]),
+        stream=_prefill_only("kvsharer_snapkv")),
+    "streaming_llm_minicache": Method(lambda s: kvpress.ComposedPress([
+        kvpress.StreamingLLMPress(_each_of_two(s.compression_ratio), n_sink=s.n_sink),
+        MiniCachePress(_each_of_two(s.compression_ratio))]), stream=_prefill_only("streaming_llm_minicache")),
     # this package: methods that stream with their own press
     "lm_infinite": Method(
         lambda s: LMInfinitePress(s.compression_ratio, n_global=s.n_sink),
@@ -99,7 +128,10 @@ def make_press(name: str, compression_ratio: float, settings: Settings = Setting
     check_compression_ratio(compression_ratio)
     if not method.prefill:
         raise PressConfigError(f"{name} only acts while tokens stream in: use --protocol streaming")
-    return method.build(replace(settings, compression_ratio=compression_ratio))
+    try:
+        return method.build(replace(settings, compression_ratio=compression_ratio))
+    except ValueError as error:  # a method's own check of its settings (e.g. MiniCache's ratio range)
+        raise PressConfigError(f"{name}: {error}") from None
 
 
 def make_streaming_press(name: str, settings: Settings = Settings()) -> BasePress:
