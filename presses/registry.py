@@ -18,9 +18,11 @@ from kvpress import BasePress, ScorerPress
 
 from presses.budget_press import BudgetPress
 from presses.h2o_press import H2OPress
+from presses.head_merge_press import HeadMergePress
 from presses.infllm_press import InfLLMPress
 from presses.kvsharer_press import KVSharerPress
 from presses.lm_infinite_press import LMInfinitePress
+from presses.lowrank_press import LowRankPress
 from presses.minicache_press import MiniCachePress
 from presses.scissorhands_press import ScissorhandsPress
 from presses.treekv_press import TreeKVPress
@@ -45,9 +47,9 @@ class Method:
 
 
 def _prefill_only(name: str) -> Callable[[Settings], BasePress]:
-    """The streaming form of a method that acts once, after prefill (the cross-layer methods)."""
+    """The streaming form of a method that acts once, after prefill (cross-layer and attention-level methods)."""
     def refuse(settings: Settings) -> BasePress:
-        raise PressConfigError(f"{name} merges or shares layers once, after prefill: it has no streaming form")
+        raise PressConfigError(f"{name} compresses the cache once, after prefill: it has no streaming form")
     return refuse
 
 
@@ -97,6 +99,13 @@ PRESSES: dict[str, Method] = {
         stream=lambda s: LMInfinitePress(n_global=s.n_sink, target_size=s.budget, compression_interval=s.compress_every),
     ),
     "infllm": Method(lambda s: InfLLMPress.from_budget(s.budget, n_init=s.n_sink, local=s.window), prefill=False),
+    # this package: attention-level methods (ratio: fraction of the KV bytes per token removed)
+    # (docs/attention_level_kv.md); head_merge needs calibrate(model, ids) first (evaluation/calibration.py)
+    "lowrank": Method(lambda s: LowRankPress(s.compression_ratio), stream=_prefill_only("lowrank")),
+    "head_merge": Method(lambda s: HeadMergePress(s.compression_ratio), stream=_prefill_only("head_merge")),
+    "snapkv_lowrank": Method(lambda s: kvpress.ComposedPress([
+        kvpress.SnapKVPress(_each_of_two(s.compression_ratio), window_size=s.window),
+        LowRankPress(_each_of_two(s.compression_ratio))]), stream=_prefill_only("snapkv_lowrank")),
 }
 
 # Presses whose scores need the attention weights: the model must run with eager attention.
