@@ -156,17 +156,19 @@ def test_calibration_groups_heads_before_the_cli_runs_a_press():
 
 @on_both
 def test_snapkv_then_lowrank_composes(model_name):
+    """snapkv_lowrank at 0.5: SnapKV removes 1 - sqrt(0.5) of the tokens, then the latent the same
+    share of the bytes of the tokens kept."""
     model = build(CONFIGS[model_name](), attn_implementation="sdpa")
-    snap_cache, _ = prefill_then_decode(model, SnapKVPress(0.5, window_size=8))
+    each = 1 - 0.5**0.5
+    snap_cache, _ = prefill_then_decode(model, SnapKVPress(each, window_size=8))
     composed = make_press("snapkv_lowrank", 0.5, Settings(window=8))
     assert isinstance(composed, ComposedPress)
     cache, _ = prefill_then_decode(model, composed)
-    lowrank = composed.presses[1]
-    assert cache.get_seq_length() == snap_cache.get_seq_length() == CONTEXT // 2 + IDS.shape[1] - CONTEXT
-    assert kv_bytes(cache) == pytest.approx(0.75 * kv_bytes(snap_cache), rel=1 / 64)
+    lowrank, kept = composed.presses[1], int(CONTEXT * (1 - each))
+    assert cache.get_seq_length() == snap_cache.get_seq_length() == kept + IDS.shape[1] - CONTEXT
+    assert kv_bytes(cache) == pytest.approx((1 - each) * kv_bytes(snap_cache), rel=1 / 64)
     for index, (layer, snap_layer) in enumerate(zip(cache.layers, snap_cache.layers)):
         # SnapKV chose the same tokens; low-rank then stored them as latents.
-        expected = LowRankLayer(lowrank.bases[index], snap_layer.keys[:, :, :CONTEXT // 2],
-                                snap_layer.values[:, :, :CONTEXT // 2])
-        torch.testing.assert_close(layer.keys[:, :, :CONTEXT // 2], expected.keys)
-        torch.testing.assert_close(layer.values[:, :, :CONTEXT // 2], expected.values)
+        expected = LowRankLayer(lowrank.bases[index], snap_layer.keys[:, :, :kept], snap_layer.values[:, :, :kept])
+        torch.testing.assert_close(layer.keys[:, :, :kept], expected.keys)
+        torch.testing.assert_close(layer.values[:, :, :kept], expected.values)
