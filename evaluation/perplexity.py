@@ -21,6 +21,7 @@ import torch
 import transformers
 
 from decoding.kv_cache import KV_QUANT
+from evaluation.calibration import calibrated, calibration_facts
 from evaluation.data import DataError, load_text
 from evaluation.models import DTYPES, REPO_ROOT, SMOLLM2_ALIAS, ModelLoadError, load_model
 from evaluation.protocols import SEGMENT_TOKENS, ProtocolError, context_nll, streaming_nll
@@ -130,7 +131,7 @@ def context_press(name: str, ratio: float, args: argparse.Namespace, context_tok
 
 def requested_presses(args: argparse.Namespace) -> list[str]:
     streaming = args.protocol == "streaming" and not args.speed
-    names = press_names() if args.press == ["all"] else args.press
+    names = press_names(streaming) if args.press == ["all"] else args.press
     for name in names:  # unknown names and impossible settings fail here, before any model is loaded
         if streaming:
             for budget in args.budget:
@@ -159,19 +160,22 @@ def quality_rows(args, loaded, presses: list[str]) -> list[dict]:
         for name, ratio in settings:
             attn = use_attention_for(model, name, args.attn_implementation)
             press = None if name == DENSE else context_press(name, ratio, args, context)
+            press = calibrated(press, loaded, args.random_init, args.seed)  # head merging: groups from a calibration text
             result = context_nll(model, ids, press, context, args.eval_tokens, args.num_windows, args.chunk_tokens,
                                  args.kv_quant)
             rows.append({"method": name, "compression_ratio": ratio, "attn_implementation": attn,
                          "kv_quant": args.kv_quant, "context_tokens": context,
                          "eval_tokens": args.eval_tokens, "num_windows": args.num_windows})
             rows[-1] |= {"ppl": result.ppl, "mean_nll": result.mean_nll, "scored_tokens": result.tokens,
-                         "mean_cache_tokens": result.cache_tokens}
+                         "mean_cache_tokens": result.cache_tokens, "kv_mib_after_prefill": result.kv_bytes / 2**20}
+            rows[-1] |= calibration_facts(press)
             print(f"{name} @ {ratio}: ppl {result.ppl:.4f}", file=sys.stderr)
     else:
         settings = [(DENSE, None)] + [(name, budget) for name in presses for budget in args.budget]
         for name, budget in settings:
             attn = use_attention_for(model, name, args.attn_implementation)
             press = None if name == DENSE else make_streaming_press(name, settings_from(args, budget=budget))
+            press = calibrated(press, loaded, args.random_init, args.seed)  # head merging: groups from a calibration text
             result = streaming_nll(model, ids, press, args.chunk_tokens, args.max_tokens)
             rows.append({"method": name, "attn_implementation": attn, "budget": budget,
                          "chunk_tokens": args.chunk_tokens, "ppl": result.ppl, "mean_nll": result.mean_nll,
@@ -201,8 +205,9 @@ def speed_rows(args, loaded, presses: list[str]) -> list[dict]:
         for name, ratio in settings[:1] if decoder in HF_BASELINES else settings:
             attn = use_attention_for(model, name, args.attn_implementation)
             press = None if name == DENSE else make_press(name, ratio, settings_from(args))
+            press = calibrated(press, loaded, args.random_init, args.seed)  # head merging: groups from a calibration text
             row = {"method": name, "compression_ratio": ratio, "decoder": decoder, "attn_implementation": attn,
-                   "batch_size": args.batch_size, "prompt": source}
+                   "batch_size": args.batch_size, "prompt": source} | calibration_facts(press)
             try:
                 row |= measure(model, prompt, press, args.new_tokens, repeats=args.repeats, decoder=decoder,
                                kv_quant=args.kv_quant)

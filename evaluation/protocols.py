@@ -21,7 +21,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 from transformers import DynamicCache
 
-from decoding.kv_cache import make_cache
+from decoding.kv_cache import kv_bytes, make_cache
 
 
 SEGMENT_TOKENS = 1024  # streaming: PPL is also reported per stretch, to see where a method breaks
@@ -37,6 +37,7 @@ class Perplexity:
     tokens: int
     cache_tokens: float  # mean over layers (and windows/chunks) of the tokens held when scoring
     segment_ppl: list[float] | None = None  # streaming: PPL of each SEGMENT_TOKENS-token stretch of the text
+    kv_bytes: float | None = None  # context: bytes the cache held after the pressed prefill (mean over windows)
 
     @property
     def mean_nll(self) -> float:
@@ -90,7 +91,7 @@ def context_nll(
     if ids.numel() < window * num_windows:
         raise ProtocolError(f"text has {ids.numel()} tokens, {num_windows} window(s) need {window * num_windows}")
 
-    nll_sum, kept = 0.0, []
+    nll_sum, kept, held_bytes = 0.0, [], []
     for index in tqdm(range(num_windows), desc="windows", disable=num_windows == 1):
         sample = ids[index * window : (index + 1) * window].unsqueeze(0).to(model.device)
         cache = make_cache(model, kv_quant)
@@ -98,13 +99,15 @@ def context_nll(
         with _pressed(press, model):
             _feed(model.model, sample[:, :context_tokens], cache, 0, chunk)
             kept.extend(_cache_lengths(cache))
+            held_bytes.append(kv_bytes(cache))
             if decode_time:  # a decode-time press stays on while the scored tokens stream in
                 outputs = _feed(model, scored, cache, context_tokens, chunk)
         if not decode_time:
             outputs = _feed(model, scored, cache, context_tokens, chunk)
         logits = torch.cat([output.logits for output in outputs], dim=1)
         nll_sum += F.cross_entropy(logits[0].float(), sample[0, context_tokens + 1 :], reduction="sum").item()
-    return Perplexity(nll_sum, eval_tokens * num_windows, sum(kept) / len(kept))
+    return Perplexity(nll_sum, eval_tokens * num_windows, sum(kept) / len(kept),
+                      kv_bytes=sum(held_bytes) / len(held_bytes))
 
 
 @torch.no_grad()

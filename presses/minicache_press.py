@@ -90,6 +90,10 @@ class MiniCachePress(BasePress):
             return output
         cache = kwargs["past_key_values"]
         lower, upper = cache.layers[index - 1], cache.layers[index]
+        if lower.keys.shape != upper.keys.shape:
+            raise RuntimeError(f"layers {index - 1} and {index} hold {lower.keys.shape[2]} and {upper.keys.shape[2]} "
+                               "tokens: MiniCache merges slot by slot; put per-layer presses that keep the same "
+                               "tokens in every layer before MiniCachePress in a ComposedPress")
         pair = MergedPair(merge(lower.keys, upper.keys, self.t, self.gamma),
                           merge(lower.values, upper.values, self.t, self.gamma))
         cache.layers[index - 1], cache.layers[index] = MergedLayer(pair, 0), MergedLayer(pair, 1)

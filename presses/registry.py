@@ -50,6 +50,7 @@ def _prefill_only(name: str) -> Callable[[Settings], BasePress]:
     """The streaming form of a method that acts once, after prefill (cross-layer and attention-level methods)."""
     def refuse(settings: Settings) -> BasePress:
         raise PressConfigError(f"{name} compresses the cache once, after prefill: it has no streaming form")
+    refuse.prefill_only = True  # press_names(streaming=True) leaves the method out
     return refuse
 
 
@@ -116,8 +117,10 @@ class PressConfigError(ValueError):
     """A press name or setting the user gave cannot be used."""
 
 
-def press_names() -> list[str]:
-    return sorted(PRESSES)
+def press_names(streaming: bool = False) -> list[str]:
+    """Every registered name; with ``streaming``, only those that have a streaming form."""
+    return sorted(name for name, method in PRESSES.items()
+                  if not (streaming and getattr(method.stream, "prefill_only", False)))
 
 
 def check_compression_ratio(ratio: float) -> None:
