@@ -6,9 +6,9 @@ import torch
 from kvpress import BasePress
 from kvpress.presses.base_press import is_prefilling
 from torch import nn
-from transformers import DynamicCache, QuantizedCache
+from transformers import QuantizedCache
 
-from presses.reconstructed_layer import ReconstructedLayer
+from presses.reconstructed_layer import ReconstructedLayer, dense_cache
 
 
 class MergedHeadsLayer(ReconstructedLayer):
@@ -98,13 +98,10 @@ class HeadMergePress(BasePress):
     compression_ratio: float = 0.0
     groups: list[torch.Tensor] | None = field(default=None, init=False, repr=False)  # per layer: head -> group
 
-    @torch.no_grad()
     def calibrate(self, model, ids: torch.Tensor) -> dict:
         """Group the heads of every layer from a dense prefill of ``ids`` (a 1-D token tensor);
         returns the number of groups per layer, to be recorded with the results."""
-        cache = DynamicCache()
-        model.model(input_ids=ids.view(1, -1).to(model.device), past_key_values=cache)
-        similarities = [head_similarity(layer.keys, layer.values).cpu() for layer in cache.layers]
+        similarities = [head_similarity(layer.keys, layer.values).cpu() for layer in dense_cache(model, ids).layers]
         total_heads = sum(len(s) for s in similarities)
         self.groups = merge_heads(similarities, round((1 - self.compression_ratio) * total_heads))
         return {"head_groups_per_layer": [len(group_of.unique()) for group_of in self.groups]}

@@ -9,7 +9,7 @@ from torch import nn
 from transformers import QuantizedCache
 
 from patches.gpt_neox import to_kvpress_order
-from presses.reconstructed_layer import ReconstructedLayer
+from presses.reconstructed_layer import ReconstructedLayer, dense_cache
 
 
 @dataclass
@@ -76,20 +76,32 @@ def key_value_projections(attention: nn.Module, head_dim: int):
     return *split(attention.k_proj), *split(attention.v_proj)
 
 
-def spectra(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left singular vectors (heads, rows, rows) and singular values (heads, rows) per head, float32."""
+def weight_spectrum(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per head, the left singular vectors (heads, rows, rows) of W and the energies sigma^2
+    (heads, rows), float32, descending."""
     if weight.shape[1] == 0:
-        return weight.new_zeros(weight.shape[0], 0, 0, dtype=torch.float32), weight.new_zeros(weight.shape[0], 0, dtype=torch.float32)
+        empty = weight.new_zeros(weight.shape[0], 0, dtype=torch.float32)
+        return empty.unsqueeze(-1), empty
     u, s, _ = torch.linalg.svd(weight.float(), full_matrices=False)
-    return u, s
+    return u, s**2
 
 
-def allocate_ranks(singular_values: list[torch.Tensor], budget: int) -> list[int]:
+def output_spectrum(outputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per head, the eigenvectors (heads, dim, dim) of X^T X for the projection's outputs X
+    (heads, tokens, dim, bias removed) and its eigenvalues, float32, descending. Equal to the
+    SVD of W whitened by the calibration inputs (SVD-LLM): the left singular vectors of W C^1/2,
+    C = H^T H, are the eigenvectors of W C W^T = X^T X."""
+    x = outputs.float()
+    energy, vectors = torch.linalg.eigh(x.transpose(-1, -2) @ x)
+    return vectors.flip(-1), energy.flip(-1).clamp(min=0)
+
+
+def allocate_ranks(energies: list[torch.Tensor], budget: int) -> list[int]:
     """Ranks, one per matrix, summing to ``budget`` (clamped to what exists): the ``budget``
-    largest gains, where the gain of the i-th direction of a matrix is the fraction of each
-    head's squared Frobenius norm its i-th singular value carries, averaged over heads. Gains
-    fall with i, so the chosen directions of each matrix are its leading ones."""
-    gains = [(s**2 / (s**2).sum(-1, keepdim=True)).mean(0) for s in singular_values]
+    largest gains, where the gain of a matrix's i-th direction is the share of each head's total
+    energy its i-th energy carries, averaged over heads. Gains fall with i, so the chosen
+    directions of each matrix are its leading ones."""
+    gains = [(e / e.sum(-1, keepdim=True).clamp(min=1e-30)).mean(0) for e in energies]
     owner = torch.cat([torch.full((len(g),), index) for index, g in enumerate(gains)])
     chosen = owner[torch.cat(gains).argsort(descending=True, stable=True)[: max(budget, 0)]]
     return torch.bincount(chosen, minlength=len(gains)).tolist()
@@ -100,16 +112,20 @@ class LowRankPress(BasePress):
     """Palu (Chang et al. 2024, "Palu: Compressing KV-Cache with Low-Rank Projection",
     https://arxiv.org/abs/2407.21118), training-free, per-head decomposition (Palu's M-LRD).
 
-    Rule: each KV head's key and value projection weights W (head_dim x hidden) are split by
-    SVD, W = U S V^T; the cache stores the rank-r latent h W^T U_r = (x - b) U_r of every token
-    (x the key or value, b the projection's bias) and attention gets U_r latent + b back. RoPE
-    acts after the projection, so only key dims that RoPE leaves alone can be stored as a latent
-    (on Pythia 75% of each head, the pass-through dims; they are equal before and after RoPE);
-    the rotary dims are kept in full, so on Llama (full rotary) only values are low-rank. Ranks
-    per layer (one key and one value rank per layer, shared by its heads) are chosen globally:
-    the directions with the largest share of their head's squared weight norm win until the
-    cache bytes per token are ``1 - compression_ratio`` of dense (Palu's Fisher-free
-    alternative: singular value energy instead of Fisher information). Ratio 0 keeps full rank.
+    Rule: each KV head's key and value projection W (head_dim x hidden) gets a rank-r basis U_r;
+    the cache stores the latent h W^T U_r = (x - b) U_r of every token (x the key or value, b
+    the projection's bias) and attention gets U_r latent + b back. ``basis="activations"``
+    (default; needs ``calibrate(model, ids)``): U_r from the SVD of W whitened by the hidden
+    states of a calibration text (SVD-LLM's data whitening), i.e. the leading eigenvectors of
+    X^T X for the projection's outputs X on that text; ``basis="weights"``: from the plain SVD of
+    W (measured much worse: the hidden states are far from isotropic). RoPE acts after the
+    projection, so only key dims RoPE leaves alone can be stored as a latent (on Pythia 75% of
+    each head, the pass-through dims, equal before and after RoPE); rotary dims are kept in
+    full, so on Llama (full rotary) only values are low-rank. Ranks per layer (one key and one
+    value rank per layer, shared by its heads) are chosen globally: the directions carrying the
+    largest share of their head's energy win until the cache bytes per token are
+    ``1 - compression_ratio`` of dense (a Fisher-free stand-in for Palu's rank search). Ratio 0
+    keeps full rank.
 
     After a layer's prefill its cache entry becomes a ``LowRankLayer`` that really holds only
     the latents (and the rotary key dims); decoded tokens are stored the same way. A token
@@ -117,16 +133,31 @@ class LowRankPress(BasePress):
     """
 
     compression_ratio: float = 0.0
+    basis: str = "activations"
     bases: list[HeadBasis] | None = field(default=None, init=False, repr=False)
     ranks: list[tuple[int, int]] | None = field(default=None, init=False, repr=False)  # (key, value) per layer
     _model: nn.Module | None = field(default=None, init=False, repr=False)
 
-    def post_init_from_model(self, model):
-        if self._model is not model:  # SVDs once per model: weight preprocessing, not prefill work
-            self.bases, self.ranks = self.build_bases(model)
-            self._model = model
+    def __post_init__(self):
+        if self.basis not in ("activations", "weights"):
+            raise ValueError(f"basis must be 'activations' or 'weights', got {self.basis!r}")
 
-    def build_bases(self, model) -> tuple[list[HeadBasis], list[tuple[int, int]]]:
+    @torch.no_grad()
+    def calibrate(self, model, ids: torch.Tensor | None) -> dict:
+        """Fit the bases to a dense prefill of ``ids`` (1-D token ids; unused with
+        basis="weights"); returns the ranks chosen, to be recorded with the results."""
+        self.bases, self.ranks = self.build_bases(model, dense_cache(model, ids) if self.basis == "activations" else None)
+        self._model = model
+        return {"lowrank_ranks_key_value": self.ranks}
+
+    def post_init_from_model(self, model):
+        if self._model is model:
+            return
+        if self.basis == "activations":
+            raise ValueError("LowRankPress(basis='activations') needs calibrate(model, ids) on a calibration text first")
+        self.calibrate(model, None)  # SVDs once per model: weight preprocessing, not prefill work
+
+    def build_bases(self, model, cache=None) -> tuple[list[HeadBasis], list[tuple[int, int]]]:
         layers = [layer.self_attn for layer in model.model.layers]
         head_dim = layers[0].head_dim
         inv_freq = model.model.rotary_emb.inv_freq
@@ -137,9 +168,16 @@ class LowRankPress(BasePress):
         unorder = torch.cat([rotary, passthrough]).argsort()
 
         parts = []
-        for attention in layers:
+        for index, attention in enumerate(layers):
             key_w, key_b, value_w, value_b = key_value_projections(attention, head_dim)
-            parts.append((spectra(key_w[:, passthrough.to(key_w.device)]), key_b, spectra(value_w), value_b))
+            passing = passthrough.to(key_w.device)
+            if cache is None:
+                key, value = weight_spectrum(key_w[:, passing]), weight_spectrum(value_w)
+            else:  # the cache's pass-through key dims are the projection's own output (no rotation)
+                keys, values = cache.layers[index].keys[0], cache.layers[index].values[0]
+                key = output_spectrum(keys[..., passing] - key_b[:, passing].unsqueeze(1))
+                value = output_spectrum(values - value_b.unsqueeze(1))
+            parts.append((key, key_b[:, passing].detach(), value, value_b.detach()))
 
         dense = 2 * head_dim * len(layers)  # stored dims per head and token, over all layers
         budget = round((1 - self.compression_ratio) * dense) - len(rotary) * len(layers)
@@ -150,16 +188,16 @@ class LowRankPress(BasePress):
                 f"low-rank keeps the {len(rotary)} rotary key dims of {2 * head_dim} KV dims per head in full: "
                 f"compression ratio must be below {1 - len(rotary) / (2 * head_dim):.3f}, got {self.compression_ratio}"
             )
-        flat = allocate_ranks([s for (_, key_s), _, (_, value_s), _ in parts for s in (key_s, value_s)], budget)
+        flat = allocate_ranks([energy for (_, key_e), _, (_, value_e), _ in parts for energy in (key_e, value_e)], budget)
         ranks = list(zip(flat[0::2], flat[1::2]))
 
         bases = []
         for ((key_u, _), key_b, (value_u, _), value_b), (key_rank, value_rank) in zip(parts, ranks):
-            dtype, device = value_b.dtype, value_b.device
+            device = value_b.device
             bases.append(HeadBasis(
                 rotary=rotary.to(device), passthrough=passthrough.to(device), unorder=unorder.to(device),
-                key_basis=key_u[..., :key_rank].to(dtype), key_bias=key_b[:, passthrough.to(device)].detach(),
-                value_basis=value_u[..., :value_rank].to(dtype), value_bias=value_b.detach(),
+                key_basis=key_u[..., :key_rank].to(value_b.dtype), key_bias=key_b,
+                value_basis=value_u[..., :value_rank].to(value_b.dtype), value_bias=value_b,
             ))
         return bases, ranks
 

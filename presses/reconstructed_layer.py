@@ -13,7 +13,16 @@ is really stored (decoding/kv_cache.py ``kv_bytes`` counts those).
 """
 
 import torch
+from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
+
+
+@torch.no_grad()
+def dense_cache(model, ids: torch.Tensor) -> DynamicCache:
+    """The dense cache of a calibration text (``ids`` 1-D), which these methods are fitted to."""
+    cache = DynamicCache()
+    model.model(input_ids=ids.view(1, -1).to(model.device), past_key_values=cache)
+    return cache
 
 
 class ReconstructedLayer(DynamicLayer):

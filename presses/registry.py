@@ -101,8 +101,10 @@ PRESSES: dict[str, Method] = {
     ),
     "infllm": Method(lambda s: InfLLMPress.from_budget(s.budget, n_init=s.n_sink, local=s.window), prefill=False),
     # this package: attention-level methods (ratio: fraction of the KV bytes per token removed)
-    # (docs/attention_level_kv.md); head_merge needs calibrate(model, ids) first (evaluation/calibration.py)
+    # (docs/attention_level_kv.md); lowrank and head_merge need calibrate(model, ids) first (evaluation/calibration.py)
     "lowrank": Method(lambda s: LowRankPress(s.compression_ratio), stream=_prefill_only("lowrank")),
+    "lowrank_svd": Method(lambda s: LowRankPress(s.compression_ratio, basis="weights"),
+                          stream=_prefill_only("lowrank_svd")),  # plain weight SVD, no calibration
     "head_merge": Method(lambda s: HeadMergePress(s.compression_ratio), stream=_prefill_only("head_merge")),
     "snapkv_lowrank": Method(lambda s: kvpress.ComposedPress([
         kvpress.SnapKVPress(_each_of_two(s.compression_ratio), window_size=s.window),

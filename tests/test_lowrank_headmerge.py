@@ -15,6 +15,7 @@ from evaluation.calibration import calibrated
 from presses import PressConfigError, Settings, make_press
 from presses.head_merge_press import HeadMergePress, MergedHeadsLayer, merge_heads
 from presses.lowrank_press import LowRankLayer, LowRankPress
+from presses.reconstructed_layer import dense_cache
 from tests.conftest import build, tiny_llama_config, tiny_neox_config
 
 IDS = torch.randint(0, 2000, (1, 72), generator=torch.Generator().manual_seed(0))
@@ -39,17 +40,17 @@ def prefill_then_decode(model, press=None):
     return cache, torch.cat(logits, dim=1)
 
 
-def calibrated_merge(model, ratio):
-    press = HeadMergePress(ratio)
+def fitted(press, model):
     press.calibrate(model, CALIBRATION)
     return press
 
 
 @on_both
-def test_full_rank_is_dense_to_float32_round_off(model_name):
+@pytest.mark.parametrize("basis", ["activations", "weights"])
+def test_full_rank_is_dense_to_float32_round_off(model_name, basis):
     model = build(CONFIGS[model_name](), attn_implementation="sdpa")
     _, dense = prefill_then_decode(model)
-    press = LowRankPress(0.0)
+    press = fitted(LowRankPress(0.0, basis=basis), model)
     cache, logits = prefill_then_decode(model, press)
     assert all(isinstance(layer, LowRankLayer) for layer in cache.layers)
     head_dim, rotary = 16, (4 if model_name == "neox" else 16)
@@ -65,7 +66,7 @@ def test_reconstruction_error_is_the_discarded_singular_values(model_name):
     dim): its squared reconstruction error must be the sum of the discarded squared singular
     values of each head's projection (Eckart-Young), computed here independently."""
     model = build(CONFIGS[model_name](), attn_implementation="sdpa")
-    press = LowRankPress(0.3)
+    press = LowRankPress(0.3, basis="weights")
     press.post_init_from_model(model)
     attention = model.model.layers[0].self_attn
     heads, head_dim = press.bases[0].value_basis.shape[:2]
@@ -95,11 +96,32 @@ def test_reconstruction_error_is_the_discarded_singular_values(model_name):
 
 
 @on_both
+def test_calibrated_basis_error_on_its_text_is_the_discarded_eigenvalues(model_name):
+    """basis="activations": on the calibration text itself, the squared reconstruction error of
+    the values (and pass-through key dims) is the sum of the discarded eigenvalues of X^T X per
+    head, X the projection's outputs without bias (Eckart-Young on the data)."""
+    model = build(CONFIGS[model_name](), attn_implementation="sdpa")
+    press = fitted(LowRankPress(0.3), model)
+    cache = dense_cache(model, CALIBRATION)
+    for index, dense_layer in enumerate(cache.layers):
+        basis, (key_rank, value_rank) = press.bases[index], press.ranks[index]
+        layer = LowRankLayer(basis, dense_layer.keys, dense_layer.values)
+        for mine, full, bias, rank, dims in (
+                (layer.values, dense_layer.values, basis.value_bias, value_rank, slice(None)),
+                (layer.keys, dense_layer.keys, basis.key_bias, key_rank, basis.passthrough)):
+            x = (full[0][..., dims] - bias.unsqueeze(1)).double()
+            discarded = torch.linalg.eigvalsh(x.transpose(-1, -2) @ x).flip(-1)[..., rank:].sum().item()
+            error = ((mine - full)[0][..., dims].double() ** 2).sum().item()
+            assert error == pytest.approx(discarded, rel=1e-3, abs=1e-6)
+        assert 0 < value_rank < 16
+
+
+@on_both
 def test_lowrank_cache_holds_the_ratio_of_the_bytes(model_name):
     model = build(CONFIGS[model_name](), attn_implementation="sdpa")
     dense_cache, dense = prefill_then_decode(model)
     ratio = 0.5 if model_name == "neox" else 0.25  # Llama: values only, at most just under half
-    cache, logits = prefill_then_decode(model, LowRankPress(ratio))
+    cache, logits = prefill_then_decode(model, fitted(LowRankPress(ratio), model))
     assert kv_bytes(cache) == pytest.approx((1 - ratio) * kv_bytes(dense_cache), rel=1 / 64)
     assert cache.get_seq_length() == dense_cache.get_seq_length() and not torch.allclose(logits, dense, atol=1e-3)
 
@@ -107,14 +129,14 @@ def test_lowrank_cache_holds_the_ratio_of_the_bytes(model_name):
 def test_lowrank_refuses_a_ratio_beyond_the_rotary_dims():
     model = build(tiny_llama_config())
     with pytest.raises(PressConfigError, match="must be below 0.500"):
-        LowRankPress(0.6).post_init_from_model(model)
+        fitted(LowRankPress(0.6), model)
 
 
 @on_both
 def test_no_merge_is_dense_exactly(model_name):
     model = build(CONFIGS[model_name](), attn_implementation="sdpa")
     _, dense = prefill_then_decode(model)
-    press = calibrated_merge(model, 0.0)
+    press = fitted(HeadMergePress(0.0), model)
     cache, logits = prefill_then_decode(model, press)
     assert all(isinstance(layer, MergedHeadsLayer) for layer in cache.layers)
     assert torch.equal(logits, dense)
@@ -124,7 +146,7 @@ def test_no_merge_is_dense_exactly(model_name):
 def test_merged_layers_hold_one_mean_key_and_value_per_group(model_name):
     model = build(CONFIGS[model_name](), attn_implementation="sdpa")
     dense_cache, _ = prefill_then_decode(model)
-    press = calibrated_merge(model, 0.5)
+    press = fitted(HeadMergePress(0.5), model)
     cache, _ = prefill_then_decode(model, press)
     assert sum(len(g.unique()) for g in press.groups) == sum(len(g) for g in press.groups) // 2
     assert kv_bytes(cache) == kv_bytes(dense_cache) // 2
@@ -163,6 +185,7 @@ def test_snapkv_then_lowrank_composes(model_name):
     snap_cache, _ = prefill_then_decode(model, SnapKVPress(each, window_size=8))
     composed = make_press("snapkv_lowrank", 0.5, Settings(window=8))
     assert isinstance(composed, ComposedPress)
+    fitted(composed.presses[1], model)
     cache, _ = prefill_then_decode(model, composed)
     lowrank, kept = composed.presses[1], int(CONTEXT * (1 - each))
     assert cache.get_seq_length() == snap_cache.get_seq_length() == kept + IDS.shape[1] - CONTEXT
