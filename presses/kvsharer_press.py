@@ -86,7 +86,7 @@ class KVSharerPress(BasePress):
             hidden, _ = self._run(model, ids, keep_cache=False)
             checks += 1
             similarity = F.cosine_similarity(hidden.flatten(1).float(), dense_hidden.flatten(1).float()).mean()
-            if similarity <= self.threshold:
+            if not similarity > self.threshold:  # written so that a NaN similarity rejects the share
                 self.sharing = previous
             if len(self.sharing) == target:
                 break
