@@ -1,0 +1,107 @@
+"""What one speculative iteration costs on the decode path of decoding/generate.py (StaticCache,
+steps compiled with torch.compile(mode="reduce-overhead"), i.e. CUDA graphs, on a GPU):
+
+- the target's forward of k+1 tokens (one verify pass) after a cached prompt, for each k,
+  against its single-token decode step;
+- the draft model's single-token step on its own cache of the same prompt;
+- the self-drafts' steps: the target on a cache of ``--self_budget`` tokens (compressed-cache
+  draft), and the target skipping a fraction of its layers on the full cache (layer-skip draft).
+
+Each is the median of ``--repeats`` forwards at the same cache slot (the slot is moved back
+after each one, as a rejection does), after three untimed calls that compile and record the
+graphs. With these, evaluation/speculative_speedup.py predicts the speedup for an acceptance
+rate (Leviathan et al. 2023). The file is rewritten after every measurement, so a run stopped
+by ``--time_limit_s`` keeps what it measured.
+"""
+
+import statistics
+import sys
+import time
+
+import torch
+
+from decoding.generate import synchronize
+from decoding.layer_skip import skipping_model
+from decoding.speculative import make_step, prefill
+from evaluation.models import load_model
+
+
+def time_forward(runner, tokens: torch.Tensor, repeats: int, model=None) -> tuple[float, float]:
+    """Median seconds of ``runner.forward(tokens)`` and the seconds of the first (compiling) call."""
+    device = tokens.device
+    mark = runner.mark()
+    times = []
+    for index in range(3 + repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        runner.forward(tokens, model=model)
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+        runner.rewind(mark, 0)
+    return statistics.median(times[3:]), times[0]
+
+
+def spread_layers(layers: int, count: int) -> list[int]:
+    """``count`` layers spread evenly over 1..layers-2 (timing does not depend on which)."""
+    return sorted({round(1 + index * (layers - 3) / max(1, count - 1)) for index in range(count)})
+
+
+def measure_costs(args, loaded, dtype: str, save) -> dict:
+    """Run every measurement that fits in ``args.time_limit_s``; ``save(payload)`` after each."""
+    target = loaded.model
+    device = target.device
+    compile = device.type == "cuda"
+    if compile:  # one compiled function serves every shape and model: allow its recompilations
+        torch._dynamo.config.recompile_limit = 64
+        torch._dynamo.config.accumulated_recompile_limit = 1024
+    step = make_step(compile)
+    room = args.new_tokens + max(args.k_values) + 2
+    deadline = time.perf_counter() + args.time_limit_s
+    generator = torch.Generator().manual_seed(args.seed)
+    vocab = target.config.vocab_size
+    payload = {"rows": [], "prompt_tokens": args.prompt_tokens, "static_cache_room": room,
+               "compiled": compile, "draft_model": args.draft_model, "stopped_by_time_limit": False}
+
+    def ids(batch, length):
+        return torch.randint(2, vocab, (batch, length), generator=generator).to(device)
+
+    def record(what, batch, tokens, runner, model=None, decode_ms=None, **extra):
+        if time.perf_counter() > deadline:
+            payload["stopped_by_time_limit"] = True
+            return None
+        median, first = time_forward(runner, ids(batch, tokens), args.repeats, model)
+        row = {"what": what, "batch_size": batch, "tokens": tokens, "ms": 1e3 * median,
+               "first_call_s": first, **extra}
+        if decode_ms is not None:
+            row["ratio_to_decode_step"] = 1e3 * median / decode_ms
+        payload["rows"].append(row)
+        save(payload)
+        print(f"{what} batch {batch} tokens {tokens}: {1e3 * median:.3f} ms (first call {first:.1f} s)",
+              file=sys.stderr)
+        return 1e3 * median
+
+    targets, decode_ms = {}, {}
+    for batch in args.batch_size:  # 1. the verify pass against the decode step
+        _, targets[batch] = prefill(target, ids(batch, args.prompt_tokens), None, True, room, step)
+        decode_ms[batch] = record("target decode step", batch, 1, targets[batch])
+        for k in args.k_values:
+            record("target verify pass", batch, k + 1, targets[batch], decode_ms=decode_ms[batch], k=k)
+
+    draft = load_model(args.draft_model, args.random_init, dtype, str(device), args.attn_implementation,
+                       args.data_dir).model
+    for batch in args.batch_size:  # 2. the draft model's step on its own cache of the prompt
+        _, runner = prefill(draft, ids(batch, args.prompt_tokens), None, True, room, step)
+        record("draft model decode step", batch, 1, runner, decode_ms=decode_ms[batch], model_name=args.draft_model)
+        del runner
+
+    layers = len(target.model.layers)
+    for batch in args.batch_size:  # 3. the self-drafts' steps
+        _, short = prefill(target, ids(batch, args.self_budget), None, True, room, step)
+        record("self-draft step, compressed cache", batch, 1, short, decode_ms=decode_ms[batch],
+               cache_tokens=args.self_budget)
+        del short
+        for fraction in args.skip_fraction:
+            skip = spread_layers(layers, round(fraction * layers))
+            record("self-draft step, layers skipped", batch, 1, targets[batch], model=skipping_model(target, skip),
+                   decode_ms=decode_ms[batch], skipped_layers=skip, layers=layers)
+    return payload
