@@ -50,6 +50,8 @@ def plot(payload: dict, rows: pd.DataFrame, output: Path) -> None:
         group = group.sort_values("setting")
         axis.plot(group.setting, group.ppl, marker="o", markersize=3, label=method)
     axis.axhline(dense.ppl.iloc[0], color="black", linestyle="--", label="dense")
+    if rows.ppl.max() > 10 * dense.ppl.iloc[0]:  # methods that break the model: a linear axis hides the rest
+        axis.set_yscale("log")
     if payload["protocol"] == "context":
         axis.set_xlabel("fraction of the context KV kept")
     else:
