@@ -149,7 +149,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     costs.add_argument("--draft_model", default="EleutherAI/pythia-160m")
     costs.add_argument("--batch_size", type=int, nargs="+", default=[1])
     costs.add_argument("--k_values", type=int, nargs="+", default=list(range(1, 9)))
-    costs.add_argument("--self_budget", type=int, default=256, help="cache tokens of the compressed self-draft")
+    costs.add_argument("--self_budget", type=int, nargs="+", default=[256],
+                       help="cache tokens of the compressed self-draft")
     costs.add_argument("--skip_fraction", type=float, nargs="+", default=[0.5],
                        help="fraction of layers the layer-skip self-draft skips")
     costs.add_argument("--repeats", type=int, default=20, help="timed forwards per measurement (median)")
@@ -204,8 +205,9 @@ def calibration_ids(args, loaded) -> tuple[torch.Tensor, str]:
     return window[None], f"{source} tokens {args.calibration_offset}..{args.calibration_offset + window.numel()}"
 
 
-def build_draft(spec: Spec, args, loaded, dtype: str):
-    """The draft object and a description of it for the result file."""
+def build_draft(spec: Spec, args, loaded, dtype: str, chosen: dict):
+    """The draft object and a description of it for the result file. ``chosen`` keeps the
+    greedy layer search between specs (run once, for the largest count in ``chosen["largest"]``)."""
     model = loaded.model
     if spec.kind == "model":
         draft_model = load_model(spec.draft, False, dtype, args.device, args.attn_implementation, args.data_dir).model
@@ -225,10 +227,13 @@ def build_draft(spec: Spec, args, loaded, dtype: str):
         return LayerSkipDraft(model, spec.layers), {"skipped_layers": spec.layers, "layers": layers}
     if spec.skip >= layers:
         raise SpecError(f"skip={spec.skip}: the model has {layers} layers, at least one must run")
-    ids, source = calibration_ids(args, loaded)
-    skip, history = choose_skip_layers(model, ids.to(model.device), spec.skip)
-    print(f"layer_skip: skipping {skip} (chosen on {source})", file=sys.stderr)
-    return LayerSkipDraft(model, skip), {"skipped_layers": skip, "layers": layers, "calibration": source,
+    if len(chosen.get("history", [])) < spec.skip:  # the greedy search once, for the largest count asked
+        ids, chosen["source"] = calibration_ids(args, loaded)
+        _, chosen["history"] = choose_skip_layers(model, ids.to(model.device), max(spec.skip, chosen["largest"]))
+    history = chosen["history"][:spec.skip]  # greedy: the first N steps are the choice for N layers
+    skip = sorted(step["added_layer"] for step in history)
+    print(f"layer_skip: skipping {skip} (chosen on {chosen['source']})", file=sys.stderr)
+    return LayerSkipDraft(model, skip), {"skipped_layers": skip, "layers": layers, "calibration": chosen["source"],
                                          "calibration_greedy_steps": history}
 
 
@@ -252,9 +257,9 @@ def speculative_rows(args, loaded, specs, dtype) -> list[dict]:
     for _ in range(args.warmup):
         plain(args, model, prompts[0][1], target_press, step)
     baseline = [plain(args, model, ids, target_press, step) for _, ids in prompts]
-    rows = []
+    rows, chosen = [], {"largest": max([spec.skip for spec in specs if spec.skip], default=0)}
     for spec in specs:
-        draft, description = build_draft(spec, args, loaded, dtype)
+        draft, description = build_draft(spec, args, loaded, dtype, chosen)
 
         def run(ids, stats, seed):
             generator = torch.Generator(device=model.device).manual_seed(seed)

@@ -4,8 +4,9 @@ steps compiled with torch.compile(mode="reduce-overhead"), i.e. CUDA graphs, on 
 - the target's forward of k+1 tokens (one verify pass) after a cached prompt, for each k,
   against its single-token decode step;
 - the draft model's single-token step on its own cache of the same prompt;
-- the self-drafts' steps: the target on a cache of ``--self_budget`` tokens (compressed-cache
-  draft), and the target skipping a fraction of its layers on the full cache (layer-skip draft).
+- the self-drafts' steps: the target on a cache of each ``--self_budget`` tokens (compressed-cache
+  draft), and the target skipping each ``--skip_fraction`` of its layers on the full cache
+  (layer-skip draft).
 
 Each is the median of ``--repeats`` forwards at the same cache slot (the slot is moved back
 after each one, as a rejection does), after three untimed calls that compile and record the
@@ -96,12 +97,14 @@ def measure_costs(args, loaded, dtype: str, save) -> dict:
 
     layers = len(target.model.layers)
     for batch in args.batch_size:  # 3. the self-drafts' steps
-        _, short = prefill(target, ids(batch, args.self_budget), None, True, room, step)
-        record("self-draft step, compressed cache", batch, 1, short, decode_ms=decode_ms[batch],
-               cache_tokens=args.self_budget)
-        del short
+        for budget in args.self_budget:
+            _, short = prefill(target, ids(batch, budget), None, True, room, step)
+            record("self-draft step, compressed cache", batch, 1, short, decode_ms=decode_ms[batch],
+                   cache_tokens=budget, kept_fraction=budget / args.prompt_tokens)
+            del short
         for fraction in args.skip_fraction:
             skip = spread_layers(layers, round(fraction * layers))
             record("self-draft step, layers skipped", batch, 1, targets[batch], model=skipping_model(target, skip),
-                   decode_ms=decode_ms[batch], skipped_layers=skip, layers=layers)
+                   decode_ms=decode_ms[batch], skipped_layers=skip, layers=layers,
+                   skipped_fraction=len(skip) / layers)
     return payload

@@ -39,7 +39,9 @@ def predicted_speedup(alpha: float, k: int, draft_ms: float, verify_ms: float, d
 
 
 def step_costs(costs: dict) -> dict[int, dict]:
-    """Per batch size: decode step, verify pass by k, and each draft kind's step (ms)."""
+    """Per batch size: decode step, verify pass by k, and each draft kind's measured steps as
+    (fraction, ms): kept fraction of the prompt (compressed cache), skipped fraction of the
+    layers (layer skip), None for the draft model."""
     by_batch = {}
     for row in costs["rows"]:
         entry = by_batch.setdefault(row["batch_size"], {"verify": {}, "draft": {}})
@@ -48,35 +50,58 @@ def step_costs(costs: dict) -> dict[int, dict]:
         elif row["what"] == "target verify pass":
             entry["verify"][row["k"]] = row["ms"]
         else:
-            entry["draft"].setdefault(row["what"], row["ms"])  # the first skip fraction measured
+            fraction = row.get("kept_fraction", row.get("skipped_fraction"))
+            entry["draft"].setdefault(row["what"], []).append((fraction, row["ms"]))
     return by_batch
 
 
+def draft_step(entry: dict, source: dict) -> tuple[float, float | None] | None:
+    """The measured draft step (fraction, ms) closest to the acceptance source's fraction."""
+    steps = entry["draft"].get(DRAFT_COSTS[source["kind"]])
+    if not steps:
+        return None
+    if source.get("fraction") is None:
+        return steps[0]
+    return min(steps, key=lambda step: abs(step[0] - source["fraction"]))
+
+
 def predictions(costs: dict, acceptance: list[dict]) -> list[dict]:
-    """Every (batch, acceptance entry, k) point whose costs were measured. An acceptance entry:
-    {"label", "alpha", "kind"} with kind one of DRAFT_COSTS."""
+    """Every (batch, acceptance source, k) point whose costs were measured. A source:
+    {"label", "alpha", "kind" (a DRAFT_COSTS key), "fraction" (kept or skipped, or None)}."""
     points = []
     for batch, entry in sorted(step_costs(costs).items()):
         for source in acceptance:
-            draft_ms = entry["draft"].get(DRAFT_COSTS[source["kind"]])
-            if draft_ms is None or "decode" not in entry:
+            step = draft_step(entry, source)
+            if step is None or "decode" not in entry:
                 continue
             for k, verify_ms in sorted(entry["verify"].items()):
-                points.append({"batch_size": batch, **source, "k": k, "draft_ms": draft_ms, "verify_ms": verify_ms,
-                               "decode_ms": entry["decode"], "expected_tokens": expected_tokens(source["alpha"], k),
-                               "predicted_speedup": predicted_speedup(source["alpha"], k, draft_ms, verify_ms,
+                points.append({"batch_size": batch, **source, "k": k, "draft_ms": step[1], "draft_cost_fraction": step[0],
+                               "verify_ms": verify_ms, "decode_ms": entry["decode"],
+                               "expected_tokens": expected_tokens(source["alpha"], k),
+                               "predicted_speedup": predicted_speedup(source["alpha"], k, step[1], verify_ms,
                                                                       entry["decode"])})
     return points
 
 
-def acceptance_from_results(paths: list[Path]) -> list[dict]:
-    """The measured alpha of every row of speculative result files, labelled by spec and model."""
+def acceptance_from_results(paths: list[Path], only_k: int | None = 4) -> list[dict]:
+    """The measured alpha of the rows (with k = ``only_k``; None: all) of speculative result
+    files, labelled by draft and text, with the kept fraction of the prompt (compressed cache)
+    or the skipped fraction of the layers (layer skip)."""
     entries = []
     for path in paths:
         result = json.loads(Path(path).read_text())
         for row in result["rows"]:
-            entries.append({"label": f"{result['model']} {row['spec']} (measured, {Path(path).name})",
-                            "alpha": row["alpha"], "kind": row["kind"]})
+            if only_k is not None and row["k"] != only_k:
+                continue
+            fraction = None
+            if row["kind"] == "press":
+                fraction = row["draft_budget_tokens"] / result["prompt_tokens"]
+            elif row["kind"] == "layer_skip":
+                fraction = len(row["skipped_layers"]) / row["layers"]
+            draft = row["spec"].replace(f",k={row['k']}", "")
+            text = row["prompts"][0]["prompt"].split(" ")[0]  # "wikitext-2-raw-v1" or "PG-19-style"
+            entries.append({"label": f"{result['model']} {draft}, {text}", "alpha": row["alpha"],
+                            "kind": row["kind"], "fraction": fraction, "source_file": Path(path).name})
     return entries
 
 
@@ -87,17 +112,23 @@ def plot(points: list[dict], title: str, output: Path) -> None:
     import matplotlib.pyplot as plt
 
     batches = sorted({p["batch_size"] for p in points})
-    figure, axes = plt.subplots(1, len(batches), figsize=(6.5 * len(batches), 4.8), squeeze=False)
+    figure, axes = plt.subplots(1, len(batches), figsize=(7 * len(batches), 5.5), squeeze=False)
+    drafts = list(dict.fromkeys(p["label"].rsplit(", ", 1)[0] for p in points if p["kind"] != "model"))
+    colors = {draft: plt.cm.tab10(index % 10) for index, draft in enumerate(drafts)}
     for axis, batch in zip(axes[0], batches):
-        for label in dict.fromkeys(p["label"] for p in points if p["batch_size"] == batch):
-            line = [p for p in points if p["batch_size"] == batch and p["label"] == label]
-            style = "--" if line[0]["kind"] == "model" else "-"
-            axis.plot([p["k"] for p in line], [p["predicted_speedup"] for p in line], style, marker="o",
-                      markersize=3, label=f"{label}, alpha={line[0]['alpha']:.2f}")
+        for key in dict.fromkeys((p["label"], p["alpha"]) for p in points if p["batch_size"] == batch):
+            line = [p for p in points if p["batch_size"] == batch and (p["label"], p["alpha"]) == key]
+            if line[0]["kind"] == "model":  # hypothetical acceptance: grey dashes
+                style = {"color": "grey", "linestyle": "--"}
+            else:  # measured acceptance: one colour per draft, solid on WikiText, dotted on PG-19
+                style = {"color": colors[key[0].rsplit(", ", 1)[0]],
+                         "linestyle": ":" if "PG-19" in key[0] else "-"}
+            axis.plot([p["k"] for p in line], [p["predicted_speedup"] for p in line], marker="o", markersize=3,
+                      label=f"{key[0]}, alpha={key[1]:.2f}", **style)
         axis.axhline(1.0, color="black", linewidth=0.8)
         axis.set(xlabel="drafts per verify pass k", ylabel="predicted speedup over plain decoding",
                  title=f"batch {batch}")
-        axis.legend(fontsize=6)
+        axis.legend(fontsize=5.5)
     figure.suptitle(title, fontsize=9)
     figure.tight_layout()
     figure.savefig(output, dpi=150)
@@ -110,11 +141,14 @@ def main(argv=None) -> None:
     parser.add_argument("--acceptance", type=Path, nargs="*", default=[], help="speculative result JSON files")
     parser.add_argument("--alpha", type=float, nargs="*", default=[0.6, 0.7, 0.8, 0.9],
                         help="hypothetical acceptance rates for the draft model (none is measured for Pythia here)")
+    parser.add_argument("--only_k", type=int, default=4,
+                        help="take alpha from result rows run with this k (alpha is the draft's, not k's)")
     parser.add_argument("--output", type=Path, required=True, help="NAME: writes NAME.json and NAME.png")
     args = parser.parse_args(argv)
     costs = json.loads(args.costs.read_text())
-    acceptance = [{"label": f"{costs['draft_model']} draft (hypothetical)", "alpha": alpha, "kind": "model"}
-                  for alpha in args.alpha] + acceptance_from_results(args.acceptance)
+    acceptance = [{"label": f"{costs['draft_model']} draft (hypothetical)", "alpha": alpha, "kind": "model",
+                   "fraction": None}
+                  for alpha in args.alpha] + acceptance_from_results(args.acceptance, args.only_k)
     points = predictions(costs, acceptance)
     device = costs["environment"].get("gpu", costs["environment"]["device"])
     title = (f"Predicted from step costs measured on {device} ({costs['model']}, {costs['model_tier']}; "

@@ -1,0 +1,18 @@
+# Issue 5, speculative decoding on the GPU: what one iteration costs on the static-cache + CUDA-graph
+# path. Random-init Pythia-2.8B (target) and Pythia-160m (draft), fp16, SDPA, a cached prompt of 2000
+# random tokens, batch 1 and 8: the target's forward of k+1 tokens (one verify pass) against its
+# single-token decode step for k = 1..8; the draft's step on its own 2000-token cache; the self-drafts'
+# steps (the target on a 256- or 512-token cache; the target skipping 20% or 40% of its layers).
+# Median of 20 forwards after 3 compiling/recording calls; the JSON is rewritten after every
+# measurement and new ones stop after 360 s, so the run ends within about 7 minutes.
+#   export KVPRESS_NEOX_COMMIT=<hash>; source evaluation/device/setup_env.sh && bash evaluation/device/speculative_costs.sh
+# Then, on any machine (matplotlib), the predicted speedup curves from these costs and measured acceptance:
+#   python evaluation/speculative_speedup.py results/pythia-2.8b_random_speculative_costs_h100.json \
+#     --acceptance results/smollm2-135m_speculative_self_wikitext.json results/smollm2-135m_speculative_self_pg19.json \
+#     --output results/pythia-2.8b_random_speculative_predicted_h100
+out=${OUT:-results}
+timeout 450 python3 evaluation/speculative.py --model EleutherAI/pythia-2.8b --random-init --verify_costs \
+  --draft_model EleutherAI/pythia-160m --dtype float16 --attn_implementation sdpa --prompt_tokens 2000 \
+  --new_tokens 256 --batch_size 1 8 --k_values 1 2 3 4 5 6 7 8 --self_budget 256 512 --skip_fraction 0.2 0.4 \
+  --repeats 20 --time_limit_s 360 --output "$out/pythia-2.8b_random_speculative_costs_h100.json" 2>&1 \
+  | grep -vE "Warning|warn\(" | tail -45
