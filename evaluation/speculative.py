@@ -119,7 +119,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model", default="EleutherAI/pythia-2.8b",
                         help=f"target: hub id, local folder or '{SMOLLM2_ALIAS}'. Default: %(default)s")
     parser.add_argument("--random-init", action="store_true",
-                        help="exact Pythia configs, random weights (target and draft): speed only")
+                        help="exact Pythia configs, random weights (target and draft): timings only, "
+                             "their acceptance means nothing")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: float16 on CUDA, float32 on CPU")
     parser.add_argument("--attn_implementation", default="sdpa", choices=["eager", "sdpa"])
@@ -170,8 +171,6 @@ def check_args(args) -> list[Spec]:
         raise SpecError(f"--temperature must be >= 0, got {args.temperature}")
     if args.press:
         make_press(args.press, args.compression_ratio)  # unknown press or ratio: PressConfigError
-    if args.random_init and not args.verify_costs:
-        raise SpecError("--random-init drafts accept nothing meaningful: use real weights, or --verify_costs")
     if args.decoder == "static" and args.press == "pyramidkv":
         raise SpecError("the static decoder needs one cache length in every layer; pyramidkv leaves them uneven")
     return specs
@@ -210,7 +209,9 @@ def build_draft(spec: Spec, args, loaded, dtype: str, chosen: dict):
     greedy layer search between specs (run once, for the largest count in ``chosen["largest"]``)."""
     model = loaded.model
     if spec.kind == "model":
-        draft_model = load_model(spec.draft, False, dtype, args.device, args.attn_implementation, args.data_dir).model
+        # --random-init (speed stand-in) applies to the draft too: timings only, acceptance meaningless
+        draft_model = load_model(spec.draft, args.random_init, dtype, args.device, args.attn_implementation,
+                                 args.data_dir).model
         if draft_model.config.vocab_size != model.config.vocab_size:
             raise SpecError(f"draft {spec.draft} has vocabulary {draft_model.config.vocab_size}, the target "
                             f"{model.config.vocab_size}: they must share one tokenizer")
