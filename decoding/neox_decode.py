@@ -49,24 +49,27 @@ class KVBuffer:
         return sum(tensor_bytes(t) for t in self.keys + self.values)
 
 
-def load_buffer(caches: list[DynamicCache], new_tokens: int) -> KVBuffer:
-    """Right-align the pressed caches (one per sequence, batch 1 each) into one buffer with
-    ``new_tokens`` free slots. Each source layer is emptied once copied, so the pressed caches
-    and the buffer never both hold everything."""
-    layers = len(caches[0].layers)
-    lengths = torch.tensor([[cache.layers[layer].keys.shape[2] for cache in caches] for layer in range(layers)])
+def load_buffer(groups: list[tuple[list[int], DynamicCache]], new_tokens: int) -> KVBuffer:
+    """Right-align the pressed caches into one buffer with ``new_tokens`` free slots. ``groups``:
+    (rows of the batch, the cache prefilled for them together). Each source layer is emptied once
+    copied, so the pressed caches and the buffer never both hold everything (large batches fit)."""
+    batch = sum(len(rows) for rows, _ in groups)
+    layers = len(groups[0][1].layers)
+    lengths = torch.zeros(layers, batch, dtype=torch.long)
+    for rows, cache in groups:
+        for layer in range(layers):
+            lengths[layer, rows] = cache.layers[layer].keys.shape[2]
     kept = int(lengths.max())
-    sample = caches[0].layers[0].keys
-    batch, heads, head_dim = len(caches), sample.shape[1], sample.shape[3]
-    shape = (batch, heads, kept + new_tokens, head_dim)
+    sample = groups[0][1].layers[0].keys
+    shape = (batch, sample.shape[1], kept + new_tokens, sample.shape[3])
     keys, values = [], []
     for layer in range(layers):
         layer_keys, layer_values = sample.new_zeros(shape), sample.new_zeros(shape)
-        for row, cache in enumerate(caches):
+        for rows, cache in groups:
             source = cache.layers[layer]
             length = source.keys.shape[2]
-            layer_keys[row, :, kept - length : kept] = source.keys[0]
-            layer_values[row, :, kept - length : kept] = source.values[0]
+            layer_keys[rows, :, kept - length : kept] = source.keys
+            layer_values[rows, :, kept - length : kept] = source.values
             source.keys, source.values = source.keys.new_empty(0), source.values.new_empty(0)
         # Fixed addresses: the compiled step writes into these in place, replay after replay.
         torch._dynamo.mark_static_address(layer_keys)
@@ -133,31 +136,31 @@ def decode_step(model, token, position, slot, buffer: KVBuffer, noise=None,
 
 
 def compiled_step(compile: bool, mode: str = "reduce-overhead"):
-    """The decode step compiled whole (CUDA-graph replay with ``reduce-overhead``), or as is."""
-    return torch.compile(decode_step, mode=mode, fullgraph=True) if compile else decode_step
+    """The decode step compiled whole (CUDA-graph replay with ``reduce-overhead`` and
+    ``max-autotune``), or as is. ``max-autotune`` also benchmarks Triton matmul templates
+    against cuBLAS and, as gpt-fast does, tunes the fused kernels' launch shapes."""
+    if not compile:
+        return decode_step
+    if mode == "max-autotune":
+        torch._inductor.config.coordinate_descent_tuning = True
+    return torch.compile(decode_step, mode=mode, fullgraph=True)
 
 
 @torch.no_grad()
-def prefill(model, prompts: list[torch.Tensor], press=None) -> tuple[torch.Tensor, list[DynamicCache]]:
-    """Each prompt (1, length) with the press (prompts of one length run as one batch); returns
-    the last-position logits (batch, vocab) and one pressed cache per prompt, in input order."""
-    logits, caches = [None] * len(prompts), [None] * len(prompts)
+def prefill(model, prompts: list[torch.Tensor], press=None) -> tuple[torch.Tensor, list]:
+    """Each prompt (1, length) with the press, prompts of one length together as one batch;
+    returns the last-position logits (batch, vocab) in input order and the (rows, pressed
+    cache) groups."""
     by_length = {}
     for row, prompt in enumerate(prompts):
         by_length.setdefault(prompt.shape[1], []).append(row)
+    logits, groups = [None] * len(prompts), []
     for rows in by_length.values():
         group_logits, cache = hf_static.prefill(model, torch.cat([prompts[row] for row in rows]), press)
         for offset, row in enumerate(rows):
             logits[row] = group_logits[offset]
-            caches[row] = cache if len(rows) == 1 else _row_of(cache, offset)
-    return torch.stack(logits), caches
-
-
-def _row_of(cache: DynamicCache, row: int) -> DynamicCache:
-    single = DynamicCache()
-    for index, layer in enumerate(cache.layers):
-        single.update(layer.keys[row : row + 1], layer.values[row : row + 1], index)
-    return single
+        groups.append((rows, cache))
+    return torch.stack(logits), groups
 
 
 def _noise(shape, device, generator):
@@ -181,10 +184,10 @@ def generate(model, prompts: list[torch.Tensor], press, new_tokens: int, step=de
     noise_shape = (batch, model.config.vocab_size)
     hf_static.synchronize(device)
     start = time.perf_counter()
-    logits, caches = prefill(model, prompts, press)
+    logits, groups = prefill(model, prompts, press)
     token = next_token(logits, temperature, top_k, _noise(noise_shape, device, generator) if sampled else None)
-    kept_bytes = sum(kv_bytes(cache) for cache in caches)
-    buffer = load_buffer(caches, new_tokens)
+    kept_bytes = sum(kv_bytes(cache) for _, cache in groups)
+    buffer = load_buffer(groups, new_tokens)
     hf_static.synchronize(device)
     first_token_at = time.perf_counter()
     lengths = torch.tensor([[prompt.shape[1]] for prompt in prompts], device=device)

@@ -34,13 +34,14 @@ def environment(device: str) -> dict:
 
 
 def _git_commit() -> str:
+    if os.environ.get("KVPRESS_NEOX_COMMIT"):  # the GPU machine's copy of the tree has no (or a stale) .git
+        return os.environ["KVPRESS_NEOX_COMMIT"]
     try:
         return subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, check=True
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        # The GPU machine gets the working tree without .git: the caller passes the commit.
-        return os.environ.get("KVPRESS_NEOX_COMMIT", "unknown")
+        return "unknown"
 
 
 def _write_atomic(path: Path, write) -> None:

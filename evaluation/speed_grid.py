@@ -40,7 +40,7 @@ from presses.registry import check_compression_ratio  # noqa: E402
 DENSE = "dense"
 COLUMNS = ["decoder", "decode_attention", "method", "compression_ratio", "batch_size", "prompt_tokens", "new_tokens",
            "ttft_ms", "tpot_ms", "tpot_floor_ms", "tpot_over_floor", "tpot_speedup", "decode_tokens_per_s",
-           "end_to_end_tokens_per_s", "peak_memory_gib", "kv_mib_final", "error"]
+           "end_to_end_tokens_per_s", "peak_memory_gib", "kv_mib_after_prefill", "kv_mib_final", "error"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -105,11 +105,12 @@ def run_cell(model, cell: dict, args) -> dict:
     try:
         row |= measure(model, prompt, press, cell["new_tokens"], repeats=args.repeats, decoder=cell["decoder"],
                        backend=cell["backend"] or "sdpa", compile_mode=args.compile_mode)
-    except torch.cuda.OutOfMemoryError:  # a result too: this batch does not fit this method
-        torch.cuda.empty_cache()
-        row |= _failed(cell, "CUDA out of memory")
     except Exception as error:  # noqa: BLE001 -- one failing cell (e.g. a compiler error) must not lose the grid
-        row |= _failed(cell, f"{type(error).__name__}: {str(error)[:500]}")
+        # Out of memory is a result too (this batch does not fit this method); cuDNN reports it
+        # as a generic accelerator error.
+        out_of_memory = "out of memory" in str(error).lower()
+        torch.cuda.empty_cache()
+        row |= _failed(cell, "CUDA out of memory" if out_of_memory else f"{type(error).__name__}: {str(error)[:500]}")
     if "tpot_ms" in row:
         mean_cache = row["kept_tokens_layer0"] + cell["new_tokens"] / 2
         row["tpot_floor_ms"] = roofline.step_floor_ms(model.config, cell["batch_size"], 1, round(mean_cache), args.gpu)
@@ -176,7 +177,10 @@ def merge(folders: list[Path]) -> tuple[dict, list[dict]]:
     payloads = [json.loads(path.read_text()) for path in files]
     header = {k: v for k, v in payloads[0].items() if k != "rows"}
     header["command"] = sorted({payload["command"] for payload in payloads})
-    return header, [payload["rows"][0] for payload in payloads]
+    rows = [payload["rows"][0] for payload in payloads]
+    rows.sort(key=lambda r: (DECODERS.index(r["decoder"]), str(r.get("decode_attention")), r["method"] != DENSE,
+                             r["method"], r["compression_ratio"], r["prompt_tokens"], r["new_tokens"], r["batch_size"]))
+    return header, rows
 
 
 def measure_grid(args) -> tuple[dict, list[dict]]:

@@ -21,7 +21,7 @@ case "$part" in
       --compression_ratio 0.5 0.75 --batch_size 1 --output_dir "$work/presses" ;;
   batch)
     python3 evaluation/speed_grid.py $common --decoder neox --press snapkv --compression_ratio 0.75 \
-      --batch_size 64 128 256 --repeats 1 --output_dir "$work" ;;
+      --batch_size 64 96 128 192 --repeats 1 --output_dir "$work" ;;
   *) echo "usage: speed_grid.sh baselines|fast|batch" >&2; exit 2 ;;
 esac
 tar czf "${OUT:-results}/grid_$part.tgz" -C "$work" .

@@ -1,0 +1,88 @@
+"""Where a decode step's time goes: the GPU kernels of the plain GPT-NeoX step (decoding/neox_decode.py).
+
+  python evaluation/profile_step.py --model EleutherAI/pythia-2.8b --random-init --prompt_tokens 2000
+
+The step is compiled without CUDA graphs (so the profiler sees each kernel), run ``--steps``
+times under torch.profiler after warm-up, and the kernels are summed by name: total GPU time
+per step, the share of each kernel, and how many launches a step makes. The result is printed
+and written as JSON (``--output``). Launch overhead is what CUDA graphs remove; what remains
+here is the time the kernels themselves take, to hold against the roofline floor.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from decoding import neox_decode
+from evaluation import roofline
+from evaluation.models import load_model
+from evaluation.results import environment, write_json_atomic
+from evaluation.speed import prompt_ids
+from presses import make_press
+
+
+def kernel_table(events, steps: int) -> pd.DataFrame:
+    rows = [{"kernel": e.key, "launches_per_step": e.count / steps, "us_per_step": e.device_time_total / steps}
+            for e in events if e.device_time_total > 0 and e.device_type == torch.autograd.DeviceType.CUDA]
+    frame = pd.DataFrame(rows).sort_values("us_per_step", ascending=False)
+    frame["share"] = frame.us_per_step / frame.us_per_step.sum()
+    return frame
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="EleutherAI/pythia-2.8b")
+    parser.add_argument("--random-init", action="store_true")
+    parser.add_argument("--press", help="a registry press applied at prefill (default: dense)")
+    parser.add_argument("--compression_ratio", type=float, default=0.5)
+    parser.add_argument("--prompt_tokens", type=int, default=2000)
+    parser.add_argument("--batch_size", type=int, default=1)
+    parser.add_argument("--backend", default="sdpa", choices=neox_decode.ATTENTION_BACKENDS)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--output", type=Path, default=Path("results/profile_step.json"))
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("error: profiling kernels needs a CUDA device")
+
+    model = load_model(args.model, args.random_init, "float16", "cuda").model
+    prompts = list(prompt_ids(model.config.vocab_size, args.batch_size, args.prompt_tokens, 0).cuda().split(1))
+    press = make_press(args.press, args.compression_ratio) if args.press else None
+    _, groups = neox_decode.prefill(model, prompts, press)
+    buffer = neox_decode.load_buffer(groups, args.steps + 8)
+    step = torch.compile(neox_decode.decode_step, fullgraph=True)  # no CUDA graphs: the profiler sees kernels
+    token = torch.full((args.batch_size, 1), 2, device="cuda")
+    position = torch.full((args.batch_size, 1), args.prompt_tokens, device="cuda")
+
+    def run(index: int):
+        slot = torch.tensor([buffer.kept + index], device="cuda")
+        return step(model, token, position + index, slot, buffer, None, args.backend)
+
+    with torch.no_grad():
+        for index in range(4):  # compile and warm up
+            run(index)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as profiler:
+            for index in range(4, 4 + args.steps):
+                run(index)
+            torch.cuda.synchronize()
+    frame = kernel_table(profiler.key_averages(), args.steps)
+    floor = roofline.step_floor_ms(model.config, args.batch_size, 1, buffer.kept + 8)
+    total_ms = frame.us_per_step.sum() / 1e3
+    print(frame.head(25).to_string(index=False, float_format=lambda x: f"{x:.3g}"))
+    print(f"kernel time per step {total_ms:.3f} ms over {frame.launches_per_step.sum():.0f} launches; "
+          f"roofline floor {floor:.3f} ms ({total_ms / floor:.2f}x)")
+    write_json_atomic(args.output, {
+        "command": "python evaluation/profile_step.py " + " ".join(sys.argv[1:]),
+        "model": args.model, "press": args.press, "compression_ratio": args.compression_ratio if args.press else 0.0,
+        "batch_size": args.batch_size, "prompt_tokens": args.prompt_tokens, "backend": args.backend,
+        "kernel_ms_per_step": total_ms, "launches_per_step": frame.launches_per_step.sum(), "floor_ms": floor,
+        "environment": environment("cuda"), "kernels": frame.to_dict("records"),
+    })
+
+
+if __name__ == "__main__":
+    main()
