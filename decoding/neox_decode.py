@@ -80,49 +80,52 @@ def load_buffer(groups: list[tuple[list[int], DynamicCache]], new_tokens: int) -
 
 
 def attend(query, keys, values, visible, scaling: float, backend: str):
-    """Single-token attention: query (batch, heads, 1, dim) over the buffer's slots where
-    ``visible`` (batch, slots) is True."""
+    """Attention of the new tokens' queries (batch, heads, new, dim) over the buffer's slots
+    where ``visible`` (batch, new, slots) is True."""
     if backend == "sdpa":
-        return F.scaled_dot_product_attention(query, keys, values, attn_mask=visible[:, None, None, :], scale=scaling)
+        return F.scaled_dot_product_attention(query, keys, values, attn_mask=visible[:, None], scale=scaling)
     if backend == "flex":
         def hide_padding(score, batch, head, query_index, slot):
-            return torch.where(visible[batch, slot], score, -float("inf"))
+            return torch.where(visible[batch, query_index, slot], score, -float("inf"))
         return flex_attention(query, keys, values, score_mod=hide_padding, scale=scaling)
     if backend == "eager":
         scores = torch.matmul(query, keys.transpose(2, 3)) * scaling
-        scores = scores.masked_fill(~visible[:, None, None, :], torch.finfo(scores.dtype).min)
+        scores = scores.masked_fill(~visible[:, None], torch.finfo(scores.dtype).min)
         return torch.matmul(F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype), values)
     raise ValueError(f"unknown attention back end {backend!r}; choose from {', '.join(ATTENTION_BACKENDS)}")
 
 
 def next_token(logits: torch.Tensor, temperature: float, top_k: int | None, noise: torch.Tensor | None):
-    """Greedy when ``temperature`` is 0; else a draw from softmax(logits / temperature) over the
-    ``top_k`` best, using ``noise`` (uniform in (0, 1), logits' shape) by the Gumbel-max trick."""
+    """The token after each position of ``logits`` (..., vocab): greedy when ``temperature`` is
+    0; else a draw from softmax(logits / temperature) over the ``top_k`` best, using ``noise``
+    (uniform in (0, 1), logits' shape) by the Gumbel-max trick."""
     if temperature == 0:
-        return logits.argmax(-1, keepdim=True)
+        return logits.argmax(-1)
     logits = logits.float() / temperature
     if top_k is not None:
         kth_best = logits.topk(top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth_best, -float("inf"))
-    return (logits - torch.log(-torch.log(noise))).argmax(-1, keepdim=True)
+    return (logits - torch.log(-torch.log(noise))).argmax(-1)
 
 
-def decode_step(model, token, position, slot, buffer: KVBuffer, noise=None,
-                backend: str = "sdpa", temperature: float = 0.0, top_k: int | None = None):
-    """One token per sequence through every layer: ``token`` and ``position`` (batch, 1),
-    written at buffer ``slot`` (1,); returns the next token (batch, 1)."""
+def decode_step(model, token, position, slot, buffer: KVBuffer, noise=None, backend: str = "sdpa",
+                temperature: float = 0.0, top_k: int | None = None, layers: tuple[int, ...] | None = None):
+    """New tokens through the model: ``token`` and ``position`` (batch, new), written at buffer
+    slots ``slot`` (new,), each new token seeing the ones before it; returns the token after
+    each (batch, new). One token per sequence is a decode step; several are a speculative
+    verify pass. ``layers``: run only these layers (a layer-skipping self-draft)."""
     neox = model.gpt_neox
     hidden = neox.embed_in(token)
     cos, sin = neox.rotary_emb(hidden, position_ids=position)
     slots = torch.arange(buffer.keys[0].shape[2], device=token.device)
-    written = slots <= slot  # slots holding a token once this step's token is in
-    for index, layer in enumerate(neox.layers):
-        attention = layer.attention
+    written = slots <= slot[:, None]  # (new, slots): what each new token sees of the slots filled so far
+    for index in range(len(neox.layers)) if layers is None else layers:
+        layer, attention = neox.layers[index], neox.layers[index].attention
         query, key, value = split_qkv(attention, layer.input_layernorm(hidden))
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
         buffer.keys[index].index_copy_(2, slot, key)
         buffer.values[index].index_copy_(2, slot, value)
-        visible = written & (slots >= buffer.first_valid[index][:, None])
+        visible = written & (slots >= buffer.first_valid[index][:, None, None])
         attended = attend(query, buffer.keys[index], buffer.values[index], visible, attention.scaling, backend)
         attended = attention.dense(attended.transpose(1, 2).reshape(hidden.shape))
         # The same residual arithmetic, in the same order, as transformers' GPTNeoXLayer.
@@ -131,8 +134,7 @@ def decode_step(model, token, position, slot, buffer: KVBuffer, noise=None,
         else:
             attended = attended + hidden
             hidden = layer.mlp(layer.post_attention_layernorm(attended)) + attended
-    logits = model.embed_out(neox.final_layer_norm(hidden))[:, -1]
-    return next_token(logits, temperature, top_k, noise)
+    return next_token(model.embed_out(neox.final_layer_norm(hidden)), temperature, top_k, noise)
 
 
 def compiled_step(compile: bool, mode: str = "reduce-overhead"):
@@ -181,11 +183,11 @@ def generate(model, prompts: list[torch.Tensor], press, new_tokens: int, step=de
     device = model.device
     batch = len(prompts)
     sampled = temperature > 0
-    noise_shape = (batch, model.config.vocab_size)
+    noise_shape = (batch, 1, model.config.vocab_size)
     hf_static.synchronize(device)
     start = time.perf_counter()
     logits, groups = prefill(model, prompts, press)
-    token = next_token(logits, temperature, top_k, _noise(noise_shape, device, generator) if sampled else None)
+    token = next_token(logits[:, None], temperature, top_k, _noise(noise_shape, device, generator) if sampled else None)
     kept_bytes = sum(kv_bytes(cache) for _, cache in groups)
     buffer = load_buffer(groups, new_tokens)
     hf_static.synchronize(device)

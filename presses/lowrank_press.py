@@ -101,7 +101,7 @@ def allocate_ranks(energies: list[torch.Tensor], budget: int) -> list[int]:
     largest gains, where the gain of a matrix's i-th direction is the share of each head's total
     energy its i-th energy carries, averaged over heads. Gains fall with i, so the chosen
     directions of each matrix are its leading ones."""
-    gains = [(e / e.sum(-1, keepdim=True).clamp(min=1e-30)).mean(0) for e in energies]
+    gains = [(e / e.sum(-1, keepdim=True).clamp(min=1e-30)).mean(0).cpu() for e in energies]
     owner = torch.cat([torch.full((len(g),), index) for index, g in enumerate(gains)])
     chosen = owner[torch.cat(gains).argsort(descending=True, stable=True)[: max(budget, 0)]]
     return torch.bincount(chosen, minlength=len(gains)).tolist()

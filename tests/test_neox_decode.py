@@ -69,11 +69,26 @@ def test_sampler_draws_from_the_tempered_top_k_distribution():
     logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, 0.0]])
     temperature, top_k, draws = 0.7, 3, 40_000
     noise = torch.rand((draws, 5), generator=torch.Generator().manual_seed(0))
-    tokens = neox_decode.next_token(logits.expand(draws, -1), temperature, top_k, noise)[:, 0]
+    tokens = neox_decode.next_token(logits.expand(draws, -1), temperature, top_k, noise)
     observed = torch.bincount(tokens, minlength=5).float() / draws
     expected = torch.zeros(5)
     expected[:3] = torch.softmax(logits[0, :3] / temperature, dim=0)
     assert (observed - expected).abs().max() < 0.01  # about 4 standard errors at 40k draws
+
+
+def test_a_verify_pass_of_several_tokens_equals_one_step_per_token(model):
+    """Several new tokens in one call (speculative verification) see the cache and each other
+    exactly as the same tokens fed one step at a time."""
+    prompt, drafted = list(prompts(2, 100).split(1)), prompts(2, 5, seed=9)
+    one_by_one = neox_decode.load_buffer(neox_decode.prefill(model, prompt, make_press("snapkv", 0.5))[1], 8)
+    together = neox_decode.load_buffer(neox_decode.prefill(model, prompt, make_press("snapkv", 0.5))[1], 8)
+    positions = torch.arange(100, 105).expand(2, -1)
+    stepped = [neox_decode.decode_step(model, drafted[:, [i]], positions[:, [i]],
+                                       torch.tensor([one_by_one.kept + i]), one_by_one) for i in range(5)]
+    verified = neox_decode.decode_step(model, drafted, positions, together.kept + torch.arange(5), together)
+    assert torch.equal(verified, torch.cat(stepped, dim=1))
+    for written_alone, written_together in zip(one_by_one.keys + one_by_one.values, together.keys + together.values):
+        torch.testing.assert_close(written_together, written_alone)  # matmul shapes differ: round-off only
 
 
 def test_unknown_attention_backend_is_refused(model):

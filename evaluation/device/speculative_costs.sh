@@ -1,5 +1,5 @@
-# Issue 5, speculative decoding on the GPU: what one iteration costs on the static-cache + CUDA-graph
-# path. Random-init Pythia-2.8B (target) and Pythia-160m (draft), fp16, SDPA, a cached prompt of 2000
+# Issue 5, speculative decoding on the GPU: what one iteration costs on the fast GPT-NeoX CUDA-graph
+# path (decoding/neox_decode.py). Random-init Pythia-2.8B (target) and Pythia-160m (draft), fp16, SDPA, a cached prompt of 2000
 # random tokens, batch 1 and 8: the target's forward of k+1 tokens (one verify pass) against its
 # single-token decode step for k = 1..8; the draft's step on its own 2000-token cache; the self-drafts'
 # steps (the target on a 256- or 512-token cache; the target skipping 20% or 40% of its layers).
