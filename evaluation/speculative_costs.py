@@ -27,6 +27,7 @@ from decoding.generate import synchronize
 from evaluation.models import load_model
 
 
+@torch.no_grad()  # with autograd on, each compiled call keeps a graph for backward and re-records its CUDA graph
 def time_forward(model, buffer, tokens: torch.Tensor, repeats: int, step, layers=None) -> tuple[float, float]:
     """Median seconds of one forward of ``tokens`` (batch, new) at the buffer's first free slots,
     and the seconds of the first (compiling) call."""
@@ -49,6 +50,7 @@ def spread_layers(layers: int, count: int) -> list[int]:
     return sorted({round(1 + index * (layers - 3) / max(1, count - 1)) for index in range(count)})
 
 
+@torch.no_grad()
 def measure_costs(args, loaded, dtype: str, save) -> dict:
     """Run every measurement that fits in ``args.time_limit_s``; ``save(payload)`` after each."""
     target = loaded.model
