@@ -153,10 +153,12 @@ def main(argv=None) -> None:
     device = costs["environment"].get("gpu", costs["environment"]["device"])
     title = (f"Predicted from step costs measured on {device} ({costs['model']}, {costs['model_tier']}; "
              f"prompt {costs['prompt_tokens']} tokens) and acceptance rates")
-    write_json_atomic(args.output.with_suffix(".json"), {"costs_file": str(args.costs), "title": title,
+    # NAME may itself hold dots (pythia-2.8b_...): append the suffixes, do not replace one.
+    json_path, png_path = Path(f"{args.output}.json"), Path(f"{args.output}.png")
+    write_json_atomic(json_path, {"costs_file": str(args.costs), "title": title,
                                                           "formula": FORMULA, "points": points})
-    plot(points, title, args.output.with_suffix(".png"))
-    print(f"wrote {args.output.with_suffix('.json')} and {args.output.with_suffix('.png')}")
+    plot(points, title, png_path)
+    print(f"wrote {json_path} and {png_path}")
 
 
 if __name__ == "__main__":
