@@ -3,12 +3,9 @@
 from dataclasses import dataclass, field
 
 import torch
-from kvpress import BasePress
-from kvpress.presses.base_press import is_prefilling
 from torch import nn
-from transformers import QuantizedCache
 
-from presses.reconstructed_layer import ReconstructedLayer, dense_cache
+from presses.reconstructed_layer import ReconstructedLayer, ReconstructingPress, dense_cache
 
 
 class MergedHeadsLayer(ReconstructedLayer):
@@ -78,7 +75,7 @@ def merge_heads(similarities: list[torch.Tensor], n_groups: int) -> list[torch.T
 
 
 @dataclass
-class HeadMergePress(BasePress):
+class HeadMergePress(ReconstructingPress):
     """KV head merging, training-free (the GQA of Ainslie et al. 2023, "GQA: Training Generalized
     Multi-Query Transformer Models from Multi-Head Checkpoints", https://arxiv.org/abs/2305.13245,
     mean-pools heads and then uptrains; here nothing is trained).
@@ -110,12 +107,5 @@ class HeadMergePress(BasePress):
         if self.groups is None:
             raise ValueError("HeadMergePress needs calibrate(model, ids) on a calibration text first")
 
-    def forward_hook(self, module: nn.Module, input, kwargs: dict, output):
-        cache = kwargs["past_key_values"]
-        if not is_prefilling(kwargs["cache_position"], kwargs["hidden_states"].shape[1]):
-            return output
-        if isinstance(cache, QuantizedCache):
-            raise ValueError("head merging holds its own compressed form: use it without --kv_quant")
-        layer = cache.layers[module.layer_idx]
-        cache.layers[module.layer_idx] = MergedHeadsLayer(self.groups[module.layer_idx], layer.keys, layer.values)
-        return output
+    def stored_layer(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor):
+        return MergedHeadsLayer(self.groups[layer_idx], keys, values)

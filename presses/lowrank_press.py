@@ -3,13 +3,10 @@
 from dataclasses import dataclass, field
 
 import torch
-from kvpress import BasePress
-from kvpress.presses.base_press import is_prefilling
 from torch import nn
-from transformers import QuantizedCache
 
 from patches.gpt_neox import to_kvpress_order
-from presses.reconstructed_layer import ReconstructedLayer, dense_cache
+from presses.reconstructed_layer import ReconstructedLayer, ReconstructingPress, dense_cache
 
 
 @dataclass
@@ -108,7 +105,7 @@ def allocate_ranks(energies: list[torch.Tensor], budget: int) -> list[int]:
 
 
 @dataclass
-class LowRankPress(BasePress):
+class LowRankPress(ReconstructingPress):
     """Palu (Chang et al. 2024, "Palu: Compressing KV-Cache with Low-Rank Projection",
     https://arxiv.org/abs/2407.21118), training-free, per-head decomposition (Palu's M-LRD).
 
@@ -201,12 +198,5 @@ class LowRankPress(BasePress):
             ))
         return bases, ranks
 
-    def forward_hook(self, module: nn.Module, input, kwargs: dict, output):
-        cache = kwargs["past_key_values"]
-        if not is_prefilling(kwargs["cache_position"], kwargs["hidden_states"].shape[1]):
-            return output
-        if isinstance(cache, QuantizedCache):
-            raise ValueError("low-rank KV holds its own compressed form: use it without --kv_quant")
-        layer = cache.layers[module.layer_idx]
-        cache.layers[module.layer_idx] = LowRankLayer(self.bases[module.layer_idx], layer.keys, layer.values)
-        return output
+    def stored_layer(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor):
+        return LowRankLayer(self.bases[layer_idx], keys, values)

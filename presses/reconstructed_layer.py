@@ -13,7 +13,9 @@ is really stored (decoding/kv_cache.py ``kv_bytes`` counts those).
 """
 
 import torch
-from transformers import DynamicCache
+from kvpress import BasePress
+from kvpress.presses.base_press import is_prefilling
+from transformers import DynamicCache, QuantizedCache
 from transformers.cache_utils import DynamicLayer
 
 
@@ -75,3 +77,21 @@ class ReconstructedLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         # From the stored form: DynamicLayer's version would rebuild the keys to read a shape.
         return 0 if self._held_keys is None else self._held_keys[0].shape[-2]
+
+
+class ReconstructingPress(BasePress):
+    """A press that, after a layer's prefill, swaps the layer's cache entry for the smaller
+    form ``stored_layer`` builds (subclasses: low-rank KV, KV head merging)."""
+
+    def stored_layer(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> ReconstructedLayer:
+        raise NotImplementedError
+
+    def forward_hook(self, module, input, kwargs: dict, output):
+        cache = kwargs["past_key_values"]
+        if not is_prefilling(kwargs["cache_position"], kwargs["hidden_states"].shape[1]):
+            return output
+        if isinstance(cache, QuantizedCache):
+            raise ValueError(f"{type(self).__name__} holds its own compressed form: use it without --kv_quant")
+        layer = cache.layers[module.layer_idx]
+        cache.layers[module.layer_idx] = self.stored_layer(module.layer_idx, layer.keys, layer.values)
+        return output
