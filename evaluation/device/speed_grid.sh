@@ -5,6 +5,8 @@
 #   fast:      the plain GPT-NeoX step, three attention back ends (dense), and SnapKV / StreamingLLM /
 #              PyramidKV at 50% and 25% kept (SDPA), batch 1
 #   batch:     largest batch at 2k context, dense vs SnapKV at 25% kept, plain GPT-NeoX step
+#   same_run:  every decoder's dense cell at batch 1 in one call (the baselines and this project's path
+#              side by side on one machine; median of 2; about 6 minutes)
 # Then, here: python evaluation/speed_grid.py --merge DIR... --output_dir results/pythia-2.8b_random_grid_h100
 set -e
 part=$1
@@ -22,6 +24,9 @@ case "$part" in
   batch)
     python3 evaluation/speed_grid.py $common --decoder neox --press snapkv --compression_ratio 0.75 \
       --batch_size 64 96 128 192 --repeats 1 --output_dir "$work" ;;
-  *) echo "usage: speed_grid.sh baselines|fast|batch" >&2; exit 2 ;;
+  same_run)
+    python3 evaluation/speed_grid.py $common --decoder hf_eager hf_sdpa hf_static kvpress static neox --press \
+      --batch_size 1 --repeats 2 --output_dir "$work" ;;
+  *) echo "usage: speed_grid.sh baselines|fast|batch|same_run" >&2; exit 2 ;;
 esac
 tar czf "${OUT:-results}/grid_$part.tgz" -C "$work" .
