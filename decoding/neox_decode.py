@@ -6,11 +6,12 @@ one graph, so the compiled step still costs twice the memory-bandwidth floor on 
 the step is a few tensor operations per layer over the model's own weights (nothing copied),
 compiled whole (``fullgraph=True``), replayed as one CUDA graph.
 
-The KV buffer is preallocated for prompt + new tokens and holds whatever a press kept. Layers
-and sequences may keep different numbers of tokens (PyramidKV budgets, different prompt
-lengths in one batch): each (layer, sequence) is right-aligned so that kept tokens end at slot
-``kept`` and every new token goes to the same slot in all layers; the slots in front of a
-shorter cache are masked out. Positions continue from each sequence's own prompt length.
+The KV buffer is preallocated per layer for what the press kept there plus the new tokens.
+Layers may keep different numbers of tokens (PyramidKV budgets): each layer's buffer is as long
+as its own longest sequence. Sequences may too (different prompt lengths in one batch): within a
+layer each sequence is right-aligned, so that every sequence's n-th new token goes to the same
+slot, and the slots in front of a shorter cache are masked out. Positions continue from each
+sequence's own prompt length.
 
 Attention back ends by name: ``sdpa`` (torch's scaled_dot_product_attention with a boolean
 mask), ``flex`` (FlexAttention; compiled on CUDA it runs its split-KV decoding kernel,
@@ -38,12 +39,13 @@ ATTENTION_BACKENDS = ("sdpa", "flex", "eager")
 @dataclass
 class KVBuffer:
     """Per layer (batch, heads, slots, head_dim) keys and values, in the patched (kvpress)
-    head basis; ``first_valid`` (layers, batch): the first slot holding a real token."""
+    head basis; ``kept`` (layers,): slots filled after prefill, where the first new token goes;
+    ``first_valid`` (layers, batch): the first slot holding a real token."""
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
+    kept: torch.Tensor
     first_valid: torch.Tensor
-    kept: int  # slots filled after prefill: the first decode step writes here
 
     def nbytes(self) -> int:
         return sum(tensor_bytes(t) for t in self.keys + self.values)
@@ -59,24 +61,25 @@ def load_buffer(groups: list[tuple[list[int], DynamicCache]], new_tokens: int) -
     for rows, cache in groups:
         for layer in range(layers):
             lengths[layer, rows] = cache.layers[layer].keys.shape[2]
-    kept = int(lengths.max())
+    kept = lengths.max(dim=1).values
     sample = groups[0][1].layers[0].keys
-    shape = (batch, sample.shape[1], kept + new_tokens, sample.shape[3])
     keys, values = [], []
     for layer in range(layers):
+        end = int(kept[layer])
+        shape = (batch, sample.shape[1], end + new_tokens, sample.shape[3])
         layer_keys, layer_values = sample.new_zeros(shape), sample.new_zeros(shape)
         for rows, cache in groups:
             source = cache.layers[layer]
             length = source.keys.shape[2]
-            layer_keys[rows, :, kept - length : kept] = source.keys
-            layer_values[rows, :, kept - length : kept] = source.values
+            layer_keys[rows, :, end - length : end] = source.keys
+            layer_values[rows, :, end - length : end] = source.values
             source.keys, source.values = source.keys.new_empty(0), source.values.new_empty(0)
         # Fixed addresses: the compiled step writes into these in place, replay after replay.
         torch._dynamo.mark_static_address(layer_keys)
         torch._dynamo.mark_static_address(layer_values)
         keys.append(layer_keys)
         values.append(layer_values)
-    return KVBuffer(keys, values, (kept - lengths).to(sample.device), kept)
+    return KVBuffer(keys, values, kept.to(sample.device), (kept[:, None] - lengths).to(sample.device))
 
 
 def attend(query, keys, values, visible, scaling: float, backend: str):
@@ -108,24 +111,26 @@ def next_token(logits: torch.Tensor, temperature: float, top_k: int | None, nois
     return (logits - torch.log(-torch.log(noise))).argmax(-1)
 
 
-def decode_step(model, token, position, slot, buffer: KVBuffer, noise=None, backend: str = "sdpa",
+def decode_step(model, token, position, new_index, buffer: KVBuffer, noise=None, backend: str = "sdpa",
                 temperature: float = 0.0, top_k: int | None = None, layers: tuple[int, ...] | None = None):
-    """New tokens through the model: ``token`` and ``position`` (batch, new), written at buffer
-    slots ``slot`` (new,), each new token seeing the ones before it; returns the token after
-    each (batch, new). One token per sequence is a decode step; several are a speculative
-    verify pass. ``layers``: run only these layers (a layer-skipping self-draft)."""
+    """New tokens through the model: ``token`` and ``position`` (batch, new); ``new_index``
+    (new,): how many tokens were generated before each (they go to slot kept + new_index of
+    every layer), each new token seeing the ones before it; returns the token after each
+    (batch, new). One token per sequence is a decode step; several are a speculative verify
+    pass. ``layers``: run only these layers (a layer-skipping self-draft)."""
     neox = model.gpt_neox
     hidden = neox.embed_in(token)
     cos, sin = neox.rotary_emb(hidden, position_ids=position)
-    slots = torch.arange(buffer.keys[0].shape[2], device=token.device)
-    written = slots <= slot[:, None]  # (new, slots): what each new token sees of the slots filled so far
     for index in range(len(neox.layers)) if layers is None else layers:
         layer, attention = neox.layers[index], neox.layers[index].attention
         query, key, value = split_qkv(attention, layer.input_layernorm(hidden))
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        slot = buffer.kept[index] + new_index
         buffer.keys[index].index_copy_(2, slot, key)
         buffer.values[index].index_copy_(2, slot, value)
-        visible = written & (slots >= buffer.first_valid[index][:, None, None])
+        slots = torch.arange(buffer.keys[index].shape[2], device=token.device)
+        # (batch, new, slots): a real token (not padding in front of a shorter sequence) already written
+        visible = (slots <= slot[:, None]) & (slots >= buffer.first_valid[index][:, None, None])
         attended = attend(query, buffer.keys[index], buffer.values[index], visible, attention.scaling, backend)
         attended = attention.dense(attended.transpose(1, 2).reshape(hidden.shape))
         # The same residual arithmetic, in the same order, as transformers' GPTNeoXLayer.
@@ -195,14 +200,14 @@ def generate(model, prompts: list[torch.Tensor], press, new_tokens: int, step=de
     lengths = torch.tensor([[prompt.shape[1]] for prompt in prompts], device=device)
     generated = [token]
     for index in range(new_tokens - 1):
-        slot = torch.tensor([buffer.kept + index], device=device)
+        new_index = torch.tensor([index], device=device)
         noise = _noise(noise_shape, device, generator) if sampled else None
         # CUDA graphs reuse their output buffers: clone before the next replay overwrites it.
-        token = step(model, token, lengths + index, slot, buffer, noise, backend, temperature, top_k).clone()
+        token = step(model, token, lengths + index, new_index, buffer, noise, backend, temperature, top_k).clone()
         generated.append(token)
     hf_static.synchronize(device)
     if timings is not None:
         timings.update(ttft_s=first_token_at - start, decode_s=time.perf_counter() - first_token_at,
-                       kept_tokens_layer0=int(buffer.kept - buffer.first_valid[0].min()),
+                       kept_tokens_layer0=int(buffer.kept[0] - buffer.first_valid[0].min()),
                        kv_bytes_after_prefill=kept_bytes, kv_bytes_final=buffer.nbytes())
     return torch.cat(generated, dim=1)

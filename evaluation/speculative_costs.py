@@ -33,13 +33,13 @@ def time_forward(model, buffer, tokens: torch.Tensor, repeats: int, step, layers
     and the seconds of the first (compiling) call."""
     device = tokens.device
     new = tokens.shape[1]
-    slots = buffer.kept + torch.arange(new, device=device)
-    positions = slots.expand(tokens.shape[0], -1)
+    new_index = torch.arange(new, device=device)
+    positions = (buffer.kept[0] + new_index).expand(tokens.shape[0], -1)
     times = []
     for _ in range(3 + repeats):
         synchronize(device)
         start = time.perf_counter()
-        step(model, tokens, positions, slots, buffer, None, "sdpa", 0.0, None, layers)
+        step(model, tokens, positions, new_index, buffer, None, "sdpa", 0.0, None, layers)
         synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times[3:]), times[0]

@@ -34,7 +34,11 @@ def test_layers_keeping_different_lengths_decode_like_the_kvpress_loop(model):
     prompt = prompts(1, 100)
     expected = generate_forced(model, prompt, press, new_tokens=12)["tokens"]
     assert len(set(lengths)) > 1, "the press must leave the layers ragged for this test to mean anything"
-    assert torch.equal(neox_decode.generate(model, [prompt], press, 12), expected)
+    timings = {}
+    assert torch.equal(neox_decode.generate(model, [prompt], press, 12, timings=timings), expected)
+    # Each layer's buffer holds its own kept tokens plus the new ones: no padding to the longest layer.
+    token_bytes = 2 * model.config.hidden_size * 4  # keys and values, fp32
+    assert timings["kv_bytes_final"] == sum(lengths[-2:]) * token_bytes + 2 * 12 * token_bytes
 
 
 def test_prompts_of_different_lengths_in_one_batch_decode_as_if_alone(model):
@@ -83,9 +87,9 @@ def test_a_verify_pass_of_several_tokens_equals_one_step_per_token(model):
     one_by_one = neox_decode.load_buffer(neox_decode.prefill(model, prompt, make_press("snapkv", 0.5))[1], 8)
     together = neox_decode.load_buffer(neox_decode.prefill(model, prompt, make_press("snapkv", 0.5))[1], 8)
     positions = torch.arange(100, 105).expand(2, -1)
-    stepped = [neox_decode.decode_step(model, drafted[:, [i]], positions[:, [i]],
-                                       torch.tensor([one_by_one.kept + i]), one_by_one) for i in range(5)]
-    verified = neox_decode.decode_step(model, drafted, positions, together.kept + torch.arange(5), together)
+    stepped = [neox_decode.decode_step(model, drafted[:, [i]], positions[:, [i]], torch.tensor([i]), one_by_one)
+               for i in range(5)]
+    verified = neox_decode.decode_step(model, drafted, positions, torch.arange(5), together)
     assert torch.equal(verified, torch.cat(stepped, dim=1))
     for written_alone, written_together in zip(one_by_one.keys + one_by_one.values, together.keys + together.values):
         torch.testing.assert_close(written_together, written_alone)  # matmul shapes differ: round-off only
