@@ -8,7 +8,8 @@ Every cell is measured by ``evaluation/speed.py`` (warm-up, median of repeats) a
 own JSON file as soon as it is done, so a grid cut short keeps what it measured. At the end:
 ``summary.json`` (all cells), ``summary.md`` (the table, with TPOT against the roofline floor of
 ``evaluation/roofline.py`` and the speed-up against the first decoder's dense cell of the same
-shape), ``tpot.png`` and ``throughput.png``. The Hugging Face baselines (``hf_*``) are dense only.
+shape), ``tpot.png`` and ``throughput.png`` (against batch size) and ``tpot_smallest_batch.png``
+(every cell of the smallest batch as a bar, the floor marked). The Hugging Face baselines (``hf_*``) are dense only.
 Once a (decoder, method, ratio, prompt, new tokens) runs out of GPU memory at some batch size,
 its larger batch sizes are recorded as out of memory without trying: the largest batch that fits
 is the last one measured.
@@ -155,6 +156,24 @@ def plot(frame: pd.DataFrame, value: str, label: str, path: Path) -> None:
     plt.close(figure)
 
 
+def plot_smallest_batch(frame: pd.DataFrame, path: Path) -> None:
+    """TPOT of every cell at the smallest batch size, as bars, with the roofline floor marked."""
+    measured = frame[frame["tpot_ms"].notna()] if "tpot_ms" in frame else frame.iloc[0:0]
+    cells = measured[measured.batch_size == measured.batch_size.min()]
+    labels = [f"{r.decoder}/{r.decode_attention} {r.method}" + (f" {1 - r.compression_ratio:.0%} kept"
+              if r.method != DENSE else "") for r in cells.itertuples()]
+    figure, axis = plt.subplots(figsize=(6.4, 0.28 * len(cells) + 1.2))
+    axis.barh(range(len(cells)), cells.tpot_ms, color="tab:blue")
+    axis.scatter(cells.tpot_floor_ms, range(len(cells)), color="black", marker="|", s=120, label="roofline floor")
+    axis.set_yticks(range(len(cells)), labels, fontsize=7)
+    axis.invert_yaxis()
+    axis.set_xlabel(f"time per output token (ms), batch {cells.batch_size.min()}")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    save_figure_atomic(figure, path)
+    plt.close(figure)
+
+
 def summarize(header: dict, rows: list[dict], output_dir: Path, baseline: str) -> str:
     """summary.json, summary.md, tpot.png and throughput.png in ``output_dir``; returns the table."""
     add_speedups(rows, baseline)
@@ -167,6 +186,7 @@ def summarize(header: dict, rows: list[dict], output_dir: Path, baseline: str) -
                       f"{baseline} dense / TPOT of the cell; floor: roofline of evaluation/roofline.py\n\n{table}\n")
     plot(frame, "tpot_ms", "time per output token (ms)", output_dir / "tpot.png")
     plot(frame, "decode_tokens_per_s", "decode throughput (tokens/s)", output_dir / "throughput.png")
+    plot_smallest_batch(frame, output_dir / "tpot_smallest_batch.png")
     return table
 
 
