@@ -203,7 +203,7 @@ def merge(folders: list[Path]) -> tuple[dict, list[dict]]:
     return header, rows
 
 
-def measure_grid(args) -> tuple[dict, list[dict]]:
+def measure_grid(args, argv: list[str]) -> tuple[dict, list[dict]]:
     try:
         for name in args.press:
             make_press(name, 0.0)  # unknown names fail here, before the model loads
@@ -216,7 +216,7 @@ def measure_grid(args) -> tuple[dict, list[dict]]:
     except (PressConfigError, DataError, ModelLoadError, UnsupportedModelError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    header = {"command": "python evaluation/speed_grid.py " + " ".join(sys.argv[1:]), "model": args.model,
+    header = {"command": "python evaluation/speed_grid.py " + " ".join(argv), "model": args.model,
               "model_tier": loaded.tier, "dtype": dtype, "protocol": "speed", "environment": environment(args.device)}
     rows, out_of_memory = [], set()
     for cell in cells(args):
@@ -238,9 +238,10 @@ def measure_grid(args) -> tuple[dict, list[dict]]:
 
 
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     transformers.utils.logging.disable_progress_bar()
-    header, rows = merge(args.merge) if args.merge else measure_grid(args)
+    header, rows = merge(args.merge) if args.merge else measure_grid(args, argv)
     print(summarize(header, rows, args.output_dir, args.baseline or args.decoder[0]))
 
 

@@ -1,0 +1,68 @@
+"""The speed grid runner (evaluation/speed_grid.py): cells, files, the out-of-memory rule, merging."""
+
+import json
+
+import pytest
+import torch
+
+from evaluation import speed_grid
+
+SMALL = ["--model", "EleutherAI/pythia-70m", "--random-init", "--device", "cpu", "--prompt_tokens", "80",
+         "--new_tokens", "3", "--repeats", "1"]
+
+
+def test_a_grid_writes_one_file_per_cell_a_summary_and_plots(tmp_path):
+    speed_grid.main(SMALL + ["--decoder", "hf_eager", "neox", "--press", "snapkv", "--compression_ratio", "0.5",
+                             "--batch_size", "1", "2", "--output_dir", str(tmp_path)])
+    cells = sorted(p.name for p in tmp_path.glob("*.json") if p.name != "summary.json")
+    # hf_eager is dense only; neox runs dense and SnapKV; each at batch 1 and 2
+    assert cells == sorted([
+        "hf_eager_dense_r0_b1_p80_n3.json", "hf_eager_dense_r0_b2_p80_n3.json",
+        "neox_sdpa_dense_r0_b1_p80_n3.json", "neox_sdpa_dense_r0_b2_p80_n3.json",
+        "neox_sdpa_snapkv_r0.5_b1_p80_n3.json", "neox_sdpa_snapkv_r0.5_b2_p80_n3.json"])
+    rows = json.loads((tmp_path / "summary.json").read_text())["rows"]
+    baseline = next(r for r in rows if r["decoder"] == "hf_eager" and r["batch_size"] == 2)
+    pressed = next(r for r in rows if r["method"] == "snapkv" and r["batch_size"] == 2)
+    assert baseline["tpot_speedup"] == 1.0
+    assert pressed["tpot_speedup"] == pytest.approx(baseline["tpot_ms"] / pressed["tpot_ms"])
+    assert pressed["kv_mib_after_prefill"] == pytest.approx(baseline["kv_mib_final"] * 80 / 83 / 2, rel=0.02)
+    assert pressed["tpot_over_floor"] == pytest.approx(pressed["tpot_ms"] / pressed["tpot_floor_ms"])
+    assert "| decoder |" in (tmp_path / "summary.md").read_text()
+    for plot in ("tpot.png", "throughput.png", "tpot_smallest_batch.png"):
+        assert (tmp_path / plot).stat().st_size > 0
+
+
+def test_out_of_memory_stops_larger_batches_of_the_same_method(tmp_path, monkeypatch):
+    real_measure = speed_grid.measure
+
+    def measure_fitting_one_sequence(model, prompt, *args, **kwargs):
+        if prompt.shape[0] > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_measure(model, prompt, *args, **kwargs)
+
+    monkeypatch.setattr(speed_grid, "measure", measure_fitting_one_sequence)
+    speed_grid.main(SMALL + ["--decoder", "neox", "--press", "--batch_size", "1", "2", "4",
+                             "--output_dir", str(tmp_path)])
+    rows = {r["batch_size"]: r for r in json.loads((tmp_path / "summary.json").read_text())["rows"]}
+    assert "tpot_ms" in rows[1]
+    assert rows[2]["error"] == "CUDA out of memory"
+    assert rows[4]["error"] == "not run: a smaller batch was already out of memory"
+
+
+def test_merge_combines_the_cells_of_several_calls(tmp_path):
+    first, second, merged = tmp_path / "a", tmp_path / "b", tmp_path / "merged"
+    speed_grid.main(SMALL + ["--decoder", "kvpress", "--press", "--output_dir", str(first)])
+    speed_grid.main(SMALL + ["--decoder", "neox", "--press", "--output_dir", str(second)])
+    speed_grid.main(["--merge", str(first), str(second), "--baseline", "kvpress", "--output_dir", str(merged)])
+    payload = json.loads((merged / "summary.json").read_text())
+    assert [r["decoder"] for r in payload["rows"]] == ["kvpress", "neox"]
+    assert len(payload["command"]) == 2
+    assert payload["rows"][1]["tpot_speedup"] == pytest.approx(payload["rows"][0]["tpot_ms"] / payload["rows"][1]["tpot_ms"])
+
+
+def test_unknown_press_is_refused_before_loading(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        speed_grid.main(SMALL + ["--press", "nope", "--output_dir", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "known presses: " in capsys.readouterr().err
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
