@@ -1,10 +1,14 @@
 """The plain GPT-NeoX decode step (decoding/neox_decode.py) gives the tokens of the kvpress loop."""
 
+import json
+
 import pytest
 import torch
 from kvpress import PyramidKVPress
 
 from decoding import neox_decode
+from evaluation.check_decoders import agreement
+from evaluation.check_decoders import main as check_decoders
 from evaluation.speed import generate_forced
 from presses import make_press
 from tests.conftest import build, record_cache_lengths, tiny_neox_config
@@ -103,3 +107,19 @@ def test_unknown_attention_backend_is_refused(model):
 def test_other_architectures_are_refused(tiny_llama):
     with pytest.raises(ValueError, match="GPT-NeoX"):
         neox_decode.generate(tiny_llama, [prompts(1, 20)], None, 3)
+
+
+def test_agreement_says_where_two_decodings_part():
+    reference = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+    other = torch.tensor([[1, 2, 9, 9], [5, 6, 7, 8]])
+    assert agreement(other, reference) == {"identical": False, "first_difference": [2, None], "agreement": 0.75}
+
+
+def test_decoder_check_finds_every_path_identical_on_the_cpu(tmp_path):
+    output = tmp_path / "check.json"
+    check_decoders(["--model", "EleutherAI/pythia-70m", "--random-init", "--device", "cpu", "--press", "snapkv",
+                    "--prompt_tokens", "80", "--new_tokens", "5", "--output", str(output)])
+    rows = json.loads(output.read_text())["rows"]
+    assert {(row["method"], row["path"]) for row in rows} == {
+        ("dense", "static"), ("dense", "neox"), ("snapkv", "static"), ("snapkv", "neox")}
+    assert all(row["identical"] for row in rows)

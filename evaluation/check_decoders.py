@@ -1,0 +1,81 @@
+"""Do the fast decode paths give the kvpress loop's tokens on this machine, CUDA graphs included?
+
+  python evaluation/check_decoders.py --model EleutherAI/pythia-2.8b --random-init --press snapkv streaming_llm pyramidkv
+
+For each press (and dense), the same prompt is decoded greedily by the kvpress loop
+(evaluation/speed.py, the reference), the StaticCache path (decoding/generate.py) and the plain
+GPT-NeoX path (decoding/neox_decode.py), the last two compiled on CUDA. Each path's tokens are
+compared with the reference: identical or not, the first step where they differ, and the share of
+steps that agree. On the CPU the paths are tested to be identical (tests/test_neox_decode.py); on
+a GPU in half precision different kernels round differently, so a near-tie between two logits can
+flip a greedy choice and the sequences part from there: this script says where.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from decoding import generate as hf_static_path
+from decoding import neox_decode
+from evaluation.models import DTYPES, load_model
+from evaluation.results import environment, table, write_json_atomic
+from evaluation.speed import generate_forced, prompt_ids
+from presses import make_press
+
+
+def agreement(tokens: torch.Tensor, reference: torch.Tensor) -> dict:
+    """Per-row first differing step (None: identical) and the share of equal steps overall."""
+    equal = tokens == reference
+    first = [None if row.all() else int((~row).nonzero()[0]) for row in equal]
+    return {"identical": bool(equal.all()), "first_difference": first, "agreement": float(equal.float().mean())}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="EleutherAI/pythia-2.8b")
+    parser.add_argument("--random-init", action="store_true")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: float16 on CUDA, float32 on CPU")
+    parser.add_argument("--press", nargs="*", default=["snapkv", "streaming_llm", "pyramidkv"])
+    parser.add_argument("--compression_ratio", type=float, default=0.5)
+    parser.add_argument("--batch_size", type=int, default=2)
+    parser.add_argument("--prompt_tokens", type=int, default=2000)
+    parser.add_argument("--new_tokens", type=int, default=64)
+    parser.add_argument("--output", type=Path, default=Path("results/check_decoders.json"))
+    args = parser.parse_args(argv)
+    dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
+    loaded = load_model(args.model, args.random_init, dtype, args.device)
+    model = loaded.model
+    compile = model.device.type == "cuda"
+    prompt = prompt_ids(model.config.vocab_size, args.batch_size, args.prompt_tokens, 0).to(model.device)
+    paths = {"static": lambda press: hf_static_path.generate(model, prompt, press, args.new_tokens,
+                                                               step=hf_static_path.compiled_step(compile))}
+    if model.config.model_type == "gpt_neox":
+        neox_step = neox_decode.compiled_step(compile)
+        paths["neox"] = lambda press: neox_decode.generate(model, list(prompt.split(1)), press, args.new_tokens,
+                                                           step=neox_step)
+    rows = []
+    for name in [None] + args.press:
+        press = make_press(name, args.compression_ratio) if name else None
+        reference = generate_forced(model, prompt, press, args.new_tokens)["tokens"]
+        for path, run in paths.items():
+            try:
+                row = agreement(run(press), reference)
+            except hf_static_path.RaggedCacheError as error:  # the StaticCache path takes one cache length
+                row = {"error": str(error)}
+            rows.append({"method": name or "dense", "path": path} | row)
+            print(rows[-1], file=sys.stderr, flush=True)
+    write_json_atomic(args.output, {
+        "command": "python evaluation/check_decoders.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "model": args.model, "model_tier": loaded.tier, "dtype": dtype, "compiled": compile,
+        "compression_ratio": args.compression_ratio, "batch_size": args.batch_size,
+        "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+        "environment": environment(args.device), "rows": rows,
+    })
+    print(table(rows, ["method", "path", "identical", "agreement", "first_difference", "error"]))
+
+
+if __name__ == "__main__":
+    main()

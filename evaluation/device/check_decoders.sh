@@ -1,0 +1,7 @@
+# Issue 6: do the fast decode paths, compiled into CUDA graphs, give the kvpress loop's greedy tokens
+# on the H100? Random-init Pythia-2.8B, fp16, prompt 2000, 64 new tokens, batch 2; dense, SnapKV,
+# StreamingLLM and PyramidKV at 50% kept (PyramidKV: neox path only). About 4 minutes.
+#   export KVPRESS_NEOX_COMMIT=<hash>; source evaluation/device/setup_env.sh && bash evaluation/device/check_decoders.sh
+out=${OUT:-results}
+python3 evaluation/check_decoders.py --model EleutherAI/pythia-2.8b --random-init \
+  --output "$out/pythia-2.8b_random_check_decoders_h100.json" 2>&1 | grep -vE "Warning|warn" | tail -12
