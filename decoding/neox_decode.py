@@ -111,18 +111,18 @@ def next_token(logits: torch.Tensor, temperature: float, top_k: int | None, nois
     return (logits - torch.log(-torch.log(noise))).argmax(-1)
 
 
-def decode_step(model, token, position, new_index, buffer: KVBuffer, noise=None, backend: str = "sdpa",
-                temperature: float = 0.0, top_k: int | None = None, layers: tuple[int, ...] | None = None):
-    """New tokens through the model: ``token`` and ``position`` (batch, new); ``new_index``
-    (new,): how many tokens were generated before each (they go to slot kept + new_index of
-    every layer), each new token seeing the ones before it; returns the token after each
-    (batch, new). One token per sequence is a decode step; several are a speculative verify
-    pass. ``layers``: run only these layers (a layer-skipping self-draft)."""
+def forward_logits(model, token, buffer: KVBuffer, position, new_index, backend: str = "sdpa"):
+    """New tokens through the model, returning their logits (batch, new, vocab): ``token`` and
+    ``position`` (batch, new); ``new_index`` (new,): how many tokens were generated before each
+    (they go to slot kept + new_index of every layer); each new token sees the ones before it.
+    One token per sequence is a decode step; several are a speculative verify pass. A model
+    view running fewer layers (decoding/layer_skip.py) reads and writes only its layers' buffers."""
     neox = model.gpt_neox
     hidden = neox.embed_in(token)
     cos, sin = neox.rotary_emb(hidden, position_ids=position)
-    for index in range(len(neox.layers)) if layers is None else layers:
-        layer, attention = neox.layers[index], neox.layers[index].attention
+    for layer in neox.layers:
+        attention = layer.attention
+        index = attention.layer_idx
         query, key, value = split_qkv(attention, layer.input_layernorm(hidden))
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
         slot = buffer.kept[index] + new_index
@@ -139,7 +139,13 @@ def decode_step(model, token, position, new_index, buffer: KVBuffer, noise=None,
         else:
             attended = attended + hidden
             hidden = layer.mlp(layer.post_attention_layernorm(attended)) + attended
-    return next_token(model.embed_out(neox.final_layer_norm(hidden)), temperature, top_k, noise)
+    return model.embed_out(neox.final_layer_norm(hidden))
+
+
+def decode_step(model, token, position, new_index, buffer: KVBuffer, noise=None, backend: str = "sdpa",
+                temperature: float = 0.0, top_k: int | None = None):
+    """``forward_logits``, then the token after each new token (batch, new) by ``next_token``."""
+    return next_token(forward_logits(model, token, buffer, position, new_index, backend), temperature, top_k, noise)
 
 
 def compiled_step(compile: bool, mode: str = "reduce-overhead"):

@@ -23,20 +23,22 @@ The target's cache may be pressed at prefill by any press (as in decoding/genera
 Rejected tokens are rolled back from every cache: a DynamicCache is cropped layer by layer
 (a press such as PyramidKV leaves layers with different lengths), a StaticCache only needs its
 write slot moved back, since the attention mask hides every slot after the query's.
-With ``static=True`` both models decode on a StaticCache, and with ``compile=True`` each forward
-shape is compiled with torch.compile(mode="reduce-overhead") (CUDA graphs on a GPU).
+``cache`` picks where both models decode: ``dynamic`` (DynamicCache), ``static`` (a StaticCache,
+HF's forward) or ``neox`` (GPT-NeoX only: decoding/neox_decode.py's buffer and step, the path
+whose step costs evaluation/speculative_costs.py measures); with ``compile=True`` each forward
+shape of the last two is compiled with torch.compile(mode="reduce-overhead") (CUDA graphs on a GPU).
 
 A batch advances together: it accepts the smallest number of drafts any row accepted, and each
 row's next token is the one its own rule gives at that position, so each row stays exact.
 """
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache, StaticCache
 
+from decoding import neox_decode
+from decoding.generate import prefill as prefill_dynamic
 from decoding.generate import synchronize, to_static_cache
 from decoding.layer_skip import skipping_model
 
@@ -47,12 +49,17 @@ def forward_logits(model, tokens, cache, positions, slots):
     return model(input_ids=tokens, past_key_values=cache, position_ids=positions, cache_position=slots).logits
 
 
-def make_step(compile: bool):
-    """``forward_logits``, compiled into CUDA-graph replays when ``compile`` is set. Replays
-    reuse their output buffers, so the logits are cloned before the next replay."""
+CACHES = ("dynamic", "static", "neox")
+
+
+def make_step(compile: bool, cache: str = "static"):
+    """The forward for ``cache`` (HF's ``forward_logits``, or neox_decode's on its buffer),
+    compiled into CUDA-graph replays when ``compile`` is set. Replays reuse their output
+    buffers, so the logits are cloned before the next replay."""
+    forward = neox_decode.forward_logits if cache == "neox" else forward_logits
     if not compile:
-        return forward_logits
-    compiled = torch.compile(forward_logits, mode="reduce-overhead")
+        return forward
+    compiled = torch.compile(forward, mode="reduce-overhead", fullgraph=cache == "neox")
     return lambda *args: compiled(*args).clone()
 
 
@@ -68,46 +75,50 @@ class Mark:
 class CachedModel:
     """A model with its KV cache and where the next token goes (text position, cache slot)."""
 
-    def __init__(self, model, cache, position: int, slot: int, step):
+    def __init__(self, model, cache, position: int, slot: int, step, kind: str):
         self.model, self.cache, self.position, self.slot, self.step = model, cache, position, slot, step
-        self.static = isinstance(cache, StaticCache)
+        self.kind = kind  # one of CACHES
+        self.indexed = kind != "dynamic"  # a StaticCache or the neox buffer: written by slot
 
     def forward(self, tokens: torch.Tensor, model=None) -> torch.Tensor:
         """Run ``tokens`` (batch, n) after what the cache holds, with ``model`` (default: this
         one; a layer-skipping view shares the cache); return logits (batch, n, vocab)."""
         batch, n = tokens.shape
         positions = torch.arange(self.position, self.position + n, device=tokens.device).expand(batch, n)
-        slots = torch.arange(self.slot, self.slot + n, device=tokens.device) if self.static else None
+        slots = torch.arange(self.slot, self.slot + n, device=tokens.device) if self.indexed else None
         logits = self.step(model or self.model, tokens, self.cache, positions, slots)
         self.position += n
         self.slot += n
         return logits
 
     def mark(self) -> Mark:
-        lengths = None if self.static else [layer.keys.shape[2] for layer in self.cache.layers]
+        lengths = None if self.indexed else [layer.keys.shape[2] for layer in self.cache.layers]
         return Mark(self.position, self.slot, lengths)
 
     def rewind(self, mark: Mark, keep: int) -> None:
         """Keep the first ``keep`` tokens written since ``mark``, drop the rest."""
         self.position, self.slot = mark.position + keep, mark.slot + keep
-        if not self.static:
+        if not self.indexed:
             for layer, length in zip(self.cache.layers, mark.lengths):
                 layer.crop(length + keep)  # no-op on a layer that holds no more (a skipped layer)
 
 
 @torch.no_grad()
-def prefill(model, prompt: torch.Tensor, press, static: bool, room: int, step) -> tuple[torch.Tensor, CachedModel]:
+def prefill(model, prompt: torch.Tensor, press, cache: str, room: int, step) -> tuple[torch.Tensor, CachedModel]:
     """The prompt through ``model`` with ``press`` active; return the last position's logits
-    (batch, vocab) and the model with its (pressed) cache, moved into a StaticCache with
-    ``room`` free slots if ``static``."""
-    cache = DynamicCache()
-    with press(model) if press is not None else contextlib.nullcontext():
-        hidden = model.model(input_ids=prompt, past_key_values=cache).last_hidden_state
-    logits = model.get_output_embeddings()(hidden[:, -1])
-    slot = cache.get_seq_length(0)
-    if static:
-        cache, slot = to_static_cache(model, cache, room)
-    return logits, CachedModel(model, cache, prompt.shape[1], slot, step)
+    (batch, vocab) and the model with its (pressed) cache of kind ``cache``: the DynamicCache
+    as it is, or moved into a StaticCache or the neox buffer with ``room`` free slots (the neox
+    buffer's slots count the tokens after the kept ones, from 0)."""
+    if cache == "neox":
+        if model.config.model_type != "gpt_neox":
+            raise ValueError(f"the neox cache is GPT-NeoX's own decode path, not {model.config.model_type}'s")
+        logits, groups = neox_decode.prefill(model, list(prompt.split(1)), press)
+        return logits, CachedModel(model, neox_decode.load_buffer(groups, room), prompt.shape[1], 0, step, cache)
+    logits, pressed = prefill_dynamic(model, prompt, press)
+    if cache == "static":
+        static, slot = to_static_cache(model, pressed, room)
+        return logits, CachedModel(model, static, prompt.shape[1], slot, step, cache)
+    return logits, CachedModel(model, pressed, prompt.shape[1], pressed.get_seq_length(0), step, cache)
 
 
 def choose(logits: torch.Tensor, temperature: float, generator) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -128,7 +139,7 @@ class ModelDraft:
         self.model, self.press = model, press
 
     def start(self, prompt, target: CachedModel, room: int, step) -> None:
-        _, self.runner = prefill(self.model, prompt, self.press, target.static, room, step)
+        _, self.runner = prefill(self.model, prompt, self.press, target.kind, room, step)
         self.backlog = prompt[:, :0]
 
     def propose(self, last: torch.Tensor, k: int, temperature: float, generator):
@@ -241,7 +252,7 @@ def next_k(k: int, accepted: int, k_max: int) -> int:
 
 @torch.no_grad()
 def speculative_generate(target, prompt: torch.Tensor, draft, new_tokens: int, k: int = 4, press=None,
-                         temperature: float = 0.0, adaptive: bool = False, k_max: int = 8, static: bool = False,
+                         temperature: float = 0.0, adaptive: bool = False, k_max: int = 8, cache: str = "dynamic",
                          compile: bool = False, generator: torch.Generator | None = None,
                          stats: Stats | None = None) -> torch.Tensor:
     """Exactly ``new_tokens`` tokens (batch, new_tokens) after ``prompt`` (batch, length), as
@@ -253,12 +264,14 @@ def speculative_generate(target, prompt: torch.Tensor, draft, new_tokens: int, k
     if temperature > 0 and generator is None:
         generator = torch.Generator(device=prompt.device).manual_seed(0)
     stats = stats if stats is not None else Stats()
-    step = make_step(compile)
+    if cache not in CACHES:
+        raise ValueError(f"unknown cache {cache!r}; choose from {', '.join(CACHES)}")
+    step = make_step(compile, cache)
     room = new_tokens + max(k, k_max) + 2  # every cache slot a verify pass may write
     device = prompt.device
     synchronize(device)
     start = time.perf_counter()
-    logits, runner = prefill(target, prompt, press, static, room, step)
+    logits, runner = prefill(target, prompt, press, cache, room, step)
     last, _ = choose(logits, temperature, generator)
     draft.start(prompt, runner, room, step)
     synchronize(device)

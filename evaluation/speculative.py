@@ -29,9 +29,10 @@ from pathlib import Path
 import torch
 import transformers
 
+from decoding import neox_decode
 from decoding.generate import compiled_step, generate
 from decoding.layer_skip import choose_skip_layers
-from decoding.speculative import LayerSkipDraft, ModelDraft, Stats, speculative_generate
+from decoding.speculative import CACHES, LayerSkipDraft, ModelDraft, Stats, speculative_generate
 from evaluation.data import DataError, load_text
 from evaluation.models import DTYPES, REPO_ROOT, SMOLLM2_ALIAS, ModelLoadError, load_model
 from evaluation.results import environment, table, write_json_atomic
@@ -130,9 +131,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--compression_ratio", type=float, default=0.5, help="the target press's ratio")
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="0: greedy (output checked equal to plain decoding); > 0: rejection sampling")
-    parser.add_argument("--decoder", default="dynamic", choices=["dynamic", "static"],
+    parser.add_argument("--decoder", default="dynamic", choices=list(CACHES),
                         help="dynamic: DynamicCache, eager steps; static: StaticCache, steps compiled to CUDA graphs "
-                             "on a GPU (decoding/generate.py)")
+                             "on a GPU (decoding/generate.py); neox: GPT-NeoX's own step on its buffer, compiled "
+                             "to CUDA graphs on a GPU (decoding/neox_decode.py)")
     parser.add_argument("--dataset", nargs="+", default=["wikitext"], help="wikitext, pg19 or text files")
     parser.add_argument("--sample_idx", type=int, default=0, help="which PG-19 book (local files in name order)")
     parser.add_argument("--data-dir", dest="data_dir", help="offline data folder (default: $KVPRESS_NEOX_DATA)")
@@ -240,9 +242,13 @@ def build_draft(spec: Spec, args, loaded, dtype: str, chosen: dict):
 
 def plain(args, model, prompt, press, step):
     """Plain greedy decoding with the same cache kind: tokens and timings."""
-    if args.decoder == "static":
+    if args.decoder in ("static", "neox"):
         timings = {}
-        tokens = generate(model, prompt, press, args.new_tokens, step=step, timings=timings)
+        if args.decoder == "static":
+            tokens = generate(model, prompt, press, args.new_tokens, step=step, timings=timings)
+        else:
+            tokens = neox_decode.generate(model, list(prompt.split(1)), press, args.new_tokens, step=step,
+                                          timings=timings)
         return tokens, timings["ttft_s"], timings["decode_s"]
     run = generate_forced(model, prompt, press, args.new_tokens)
     return run["tokens"], run["ttft_s"], run["decode_s"]
@@ -252,8 +258,8 @@ def speculative_rows(args, loaded, specs, dtype) -> list[dict]:
     model = loaded.model
     prompts = [(source, ids.to(model.device)) for source, ids in prompts_from(args, loaded)]
     target_press = make_press(args.press, args.compression_ratio) if args.press else None
-    static, compile = args.decoder == "static", args.decoder == "static" and model.device.type == "cuda"
-    step = compiled_step(compile)
+    compile = args.decoder != "dynamic" and model.device.type == "cuda"
+    step = neox_decode.compiled_step(compile) if args.decoder == "neox" else compiled_step(compile)
 
     for _ in range(args.warmup):
         plain(args, model, prompts[0][1], target_press, step)
@@ -266,7 +272,7 @@ def speculative_rows(args, loaded, specs, dtype) -> list[dict]:
             generator = torch.Generator(device=model.device).manual_seed(seed)
             return speculative_generate(model, ids, draft, args.new_tokens, k=spec.k, press=target_press,
                                         temperature=args.temperature, adaptive=spec.adaptive, k_max=spec.k_max,
-                                        static=static, compile=compile, generator=generator, stats=stats)
+                                        cache=args.decoder, compile=compile, generator=generator, stats=stats)
 
         for _ in range(args.warmup):
             run(prompts[0][1], Stats(), args.seed)
@@ -317,7 +323,7 @@ def run(args) -> Path:
     }
     if args.verify_costs:
         output = args.output or default_output(args, "costs")
-        header |= {"decoder": "static", "temperature": None, "target_press": None}
+        header |= {"decoder": "neox", "temperature": None, "target_press": None}
         rows = measure_costs(args, loaded, dtype, save=lambda payload: write_json_atomic(output, header | payload))["rows"]
         columns = ["what", "batch_size", "tokens", "ms", "ratio_to_decode_step", "first_call_s"]
     else:

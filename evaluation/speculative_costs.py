@@ -24,11 +24,12 @@ import torch
 
 from decoding import neox_decode
 from decoding.generate import synchronize
+from decoding.layer_skip import skipping_model
 from evaluation.models import load_model
 
 
 @torch.no_grad()  # with autograd on, each compiled call keeps a graph for backward and re-records its CUDA graph
-def time_forward(model, buffer, tokens: torch.Tensor, repeats: int, step, layers=None) -> tuple[float, float]:
+def time_forward(model, buffer, tokens: torch.Tensor, repeats: int, step) -> tuple[float, float]:
     """Median seconds of one forward of ``tokens`` (batch, new) at the buffer's first free slots,
     and the seconds of the first (compiling) call."""
     device = tokens.device
@@ -39,7 +40,7 @@ def time_forward(model, buffer, tokens: torch.Tensor, repeats: int, step, layers
     for _ in range(3 + repeats):
         synchronize(device)
         start = time.perf_counter()
-        step(model, tokens, positions, new_index, buffer, None, "sdpa", 0.0, None, layers)
+        step(model, tokens, positions, new_index, buffer)
         synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times[3:]), times[0]
@@ -76,11 +77,11 @@ def measure_costs(args, loaded, dtype: str, save) -> dict:
         _, groups = neox_decode.prefill(model, list(ids(batch, length).split(1)))
         return neox_decode.load_buffer(groups, room)
 
-    def record(what, batch, tokens, model, buffer, run_layers=None, decode_ms=None, **extra):
+    def record(what, batch, tokens, model, buffer, decode_ms=None, **extra):
         if time.perf_counter() > deadline:
             payload["stopped_by_time_limit"] = True
             return None
-        median, first = time_forward(model, buffer, ids(batch, tokens), args.repeats, step, run_layers)
+        median, first = time_forward(model, buffer, ids(batch, tokens), args.repeats, step)
         row = {"what": what, "batch_size": batch, "tokens": tokens, "ms": 1e3 * median,
                "first_call_s": first, **extra}
         if decode_ms is not None:
@@ -112,8 +113,7 @@ def measure_costs(args, loaded, dtype: str, save) -> dict:
                    decode_ms=decode_ms[batch], cache_tokens=budget, kept_fraction=budget / args.prompt_tokens)
         for fraction in args.skip_fraction:
             skip = spread_layers(layers, round(fraction * layers))
-            kept_layers = tuple(index for index in range(layers) if index not in skip)
-            record("self-draft step, layers skipped", batch, 1, target, targets[batch], run_layers=kept_layers,
+            record("self-draft step, layers skipped", batch, 1, skipping_model(target, skip), targets[batch],
                    decode_ms=decode_ms[batch], skipped_layers=skip, layers=layers,
                    skipped_fraction=len(skip) / layers)
     return payload

@@ -51,22 +51,40 @@ def prompt_ids(batch=1, length=48, seed=3):
 @pytest.mark.parametrize("config", [tiny_neox_config(num_hidden_layers=3), tiny_llama_config(num_hidden_layers=3)],
                          ids=["neox", "llama"])
 @pytest.mark.parametrize("kind", ["small_model", "close_model", "self_streaming_llm", "layer_skip"])
-@pytest.mark.parametrize("press, static", [(None, False), ("snapkv", False), ("snapkv", True)],
+@pytest.mark.parametrize("press, cache", [(None, "dynamic"), ("snapkv", "dynamic"), ("snapkv", "static")],
                          ids=["dense-dynamic", "snapkv-dynamic", "snapkv-static"])
-def test_greedy_speculation_is_plain_greedy_decoding(config, kind, press, static):
+def test_greedy_speculation_is_plain_greedy_decoding(config, kind, press, cache):
     target = build(config, attn_implementation="sdpa")
     target_press = make_press(press, 0.5, Settings(window=16)) if press else None
     prompt = prompt_ids(batch=2 if kind == "layer_skip" else 1, length=64)  # a batch advances by its smallest acceptance
     expected = generate_forced(target, prompt, target_press, NEW)["tokens"]
     stats = Stats()
     tokens = speculative_generate(target, prompt, make_draft(kind, target, config), NEW, k=3, press=target_press,
-                                  static=static, adaptive=kind == "self_streaming_llm", stats=stats)
+                                  cache=cache, adaptive=kind == "self_streaming_llm", stats=stats)
     assert torch.equal(tokens, expected)
     assert sum(stats.accepted) + len(stats.accepted) >= NEW - 1  # every token came from a verify pass
     if kind in ("close_model", "self_streaming_llm"):  # rollback after partial acceptance ran
         assert 0 < sum(stats.accepted) < sum(stats.proposed)
     if kind == "close_model" and press is None:  # and after full acceptance (the draft's backlog)
         assert 3 in stats.accepted
+
+
+@pytest.mark.parametrize("kind", ["small_model", "close_model", "self_streaming_llm", "layer_skip"])
+@pytest.mark.parametrize("press", [None, "snapkv", "pyramidkv"])
+def test_greedy_speculation_on_the_neox_path_is_plain_greedy_decoding(kind, press):
+    """The GPT-NeoX fast path (decoding/neox_decode.py), whose step costs predict the GPU speedup:
+    same tokens as plain decoding, ragged PyramidKV layers included."""
+    config = tiny_neox_config(num_hidden_layers=3)
+    target = build(config, attn_implementation="sdpa")
+    target_press = make_press(press, 0.5, Settings(window=16)) if press else None
+    prompt = prompt_ids(batch=2 if kind == "layer_skip" else 1, length=64)
+    expected = generate_forced(target, prompt, target_press, NEW)["tokens"]
+    stats = Stats()
+    tokens = speculative_generate(target, prompt, make_draft(kind, target, config), NEW, k=3, press=target_press,
+                                  cache="neox", adaptive=kind == "self_streaming_llm", stats=stats)
+    assert torch.equal(tokens, expected)
+    if kind in ("close_model", "self_streaming_llm"):
+        assert 0 < sum(stats.accepted) < sum(stats.proposed)
 
 
 @pytest.mark.parametrize("kind", ["close_model", "layer_skip"])
@@ -97,16 +115,25 @@ def plain_cache(model, prompt, tokens, press=None):
     return cache
 
 
-@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def layers_of(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(keys, values) per layer of a transformers cache or of the neox buffer."""
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return list(zip(cache.keys, cache.values))
+
+
+@pytest.mark.parametrize("cache, config", [("dynamic", tiny_llama_config(num_hidden_layers=3)),
+                                           ("static", tiny_llama_config(num_hidden_layers=3)),
+                                           ("neox", tiny_neox_config(num_hidden_layers=3))],
+                         ids=["dynamic", "static", "neox"])
 @pytest.mark.parametrize("kind", ["close_model", "layer_skip"])
-def test_rollback_leaves_the_caches_plain_decoding_holds(static, kind):
-    config = tiny_llama_config(num_hidden_layers=3)
+def test_rollback_leaves_the_caches_plain_decoding_holds(cache, config, kind):
     target = build(config, attn_implementation="sdpa")
     draft = make_draft(kind, target, config)
     press = make_press("knorm", 0.5)
     stats = Stats()
     prompt = prompt_ids()
-    tokens = speculative_generate(target, prompt, draft, 60, k=4, press=press, static=static, stats=stats)
+    tokens = speculative_generate(target, prompt, draft, 60, k=4, press=press, cache=cache, stats=stats)
     emitted = 1 + sum(stats.accepted) + len(stats.accepted)  # before truncation to 60
     assert 0 < sum(stats.accepted) < sum(stats.proposed)
     runner = stats.target
@@ -114,20 +141,20 @@ def test_rollback_leaves_the_caches_plain_decoding_holds(static, kind):
     assert committed == emitted - 1  # every emitted token but the newest, nothing rejected
     reference = plain_cache(target, prompt, tokens[:, :min(committed, 60)], press)
     kept = 24  # knorm at 0.5 of 48
-    for layer, expected in zip(runner.cache.layers, reference.layers):
+    for (keys, values), expected in zip(layers_of(runner.cache), reference.layers):
         length = expected.keys.shape[2]
-        if not static:
-            assert layer.keys.shape[2] == kept + committed  # no rejected or draft entries left
-        torch.testing.assert_close(layer.keys[:, :, :length], expected.keys, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(layer.values[:, :, :length], expected.values, rtol=1e-4, atol=1e-5)
+        if cache == "dynamic":
+            assert keys.shape[2] == kept + committed  # no rejected or draft entries left
+        torch.testing.assert_close(keys[:, :, :length], expected.keys, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(values[:, :, :length], expected.values, rtol=1e-4, atol=1e-5)
     if kind == "close_model":  # the draft's own cache: the prompt and what it was fed, nothing rejected
         draft_runner = draft.runner
         fed = draft_runner.position - prompt.shape[1]
         assert fed == committed - draft.backlog.shape[1]
         draft_reference = plain_cache(draft.model, prompt, tokens[:, :min(fed, 60)])
-        for layer, expected in zip(draft_runner.cache.layers, draft_reference.layers):
+        for (keys, _), expected in zip(layers_of(draft_runner.cache), draft_reference.layers):
             length = expected.keys.shape[2]
-            torch.testing.assert_close(layer.keys[:, :, :length], expected.keys, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(keys[:, :, :length], expected.keys, rtol=1e-4, atol=1e-5)
 
 
 def total_variation(counts: torch.Tensor, probs: torch.Tensor) -> float:
