@@ -31,6 +31,12 @@ def per_kv_head(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return x.view(x.shape[0], kv_heads, x.shape[1] // kv_heads, *x.shape[2:]).sum(2)
 
 
+def padded_to_keys(past: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Per-key memory ``past`` (last dim: the keys it has seen) with zeros for the keys added since."""
+    assert past.shape[-1] <= keys.shape[2], "the cache shrank without keep(): reset() the press between texts"
+    return F.pad(past, (0, keys.shape[2] - past.shape[-1]))
+
+
 def keep_recent(scores: torch.Tensor, n_recent: int) -> torch.Tensor:
     """Scores with the last ``n_recent`` tokens above all others, the newest highest."""
     n_recent = min(n_recent, scores.shape[-1])
@@ -73,8 +79,7 @@ class H2OPress(ScorerPress):
     def observe(self, module: nn.Module, hidden_states, keys, values, kwargs):
         received = self.attention_received(module, hidden_states, keys, None, kwargs)
         past = self.accumulated.get(module.layer_idx, received.new_zeros(*received.shape[:2], 0))
-        assert past.shape[-1] <= keys.shape[2], "the cache shrank without keep(): reset() the press between texts"
-        self.accumulated[module.layer_idx] = F.pad(past, (0, keys.shape[2] - past.shape[-1])) + received
+        self.accumulated[module.layer_idx] = padded_to_keys(past, keys) + received
 
     def keep(self, module: nn.Module, indices: torch.Tensor):
         self.accumulated[module.layer_idx] = self.accumulated[module.layer_idx].gather(2, indices)

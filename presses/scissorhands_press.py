@@ -3,12 +3,11 @@
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from kvpress import ScorerPress
 from kvpress.utils import compute_n_kept
 from torch import nn
 
-from presses.h2o_press import attention_rows, keep_recent, per_kv_head
+from presses.h2o_press import attention_rows, keep_recent, padded_to_keys, per_kv_head
 
 
 @dataclass
@@ -51,8 +50,7 @@ class ScissorhandsPress(ScorerPress):
     def observe(self, module: nn.Module, hidden_states, keys, values, kwargs):
         rows = self.above_average(module, hidden_states, keys, None, kwargs)
         past = self.history.get(module.layer_idx, rows[:, :, :0, :0])
-        assert past.shape[-1] <= keys.shape[2], "the cache shrank without keep(): reset() the press between texts"
-        past = F.pad(past, (0, keys.shape[2] - past.shape[-1]))  # older queries never saw the new keys
+        past = padded_to_keys(past, keys)  # older queries never saw the new keys
         self.history[module.layer_idx] = torch.cat([past, rows], dim=2)[:, :, -self.history_window :]
 
     def keep(self, module: nn.Module, indices: torch.Tensor):
