@@ -37,7 +37,7 @@ from evaluation.data import DataError, load_text
 from evaluation.models import DTYPES, REPO_ROOT, SMOLLM2_ALIAS, ModelLoadError, load_model
 from evaluation.results import environment, table, write_json_atomic
 from evaluation.speculative_costs import measure_costs
-from evaluation.speed import generate_forced
+from evaluation.speed import generate_forced, with_timings
 from patches import UnsupportedModelError
 from presses import PressConfigError, Settings, make_press, press_names
 from presses.registry import method_for
@@ -242,15 +242,12 @@ def build_draft(spec: Spec, args, loaded, dtype: str, chosen: dict):
 
 def plain(args, model, prompt, press, step):
     """Plain greedy decoding with the same cache kind: tokens and timings."""
-    if args.decoder in ("static", "neox"):
-        timings = {}
-        if args.decoder == "static":
-            tokens = generate(model, prompt, press, args.new_tokens, step=step, timings=timings)
-        else:
-            tokens = neox_decode.generate(model, list(prompt.split(1)), press, args.new_tokens, step=step,
-                                          timings=timings)
-        return tokens, timings["ttft_s"], timings["decode_s"]
-    run = generate_forced(model, prompt, press, args.new_tokens)
+    if args.decoder == "static":
+        run = with_timings(generate, model, prompt, press, args.new_tokens, step=step)
+    elif args.decoder == "neox":
+        run = with_timings(neox_decode.generate, model, list(prompt.split(1)), press, args.new_tokens, step=step)
+    else:
+        run = generate_forced(model, prompt, press, args.new_tokens)
     return run["tokens"], run["ttft_s"], run["decode_s"]
 
 

@@ -99,17 +99,10 @@ def generate_hf(model, prompt: torch.Tensor, new_tokens: int, static: bool) -> d
             "kept_tokens_layer0": prompt_len, "kv_bytes_after_prefill": None, "kv_bytes_final": kv_bytes(cache)}
 
 
-def generate_static(model, prompt: torch.Tensor, press, new_tokens: int, step) -> dict:
-    """One run of the StaticCache path, in generate_forced's format."""
+def with_timings(generate, *args, **kwargs) -> dict:
+    """One run of a fast path's ``generate`` (which fills a ``timings`` dict), in generate_forced's format."""
     run = {}
-    run["tokens"] = hf_static_path.generate(model, prompt, press, new_tokens, step=step, timings=run)
-    return run
-
-
-def generate_neox(model, prompts: list[torch.Tensor], press, new_tokens: int, step, backend: str) -> dict:
-    """One run of the plain GPT-NeoX path, in generate_forced's format."""
-    run = {}
-    run["tokens"] = neox_decode.generate(model, prompts, press, new_tokens, step=step, backend=backend, timings=run)
+    run["tokens"] = generate(*args, timings=run, **kwargs)
     return run
 
 
@@ -129,10 +122,11 @@ def run_once_for(model, prompt: torch.Tensor, press, new_tokens: int, decoder: s
         return functools.partial(generate_hf, model, prompt, new_tokens, decoder == "hf_static")
     if decoder == "static":
         step = hf_static_path.compiled_step(compile)
-        return functools.partial(generate_static, model, prompt, press, new_tokens, step)
+        return functools.partial(with_timings, hf_static_path.generate, model, prompt, press, new_tokens, step=step)
     if decoder == "neox":
         step = neox_decode.compiled_step(compile, compile_mode)
-        return functools.partial(generate_neox, model, list(prompt.split(1)), press, new_tokens, step, backend)
+        return functools.partial(with_timings, neox_decode.generate, model, list(prompt.split(1)), press, new_tokens,
+                                 step=step, backend=backend)
     return functools.partial(generate_forced, model, prompt, press, new_tokens, kv_quant)
 
 
