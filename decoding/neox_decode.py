@@ -164,6 +164,8 @@ def prefill(model, prompts: list[torch.Tensor], press=None) -> tuple[torch.Tenso
     """Each prompt (1, length) with the press, prompts of one length together as one batch;
     returns the last-position logits (batch, vocab) in input order and the (rows, pressed
     cache) groups."""
+    if model.config.model_type != "gpt_neox":
+        raise ValueError(f"the plain decode step is written for GPT-NeoX, not {model.config.model_type}")
     by_length = {}
     for row, prompt in enumerate(prompts):
         by_length.setdefault(prompt.shape[1], []).append(row)
@@ -189,8 +191,6 @@ def generate(model, prompts: list[torch.Tensor], press, new_tokens: int, step=de
     applied at prefill; returns (batch, new_tokens). ``step``: ``decode_step`` or
     ``compiled_step(True)``. ``timings``, if given, receives ttft_s (prefill, first token and the
     copy into the buffer), decode_s, kept tokens and KV bytes."""
-    if model.config.model_type != "gpt_neox":
-        raise ValueError(f"the plain decode step is written for GPT-NeoX, not {model.config.model_type}")
     device = model.device
     batch = len(prompts)
     sampled = temperature > 0

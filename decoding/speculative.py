@@ -110,8 +110,6 @@ def prefill(model, prompt: torch.Tensor, press, cache: str, room: int, step) -> 
     as it is, or moved into a StaticCache or the neox buffer with ``room`` free slots (the neox
     buffer's slots count the tokens after the kept ones, from 0)."""
     if cache == "neox":
-        if model.config.model_type != "gpt_neox":
-            raise ValueError(f"the neox cache is GPT-NeoX's own decode path, not {model.config.model_type}'s")
         logits, groups = neox_decode.prefill(model, list(prompt.split(1)), press)
         return logits, CachedModel(model, neox_decode.load_buffer(groups, room), prompt.shape[1], 0, step, cache)
     logits, pressed = prefill_dynamic(model, prompt, press)
