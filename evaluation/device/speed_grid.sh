@@ -1,5 +1,6 @@
 # Issue 6 speed grid on the H100: random-init Pythia-2.8B, fp16, prompt 2000, 256 forced new tokens.
-# One part per device call (10-minute limit); each part's cells come back as one tarball.
+# One part per device call (10-minute limit); each cell's JSON is written under $OUT/grid_PART as soon
+# as it is measured, so a call cut short still brings back what it measured.
 #   export KVPRESS_NEOX_COMMIT=<hash>; source evaluation/device/setup_env.sh && bash evaluation/device/speed_grid.sh PART
 #   baselines: transformers eager / SDPA / static+compile, the kvpress loop, the HF StaticCache path (batch 1, dense)
 #   fast:      the plain GPT-NeoX step, three attention back ends (dense), and SnapKV / StreamingLLM /
@@ -7,10 +8,12 @@
 #   batch:     largest batch at 2k context, dense vs SnapKV at 25% kept, plain GPT-NeoX step
 #   same_run:  every decoder's dense cell at batch 1 in one call (the baselines and this project's path
 #              side by side on one machine; median of 2; about 6 minutes)
+#   pyramidkv: PyramidKV at 50% and 25% kept on the neox decoder (re-measured after each layer's buffer
+#              was sized to its own kept tokens)
 # Then, here: python evaluation/speed_grid.py --merge DIR... --output_dir results/pythia-2.8b_random_grid_h100
 set -e
 part=$1
-work=/tmp/grid_$part
+work=${OUT:-results}/grid_$part
 common="--model EleutherAI/pythia-2.8b --random-init --dtype float16 --prompt_tokens 2000 --new_tokens 256"
 case "$part" in
   baselines)
@@ -24,9 +27,11 @@ case "$part" in
   batch)
     python3 evaluation/speed_grid.py $common --decoder neox --press snapkv --compression_ratio 0.75 \
       --batch_size 64 96 128 192 --repeats 1 --output_dir "$work" ;;
+  pyramidkv)
+    python3 evaluation/speed_grid.py $common --decoder neox --press pyramidkv --compression_ratio 0.5 0.75 \
+      --batch_size 1 --output_dir "$work" ;;
   same_run)
     python3 evaluation/speed_grid.py $common --decoder hf_eager hf_sdpa hf_static kvpress static neox --press \
       --batch_size 1 --repeats 2 --output_dir "$work" ;;
-  *) echo "usage: speed_grid.sh baselines|fast|batch|same_run" >&2; exit 2 ;;
+  *) echo "usage: speed_grid.sh baselines|fast|batch|same_run|pyramidkv" >&2; exit 2 ;;
 esac
-tar czf "${OUT:-results}/grid_$part.tgz" -C "$work" .
