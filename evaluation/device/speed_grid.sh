@@ -1,6 +1,6 @@
 # Issue 6 speed grid on the H100: random-init Pythia-2.8B, fp16, prompt 2000, 256 forced new tokens.
-# One part per device call (10-minute limit); each cell's JSON is written under $OUT/grid_PART as soon
-# as it is measured, so a call cut short still brings back what it measured.
+# One part per device call (10-minute limit). The device tool brings back at most 8 files, so the
+# cells come back as one tarball, $OUT/grid_PART.tgz, made on exit (also when a run fails midway).
 #   export KVPRESS_NEOX_COMMIT=<hash>; source evaluation/device/setup_env.sh && bash evaluation/device/speed_grid.sh PART
 #   baselines: transformers eager / SDPA / static+compile, the kvpress loop, the HF StaticCache path (batch 1, dense)
 #   fast:      the plain GPT-NeoX step, three attention back ends (dense), and SnapKV / StreamingLLM /
@@ -13,7 +13,9 @@
 # Then, here: python evaluation/speed_grid.py --merge DIR... --output_dir results/pythia-2.8b_random_grid_h100
 set -e
 part=$1
-work=${OUT:-results}/grid_$part
+work=/tmp/grid_$part
+mkdir -p "$work"
+trap 'tar czf "${OUT:-results}/grid_$part.tgz" -C "$work" .' EXIT
 common="--model EleutherAI/pythia-2.8b --random-init --dtype float16 --prompt_tokens 2000 --new_tokens 256"
 case "$part" in
   baselines)
