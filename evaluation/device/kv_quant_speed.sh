@@ -2,13 +2,18 @@
 # tokens, batch 1, kvpress decoder (QuantizedCache needs it); dense and SnapKV 25% kept, with the
 # cache in fp16, int4 and int2 (optimum-quanto 0.2.7 carried in .whl/). One file per setting.
 #   export KVPRESS_NEOX_COMMIT=<hash>; source evaluation/device/setup_env.sh && bash evaluation/device/kv_quant_speed.sh
-# The first int4 run of this script hit its time limit with no output: quanto builds its CUDA
-# extension on first use. Time that build on its own first, so a slow build is seen as such.
+# quanto compiles its CUDA extension (unpack, AWQ and Marlin kernels) with nvcc on first use, which
+# took longer than one run's time limit once. Build it first, timed on its own; it is rebuilt after
+# every fresh install into /tmp/site. Another script may run on the GPU meanwhile:
+#   bash evaluation/device/kv_quant_speed.sh build & bash evaluation/device/check_decoders.sh; wait
+#   bash evaluation/device/kv_quant_speed.sh
 out=${OUT:-results}
-start=$SECONDS
-timeout 240 python3 evaluation/perplexity.py --model EleutherAI/pythia-70m --random-init --speed --kv_quant int4 \
-  --press snapkv --prompt_tokens 300 --new_tokens 4 --repeats 1 --output /tmp/int4_warmup.json > /dev/null 2>&1
-echo "int4 warm-up (pythia-70m, exit $?): $((SECONDS - start)) s"
+if [ "$1" = build ]; then
+  start=$SECONDS
+  timeout 420 python3 -c "from optimum.quanto.library.extensions import get_extension; get_extension('quanto_cuda').lib"
+  echo "quanto CUDA extension build: exit $?, $((SECONDS - start)) s"
+  exit
+fi
 for quant in none int4 int2; do
   timeout 170 python3 evaluation/perplexity.py --model EleutherAI/pythia-2.8b --random-init --speed --dtype float16 \
     --attn_implementation sdpa --decoder kvpress --kv_quant $quant --press snapkv --compression_ratio 0.75 \
