@@ -251,7 +251,8 @@ def plain(args, model, prompt, press, step):
     return run["tokens"], run["ttft_s"], run["decode_s"]
 
 
-def speculative_rows(args, loaded, specs, dtype) -> list[dict]:
+def speculative_rows(args, loaded, specs, dtype, save) -> list[dict]:
+    """One row per draft spec; ``save(rows)`` after each, so a run cut short keeps its finished specs."""
     model = loaded.model
     prompts = [(source, ids.to(model.device)) for source, ids in prompts_from(args, loaded)]
     target_press = make_press(args.press, args.compression_ratio) if args.press else None
@@ -296,6 +297,7 @@ def speculative_rows(args, loaded, specs, dtype) -> list[dict]:
                "median_prompt_acceptance_rate": statistics.median(p["acceptance_rate"] for p in per_prompt),
                "prompts": per_prompt}
         rows.append(row)
+        save(rows)
         print(f"{spec.text}: acceptance {row['acceptance_rate']:.3f}, {row['tokens_per_verify_pass']:.2f} tokens "
               f"per verify pass, decode speedup {row['decode_speedup']:.2f}x", file=sys.stderr)
     return rows
@@ -324,9 +326,9 @@ def run(args) -> Path:
         rows = measure_costs(args, loaded, dtype, save=lambda payload: write_json_atomic(output, header | payload))["rows"]
         columns = ["what", "batch_size", "tokens", "ms", "ratio_to_decode_step", "first_call_s"]
     else:
-        rows = speculative_rows(args, loaded, specs, dtype)
         output = args.output or default_output(args, "-".join(sorted({s.kind for s in specs})))
-        write_json_atomic(output, header | {"rows": rows})
+        rows = speculative_rows(args, loaded, specs, dtype,
+                                save=lambda rows: write_json_atomic(output, header | {"rows": rows}))
         columns = ["spec", "acceptance_rate", "alpha", "tokens_per_verify_pass", "decode_speedup",
                    "end_to_end_speedup", "identical_to_plain"]
     print(f"\n{loaded.name} ({loaded.tier}), {dtype}")
