@@ -16,10 +16,13 @@ sequence's own prompt length.
 Attention back ends by name: ``sdpa`` (torch's scaled_dot_product_attention with a boolean
 mask), ``flex`` (FlexAttention; compiled on CUDA it runs its split-KV decoding kernel,
 Flash-Decoding style) and ``eager`` (matmul, fp32 softmax, matmul, as transformers' eager).
+``generate`` runs the prompt's prefill through transformers' attention of the same name, so one
+name picks the back end of both phases.
 Greedy or sampled (temperature, top-k), sampling through the Gumbel-max trick so the random
 draw is an input of the step and the same noise gives the same tokens on any path.
 """
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -34,6 +37,7 @@ from decoding.kv_cache import kv_bytes, tensor_bytes
 from patches.gpt_neox import split_qkv
 
 ATTENTION_BACKENDS = ("sdpa", "flex", "eager")
+PREFILL_ATTENTION = {"sdpa": "sdpa", "flex": "flex_attention", "eager": "eager"}  # transformers' names
 
 
 @dataclass
@@ -82,6 +86,10 @@ def load_buffer(groups: list[tuple[list[int], DynamicCache]], new_tokens: int) -
     return KVBuffer(keys, values, kept.to(sample.device), (kept[:, None] - lengths).to(sample.device))
 
 
+def unknown_backend(backend: str) -> ValueError:
+    return ValueError(f"unknown attention back end {backend!r}; choose from {', '.join(ATTENTION_BACKENDS)}")
+
+
 def attend(query, keys, values, visible, scaling: float, backend: str):
     """Attention of the new tokens' queries (batch, heads, new, dim) over the buffer's slots
     where ``visible`` (batch, new, slots) is True."""
@@ -95,7 +103,7 @@ def attend(query, keys, values, visible, scaling: float, backend: str):
         scores = torch.matmul(query, keys.transpose(2, 3)) * scaling
         scores = scores.masked_fill(~visible[:, None], torch.finfo(scores.dtype).min)
         return torch.matmul(F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype), values)
-    raise ValueError(f"unknown attention back end {backend!r}; choose from {', '.join(ATTENTION_BACKENDS)}")
+    raise unknown_backend(backend)
 
 
 def next_token(logits: torch.Tensor, temperature: float, top_k: int | None, noise: torch.Tensor | None):
@@ -178,6 +186,19 @@ def prefill(model, prompts: list[torch.Tensor], press=None) -> tuple[torch.Tenso
     return torch.stack(logits), groups
 
 
+@contextlib.contextmanager
+def attention_implementation(model, name: str):
+    """The model's transformers attention set to ``name`` inside the block, restored after."""
+    previous = model.config._attn_implementation
+    if name != previous:
+        model.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        if name != previous:
+            model.set_attn_implementation(previous)
+
+
 def _noise(shape, device, generator):
     # Uniform in (0, 1): the open interval keeps log(-log(u)) finite.
     return torch.rand(shape, device=device, generator=generator).clamp_(torch.finfo(torch.float32).tiny, 1.0)
@@ -189,15 +210,19 @@ def generate(model, prompts: list[torch.Tensor], press, new_tokens: int, step=de
              timings: dict | None = None) -> torch.Tensor:
     """Exactly ``new_tokens`` tokens (no early stop) after each prompt (1, length_i), the press
     applied at prefill; returns (batch, new_tokens). ``step``: ``decode_step`` or
-    ``compiled_step(True)``. ``timings``, if given, receives ttft_s (prefill, first token and the
-    copy into the buffer), decode_s, kept tokens and KV bytes."""
+    ``compiled_step(True)``; ``backend``: the attention of the decode step and of the prefill.
+    ``timings``, if given, receives ttft_s (prefill, first token and the copy into the buffer),
+    decode_s, kept tokens and KV bytes."""
+    if backend not in ATTENTION_BACKENDS:
+        raise unknown_backend(backend)
     device = model.device
     batch = len(prompts)
     sampled = temperature > 0
     noise_shape = (batch, 1, model.config.vocab_size)
-    hf_static.synchronize(device)
-    start = time.perf_counter()
-    logits, groups = prefill(model, prompts, press)
+    with attention_implementation(model, PREFILL_ATTENTION[backend]):
+        hf_static.synchronize(device)
+        start = time.perf_counter()
+        logits, groups = prefill(model, prompts, press)
     token = next_token(logits[:, None], temperature, top_k, _noise(noise_shape, device, generator) if sampled else None)
     kept_bytes = sum(kv_bytes(cache) for _, cache in groups)
     buffer = load_buffer(groups, new_tokens)

@@ -55,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dataset", default="wikitext", help="prompt text when the weights are real")
     parser.add_argument("--decoder", nargs="+", default=["hf_eager", "hf_static", "kvpress", "neox"], choices=DECODERS)
     parser.add_argument("--decode_attention", nargs="+", default=["sdpa"], choices=ATTENTION_BACKENDS,
-                        help="attention back ends of the neox decoder (one cell each)")
+                        help="attention back ends of the neox decoder, its prefill included (one cell each)")
     parser.add_argument("--compile_mode", default="reduce-overhead", choices=["reduce-overhead", "max-autotune"],
                         help="torch.compile mode of the neox decoder's step (both capture CUDA graphs)")
     parser.add_argument("--press", nargs="*", default=["snapkv"], help="methods beside dense (registry names)")

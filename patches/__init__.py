@@ -8,7 +8,7 @@ import kvpress
 from kvpress.presses import base_press
 from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXForCausalLM
 
-from patches import attention_mask, gpt_neox
+from patches import attention_mask, flex_attention, gpt_neox
 
 SUPPORTED_MODELS = (GPTNeoXForCausalLM, *base_press.SUPPORTED_MODELS)
 
@@ -27,6 +27,7 @@ def require_supported(model) -> None:
 def apply() -> None:
     """Apply the GPT-NeoX patches and register GPT-NeoX with kvpress (idempotent)."""
     gpt_neox.apply()
+    flex_attention.apply()
     attention_mask.apply()
     # kvpress warns "not tested" for models outside this tuple; Pythia is now supported.
     base_press.SUPPORTED_MODELS = SUPPORTED_MODELS

@@ -99,6 +99,18 @@ def test_a_verify_pass_of_several_tokens_equals_one_step_per_token(model):
         torch.testing.assert_close(written_together, written_alone)  # matmul shapes differ: round-off only
 
 
+def test_flex_attention_prefill_runs_under_kvpress_and_matches_sdpa(model):
+    # kvpress 0.5.5 alone makes every flex forward a TypeError (patches/flex_attention.py).
+    prompt = prompts(2, 100)
+    with torch.no_grad():
+        expected = model(prompt).logits
+        with neox_decode.attention_implementation(model, "flex_attention"):
+            assert model.config._attn_implementation == "flex_attention"
+            flex = model(prompt).logits
+    assert model.config._attn_implementation == "sdpa"
+    torch.testing.assert_close(flex, expected, rtol=1e-4, atol=1e-5)
+
+
 def test_unknown_attention_backend_is_refused(model):
     with pytest.raises(ValueError, match="sdpa, flex, eager"):
         neox_decode.generate(model, [prompts(1, 20)], None, 3, backend="flash3")

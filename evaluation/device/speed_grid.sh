@@ -5,6 +5,7 @@
 #   baselines: transformers eager / SDPA / static+compile, the kvpress loop, the HF StaticCache path (batch 1, dense)
 #   fast:      the plain GPT-NeoX step, three attention back ends (dense), and SnapKV / StreamingLLM /
 #              PyramidKV at 50% and 25% kept (SDPA), batch 1
+#   backends:  the neox path's attention back ends (sdpa, flex, eager; each runs prefill and decode), dense
 #   batch:     largest batch at 2k context, dense vs SnapKV at 25% kept, plain GPT-NeoX step
 #   same_run:  every decoder's dense cell at batch 1 in one call (the baselines and this project's path
 #              side by side on one machine; median of 2; about 6 minutes)
@@ -26,6 +27,9 @@ case "$part" in
       --batch_size 1 --output_dir "$work/backends"
     python3 evaluation/speed_grid.py $common --decoder neox --press snapkv streaming_llm pyramidkv \
       --compression_ratio 0.5 0.75 --batch_size 1 --output_dir "$work/presses" ;;
+  backends)
+    python3 evaluation/speed_grid.py $common --decoder neox --decode_attention sdpa flex eager --press \
+      --batch_size 1 --output_dir "$work" ;;
   batch)
     python3 evaluation/speed_grid.py $common --decoder neox --press snapkv --compression_ratio 0.75 \
       --batch_size 64 96 128 192 --repeats 1 --output_dir "$work" ;;
@@ -35,5 +39,5 @@ case "$part" in
   same_run)
     python3 evaluation/speed_grid.py $common --decoder hf_eager hf_sdpa hf_static kvpress static neox --press \
       --batch_size 1 --repeats 2 --output_dir "$work" ;;
-  *) echo "usage: speed_grid.sh baselines|fast|batch|same_run|pyramidkv" >&2; exit 2 ;;
+  *) echo "usage: speed_grid.sh baselines|fast|backends|batch|same_run|pyramidkv" >&2; exit 2 ;;
 esac
