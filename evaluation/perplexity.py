@@ -54,7 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     model.add_argument("--dtype", choices=sorted(DTYPES),
                        help="default: float16 on CUDA, float32 on CPU")
-    model.add_argument("--attn_implementation", default="sdpa", choices=["eager", "sdpa", "flash_attention_2"],
+    model.add_argument("--attn_implementation", default="sdpa",
+                       choices=["eager", "sdpa", "flex_attention", "flash_attention_2"],
                        help="attention back end (presses that need attention weights switch the run to eager)")
     model.add_argument("--seed", type=int, default=0, help="seed for random init and random prompts")
     model.add_argument("--kv_quant", default="none", choices=sorted(KV_QUANT),
