@@ -8,7 +8,8 @@ GPT-NeoX path (decoding/neox_decode.py), the last two compiled on CUDA. Each pat
 compared with the reference: identical or not, the first step where they differ, and the share of
 steps that agree. On the CPU the paths are tested to be identical (tests/test_neox_decode.py); on
 a GPU in half precision different kernels round differently, so a near-tie between two logits can
-flip a greedy choice and the sequences part from there: this script says where.
+flip a greedy choice and the sequences part from there: this script says where, and how far apart
+the reference's two best logits were at that step (a gap near fp16 rounding means a near-tie).
 """
 
 import argparse
@@ -59,10 +60,15 @@ def main(argv=None) -> None:
     rows = []
     for name in [None] + args.press:
         press = make_press(name, args.compression_ratio) if name else None
-        reference = generate_forced(model, prompt, press, args.new_tokens)["tokens"]
+        margins = []
+        reference = generate_forced(model, prompt, press, args.new_tokens, margins=margins)["tokens"]
+        margins = torch.stack(margins, dim=1)  # (batch, steps)
         for path, run in paths.items():
             try:
                 row = agreement(run(press), reference)
+                # How near a tie the reference's choice was where a path first left it.
+                row["reference_logit_margin_there"] = [None if step is None else float(margins[index, step])
+                                                       for index, step in enumerate(row["first_difference"])]
             except hf_static_path.RaggedCacheError as error:  # the StaticCache path takes one cache length
                 row = {"error": str(error)}
             rows.append({"method": name or "dense", "path": path} | row)
@@ -74,7 +80,8 @@ def main(argv=None) -> None:
         "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
         "environment": environment(args.device), "rows": rows,
     })
-    print(table(rows, ["method", "path", "identical", "agreement", "first_difference", "error"]))
+    print(table(rows, ["method", "path", "identical", "agreement", "first_difference", "reference_logit_margin_there",
+                       "error"]))
 
 
 if __name__ == "__main__":

@@ -41,9 +41,19 @@ def prompt_ids(vocab_size: int, batch: int, tokens: int, seed: int) -> torch.Ten
 
 
 @torch.no_grad()
-def generate_forced(model, prompt: torch.Tensor, press, new_tokens: int, kv_quant: str = "none") -> dict:
+def record_margin(logits: torch.Tensor, margins: list | None) -> None:
+    """Append the (batch,) gap between the two largest last-position logits, if ``margins`` is a list."""
+    if margins is not None:
+        top = logits[:, -1].float().topk(2, dim=-1).values
+        margins.append(top[:, 0] - top[:, 1])
+
+
+def generate_forced(model, prompt: torch.Tensor, press, new_tokens: int, kv_quant: str = "none",
+                    margins: list | None = None) -> dict:
     """Greedy generation of exactly ``new_tokens`` tokens after ``prompt`` (batch, length);
-    returns the tokens, the timings and the cache sizes of one run."""
+    returns the tokens, the timings and the cache sizes of one run. ``margins``, if given,
+    receives per step the (batch,) gap between the two largest logits: how near a tie each
+    greedy choice was."""
     device = model.device
     batch, prompt_len = prompt.shape
     cache = make_cache(model, kv_quant)
@@ -51,19 +61,22 @@ def generate_forced(model, prompt: torch.Tensor, press, new_tokens: int, kv_quan
     start = time.perf_counter()
     with press(model) if press is not None else contextlib.nullcontext():
         hidden = model.model(input_ids=prompt, past_key_values=cache).last_hidden_state
-    token = model.get_output_embeddings()(hidden[:, -1:]).argmax(-1)
+    logits = model.get_output_embeddings()(hidden[:, -1:])
+    token = logits.argmax(-1)
     synchronize(device)
     first_token_at = time.perf_counter()
     kept = cache.get_seq_length(0)
     kv_after_prefill = kv_bytes(cache)
 
     generated = [token]
+    record_margin(logits, margins)
     for step in range(new_tokens - 1):
         # Positions continue from the prompt length, whatever the press kept.
         position = torch.full((batch, 1), prompt_len + step, device=device)
         logits = model(input_ids=token, past_key_values=cache, position_ids=position).logits
         token = logits[:, -1:].argmax(-1)
         generated.append(token)
+        record_margin(logits, margins)
     synchronize(device)
     end = time.perf_counter()
     return {

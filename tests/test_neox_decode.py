@@ -127,6 +127,17 @@ def test_agreement_says_where_two_decodings_part():
     assert agreement(other, reference) == {"identical": False, "first_difference": [2, None], "agreement": 0.75}
 
 
+def test_forced_generation_records_how_near_a_tie_each_greedy_choice_was(model):
+    prompt = prompts(2, 30)
+    margins = []
+    tokens = generate_forced(model, prompt, None, 4, margins=margins)["tokens"]
+    assert torch.equal(tokens, generate_forced(model, prompt, None, 4)["tokens"])
+    assert len(margins) == 4 and all(margin.shape == (2,) and bool((margin >= 0).all()) for margin in margins)
+    with torch.no_grad():
+        top = model(prompt).logits[:, -1].topk(2).values
+    torch.testing.assert_close(margins[0], top[:, 0] - top[:, 1])
+
+
 def test_decoder_check_finds_every_path_identical_on_the_cpu(tmp_path):
     output = tmp_path / "check.json"
     check_decoders(["--model", "EleutherAI/pythia-70m", "--random-init", "--device", "cpu", "--press", "snapkv",
@@ -134,4 +145,4 @@ def test_decoder_check_finds_every_path_identical_on_the_cpu(tmp_path):
     rows = json.loads(output.read_text())["rows"]
     assert {(row["method"], row["path"]) for row in rows} == {
         ("dense", "static"), ("dense", "neox"), ("snapkv", "static"), ("snapkv", "neox")}
-    assert all(row["identical"] for row in rows)
+    assert all(row["identical"] and row["reference_logit_margin_there"] == [None, None] for row in rows)
