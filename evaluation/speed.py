@@ -48,6 +48,7 @@ def record_margin(logits: torch.Tensor, margins: list | None) -> None:
         margins.append(top[:, 0] - top[:, 1])
 
 
+@torch.no_grad()  # with autograd on, the cache would hold every step's activations for a backward
 def generate_forced(model, prompt: torch.Tensor, press, new_tokens: int, kv_quant: str = "none",
                     margins: list | None = None) -> dict:
     """Greedy generation of exactly ``new_tokens`` tokens after ``prompt`` (batch, length);

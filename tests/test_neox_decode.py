@@ -111,6 +111,17 @@ def test_flex_attention_prefill_runs_under_kvpress_and_matches_sdpa(model):
     torch.testing.assert_close(flex, expected, rtol=1e-4, atol=1e-5)
 
 
+def test_flex_attention_hands_presses_no_log_sum_exp_as_weights(monkeypatch):
+    # On a GPU transformers' flex returns (output, log-sum-exp); presses read the second as
+    # attention probabilities (SnapKV failed on its shape). The CPU path returns no LSE, so it is
+    # stood in for here.
+    from patches import flex_attention
+    output, log_sum_exp = torch.randn(1, 4, 6, 8), torch.randn(1, 4, 6)
+    monkeypatch.setattr(flex_attention, "flex_attention_forward", lambda *args, **kwargs: (output, log_sum_exp))
+    returned, weights = flex_attention.flex_attention_taking_dropout(None, None, None, None, None, 0.0)
+    assert returned is output and weights is None
+
+
 def test_unknown_attention_backend_is_refused(model):
     with pytest.raises(ValueError, match="sdpa, flex, eager"):
         neox_decode.generate(model, [prompts(1, 20)], None, 3, backend="flash3")
@@ -136,6 +147,18 @@ def test_forced_generation_records_how_near_a_tie_each_greedy_choice_was(model):
     with torch.no_grad():
         top = model(prompt).logits[:, -1].topk(2).values
     torch.testing.assert_close(margins[0], top[:, 0] - top[:, 1])
+
+
+def test_forced_generation_keeps_no_autograd_graph(model):
+    # With autograd on, each step's cache would hold that step's activations (an OOM at 2k tokens
+    # on the GPU) and the kvpress loop's timings would include recording them.
+    grad_enabled = []
+    hook = model.gpt_neox.register_forward_hook(lambda *_: grad_enabled.append(torch.is_grad_enabled()))
+    try:
+        generate_forced(model, prompts(1, 100), make_press("snapkv", 0.5), 3)
+    finally:
+        hook.remove()
+    assert grad_enabled == [False] * 3
 
 
 def test_decoder_check_finds_every_path_identical_on_the_cpu(tmp_path):
