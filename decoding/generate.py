@@ -89,7 +89,7 @@ def generate(model, prompt: torch.Tensor, press, new_tokens: int, step=decode_st
     generated = [token]
     for index in range(new_tokens - 1):
         position = torch.full((batch, 1), prompt_len + index, device=model.device)
-        slot = torch.tensor([kept + index], device=model.device)
+        slot = torch.full((1,), kept + index, device=model.device)  # not from a list: that copy waits for the GPU
         # CUDA graphs reuse their output buffers: clone before the next replay overwrites it.
         token = step(model, token, cache, position, slot).clone()
         generated.append(token)

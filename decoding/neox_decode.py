@@ -231,7 +231,10 @@ def generate(model, prompts: list[torch.Tensor], press, new_tokens: int, step=de
     lengths = torch.tensor([[prompt.shape[1]] for prompt in prompts], device=device)
     generated = [token]
     for index in range(new_tokens - 1):
-        new_index = torch.tensor([index], device=device)
+        # Filled on the device: a tensor copied from a Python list waits for the GPU to finish the
+        # step before, and the host's per-step work (guards, graph launch) would then add to every
+        # step instead of running ahead of the GPU.
+        new_index = torch.full((1,), index, device=device)
         noise = _noise(noise_shape, device, generator) if sampled else None
         # CUDA graphs reuse their output buffers: clone before the next replay overwrites it.
         token = step(model, token, lengths + index, new_index, buffer, noise, backend, temperature, top_k).clone()

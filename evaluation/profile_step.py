@@ -58,7 +58,7 @@ def main(argv=None) -> None:
     position = torch.full((args.batch_size, 1), args.prompt_tokens, device="cuda")
 
     def run(index: int):
-        return step(model, token, position + index, torch.tensor([index], device="cuda"), buffer, None, args.backend)
+        return step(model, token, position + index, torch.full((1,), index, device="cuda"), buffer, None, args.backend)
 
     with torch.no_grad():
         for index in range(4):  # compile and warm up
