@@ -4,9 +4,12 @@
 
 The step is compiled without CUDA graphs (so the profiler sees each kernel), run ``--steps``
 times under torch.profiler after warm-up, and the kernels are summed by name: total GPU time
-per step, the share of each kernel, and how many launches a step makes. The result is printed
-and written as JSON (``--output``). Launch overhead is what CUDA graphs remove; what remains
-here is the time the kernels themselves take, to hold against the roofline floor.
+per step, the share of each kernel, and how many launches a step makes. Then the same step is
+compiled into a CUDA graph and ``--graph_steps`` replays are timed: what a decode step costs in
+generation. The result is printed and written as JSON (``--output``). Launch overhead is what
+CUDA graphs remove; the kernel time is what remains, to hold against the roofline floor.
+``--matvec reduction`` profiles the step with its single-token projections written as
+multiply-and-sum (``neox_decode.project``).
 """
 
 import argparse
@@ -42,7 +45,9 @@ def main(argv=None) -> None:
     parser.add_argument("--prompt_tokens", type=int, default=2000)
     parser.add_argument("--batch_size", type=int, default=1)
     parser.add_argument("--backend", default="sdpa", choices=neox_decode.ATTENTION_BACKENDS)
+    parser.add_argument("--matvec", default="linear", choices=neox_decode.MATVECS)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--graph_steps", type=int, default=100)
     parser.add_argument("--output", type=Path, default=Path("results/profile_step.json"))
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -52,33 +57,46 @@ def main(argv=None) -> None:
     prompts = list(prompt_ids(model.config.vocab_size, args.batch_size, args.prompt_tokens, 0).cuda().split(1))
     press = make_press(args.press, args.compression_ratio) if args.press else None
     _, groups = neox_decode.prefill(model, prompts, press)
-    buffer = neox_decode.load_buffer(groups, args.steps + 8)
-    step = torch.compile(neox_decode.decode_step, fullgraph=True)  # no CUDA graphs: the profiler sees kernels
+    buffer = neox_decode.load_buffer(groups, 8 + args.steps + 8 + args.graph_steps)
     token = torch.full((args.batch_size, 1), 2, device="cuda")
     position = torch.full((args.batch_size, 1), args.prompt_tokens, device="cuda")
 
-    def run(index: int):
+    def run(step, index: int):
         return step(model, token, position + index, torch.full((1,), index, device="cuda"), buffer, None, args.backend)
 
+    kernels_step = neox_decode.compiled_step(True, "default", args.matvec)  # no CUDA graphs: the profiler sees kernels
+    graph_step = neox_decode.compiled_step(True, "reduce-overhead", args.matvec)
     with torch.no_grad():
         for index in range(4):  # compile and warm up
-            run(index)
+            run(kernels_step, index)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as profiler:
             for index in range(4, 4 + args.steps):
-                run(index)
+                run(kernels_step, index)
             torch.cuda.synchronize()
+        first = 4 + args.steps
+        for index in range(first, first + 4):  # compile and record the graph
+            run(graph_step, index)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for index in range(first + 4, first + 4 + args.graph_steps):
+            run(graph_step, index)
+        end.record()
+        torch.cuda.synchronize()
+    graph_ms = start.elapsed_time(end) / args.graph_steps
     frame = kernel_table(profiler.key_averages(), args.steps)
     floor = roofline.step_floor_ms(model.config, args.batch_size, 1, int(buffer.kept.float().mean()) + 8)
     total_ms = frame.us_per_step.sum() / 1e3
     print(frame.head(25).to_string(index=False, float_format=lambda x: f"{x:.3g}"))
     print(f"kernel time per step {total_ms:.3f} ms over {frame.launches_per_step.sum():.0f} launches; "
-          f"roofline floor {floor:.3f} ms ({total_ms / floor:.2f}x)")
+          f"CUDA-graph step {graph_ms:.3f} ms; roofline floor {floor:.3f} ms "
+          f"(kernels {total_ms / floor:.2f}x, graph step {graph_ms / floor:.2f}x)")
     write_json_atomic(args.output, {
         "command": "python evaluation/profile_step.py " + " ".join(sys.argv[1:]),
         "model": args.model, "press": args.press, "compression_ratio": args.compression_ratio if args.press else 0.0,
         "batch_size": args.batch_size, "prompt_tokens": args.prompt_tokens, "backend": args.backend,
-        "kernel_ms_per_step": total_ms, "launches_per_step": frame.launches_per_step.sum(), "floor_ms": floor,
+        "matvec": args.matvec, "kernel_ms_per_step": total_ms, "launches_per_step": frame.launches_per_step.sum(),
+        "graph_step_ms": graph_ms, "graph_steps": args.graph_steps, "floor_ms": floor,
         "environment": environment("cuda"), "kernels": frame.to_dict("records"),
     })
 
