@@ -97,6 +97,8 @@ def main(argv=None) -> None:
         "batch_size": args.batch_size, "prompt_tokens": args.prompt_tokens, "backend": args.backend,
         "matvec": args.matvec, "kernel_ms_per_step": total_ms, "launches_per_step": frame.launches_per_step.sum(),
         "graph_step_ms": graph_ms, "graph_steps": args.graph_steps, "floor_ms": floor,
+        # set by TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1
+        "coordinate_descent_tuning": torch._inductor.config.coordinate_descent_tuning,
         "environment": environment("cuda"), "kernels": frame.to_dict("records"),
     })
 
