@@ -34,10 +34,9 @@ from transformers.models.gpt_neox.modeling_gpt_neox import apply_rotary_pos_emb
 
 from decoding import generate as hf_static
 from decoding.kv_cache import kv_bytes, tensor_bytes
-from patches.gpt_neox import split_fused_qkv
+from patches.gpt_neox import split_qkv
 
 ATTENTION_BACKENDS = ("sdpa", "flex", "eager")
-MATVECS = ("linear", "reduction")
 PREFILL_ATTENTION = {"sdpa": "sdpa", "flex": "flex_attention", "eager": "eager"}  # transformers' names
 
 
@@ -107,21 +106,6 @@ def attend(query, keys, values, visible, scaling: float, backend: str):
     raise unknown_backend(backend)
 
 
-def project(linear: torch.nn.Linear, x: torch.Tensor, matvec: str) -> torch.Tensor:
-    """``linear(x)`` for x (batch, new, in). With ``matvec="reduction"`` a single token (batch 1,
-    one new token) is projected as multiply-and-sum in fp32: compiled, that is one reduction
-    kernel reading the weight once, with the bias and neighbouring element-wise work fused in,
-    instead of a cuBLAS GEMV launch (gpt-fast's int8 path works this way)."""
-    if matvec == "linear" or x.shape[0] * x.shape[1] != 1:
-        return linear(x)
-    if matvec != "reduction":
-        raise ValueError(f"unknown matvec {matvec!r}; choose from {', '.join(MATVECS)}")
-    out = (x.float().unsqueeze(-2) * linear.weight.float()).sum(-1)
-    if linear.bias is not None:
-        out = out + linear.bias.float()
-    return out.to(x.dtype)
-
-
 def next_token(logits: torch.Tensor, temperature: float, top_k: int | None, noise: torch.Tensor | None):
     """The token after each position of ``logits`` (..., vocab): greedy when ``temperature`` is
     0; else a draw from softmax(logits / temperature) over the ``top_k`` best, using ``noise``
@@ -135,22 +119,19 @@ def next_token(logits: torch.Tensor, temperature: float, top_k: int | None, nois
     return (logits - torch.log(-torch.log(noise))).argmax(-1)
 
 
-def forward_logits(model, token, buffer: KVBuffer, position, new_index, backend: str = "sdpa",
-                   matvec: str = "linear"):
+def forward_logits(model, token, buffer: KVBuffer, position, new_index, backend: str = "sdpa"):
     """New tokens through the model, returning their logits (batch, new, vocab): ``token`` and
     ``position`` (batch, new); ``new_index`` (new,): how many tokens were generated before each
     (they go to slot kept + new_index of every layer); each new token sees the ones before it.
     One token per sequence is a decode step; several are a speculative verify pass. A model
-    view running fewer layers (decoding/layer_skip.py) reads and writes only its layers' buffers.
-    ``matvec``: how the weights are applied (``project``)."""
+    view running fewer layers (decoding/layer_skip.py) reads and writes only its layers' buffers."""
     neox = model.gpt_neox
     hidden = neox.embed_in(token)
     cos, sin = neox.rotary_emb(hidden, position_ids=position)
     for layer in neox.layers:
         attention = layer.attention
         index = attention.layer_idx
-        fused = project(attention.query_key_value, layer.input_layernorm(hidden), matvec)
-        query, key, value = split_fused_qkv(attention, fused)
+        query, key, value = split_qkv(attention, layer.input_layernorm(hidden))
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
         slot = buffer.kept[index] + new_index
         buffer.keys[index].index_copy_(2, slot, key)
@@ -159,41 +140,31 @@ def forward_logits(model, token, buffer: KVBuffer, position, new_index, backend:
         # (batch, new, slots): a real token (not padding in front of a shorter sequence) already written
         visible = (slots <= slot[:, None]) & (slots >= buffer.first_valid[index][:, None, None])
         attended = attend(query, buffer.keys[index], buffer.values[index], visible, attention.scaling, backend)
-        attended = project(attention.dense, attended.transpose(1, 2).reshape(hidden.shape), matvec)
-        mlp = layer.mlp
-        def feed_forward(x):
-            return project(mlp.dense_4h_to_h, mlp.act(project(mlp.dense_h_to_4h, x, matvec)), matvec)
+        attended = attention.dense(attended.transpose(1, 2).reshape(hidden.shape))
         # The same residual arithmetic, in the same order, as transformers' GPTNeoXLayer.
         if layer.use_parallel_residual:
-            hidden = feed_forward(layer.post_attention_layernorm(hidden)) + attended + hidden
+            hidden = layer.mlp(layer.post_attention_layernorm(hidden)) + attended + hidden
         else:
             attended = attended + hidden
-            hidden = feed_forward(layer.post_attention_layernorm(attended)) + attended
-    return project(model.embed_out, neox.final_layer_norm(hidden), matvec)
+            hidden = layer.mlp(layer.post_attention_layernorm(attended)) + attended
+    return model.embed_out(neox.final_layer_norm(hidden))
 
 
 def decode_step(model, token, position, new_index, buffer: KVBuffer, noise=None, backend: str = "sdpa",
-                temperature: float = 0.0, top_k: int | None = None, matvec: str = "linear"):
+                temperature: float = 0.0, top_k: int | None = None):
     """``forward_logits``, then the token after each new token (batch, new) by ``next_token``."""
-    logits = forward_logits(model, token, buffer, position, new_index, backend, matvec)
-    return next_token(logits, temperature, top_k, noise)
+    return next_token(forward_logits(model, token, buffer, position, new_index, backend), temperature, top_k, noise)
 
 
-def compiled_step(compile: bool, mode: str = "reduce-overhead", matvec: str = "linear"):
+def compiled_step(compile: bool, mode: str = "reduce-overhead"):
     """The decode step compiled whole (CUDA-graph replay with ``reduce-overhead`` and
     ``max-autotune``), or as is. ``max-autotune`` also benchmarks Triton matmul templates
     against cuBLAS and, as gpt-fast does, tunes the fused kernels' launch shapes."""
-    if matvec not in MATVECS:
-        raise ValueError(f"unknown matvec {matvec!r}; choose from {', '.join(MATVECS)}")
-
-    def step(*args, **kwargs):
-        return decode_step(*args, matvec=matvec, **kwargs)
-
     if not compile:
-        return step
+        return decode_step
     if mode == "max-autotune":
         torch._inductor.config.coordinate_descent_tuning = True
-    return torch.compile(step, mode=mode, fullgraph=True)
+    return torch.compile(decode_step, mode=mode, fullgraph=True)
 
 
 @torch.no_grad()

@@ -53,23 +53,6 @@ def test_prompts_of_different_lengths_in_one_batch_decode_as_if_alone(model):
     assert torch.equal(together, torch.cat(alone))
 
 
-@pytest.mark.parametrize("name, ratio", [(None, 0.0), ("snapkv", 0.5), ("pyramidkv", 0.5)])
-def test_single_token_projections_as_reductions_give_the_same_tokens(model, name, ratio):
-    prompt = prompts(1, 100)
-    press = make_press(name, ratio) if name else None
-    expected = generate_forced(model, prompt, press, new_tokens=12)["tokens"]
-    step = neox_decode.compiled_step(False, matvec="reduction")
-    assert torch.equal(neox_decode.generate(model, [prompt], press, 12, step=step), expected)
-
-
-def test_projection_as_a_reduction_is_the_linear_layer():
-    linear = torch.nn.Linear(48, 24)
-    one_token = torch.randn(1, 1, 48)
-    torch.testing.assert_close(neox_decode.project(linear, one_token, "reduction"), linear(one_token))
-    with pytest.raises(ValueError, match="linear, reduction"):
-        neox_decode.compiled_step(False, matvec="gemv")
-
-
 def test_compiled_step_gives_the_same_tokens(model):
     prompt = prompts(2, 100)
     press = make_press("snapkv", 0.5)
