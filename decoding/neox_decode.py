@@ -119,35 +119,70 @@ def next_token(logits: torch.Tensor, temperature: float, top_k: int | None, nois
     return (logits - torch.log(-torch.log(noise))).argmax(-1)
 
 
-def forward_logits(model, token, buffer: KVBuffer, position, new_index, backend: str = "sdpa"):
+def attention_branch(layer, parts, cos, sin, keys, values, kept, first_valid, new_index, backend: str):
+    """One layer's attention. ``parts``: the terms whose sum is the layer's input (the previous
+    layer's outputs and residual, summed here so the sum fuses into the layer norm's kernel);
+    ``keys``/``values``: the layer's buffer, ``kept``/``first_valid``: its rows of the KVBuffer.
+    Writes the new tokens' keys and values; returns (the layer's input, the attention output)."""
+    hidden = sum_in_order(parts)
+    attention = layer.attention
+    query, key, value = split_qkv(attention, layer.input_layernorm(hidden))
+    query, key = apply_rotary_pos_emb(query, key, cos, sin)
+    slot = kept + new_index
+    keys.index_copy_(2, slot, key)
+    values.index_copy_(2, slot, value)
+    slots = torch.arange(keys.shape[2], device=keys.device)
+    # (batch, new, slots): a real token (not padding in front of a shorter sequence) already written
+    visible = (slots <= slot[:, None]) & (slots >= first_valid[:, None, None])
+    attended = attend(query, keys, values, visible, attention.scaling, backend)
+    return hidden, attention.dense(attended.transpose(1, 2).reshape(hidden.shape))
+
+
+def mlp_branch(layer, parts):
+    """One layer's MLP on the sum of ``parts`` (see ``attention_branch``)."""
+    return layer.mlp(layer.post_attention_layernorm(sum_in_order(parts)))
+
+
+def sum_in_order(parts):
+    total = parts[0]
+    for part in parts[1:]:
+        total = total + part
+    return total
+
+
+def forward_logits(model, token, buffer: KVBuffer, position, new_index, backend: str = "sdpa",
+                   attention_fn=attention_branch, mlp_fn=mlp_branch, side_stream=None):
     """New tokens through the model, returning their logits (batch, new, vocab): ``token`` and
     ``position`` (batch, new); ``new_index`` (new,): how many tokens were generated before each
     (they go to slot kept + new_index of every layer); each new token sees the ones before it.
     One token per sequence is a decode step; several are a speculative verify pass. A model
-    view running fewer layers (decoding/layer_skip.py) reads and writes only its layers' buffers."""
+    view running fewer layers (decoding/layer_skip.py) reads and writes only its layers' buffers.
+    With ``side_stream`` (CUDA) each parallel-residual layer's MLP runs on that stream beside its
+    attention: both read the same input and meet only in the residual sum (``TwoStreamStep``)."""
     neox = model.gpt_neox
-    hidden = neox.embed_in(token)
-    cos, sin = neox.rotary_emb(hidden, position_ids=position)
+    parts = (neox.embed_in(token),)
+    cos, sin = neox.rotary_emb(parts[0], position_ids=position)
+    main_stream = torch.cuda.current_stream() if side_stream is not None else None
     for layer in neox.layers:
-        attention = layer.attention
-        index = attention.layer_idx
-        query, key, value = split_qkv(attention, layer.input_layernorm(hidden))
-        query, key = apply_rotary_pos_emb(query, key, cos, sin)
-        slot = buffer.kept[index] + new_index
-        buffer.keys[index].index_copy_(2, slot, key)
-        buffer.values[index].index_copy_(2, slot, value)
-        slots = torch.arange(buffer.keys[index].shape[2], device=token.device)
-        # (batch, new, slots): a real token (not padding in front of a shorter sequence) already written
-        visible = (slots <= slot[:, None]) & (slots >= buffer.first_valid[index][:, None, None])
-        attended = attend(query, buffer.keys[index], buffer.values[index], visible, attention.scaling, backend)
-        attended = attention.dense(attended.transpose(1, 2).reshape(hidden.shape))
-        # The same residual arithmetic, in the same order, as transformers' GPTNeoXLayer.
+        index = layer.attention.layer_idx
+        layer_buffer = (buffer.keys[index], buffer.values[index], buffer.kept[index], buffer.first_valid[index])
         if layer.use_parallel_residual:
-            hidden = layer.mlp(layer.post_attention_layernorm(hidden)) + attended + hidden
+            if side_stream is not None:
+                side_stream.wait_stream(main_stream)  # the previous layer's attention output
+                main_stream.wait_stream(side_stream)  # the previous layer's MLP output
+                with torch.cuda.stream(side_stream):
+                    mlp_out = mlp_fn(layer, parts)
+            else:
+                mlp_out = mlp_fn(layer, parts)
+            hidden, attended = attention_fn(layer, parts, cos, sin, *layer_buffer, new_index, backend)
+            # The same residual arithmetic, in the same order, as transformers' GPTNeoXLayer.
+            parts = (mlp_out, attended, hidden)
         else:
-            attended = attended + hidden
-            hidden = layer.mlp(layer.post_attention_layernorm(attended)) + attended
-    return model.embed_out(neox.final_layer_norm(hidden))
+            hidden, attended = attention_fn(layer, parts, cos, sin, *layer_buffer, new_index, backend)
+            parts = (mlp_fn(layer, (attended, hidden)), attended + hidden)
+    if side_stream is not None:
+        main_stream.wait_stream(side_stream)
+    return model.embed_out(neox.final_layer_norm(sum_in_order(parts)))
 
 
 def decode_step(model, token, position, new_index, buffer: KVBuffer, noise=None, backend: str = "sdpa",
@@ -156,15 +191,71 @@ def decode_step(model, token, position, new_index, buffer: KVBuffer, noise=None,
     return next_token(forward_logits(model, token, buffer, position, new_index, backend), temperature, top_k, noise)
 
 
+COMPILE_MODES = ("reduce-overhead", "max-autotune", "two-stream")
+
+
 def compiled_step(compile: bool, mode: str = "reduce-overhead"):
     """The decode step compiled whole (CUDA-graph replay with ``reduce-overhead`` and
     ``max-autotune``), or as is. ``max-autotune`` also benchmarks Triton matmul templates
-    against cuBLAS and, as gpt-fast does, tunes the fused kernels' launch shapes."""
+    against cuBLAS and, as gpt-fast does, tunes the fused kernels' launch shapes.
+    ``two-stream``: each layer's two branches compiled, in one hand-captured graph on two
+    streams (``TwoStreamStep``)."""
     if not compile:
         return decode_step
+    if mode == "two-stream":
+        return TwoStreamStep()
     if mode == "max-autotune":
         torch._inductor.config.coordinate_descent_tuning = True
     return torch.compile(decode_step, mode=mode, fullgraph=True)
+
+
+class TwoStreamStep:
+    """The decode step as one CUDA graph captured by hand, in which each layer's MLP runs on a
+    second stream beside its attention (GPT-NeoX's parallel residual: both branches read the
+    layer's input and meet only in the residual sum). At batch 1 no single kernel keeps the
+    GPU's memory busy (cuDNN's decode attention runs one block per head, each GEMV has a ramp-up
+    and a tail), so the branches' kernels can overlap. Each branch is compiled by torch.compile
+    (no CUDA graphs of its own); the graph is captured at the first call for a buffer, after
+    warm-up runs, and replayed after that. CUDA only; called like ``decode_step``."""
+
+    def __init__(self):
+        self.attention_fn = torch.compile(attention_branch, fullgraph=True)
+        self.mlp_fn = torch.compile(mlp_branch, fullgraph=True)
+        self.buffer = None
+
+    def _step(self, model, inputs, buffer, backend, temperature, top_k):
+        token, position, new_index, noise = inputs
+        logits = forward_logits(model, token, buffer, position, new_index, backend, self.attention_fn, self.mlp_fn,
+                                self.side_stream)
+        return next_token(logits, temperature, top_k, noise)
+
+    def _capture(self, model, inputs, buffer, backend, temperature, top_k):
+        if not all(layer.use_parallel_residual for layer in model.gpt_neox.layers):
+            raise ValueError("the two-stream step needs GPT-NeoX's parallel residual (use_parallel_residual)")
+        self.inputs = [None if tensor is None else tensor.clone() for tensor in inputs]
+        self.side_stream = torch.cuda.Stream()
+        # Compile and warm up (cuBLAS and cuDNN set up their workspaces) off the capture.
+        warmup_stream = torch.cuda.Stream()
+        warmup_stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(warmup_stream):
+            for _ in range(3):  # rewrites the slot this step writes anyway, with the same values
+                self._step(model, self.inputs, buffer, backend, temperature, top_k)
+        torch.cuda.current_stream().wait_stream(warmup_stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.output = self._step(model, self.inputs, buffer, backend, temperature, top_k)
+        self.buffer, self.settings = buffer, (backend, temperature, top_k)
+
+    def __call__(self, model, token, position, new_index, buffer: KVBuffer, noise=None, backend: str = "sdpa",
+                 temperature: float = 0.0, top_k: int | None = None):
+        inputs = (token, position, new_index, noise)
+        if buffer is not self.buffer or (backend, temperature, top_k) != self.settings:
+            self._capture(model, inputs, buffer, backend, temperature, top_k)
+        for static, tensor in zip(self.inputs, inputs):
+            if tensor is not None:
+                static.copy_(tensor)
+        self.graph.replay()
+        return self.output
 
 
 @torch.no_grad()

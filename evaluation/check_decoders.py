@@ -13,6 +13,7 @@ the reference's two best logits were at that step (a gap near fp16 rounding mean
 """
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -24,6 +25,8 @@ from evaluation.models import DTYPES, load_model
 from evaluation.results import environment, table, write_json_atomic
 from evaluation.speed import generate_forced, prompt_ids
 from presses import make_press
+
+PATHS = ("static", "neox", "neox_two_stream")
 
 
 def agreement(tokens: torch.Tensor, reference: torch.Tensor) -> dict:
@@ -44,6 +47,8 @@ def main(argv=None) -> None:
     parser.add_argument("--batch_size", type=int, default=2)
     parser.add_argument("--prompt_tokens", type=int, default=2000)
     parser.add_argument("--new_tokens", type=int, default=64)
+    parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS,
+                        help="the fast paths to check (neox_two_stream: the neox step in a two-stream graph)")
     parser.add_argument("--output", type=Path, default=Path("results/check_decoders.json"))
     args = parser.parse_args(argv)
     dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
@@ -54,9 +59,10 @@ def main(argv=None) -> None:
     paths = {"static": lambda press: hf_static_path.generate(model, prompt, press, args.new_tokens,
                                                                step=hf_static_path.compiled_step(compile))}
     if model.config.model_type == "gpt_neox":
-        neox_step = neox_decode.compiled_step(compile)
-        paths["neox"] = lambda press: neox_decode.generate(model, list(prompt.split(1)), press, args.new_tokens,
-                                                           step=neox_step)
+        for path, mode in (("neox", "reduce-overhead"), ("neox_two_stream", "two-stream")):
+            paths[path] = functools.partial(neox_decode.generate, model, list(prompt.split(1)),
+                                            new_tokens=args.new_tokens, step=neox_decode.compiled_step(compile, mode))
+    paths = {path: run for path, run in paths.items() if path in args.paths}
     rows = []
     for name in [None] + args.press:
         press = make_press(name, args.compression_ratio) if name else None

@@ -28,7 +28,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from decoding.neox_decode import ATTENTION_BACKENDS  # noqa: E402
+from decoding.neox_decode import ATTENTION_BACKENDS, COMPILE_MODES  # noqa: E402
 from evaluation import roofline  # noqa: E402
 from evaluation.data import DataError  # noqa: E402
 from evaluation.models import DTYPES, ModelLoadError, load_model  # noqa: E402
@@ -56,8 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--decoder", nargs="+", default=["hf_eager", "hf_static", "kvpress", "neox"], choices=DECODERS)
     parser.add_argument("--decode_attention", nargs="+", default=["sdpa"], choices=ATTENTION_BACKENDS,
                         help="attention back ends of the neox decoder, its prefill included (one cell each)")
-    parser.add_argument("--compile_mode", default="reduce-overhead", choices=["reduce-overhead", "max-autotune"],
-                        help="torch.compile mode of the neox decoder's step (both capture CUDA graphs)")
+    parser.add_argument("--compile_mode", default="reduce-overhead", choices=COMPILE_MODES,
+                        help="how the neox decoder's step is compiled: whole, by torch.compile's mode (both "
+                             "capture CUDA graphs), or two-stream (the MLP beside the attention in one graph)")
     parser.add_argument("--press", nargs="*", default=["snapkv"], help="methods beside dense (registry names)")
     parser.add_argument("--compression_ratio", type=float, nargs="+", default=[0.5, 0.75])
     parser.add_argument("--batch_size", type=int, nargs="+", default=[1])

@@ -53,6 +53,29 @@ def test_prompts_of_different_lengths_in_one_batch_decode_as_if_alone(model):
     assert torch.equal(together, torch.cat(alone))
 
 
+def test_branches_compiled_apart_give_the_same_tokens_and_compile_once_for_all_layers():
+    # The two-stream step (CUDA) compiles each layer's attention and MLP branch on its own; every
+    # layer must reuse those graphs (a recompile per layer would hit dynamo's limit and fall back).
+    from torch._dynamo.utils import counters
+
+    model = build(tiny_neox_config(num_hidden_layers=4), attn_implementation="sdpa")
+    torch._dynamo.reset()
+    counters.clear()
+    attention_fn = torch.compile(neox_decode.attention_branch, fullgraph=True)
+    mlp_fn = torch.compile(neox_decode.mlp_branch, fullgraph=True)
+
+    def step(model, token, position, new_index, buffer, noise=None, backend="sdpa", temperature=0.0, top_k=None):
+        logits = neox_decode.forward_logits(model, token, buffer, position, new_index, backend, attention_fn, mlp_fn)
+        return neox_decode.next_token(logits, temperature, top_k, noise)
+
+    prompt = prompts(1, 100)
+    press = make_press("snapkv", 0.5)
+    expected = generate_forced(model, prompt, press, new_tokens=5)["tokens"]
+    assert torch.equal(neox_decode.generate(model, [prompt], press, 5, step=step), expected)
+    # attention and MLP, each for the first layer's one input part and the later layers' three
+    assert counters["stats"]["unique_graphs"] == 4
+
+
 def test_compiled_step_gives_the_same_tokens(model):
     prompt = prompts(2, 100)
     press = make_press("snapkv", 0.5)
@@ -167,5 +190,5 @@ def test_decoder_check_finds_every_path_identical_on_the_cpu(tmp_path):
                     "--prompt_tokens", "80", "--new_tokens", "5", "--output", str(output)])
     rows = json.loads(output.read_text())["rows"]
     assert {(row["method"], row["path"]) for row in rows} == {
-        ("dense", "static"), ("dense", "neox"), ("snapkv", "static"), ("snapkv", "neox")}
+        (method, path) for method in ("dense", "snapkv") for path in ("static", "neox", "neox_two_stream")}
     assert all(row["identical"] and row["reference_logit_margin_there"] == [None, None] for row in rows)

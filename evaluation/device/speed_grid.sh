@@ -11,6 +11,8 @@
 #              side by side on one machine; median of 2; about 6 minutes)
 #   pyramidkv: PyramidKV at 50% and 25% kept on the neox decoder (re-measured after each layer's buffer
 #              was sized to its own kept tokens)
+#   two_stream: the neox step compiled whole vs as a two-stream graph (each layer's MLP beside its
+#              attention), dense and SnapKV at 25% kept, batch 1 and 64, one call
 # Then, here: python evaluation/speed_grid.py --merge DIR... --output_dir results/pythia-2.8b_random_grid_h100
 set -e
 part=$1
@@ -39,5 +41,10 @@ case "$part" in
   same_run)
     python3 evaluation/speed_grid.py $common --decoder hf_eager hf_sdpa hf_static kvpress static neox --press \
       --batch_size 1 --repeats 2 --output_dir "$work" ;;
-  *) echo "usage: speed_grid.sh baselines|fast|backends|batch|same_run|pyramidkv" >&2; exit 2 ;;
+  two_stream)
+    for mode in reduce-overhead two-stream; do
+      python3 evaluation/speed_grid.py $common --decoder neox --press snapkv --compression_ratio 0.75 \
+        --batch_size 1 64 --repeats 2 --compile_mode $mode --output_dir "$work/$mode"
+    done ;;
+  *) echo "usage: speed_grid.sh baselines|fast|backends|batch|same_run|pyramidkv|two_stream" >&2; exit 2 ;;
 esac
