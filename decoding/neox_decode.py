@@ -24,6 +24,7 @@ draw is an input of the step and the same noise gives the same tokens on any pat
 
 import contextlib
 import time
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -244,12 +245,14 @@ class TwoStreamStep:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.output = self._step(model, self.inputs, buffer, backend, temperature, top_k)
-        self.buffer, self.settings = buffer, (backend, temperature, top_k)
+        # A weak reference: holding the buffer would keep a finished generation's KV alive (at
+        # batch 64 with 2k tokens, 45 GB) while the next one prefills.
+        self.buffer, self.settings = weakref.ref(buffer), (backend, temperature, top_k)
 
     def __call__(self, model, token, position, new_index, buffer: KVBuffer, noise=None, backend: str = "sdpa",
                  temperature: float = 0.0, top_k: int | None = None):
         inputs = (token, position, new_index, noise)
-        if buffer is not self.buffer or (backend, temperature, top_k) != self.settings:
+        if self.buffer is None or self.buffer() is not buffer or (backend, temperature, top_k) != self.settings:
             self._capture(model, inputs, buffer, backend, temperature, top_k)
         for static, tensor in zip(self.inputs, inputs):
             if tensor is not None:

@@ -13,6 +13,7 @@
 #              was sized to its own kept tokens)
 #   two_stream: the neox step compiled whole vs as a two-stream graph (each layer's MLP beside its
 #              attention), dense and SnapKV at 25% kept, batch 1 and 64, one call
+#   two_stream_batch: the two-stream step alone at batch 64 (dense and SnapKV at 25% kept)
 # Then, here: python evaluation/speed_grid.py --merge DIR... --output_dir results/pythia-2.8b_random_grid_h100
 set -e
 part=$1
@@ -46,5 +47,9 @@ case "$part" in
       python3 evaluation/speed_grid.py $common --decoder neox --press snapkv --compression_ratio 0.75 \
         --batch_size 1 64 --repeats 2 --compile_mode $mode --output_dir "$work/$mode"
     done ;;
-  *) echo "usage: speed_grid.sh baselines|fast|backends|batch|same_run|pyramidkv|two_stream" >&2; exit 2 ;;
+  two_stream_batch)
+    python3 evaluation/speed_grid.py $common --decoder neox --press snapkv --compression_ratio 0.75 \
+      --batch_size 64 --repeats 1 --compile_mode two-stream --output_dir "$work" ;;
+  *) echo "usage: speed_grid.sh baselines|fast|backends|batch|same_run|pyramidkv|two_stream|two_stream_batch" >&2
+     exit 2 ;;
 esac
