@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import flex_attention
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 from transformers import DynamicCache
 from transformers.models.gpt_neox.modeling_gpt_neox import apply_rotary_pos_emb
 
@@ -97,9 +97,13 @@ def attend(query, keys, values, visible, scaling: float, backend: str):
     if backend == "sdpa":
         return F.scaled_dot_product_attention(query, keys, values, attn_mask=visible[:, None], scale=scaling)
     if backend == "flex":
-        def hide_padding(score, batch, head, query_index, slot):
-            return torch.where(visible[batch, query_index, slot], score, -float("inf"))
-        return flex_attention(query, keys, values, score_mod=hide_padding, scale=scaling)
+        def is_visible(batch, head, query_index, slot):
+            return visible[batch, query_index, slot]
+        # A block mask rather than a score modification: blocks of slots nobody sees (not yet
+        # written, padding in front of a shorter sequence) are skipped, not read and masked.
+        block_mask = create_block_mask(is_visible, B=visible.shape[0], H=None, Q_LEN=visible.shape[1],
+                                       KV_LEN=visible.shape[2], device=query.device)
+        return flex_attention(query, keys, values, block_mask=block_mask, scale=scaling)
     if backend == "eager":
         scores = torch.matmul(query, keys.transpose(2, 3)) * scaling
         scores = scores.masked_fill(~visible[:, None], torch.finfo(scores.dtype).min)
