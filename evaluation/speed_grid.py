@@ -112,7 +112,8 @@ def run_cell(model, cell: dict, args) -> dict:
         # as a generic accelerator error.
         out_of_memory = "out of memory" in str(error).lower()
         torch.cuda.empty_cache()
-        row |= _failed(cell, "CUDA out of memory" if out_of_memory else f"{type(error).__name__}: {str(error)[:500]}")
+        row |= _failed(cell, args.compile_mode,
+                       "CUDA out of memory" if out_of_memory else f"{type(error).__name__}: {str(error)[:500]}")
     if "tpot_ms" in row:
         mean_cache = row["kept_tokens_layer0"] + cell["new_tokens"] / 2
         row["tpot_floor_ms"] = roofline.step_floor_ms(model.config, cell["batch_size"], 1, round(mean_cache), args.gpu)
@@ -121,9 +122,10 @@ def run_cell(model, cell: dict, args) -> dict:
     return row
 
 
-def _failed(cell: dict, error: str) -> dict:
+def _failed(cell: dict, compile_mode: str, error: str) -> dict:
     return {key: cell[key] for key in ("decoder", "batch_size", "prompt_tokens", "new_tokens")} | {
-        "decode_attention": cell["backend"], "error": error}
+        "decode_attention": cell["backend"], "compile_mode": compile_mode if cell["decoder"] == "neox" else None,
+        "error": error}
 
 
 def add_speedups(rows: list[dict], baseline_decoder: str) -> None:
@@ -225,7 +227,7 @@ def measure_grid(args, argv: list[str]) -> tuple[dict, list[dict]]:
                                          "new_tokens"))
         if family in out_of_memory:
             row = {"method": cell["method"], "compression_ratio": cell["compression_ratio"]}
-            row |= _failed(cell, "not run: a smaller batch was already out of memory")
+            row |= _failed(cell, args.compile_mode, "not run: a smaller batch was already out of memory")
         else:
             loaded.model.set_attn_implementation("sdpa")  # prefill attention; hf_eager switches to eager itself
             row = run_cell(loaded.model, cell, args)
