@@ -4,7 +4,9 @@
 
 For each press (and dense), the same prompt is decoded greedily by the kvpress loop
 (evaluation/speed.py, the reference), the StaticCache path (decoding/generate.py) and the plain
-GPT-NeoX path (decoding/neox_decode.py), the last two compiled on CUDA. Each path's tokens are
+GPT-NeoX path (decoding/neox_decode.py) as one compiled graph and as the two-stream graph, all
+compiled on CUDA. With ``--temperature`` the neox paths sample instead, against the uncompiled
+neox step drawing the same Gumbel noise. Each path's tokens are
 compared with the reference: identical or not, the first step where they differ, and the share of
 steps that agree. On the CPU the paths are tested to be identical (tests/test_neox_decode.py); on
 a GPU in half precision different kernels round differently, so a near-tie between two logits can
@@ -13,7 +15,6 @@ the reference's two best logits were at that step (a gap near fp16 rounding mean
 """
 
 import argparse
-import functools
 import sys
 from pathlib import Path
 
@@ -47,6 +48,11 @@ def main(argv=None) -> None:
     parser.add_argument("--batch_size", type=int, default=2)
     parser.add_argument("--prompt_tokens", type=int, default=2000)
     parser.add_argument("--new_tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="above 0: sampled decoding, checked against the uncompiled neox step drawing the "
+                             "same noise (the kvpress loop and the StaticCache path decode greedily only)")
+    parser.add_argument("--top_k", type=int)
+    parser.add_argument("--seed", type=int, default=0, help="of the sampling noise")
     parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS,
                         help="the fast paths to check (neox_two_stream: the neox step in a two-stream graph)")
     parser.add_argument("--output", type=Path, default=Path("results/check_decoders.json"))
@@ -58,23 +64,37 @@ def main(argv=None) -> None:
     prompt = prompt_ids(model.config.vocab_size, args.batch_size, args.prompt_tokens, 0).to(model.device)
     paths = {"static": lambda press: hf_static_path.generate(model, prompt, press, args.new_tokens,
                                                                step=hf_static_path.compiled_step(compile))}
+    sampled = args.temperature > 0
+
+    def neox_path(step):
+        # A fresh generator per run: every path draws the same noise.
+        return lambda press: neox_decode.generate(
+            model, list(prompt.split(1)), press, args.new_tokens, step=step, temperature=args.temperature,
+            top_k=args.top_k, generator=torch.Generator(model.device).manual_seed(args.seed))
+
     if model.config.model_type == "gpt_neox":
         for path, mode in (("neox", "reduce-overhead"), ("neox_two_stream", "two-stream")):
-            paths[path] = functools.partial(neox_decode.generate, model, list(prompt.split(1)),
-                                            new_tokens=args.new_tokens, step=neox_decode.compiled_step(compile, mode))
+            paths[path] = neox_path(neox_decode.compiled_step(compile, mode))
+    elif sampled:
+        raise SystemExit("error: --temperature checks the neox paths: use a GPT-NeoX model")
+    if sampled:
+        paths.pop("static")
     paths = {path: run for path, run in paths.items() if path in args.paths}
     rows = []
     for name in [None] + args.press:
         press = make_press(name, args.compression_ratio) if name else None
         margins = []
-        reference = generate_forced(model, prompt, press, args.new_tokens, margins=margins)["tokens"]
-        margins = torch.stack(margins, dim=1)  # (batch, steps)
+        if sampled:
+            reference = neox_path(neox_decode.decode_step)(press)
+        else:
+            reference = generate_forced(model, prompt, press, args.new_tokens, margins=margins)["tokens"]
+            margins = torch.stack(margins, dim=1)  # (batch, steps)
         for path, run in paths.items():
             try:
                 row = agreement(run(press), reference)
-                # How near a tie the reference's choice was where a path first left it.
-                row["reference_logit_margin_there"] = [None if step is None else float(margins[index, step])
-                                                       for index, step in enumerate(row["first_difference"])]
+                if not sampled:  # how near a tie the reference's choice was where a path first left it
+                    row["reference_logit_margin_there"] = [None if step is None else float(margins[index, step])
+                                                           for index, step in enumerate(row["first_difference"])]
             except hf_static_path.RaggedCacheError as error:  # the StaticCache path takes one cache length
                 row = {"error": str(error)}
             rows.append({"method": name or "dense", "path": path} | row)
@@ -83,6 +103,8 @@ def main(argv=None) -> None:
         "command": "python evaluation/check_decoders.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "model": args.model, "model_tier": loaded.tier, "dtype": dtype, "compiled": compile,
         "compression_ratio": args.compression_ratio, "batch_size": args.batch_size,
+        "temperature": args.temperature, "top_k": args.top_k, "seed": args.seed,
+        "reference": "the uncompiled neox step, same noise" if sampled else "the kvpress loop, greedy",
         "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
         "environment": environment(args.device), "rows": rows,
     })

@@ -155,6 +155,17 @@ def test_other_architectures_are_refused(tiny_llama):
         neox_decode.generate(tiny_llama, [prompts(1, 20)], None, 3)
 
 
+def test_sampled_decoder_check_draws_the_same_noise_on_every_path(tmp_path):
+    output = tmp_path / "check.json"
+    check_decoders(["--model", "EleutherAI/pythia-70m", "--random-init", "--device", "cpu", "--press", "snapkv",
+                    "--prompt_tokens", "80", "--new_tokens", "6", "--temperature", "1.0", "--top_k", "50",
+                    "--output", str(output)])
+    rows = json.loads(output.read_text())["rows"]
+    assert {(row["method"], row["path"]) for row in rows} == {
+        (method, path) for method in ("dense", "snapkv") for path in ("neox", "neox_two_stream")}
+    assert all(row["identical"] for row in rows)
+
+
 def test_agreement_says_where_two_decodings_part():
     reference = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
     other = torch.tensor([[1, 2, 9, 9], [5, 6, 7, 8]])

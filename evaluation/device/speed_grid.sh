@@ -7,8 +7,9 @@
 #              PyramidKV at 50% and 25% kept (SDPA), batch 1
 #   backends:  the neox path's attention back ends (sdpa, flex, eager; each runs prefill and decode), dense
 #   batch:     largest batch at 2k context, dense vs SnapKV at 25% kept, plain GPT-NeoX step
-#   same_run:  every decoder's dense cell at batch 1 in one call (the baselines and this project's path
-#              side by side on one machine; median of 2; about 6 minutes)
+#   same_run:  every decoder's dense cell at batch 1 in one call (the baselines and this project's path,
+#              as one graph and as the two-stream graph, side by side on one machine; median of 2; about
+#              7 minutes)
 #   pyramidkv: PyramidKV at 50% and 25% kept on the neox decoder (re-measured after each layer's buffer
 #              was sized to its own kept tokens)
 #   two_stream: the neox step compiled whole vs as a two-stream graph (each layer's MLP beside its
@@ -41,7 +42,9 @@ case "$part" in
       --batch_size 1 --output_dir "$work" ;;
   same_run)
     python3 evaluation/speed_grid.py $common --decoder hf_eager hf_sdpa hf_static kvpress static neox --press \
-      --batch_size 1 --repeats 2 --output_dir "$work" ;;
+      --batch_size 1 --repeats 2 --output_dir "$work"
+    python3 evaluation/speed_grid.py $common --decoder neox --press --batch_size 1 --repeats 2 \
+      --compile_mode two-stream --output_dir "$work/two-stream" ;;
   two_stream)
     for mode in reduce-overhead two-stream; do
       python3 evaluation/speed_grid.py $common --decoder neox --press snapkv --compression_ratio 0.75 \
