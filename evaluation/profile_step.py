@@ -5,7 +5,8 @@
 The step is compiled without CUDA graphs (so the profiler sees each kernel), run ``--steps``
 times under torch.profiler after warm-up, and the kernels are summed by name: total GPU time
 per step, the share of each kernel, and how many launches a step makes. Then the same step is
-compiled into a CUDA graph and ``--graph_steps`` replays are timed: what a decode step costs in
+compiled into a CUDA graph (``--compile_mode``: whole, or the two-stream graph) and ``--graph_steps``
+replays are timed: what a decode step costs in
 generation. The result is printed and written as JSON (``--output``). Launch overhead is what
 CUDA graphs remove; the kernel time is what remains, to hold against the roofline floor.
 """
@@ -43,6 +44,8 @@ def main(argv=None) -> None:
     parser.add_argument("--prompt_tokens", type=int, default=2000)
     parser.add_argument("--batch_size", type=int, default=1)
     parser.add_argument("--backend", default="sdpa", choices=neox_decode.ATTENTION_BACKENDS)
+    parser.add_argument("--compile_mode", default="reduce-overhead", choices=neox_decode.COMPILE_MODES,
+                        help="how the timed CUDA-graph step is compiled (the profiled kernels: always whole)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--graph_steps", type=int, default=100)
     parser.add_argument("--output", type=Path, default=Path("results/profile_step.json"))
@@ -62,7 +65,7 @@ def main(argv=None) -> None:
         return step(model, token, position + index, torch.full((1,), index, device="cuda"), buffer, None, args.backend)
 
     kernels_step = neox_decode.compiled_step(True, "default")  # no CUDA graphs: the profiler sees kernels
-    graph_step = neox_decode.compiled_step(True, "reduce-overhead")
+    graph_step = neox_decode.compiled_step(True, args.compile_mode)
     with torch.no_grad():
         for index in range(4):  # compile and warm up
             run(kernels_step, index)
@@ -92,7 +95,7 @@ def main(argv=None) -> None:
         "command": "python evaluation/profile_step.py " + " ".join(sys.argv[1:]),
         "model": args.model, "press": args.press, "compression_ratio": args.compression_ratio if args.press else 0.0,
         "batch_size": args.batch_size, "prompt_tokens": args.prompt_tokens, "backend": args.backend,
-        "kernel_ms_per_step": total_ms, "launches_per_step": frame.launches_per_step.sum(),
+        "compile_mode": args.compile_mode, "kernel_ms_per_step": total_ms, "launches_per_step": frame.launches_per_step.sum(),
         "graph_step_ms": graph_ms, "graph_steps": args.graph_steps, "floor_ms": floor,
         # set by TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1
         "coordinate_descent_tuning": torch._inductor.config.coordinate_descent_tuning,
