@@ -5,10 +5,10 @@
 The step is compiled without CUDA graphs (so the profiler sees each kernel), run ``--steps``
 times under torch.profiler after warm-up, and the kernels are summed by name: total GPU time
 per step, the share of each kernel, and how many launches a step makes. Then the same step is
-compiled into a CUDA graph (``--compile_mode``: whole, or the two-stream graph) and ``--graph_steps``
-replays are timed: what a decode step costs in
-generation. The result is printed and written as JSON (``--output``). Launch overhead is what
-CUDA graphs remove; the kernel time is what remains, to hold against the roofline floor.
+compiled into a CUDA graph (``--compile_mode``: whole, or the two-stream graph) and
+``--graph_steps`` replays are timed: what a decode step costs in generation. The result is
+printed and written as JSON (``--output``). Launch overhead is what CUDA graphs remove; the
+kernel time is what remains, to hold against the roofline floor.
 """
 
 import argparse
