@@ -168,6 +168,7 @@ def forward_logits(model, token, buffer: KVBuffer, position, new_index, backend:
     parts = (neox.embed_in(token),)
     cos, sin = neox.rotary_emb(parts[0], position_ids=position)
     main_stream = torch.cuda.current_stream() if side_stream is not None else None
+    beside_attention = torch.cuda.stream(side_stream) if side_stream is not None else contextlib.nullcontext()
     for layer in neox.layers:
         index = layer.attention.layer_idx
         layer_buffer = (buffer.keys[index], buffer.values[index], buffer.kept[index], buffer.first_valid[index])
@@ -175,9 +176,7 @@ def forward_logits(model, token, buffer: KVBuffer, position, new_index, backend:
             if side_stream is not None:
                 side_stream.wait_stream(main_stream)  # the previous layer's attention output
                 main_stream.wait_stream(side_stream)  # the previous layer's MLP output
-                with torch.cuda.stream(side_stream):
-                    mlp_out = mlp_fn(layer, parts)
-            else:
+            with beside_attention:
                 mlp_out = mlp_fn(layer, parts)
             hidden, attended = attention_fn(layer, parts, cos, sin, *layer_buffer, new_index, backend)
             # The same residual arithmetic, in the same order, as transformers' GPTNeoXLayer.

@@ -95,8 +95,8 @@ def main(argv=None) -> None:
         "command": "python evaluation/profile_step.py " + " ".join(sys.argv[1:]),
         "model": args.model, "press": args.press, "compression_ratio": args.compression_ratio if args.press else 0.0,
         "batch_size": args.batch_size, "prompt_tokens": args.prompt_tokens, "backend": args.backend,
-        "compile_mode": args.compile_mode, "kernel_ms_per_step": total_ms, "launches_per_step": frame.launches_per_step.sum(),
-        "graph_step_ms": graph_ms, "graph_steps": args.graph_steps, "floor_ms": floor,
+        "compile_mode": args.compile_mode, "kernel_ms_per_step": total_ms,
+        "launches_per_step": frame.launches_per_step.sum(), "graph_step_ms": graph_ms, "graph_steps": args.graph_steps, "floor_ms": floor,
         # set by TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1
         "coordinate_descent_tuning": torch._inductor.config.coordinate_descent_tuning,
         "environment": environment("cuda"), "kernels": frame.to_dict("records"),

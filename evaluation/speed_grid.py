@@ -39,8 +39,8 @@ from presses import PressConfigError, make_press  # noqa: E402
 from presses.registry import check_compression_ratio  # noqa: E402
 
 DENSE = "dense"
-COLUMNS = ["decoder", "decode_attention", "compile_mode", "method", "compression_ratio", "batch_size", "prompt_tokens", "new_tokens",
-           "ttft_ms", "tpot_ms", "tpot_floor_ms", "tpot_over_floor", "tpot_speedup", "decode_tokens_per_s",
+COLUMNS = ["decoder", "decode_attention", "compile_mode", "method", "compression_ratio", "batch_size", "prompt_tokens",
+           "new_tokens", "ttft_ms", "tpot_ms", "tpot_floor_ms", "tpot_over_floor", "tpot_speedup", "decode_tokens_per_s",
            "end_to_end_tokens_per_s", "peak_memory_gib", "kv_mib_after_prefill", "kv_mib_final", "error"]
 
 
