@@ -56,10 +56,12 @@ class KVBuffer:
         return sum(tensor_bytes(t) for t in self.keys + self.values)
 
 
-def load_buffer(groups: list[tuple[list[int], DynamicCache]], new_tokens: int) -> KVBuffer:
+def load_buffer(groups: list[tuple[list[int], DynamicCache]], new_tokens: int, into: KVBuffer | None = None) -> KVBuffer:
     """Right-align the pressed caches into one buffer with ``new_tokens`` free slots. ``groups``:
     (rows of the batch, the cache prefilled for them together). Each source layer is emptied once
-    copied, so the pressed caches and the buffer never both hold everything (large batches fit)."""
+    copied, so the pressed caches and the buffer never both hold everything (large batches fit).
+    ``into``: a buffer to refill rather than allocate (a CUDA graph captured over it reads the same
+    addresses again); used if every layer has the shape needed, else dropped before allocating."""
     batch = sum(len(rows) for rows, _ in groups)
     layers = len(groups[0][1].layers)
     lengths = torch.zeros(layers, batch, dtype=torch.long)
@@ -68,23 +70,34 @@ def load_buffer(groups: list[tuple[list[int], DynamicCache]], new_tokens: int) -
             lengths[layer, rows] = cache.layers[layer].keys.shape[2]
     kept = lengths.max(dim=1).values
     sample = groups[0][1].layers[0].keys
+    shapes = [(batch, sample.shape[1], int(end) + new_tokens, sample.shape[3]) for end in kept]
+    if into is not None and [(tuple(keys.shape), keys.dtype) for keys in into.keys] != [
+            (shape, sample.dtype) for shape in shapes]:
+        into = None  # the caller handed over its reference: the old buffer is freed here
     keys, values = [], []
-    for layer in range(layers):
+    for layer, shape in enumerate(shapes):
         end = int(kept[layer])
-        shape = (batch, sample.shape[1], end + new_tokens, sample.shape[3])
-        layer_keys, layer_values = sample.new_zeros(shape), sample.new_zeros(shape)
+        if into is None:
+            layer_keys, layer_values = sample.new_zeros(shape), sample.new_zeros(shape)
+            # Fixed addresses: the compiled step writes into these in place, replay after replay.
+            torch._dynamo.mark_static_address(layer_keys)
+            torch._dynamo.mark_static_address(layer_values)
+        else:  # zeroed, so that a refilled buffer holds exactly what a new one would
+            layer_keys, layer_values = into.keys[layer].zero_(), into.values[layer].zero_()
         for rows, cache in groups:
             source = cache.layers[layer]
             length = source.keys.shape[2]
             layer_keys[rows, :, end - length : end] = source.keys
             layer_values[rows, :, end - length : end] = source.values
             source.keys, source.values = source.keys.new_empty(0), source.values.new_empty(0)
-        # Fixed addresses: the compiled step writes into these in place, replay after replay.
-        torch._dynamo.mark_static_address(layer_keys)
-        torch._dynamo.mark_static_address(layer_values)
         keys.append(layer_keys)
         values.append(layer_values)
-    return KVBuffer(keys, values, kept.to(sample.device), (kept[:, None] - lengths).to(sample.device))
+    first_valid = kept[:, None] - lengths
+    if into is None:
+        return KVBuffer(keys, values, kept.to(sample.device), first_valid.to(sample.device))
+    into.kept.copy_(kept)  # in place too: the captured graph reads these tensors
+    into.first_valid.copy_(first_valid)
+    return into
 
 
 def unknown_backend(backend: str) -> ValueError:
@@ -195,19 +208,20 @@ def decode_step(model, token, position, new_index, buffer: KVBuffer, noise=None,
     return next_token(forward_logits(model, token, buffer, position, new_index, backend), temperature, top_k, noise)
 
 
-COMPILE_MODES = ("reduce-overhead", "max-autotune", "two-stream")
+COMPILE_MODES = ("two-stream", "reduce-overhead", "max-autotune")
 
 
-def compiled_step(compile: bool, mode: str = "reduce-overhead"):
+def compiled_step(compile: bool, mode: str = "reduce-overhead", keep_buffer: bool = True):
     """The decode step compiled whole (CUDA-graph replay with ``reduce-overhead`` and
     ``max-autotune``), or as is. ``max-autotune`` also benchmarks Triton matmul templates
     against cuBLAS and, as gpt-fast does, tunes the fused kernels' launch shapes.
     ``two-stream``: each layer's two branches compiled, in one hand-captured graph on two
-    streams (``TwoStreamStep``)."""
+    streams (``TwoStreamStep``, which ``keep_buffer`` is passed to). One step object can serve
+    several models and buffers in turn only whole-compiled (the speculative decoders do)."""
     if not compile:
         return decode_step
     if mode == "two-stream":
-        return TwoStreamStep()
+        return TwoStreamStep(keep_buffer)
     if mode == "max-autotune":
         torch._inductor.config.coordinate_descent_tuning = True
     return torch.compile(decode_step, mode=mode, fullgraph=True)
@@ -220,12 +234,33 @@ class TwoStreamStep:
     GPU's memory busy (cuDNN's decode attention runs one block per head, each GEMV has a ramp-up
     and a tail), so the branches' kernels can overlap. Each branch is compiled by torch.compile
     (no CUDA graphs of its own); the graph is captured at the first call for a buffer, after
-    warm-up runs, and replayed after that. CUDA only; called like ``decode_step``."""
+    warm-up runs, and replayed after that. CUDA only; called like ``decode_step``.
 
-    def __init__(self):
+    The graph reads the buffer's addresses, so a new buffer means a new capture (tens of ms).
+    With ``keep_buffer`` the step keeps its buffer between generations, as transformers keeps
+    its StaticCache between generate calls, and ``load_buffer`` refills it when the shapes
+    match: the next generation of the same shape replays the same graph. The price is the
+    buffer's memory held from one generation's end through the next one's prefill; at batch 64
+    with 2k tokens that is 44 GiB, so large-batch runs pass ``keep_buffer=False``."""
+
+    def __init__(self, keep_buffer: bool = True):
         self.attention_fn = torch.compile(attention_branch, fullgraph=True)
         self.mlp_fn = torch.compile(mlp_branch, fullgraph=True)
-        self.buffer = None
+        self.keep_buffer = keep_buffer
+        self.kept_buffer = None  # with keep_buffer: the last generation's buffer
+        self.captured_for = None  # a weak reference to the buffer the graph was captured over
+
+    def load_buffer(self, groups, new_tokens: int) -> KVBuffer:
+        """``load_buffer`` into the kept buffer where it fits (see the class docstring)."""
+        buffer = load_buffer(groups, new_tokens, self._hand_over_kept_buffer())
+        if self.keep_buffer:
+            self.kept_buffer = buffer
+        return buffer
+
+    def _hand_over_kept_buffer(self):
+        # Not held here while load_buffer runs, so that it can free a buffer that does not fit.
+        buffer, self.kept_buffer = self.kept_buffer, None
+        return buffer
 
     def _step(self, model, inputs, buffer, backend, temperature, top_k):
         token, position, new_index, noise = inputs
@@ -236,6 +271,7 @@ class TwoStreamStep:
     def _capture(self, model, inputs, buffer, backend, temperature, top_k):
         if not all(layer.use_parallel_residual for layer in model.gpt_neox.layers):
             raise ValueError("the two-stream step needs GPT-NeoX's parallel residual (use_parallel_residual)")
+        self.graph = self.output = None  # the old graph's memory pool, freed before the new capture
         self.inputs = [None if tensor is None else tensor.clone() for tensor in inputs]
         self.side_stream = torch.cuda.Stream()
         # Compile and warm up (cuBLAS and cuDNN set up their workspaces) off the capture.
@@ -248,14 +284,15 @@ class TwoStreamStep:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.output = self._step(model, self.inputs, buffer, backend, temperature, top_k)
-        # A weak reference: holding the buffer would keep a finished generation's KV alive (at
-        # batch 64 with 2k tokens, 45 GB) while the next one prefills.
-        self.buffer, self.settings = weakref.ref(buffer), (backend, temperature, top_k)
+        # A weak reference: without keep_buffer, holding the buffer here would keep a finished
+        # generation's KV alive while the next one prefills.
+        self.captured_for, self.settings = weakref.ref(buffer), (backend, temperature, top_k)
 
     def __call__(self, model, token, position, new_index, buffer: KVBuffer, noise=None, backend: str = "sdpa",
                  temperature: float = 0.0, top_k: int | None = None):
         inputs = (token, position, new_index, noise)
-        if self.buffer is None or self.buffer() is not buffer or (backend, temperature, top_k) != self.settings:
+        captured = self.captured_for is not None and self.captured_for() is buffer
+        if not captured or (backend, temperature, top_k) != self.settings:
             self._capture(model, inputs, buffer, backend, temperature, top_k)
         for static, tensor in zip(self.inputs, inputs):
             if tensor is not None:
@@ -322,7 +359,7 @@ def generate(model, prompts: list[torch.Tensor], press, new_tokens: int, step=de
         logits, groups = prefill(model, prompts, press)
     token = next_token(logits[:, None], temperature, top_k, _noise(noise_shape, device, generator) if sampled else None)
     kept_bytes = sum(kv_bytes(cache) for _, cache in groups)
-    buffer = load_buffer(groups, new_tokens)
+    buffer = step.load_buffer(groups, new_tokens) if isinstance(step, TwoStreamStep) else load_buffer(groups, new_tokens)
     hf_static.synchronize(device)
     first_token_at = time.perf_counter()
     lengths = torch.tensor([[prompt.shape[1]] for prompt in prompts], device=device)

@@ -8,8 +8,9 @@
 - ``kvpress``: prefill through ``model.model`` with the press active, then the kvpress pipeline's
   greedy loop of single-token forward calls on the pressed, possibly quantized, cache;
 - ``static``: decoding/generate.py (the pressed KV in a StaticCache, the HF step as a CUDA graph);
-- ``neox``: decoding/neox_decode.py (GPT-NeoX's step written out, compiled whole as one CUDA graph;
-  attention back end by name).
+- ``neox``: decoding/neox_decode.py (GPT-NeoX's step written out and replayed as one CUDA graph,
+  by default the two-stream graph that keeps its buffer between generations; attention back end
+  by name).
 
 The generation length is forced (no early stop at EOS) so every method makes the same number
 of steps. Timings are wall-clock with CUDA synchronisation, after warm-up, median of repeats.
@@ -120,8 +121,15 @@ def with_timings(generate, *args, **kwargs) -> dict:
     return run
 
 
+def neox_settings(decoder: str, compile_mode: str, keep_buffer: bool) -> dict:
+    """How the step was compiled, for a result row: only the neox decoder has these settings."""
+    if decoder != "neox":
+        return {"compile_mode": None, "keep_buffer": None}
+    return {"compile_mode": compile_mode, "keep_buffer": keep_buffer if compile_mode == "two-stream" else None}
+
+
 def run_once_for(model, prompt: torch.Tensor, press, new_tokens: int, decoder: str, kv_quant: str = "none",
-                 backend: str = "sdpa", compile_mode: str = "reduce-overhead"):
+                 backend: str = "sdpa", compile_mode: str = "two-stream", keep_buffer: bool = True):
     """A no-argument function generating once with ``decoder`` (see the module docstring)."""
     compile = model.device.type == "cuda"  # CUDA graphs need CUDA; on CPU the same steps run eagerly
     if decoder not in DECODERS:
@@ -138,7 +146,7 @@ def run_once_for(model, prompt: torch.Tensor, press, new_tokens: int, decoder: s
         step = hf_static_path.compiled_step(compile)
         return functools.partial(with_timings, hf_static_path.generate, model, prompt, press, new_tokens, step=step)
     if decoder == "neox":
-        step = neox_decode.compiled_step(compile, compile_mode)
+        step = neox_decode.compiled_step(compile, compile_mode, keep_buffer)
         return functools.partial(with_timings, neox_decode.generate, model, list(prompt.split(1)), press, new_tokens,
                                  step=step, backend=backend)
     return functools.partial(generate_forced, model, prompt, press, new_tokens, kv_quant)
@@ -146,13 +154,13 @@ def run_once_for(model, prompt: torch.Tensor, press, new_tokens: int, decoder: s
 
 def measure(model, prompt: torch.Tensor, press, new_tokens: int, repeats: int = 3, warmup: int = 1,
             decoder: str = "kvpress", kv_quant: str = "none", backend: str = "sdpa",
-            compile_mode: str = "reduce-overhead") -> dict:
+            compile_mode: str = "two-stream", keep_buffer: bool = True) -> dict:
     """Median timings over ``repeats`` runs after ``warmup`` runs (compilation happens there),
     peak memory of the last run."""
     if new_tokens < 2:
         raise ValueError("--new_tokens must be at least 2 to time decode steps")
     device = model.device
-    run_once = run_once_for(model, prompt, press, new_tokens, decoder, kv_quant, backend, compile_mode)
+    run_once = run_once_for(model, prompt, press, new_tokens, decoder, kv_quant, backend, compile_mode, keep_buffer)
     for _ in range(warmup):
         run_once()
     runs = []
@@ -170,7 +178,7 @@ def measure(model, prompt: torch.Tensor, press, new_tokens: int, repeats: int = 
     return {
         "decoder": decoder,
         "decode_attention": backend if decoder == "neox" else model.config._attn_implementation,
-        "compile_mode": compile_mode if decoder == "neox" else None,
+        **neox_settings(decoder, compile_mode, keep_buffer),
         "kv_quant": kv_quant,
         "batch_size": batch,
         "prompt_tokens": prompt_len,

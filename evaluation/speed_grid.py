@@ -33,13 +33,13 @@ from evaluation import roofline  # noqa: E402
 from evaluation.data import DataError  # noqa: E402
 from evaluation.models import DTYPES, ModelLoadError, load_model  # noqa: E402
 from evaluation.results import environment, markdown_table, save_figure_atomic, write_json_atomic, write_text_atomic  # noqa: E402
-from evaluation.speed import DECODERS, HF_BASELINES, measure, prompt_ids  # noqa: E402
+from evaluation.speed import DECODERS, HF_BASELINES, measure, neox_settings, prompt_ids  # noqa: E402
 from patches import UnsupportedModelError  # noqa: E402
 from presses import PressConfigError, make_press  # noqa: E402
 from presses.registry import check_compression_ratio  # noqa: E402
 
 DENSE = "dense"
-COLUMNS = ["decoder", "decode_attention", "compile_mode", "method", "compression_ratio", "batch_size", "prompt_tokens",
+COLUMNS = ["decoder", "decode_attention", "compile_mode", "keep_buffer", "method", "compression_ratio", "batch_size", "prompt_tokens",
            "new_tokens", "ttft_ms", "tpot_ms", "tpot_floor_ms", "tpot_over_floor", "tpot_speedup", "decode_tokens_per_s",
            "end_to_end_tokens_per_s", "peak_memory_gib", "kv_mib_after_prefill", "kv_mib_final", "error"]
 
@@ -56,9 +56,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--decoder", nargs="+", default=["hf_eager", "hf_static", "kvpress", "neox"], choices=DECODERS)
     parser.add_argument("--decode_attention", nargs="+", default=["sdpa"], choices=ATTENTION_BACKENDS,
                         help="attention back ends of the neox decoder, its prefill included (one cell each)")
-    parser.add_argument("--compile_mode", default="reduce-overhead", choices=COMPILE_MODES,
-                        help="how the neox decoder's step is compiled: whole, by torch.compile's mode (both "
-                             "capture CUDA graphs), or two-stream (the MLP beside the attention in one graph)")
+    parser.add_argument("--compile_mode", default="two-stream", choices=COMPILE_MODES,
+                        help="how the neox decoder's step is compiled: two-stream (the MLP beside the attention "
+                             "in one graph), or whole, by torch.compile's mode (both capture CUDA graphs)")
+    parser.add_argument("--keep_buffer", action=argparse.BooleanOptionalAction, default=True,
+                        help="two-stream: keep the KV buffer (and so the graph) from one generation to the next "
+                             "of the same shape; --no-keep_buffer where the next prefill needs that memory")
     parser.add_argument("--press", nargs="*", default=["snapkv"], help="methods beside dense (registry names)")
     parser.add_argument("--compression_ratio", type=float, nargs="+", default=[0.5, 0.75])
     parser.add_argument("--batch_size", type=int, nargs="+", default=[1])
@@ -106,13 +109,13 @@ def run_cell(model, cell: dict, args) -> dict:
     row = {"method": cell["method"], "compression_ratio": cell["compression_ratio"]}
     try:
         row |= measure(model, prompt, press, cell["new_tokens"], repeats=args.repeats, decoder=cell["decoder"],
-                       backend=cell["backend"] or "sdpa", compile_mode=args.compile_mode)
+                       backend=cell["backend"] or "sdpa", compile_mode=args.compile_mode, keep_buffer=args.keep_buffer)
     except Exception as error:  # noqa: BLE001 -- one failing cell (e.g. a compiler error) must not lose the grid
         # Out of memory is a result too (this batch does not fit this method); cuDNN reports it
         # as a generic accelerator error.
         out_of_memory = "out of memory" in str(error).lower()
         torch.cuda.empty_cache()
-        row |= _failed(cell, args.compile_mode,
+        row |= _failed(cell, args,
                        "CUDA out of memory" if out_of_memory else f"{type(error).__name__}: {str(error)[:500]}")
     if "tpot_ms" in row:
         mean_cache = row["kept_tokens_layer0"] + cell["new_tokens"] / 2
@@ -122,9 +125,9 @@ def run_cell(model, cell: dict, args) -> dict:
     return row
 
 
-def _failed(cell: dict, compile_mode: str, error: str) -> dict:
+def _failed(cell: dict, args, error: str) -> dict:
     return {key: cell[key] for key in ("decoder", "batch_size", "prompt_tokens", "new_tokens")} | {
-        "decode_attention": cell["backend"], "compile_mode": compile_mode if cell["decoder"] == "neox" else None,
+        "decode_attention": cell["backend"], **neox_settings(cell["decoder"], args.compile_mode, args.keep_buffer),
         "error": error}
 
 
@@ -227,7 +230,7 @@ def measure_grid(args, argv: list[str]) -> tuple[dict, list[dict]]:
                                          "new_tokens"))
         if family in out_of_memory:
             row = {"method": cell["method"], "compression_ratio": cell["compression_ratio"]}
-            row |= _failed(cell, args.compile_mode, "not run: a smaller batch was already out of memory")
+            row |= _failed(cell, args, "not run: a smaller batch was already out of memory")
         else:
             loaded.model.set_attn_implementation("sdpa")  # prefill attention; hf_eager switches to eager itself
             row = run_cell(loaded.model, cell, args)

@@ -1,6 +1,7 @@
 """The plain GPT-NeoX decode step (decoding/neox_decode.py) gives the tokens of the kvpress loop."""
 
 import json
+import weakref
 
 import pytest
 import torch
@@ -120,6 +121,40 @@ def test_a_verify_pass_of_several_tokens_equals_one_step_per_token(model):
     assert torch.equal(verified, torch.cat(stepped, dim=1))
     for written_alone, written_together in zip(one_by_one.keys + one_by_one.values, together.keys + together.values):
         torch.testing.assert_close(written_together, written_alone)  # matmul shapes differ: round-off only
+
+
+def test_a_refilled_buffer_equals_a_new_one_and_keeps_its_addresses(model):
+    """The two-stream step's graph reads the buffer's addresses: a second generation of the same
+    shape must land in the same tensors, holding exactly what a newly allocated buffer would."""
+    press = make_press("snapkv", 0.5)
+    first = [prompts(1, 70, seed=4), prompts(1, 100, seed=5)]  # ragged: padding slots in front
+    second = [prompts(1, 70, seed=6), prompts(1, 100, seed=7)]
+    buffer = neox_decode.load_buffer(neox_decode.prefill(model, first, press)[1], 8)
+    for i in range(3):  # written slots and attention the second generation must not inherit
+        neox_decode.decode_step(model, prompts(2, 1, seed=i), torch.full((2, 1), 100 + i), torch.tensor([i]), buffer)
+    addresses = [t.data_ptr() for t in buffer.keys + buffer.values + [buffer.kept, buffer.first_valid]]
+    refilled = neox_decode.load_buffer(neox_decode.prefill(model, second, press)[1], 8, into=buffer)
+    fresh = neox_decode.load_buffer(neox_decode.prefill(model, second, press)[1], 8)
+    assert refilled is buffer
+    assert [t.data_ptr() for t in refilled.keys + refilled.values + [refilled.kept, refilled.first_valid]] == addresses
+    for name in ("keys", "values"):
+        assert all(torch.equal(a, b) for a, b in zip(getattr(refilled, name), getattr(fresh, name)))
+    assert torch.equal(refilled.kept, fresh.kept) and torch.equal(refilled.first_valid, fresh.first_valid)
+
+
+def test_two_stream_step_keeps_its_buffer_only_while_the_shapes_match(model):
+    def groups(length):
+        return neox_decode.prefill(model, [prompts(1, length)])[1]
+
+    step = neox_decode.TwoStreamStep(keep_buffer=True)
+    first = step.load_buffer(groups(100), 8)
+    assert step.load_buffer(groups(100), 8) is first
+    old = weakref.ref(first)
+    del first
+    other = step.load_buffer(groups(60), 8)  # another shape: a new buffer, the old one freed
+    assert old() is None and other.keys[0].shape[2] == 60 + 8
+    releasing = neox_decode.TwoStreamStep(keep_buffer=False)
+    assert releasing.load_buffer(groups(100), 8) is not releasing.load_buffer(groups(100), 8)
 
 
 def test_flex_attention_prefill_runs_under_kvpress_and_matches_sdpa(model):

@@ -47,7 +47,8 @@ def test_out_of_memory_stops_larger_batches_of_the_same_method(tmp_path, monkeyp
     assert "tpot_ms" in rows[1]
     assert rows[2]["error"] == "CUDA out of memory"
     assert rows[4]["error"] == "not run: a smaller batch was already out of memory"
-    assert rows[2]["compile_mode"] == rows[4]["compile_mode"] == rows[1]["compile_mode"] == "reduce-overhead"
+    assert rows[2]["compile_mode"] == rows[4]["compile_mode"] == rows[1]["compile_mode"] == "two-stream"
+    assert rows[2]["keep_buffer"] is rows[4]["keep_buffer"] is rows[1]["keep_buffer"] is True
 
 
 def test_merge_combines_the_cells_of_several_calls(tmp_path):

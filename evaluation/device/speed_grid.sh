@@ -2,18 +2,22 @@
 # One part per device call (10-minute limit). The device tool brings back at most 8 files, so the
 # cells come back as one tarball, $OUT/grid_PART.tgz, made on exit (also when a run fails midway).
 #   export KVPRESS_NEOX_COMMIT=<hash>; source evaluation/device/setup_env.sh && bash evaluation/device/speed_grid.sh PART
+# The neox decoder's default step is the two-stream graph keeping its buffer between generations;
+# the parts that reproduce earlier committed files name the whole-step graph (reduce-overhead).
 #   baselines: transformers eager / SDPA / static+compile, the kvpress loop, the HF StaticCache path (batch 1, dense)
-#   fast:      the plain GPT-NeoX step, three attention back ends (dense), and SnapKV / StreamingLLM /
+#   fast:      the whole-step neox graph, three attention back ends (dense), and SnapKV / StreamingLLM /
 #              PyramidKV at 50% and 25% kept (SDPA), batch 1
-#   backends:  the neox path's attention back ends (sdpa, flex, eager; each runs prefill and decode), dense
-#   batch:     largest batch at 2k context, dense vs SnapKV at 25% kept, plain GPT-NeoX step
+#   backends:  the whole-step neox graph's attention back ends (sdpa, flex, eager; each runs prefill and
+#              decode), dense
+#   presses:   the default (two-stream) neox step, dense and SnapKV / StreamingLLM / PyramidKV at 50% and
+#              25% kept, batch 1; then dense with the graph captured again for each generation (--no-keep_buffer)
+#   batch:     largest batch at 2k context, dense vs SnapKV at 25% kept, whole-step neox graph
 #   same_run:  every decoder's dense cell at batch 1 in one call (the baselines and this project's path,
-#              as one graph and as the two-stream graph, side by side on one machine; median of 2; about
-#              7 minutes)
-#   pyramidkv: PyramidKV at 50% and 25% kept on the neox decoder (re-measured after each layer's buffer
-#              was sized to its own kept tokens)
+#              two-stream, and the whole-step graph, side by side on one machine; median of 2; about 8 minutes)
+#   pyramidkv: PyramidKV at 50% and 25% kept on the whole-step neox graph (re-measured after each layer's
+#              buffer was sized to its own kept tokens)
 #   two_stream: the neox step compiled whole vs as a two-stream graph (each layer's MLP beside its
-#              attention), dense and SnapKV at 25% kept, batch 1 and 64, one call
+#              attention; captured again for each generation), dense and SnapKV at 25% kept, batch 1 and 64
 #   two_stream_batch: the two-stream step alone at batch 64 (dense and SnapKV at 25% kept)
 # Then, here: python evaluation/speed_grid.py --merge DIR... --output_dir results/pythia-2.8b_random_grid_h100
 set -e
@@ -22,37 +26,43 @@ work=/tmp/grid_$part
 mkdir -p "$work"
 trap 'tar czf "${OUT:-results}/grid_$part.tgz" -C "$work" .' EXIT
 common="--model EleutherAI/pythia-2.8b --random-init --dtype float16 --prompt_tokens 2000 --new_tokens 256"
+whole="--compile_mode reduce-overhead"
 case "$part" in
   baselines)
     python3 evaluation/speed_grid.py $common --decoder hf_eager hf_sdpa hf_static kvpress static --press \
       --batch_size 1 --output_dir "$work" ;;
   fast)
     python3 evaluation/speed_grid.py $common --decoder neox --decode_attention sdpa flex eager --press \
-      --batch_size 1 --output_dir "$work/backends"
+      --batch_size 1 $whole --output_dir "$work/backends"
     python3 evaluation/speed_grid.py $common --decoder neox --press snapkv streaming_llm pyramidkv \
-      --compression_ratio 0.5 0.75 --batch_size 1 --output_dir "$work/presses" ;;
+      --compression_ratio 0.5 0.75 --batch_size 1 $whole --output_dir "$work/presses" ;;
   backends)
     python3 evaluation/speed_grid.py $common --decoder neox --decode_attention sdpa flex eager --press \
-      --batch_size 1 --output_dir "$work" ;;
+      --batch_size 1 $whole --output_dir "$work" ;;
+  presses)
+    python3 evaluation/speed_grid.py $common --decoder neox --press snapkv streaming_llm pyramidkv \
+      --compression_ratio 0.5 0.75 --batch_size 1 --output_dir "$work"
+    python3 evaluation/speed_grid.py $common --decoder neox --press --batch_size 1 \
+      --no-keep_buffer --output_dir "$work/no-keep" ;;
   batch)
     python3 evaluation/speed_grid.py $common --decoder neox --press snapkv --compression_ratio 0.75 \
-      --batch_size 64 96 128 192 --repeats 1 --output_dir "$work" ;;
+      --batch_size 64 96 128 192 --repeats 1 $whole --output_dir "$work" ;;
   pyramidkv)
     python3 evaluation/speed_grid.py $common --decoder neox --press pyramidkv --compression_ratio 0.5 0.75 \
-      --batch_size 1 --output_dir "$work" ;;
+      --batch_size 1 $whole --output_dir "$work" ;;
   same_run)
     python3 evaluation/speed_grid.py $common --decoder hf_eager hf_sdpa hf_static kvpress static neox --press \
       --batch_size 1 --repeats 2 --output_dir "$work"
     python3 evaluation/speed_grid.py $common --decoder neox --press --batch_size 1 --repeats 2 \
-      --compile_mode two-stream --output_dir "$work/two-stream" ;;
+      $whole --output_dir "$work/reduce-overhead" ;;
   two_stream)
     for mode in reduce-overhead two-stream; do
       python3 evaluation/speed_grid.py $common --decoder neox --press snapkv --compression_ratio 0.75 \
-        --batch_size 1 64 --repeats 2 --compile_mode $mode --output_dir "$work/$mode"
+        --batch_size 1 64 --repeats 2 --compile_mode $mode --no-keep_buffer --output_dir "$work/$mode"
     done ;;
   two_stream_batch)
     python3 evaluation/speed_grid.py $common --decoder neox --press snapkv --compression_ratio 0.75 \
-      --batch_size 64 --repeats 1 --compile_mode two-stream --output_dir "$work" ;;
-  *) echo "usage: speed_grid.sh baselines|fast|backends|batch|same_run|pyramidkv|two_stream|two_stream_batch" >&2
+      --batch_size 64 --repeats 1 --no-keep_buffer --output_dir "$work" ;;
+  *) echo "usage: speed_grid.sh baselines|fast|backends|presses|batch|same_run|pyramidkv|two_stream|two_stream_batch" >&2
      exit 2 ;;
 esac
