@@ -281,6 +281,14 @@ class TwoStreamStep:
             for _ in range(3):  # rewrites the slot this step writes anyway, with the same values
                 self._step(model, self.inputs, buffer, backend, temperature, top_k)
         torch.cuda.current_stream().wait_stream(warmup_stream)
+        # cuBLAS keeps one workspace per (handle, stream), and a graph replays the raw address it
+        # captured. Others' CUDA graphs (torch.compile's cudagraph trees, which record with their
+        # own clear) drop those cached workspaces; one shared with the eager pool is then reused
+        # while this graph still writes to it (an illegal memory access on the H100, pytorch issue
+        # 193402). Dropped here, so the capture allocates its own in this graph's private pool,
+        # where nothing else allocates.
+        torch.cuda.synchronize()
+        torch._C._cuda_clearCublasWorkspaces()
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.output = self._step(model, self.inputs, buffer, backend, temperature, top_k)
