@@ -124,17 +124,23 @@ def attend(query, keys, values, visible, scaling: float, backend: str):
     raise unknown_backend(backend)
 
 
-def next_token(logits: torch.Tensor, temperature: float, top_k: int | None, noise: torch.Tensor | None):
-    """The token after each position of ``logits`` (..., vocab): greedy when ``temperature`` is
-    0; else a draw from softmax(logits / temperature) over the ``top_k`` best, using ``noise``
-    (uniform in (0, 1), logits' shape) by the Gumbel-max trick."""
+def choice_scores(logits: torch.Tensor, temperature: float, top_k: int | None, noise: torch.Tensor | None):
+    """What ``next_token`` takes the argmax of: the logits when ``temperature`` is 0; else the
+    ``top_k`` best logits / ``temperature`` (the rest -inf) plus Gumbel noise made from ``noise``
+    (uniform in (0, 1), logits' shape), whose argmax is a draw from their softmax."""
     if temperature == 0:
-        return logits.argmax(-1)
+        return logits
     logits = logits.float() / temperature
     if top_k is not None:
         kth_best = logits.topk(top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth_best, -float("inf"))
-    return (logits - torch.log(-torch.log(noise))).argmax(-1)
+    return logits - torch.log(-torch.log(noise))
+
+
+def next_token(logits: torch.Tensor, temperature: float, top_k: int | None, noise: torch.Tensor | None):
+    """The token after each position of ``logits`` (..., vocab): greedy when ``temperature`` is
+    0; else a draw from softmax(logits / temperature) over the ``top_k`` best (Gumbel-max)."""
+    return choice_scores(logits, temperature, top_k, noise).argmax(-1)
 
 
 def attention_branch(layer, parts, cos, sin, keys, values, kept, first_valid, new_index, backend: str):

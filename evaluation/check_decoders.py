@@ -10,8 +10,9 @@ neox step drawing the same Gumbel noise. Each path's tokens are
 compared with the reference: identical or not, the first step where they differ, and the share of
 steps that agree. On the CPU the paths are tested to be identical (tests/test_neox_decode.py); on
 a GPU in half precision different kernels round differently, so a near-tie between two logits can
-flip a greedy choice and the sequences part from there: this script says where, and how far apart
-the reference's two best logits were at that step (a gap near fp16 rounding means a near-tie).
+flip a choice and the sequences part from there: this script says where, and how far apart the
+reference's two best choice scores were at that step (``reference_margin_there``: logits when
+greedy, tempered logits plus Gumbel noise when sampling; a gap near fp16 rounding means a near-tie).
 """
 
 import argparse
@@ -35,6 +36,18 @@ def agreement(tokens: torch.Tensor, reference: torch.Tensor) -> dict:
     equal = tokens == reference
     first = [None if row.all() else int((~row).nonzero()[0]) for row in equal]
     return {"identical": bool(equal.all()), "first_difference": first, "agreement": float(equal.float().mean())}
+
+
+def margin_recording_step(margins: list):
+    """The uncompiled neox step, also appending the gap between its two best choice scores
+    (batch,) at each step to ``margins``: how near a tie each sampled draw was."""
+    def step(model, token, position, new_index, buffer, noise=None, backend="sdpa", temperature=0.0, top_k=None):
+        logits = neox_decode.forward_logits(model, token, buffer, position, new_index, backend)
+        scores = neox_decode.choice_scores(logits, temperature, top_k, noise)
+        best_two = scores.topk(2, dim=-1).values[:, -1]
+        margins.append(best_two[:, 0] - best_two[:, 1])
+        return scores.argmax(-1)
+    return step
 
 
 def main(argv=None) -> None:
@@ -85,16 +98,18 @@ def main(argv=None) -> None:
         press = make_press(name, args.compression_ratio) if name else None
         margins = []
         if sampled:
-            reference = neox_path(neox_decode.decode_step)(press)
+            reference = neox_path(margin_recording_step(margins))(press)
+            # The first token comes from the prefill, which every neox path shares: no margin.
+            margins.insert(0, torch.full_like(margins[0], float("nan")))
         else:
             reference = generate_forced(model, prompt, press, args.new_tokens, margins=margins)["tokens"]
-            margins = torch.stack(margins, dim=1)  # (batch, steps)
+        margins = torch.stack(margins, dim=1)  # (batch, steps)
         for path, run in paths.items():
             try:
                 row = agreement(run(press), reference)
-                if not sampled:  # how near a tie the reference's choice was where a path first left it
-                    row["reference_logit_margin_there"] = [None if step is None else float(margins[index, step])
-                                                           for index, step in enumerate(row["first_difference"])]
+                # How near a tie the reference's choice was where a path first left it.
+                row["reference_margin_there"] = [None if step is None else float(margins[index, step])
+                                                 for index, step in enumerate(row["first_difference"])]
             except hf_static_path.RaggedCacheError as error:  # the StaticCache path takes one cache length
                 row = {"error": str(error)}
             rows.append({"method": name or "dense", "path": path} | row)
@@ -108,7 +123,7 @@ def main(argv=None) -> None:
         "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
         "environment": environment(args.device), "rows": rows,
     })
-    print(table(rows, ["method", "path", "identical", "agreement", "first_difference", "reference_logit_margin_there",
+    print(table(rows, ["method", "path", "identical", "agreement", "first_difference", "reference_margin_there",
                        "error"]))
 
 

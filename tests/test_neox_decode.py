@@ -10,6 +10,7 @@ from kvpress import PyramidKVPress
 from decoding import neox_decode
 from evaluation.check_decoders import agreement
 from evaluation.check_decoders import main as check_decoders
+from evaluation.check_decoders import margin_recording_step
 from evaluation.speed import generate_forced
 from presses import make_press
 from tests.conftest import build, record_cache_lengths, tiny_neox_config
@@ -201,6 +202,18 @@ def test_sampled_decoder_check_draws_the_same_noise_on_every_path(tmp_path):
     assert all(row["identical"] for row in rows)
 
 
+def test_sampled_reference_records_how_near_a_tie_each_draw_was(model):
+    prompt = list(prompts(2, 100).split(1))
+    margins = []
+
+    def sample(step):
+        return neox_decode.generate(model, prompt, None, 8, step=step, temperature=1.0, top_k=20,
+                                    generator=torch.Generator().manual_seed(1))
+
+    assert torch.equal(sample(margin_recording_step(margins)), sample(neox_decode.decode_step))
+    assert len(margins) == 7 and all(m.shape == (2,) and (m > 0).all() for m in margins)
+
+
 def test_agreement_says_where_two_decodings_part():
     reference = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
     other = torch.tensor([[1, 2, 9, 9], [5, 6, 7, 8]])
@@ -237,4 +250,4 @@ def test_decoder_check_finds_every_path_identical_on_the_cpu(tmp_path):
     rows = json.loads(output.read_text())["rows"]
     assert {(row["method"], row["path"]) for row in rows} == {
         (method, path) for method in ("dense", "snapkv") for path in ("static", "neox", "neox_two_stream")}
-    assert all(row["identical"] and row["reference_logit_margin_there"] == [None, None] for row in rows)
+    assert all(row["identical"] and row["reference_margin_there"] == [None, None] for row in rows)
