@@ -12,7 +12,8 @@ steps that agree. On the CPU the paths are tested to be identical (tests/test_ne
 a GPU in half precision different kernels round differently, so a near-tie between two logits can
 flip a choice and the sequences part from there: this script says where, and how far apart the
 reference's two best choice scores were at that step (``reference_margin_there``: logits when
-greedy, tempered logits plus Gumbel noise when sampling; a gap near fp16 rounding means a near-tie).
+greedy, tempered logits plus Gumbel noise when sampling; a gap near fp16 rounding means a near-tie)
+and, sampling with top-k, how near a tie the k-th and (k+1)-th logits were (``reference_top_k_gap_there``).
 """
 
 import argparse
@@ -38,16 +39,26 @@ def agreement(tokens: torch.Tensor, reference: torch.Tensor) -> dict:
     return {"identical": bool(equal.all()), "first_difference": first, "agreement": float(equal.float().mean())}
 
 
-def margin_recording_step(margins: list):
-    """The uncompiled neox step, also appending the gap between its two best choice scores
-    (batch,) at each step to ``margins``: how near a tie each sampled draw was."""
+def margin_recording_step(margins: list, top_k_gaps: list):
+    """The uncompiled neox step, also appending at each step the gap between its two best choice
+    scores (batch,) to ``margins`` (how near a tie each draw was) and, with top-k, the gap between
+    the k-th and (k+1)-th tempered logits to ``top_k_gaps`` (how near a tie the cut was: a token
+    let in or left out by rounding can win the draw however clear the top two were)."""
     def step(model, token, position, new_index, buffer, noise=None, backend="sdpa", temperature=0.0, top_k=None):
         logits = neox_decode.forward_logits(model, token, buffer, position, new_index, backend)
         scores = neox_decode.choice_scores(logits, temperature, top_k, noise)
         best_two = scores.topk(2, dim=-1).values[:, -1]
         margins.append(best_two[:, 0] - best_two[:, 1])
+        if top_k is not None:
+            around_cut = (logits.float() / temperature).topk(top_k + 1, dim=-1).values[:, -1, -2:]
+            top_k_gaps.append(around_cut[:, 0] - around_cut[:, 1])
         return scores.argmax(-1)
     return step
+
+
+def at_first_differences(gaps: torch.Tensor, first_difference: list) -> list:
+    """``gaps`` (batch, steps) at each row's first differing step (None where the row is identical)."""
+    return [None if step is None else float(gaps[row, step]) for row, step in enumerate(first_difference)]
 
 
 def main(argv=None) -> None:
@@ -96,20 +107,22 @@ def main(argv=None) -> None:
     rows = []
     for name in [None] + args.press:
         press = make_press(name, args.compression_ratio) if name else None
-        margins = []
+        margins, top_k_gaps = [], []
         if sampled:
-            reference = neox_path(margin_recording_step(margins))(press)
-            # The first token comes from the prefill, which every neox path shares: no margin.
-            margins.insert(0, torch.full_like(margins[0], float("nan")))
+            reference = neox_path(margin_recording_step(margins, top_k_gaps))(press)
+            # The first token comes from the prefill, which every neox path shares: no gaps there.
+            for gaps in (margins, top_k_gaps) if top_k_gaps else (margins,):
+                gaps.insert(0, torch.full_like(gaps[0], float("nan")))
         else:
             reference = generate_forced(model, prompt, press, args.new_tokens, margins=margins)["tokens"]
-        margins = torch.stack(margins, dim=1)  # (batch, steps)
         for path, run in paths.items():
             try:
                 row = agreement(run(press), reference)
                 # How near a tie the reference's choice was where a path first left it.
-                row["reference_margin_there"] = [None if step is None else float(margins[index, step])
-                                                 for index, step in enumerate(row["first_difference"])]
+                row["reference_margin_there"] = at_first_differences(torch.stack(margins, 1), row["first_difference"])
+                if top_k_gaps:
+                    row["reference_top_k_gap_there"] = at_first_differences(torch.stack(top_k_gaps, 1),
+                                                                            row["first_difference"])
             except hf_static_path.RaggedCacheError as error:  # the StaticCache path takes one cache length
                 row = {"error": str(error)}
             rows.append({"method": name or "dense", "path": path} | row)
@@ -124,7 +137,7 @@ def main(argv=None) -> None:
         "environment": environment(args.device), "rows": rows,
     })
     print(table(rows, ["method", "path", "identical", "agreement", "first_difference", "reference_margin_there",
-                       "error"]))
+                       "reference_top_k_gap_there", "error"]))
 
 
 if __name__ == "__main__":

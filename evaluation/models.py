@@ -127,8 +127,11 @@ def load_model(
             except OSError:
                 known = ", ".join(sorted(p.stem for p in PYTHIA_CONFIGS.glob("*.json")))
                 raise ModelLoadError(f"no config for {name}; offline configs: {known}") from None
-        with torch.device(device):
-            model = AutoModelForCausalLM.from_config(config, **kwargs)
+        # Seeded: the same random weights on every run, so token checks on them repeat.
+        with torch.random.fork_rng(devices=[torch.device(device)] if torch.device(device).type == "cuda" else []):
+            torch.manual_seed(0)
+            with torch.device(device):
+                model = AutoModelForCausalLM.from_config(config, **kwargs)
         tier = "random init (speed stand-in: timings only, no quality)"
     else:
         try:

@@ -7,8 +7,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from evaluation.models import load_model
 from tests.conftest import REPO_ROOT, build, shared_data_dir, tiny_neox_config
 
 SCRIPT = str(REPO_ROOT / "evaluation" / "perplexity.py")
@@ -115,6 +117,12 @@ def test_unsupported_model_lists_supported_ones(gpt2_folder, tmp_path):
 def test_random_init_quality_is_refused():
     result = run_cli("--random-init", "--model", "EleutherAI/pythia-70m")
     assert result.returncode == 2 and "add --speed" in result.stderr
+
+
+def test_random_init_weights_are_the_same_on_every_load():
+    first, second = (load_model("EleutherAI/pythia-70m", True, "float32", "cpu").model for _ in range(2))
+    assert all(torch.equal(a, b) for a, b in zip(first.parameters(), second.parameters()))
+    assert first.gpt_neox.layers[0].mlp.dense_h_to_4h.weight.std() > 0  # random, not zeros
 
 
 def test_help_documents_every_option():

@@ -204,14 +204,15 @@ def test_sampled_decoder_check_draws_the_same_noise_on_every_path(tmp_path):
 
 def test_sampled_reference_records_how_near_a_tie_each_draw_was(model):
     prompt = list(prompts(2, 100).split(1))
-    margins = []
+    margins, top_k_gaps = [], []
 
     def sample(step):
         return neox_decode.generate(model, prompt, None, 8, step=step, temperature=1.0, top_k=20,
                                     generator=torch.Generator().manual_seed(1))
 
-    assert torch.equal(sample(margin_recording_step(margins)), sample(neox_decode.decode_step))
-    assert len(margins) == 7 and all(m.shape == (2,) and (m > 0).all() for m in margins)
+    assert torch.equal(sample(margin_recording_step(margins, top_k_gaps)), sample(neox_decode.decode_step))
+    assert len(margins) == len(top_k_gaps) == 7
+    assert all(gaps.shape == (2,) and (gaps > 0).all() for gaps in margins + top_k_gaps)
 
 
 def test_agreement_says_where_two_decodings_part():
