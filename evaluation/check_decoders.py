@@ -26,7 +26,7 @@ from decoding import generate as hf_static_path
 from decoding import neox_decode
 from evaluation.models import DTYPES, load_model
 from evaluation.results import environment, table, write_json_atomic
-from evaluation.speed import generate_forced, prompt_ids
+from evaluation.speed import generate_forced, prompt_ids, record_margin
 from presses import make_press
 
 PATHS = ("static", "neox", "neox_two_stream")
@@ -47,8 +47,7 @@ def margin_recording_step(margins: list, top_k_gaps: list):
     def step(model, token, position, new_index, buffer, noise=None, backend="sdpa", temperature=0.0, top_k=None):
         logits = neox_decode.forward_logits(model, token, buffer, position, new_index, backend)
         scores = neox_decode.choice_scores(logits, temperature, top_k, noise)
-        best_two = scores.topk(2, dim=-1).values[:, -1]
-        margins.append(best_two[:, 0] - best_two[:, 1])
+        record_margin(scores, margins)
         if top_k is not None:
             around_cut = (logits.float() / temperature).topk(top_k + 1, dim=-1).values[:, -1, -2:]
             top_k_gaps.append(around_cut[:, 0] - around_cut[:, 1])
@@ -110,19 +109,18 @@ def main(argv=None) -> None:
         margins, top_k_gaps = [], []
         if sampled:
             reference = neox_path(margin_recording_step(margins, top_k_gaps))(press)
-            # The first token comes from the prefill, which every neox path shares: no gaps there.
-            for gaps in (margins, top_k_gaps) if top_k_gaps else (margins,):
-                gaps.insert(0, torch.full_like(gaps[0], float("nan")))
         else:
             reference = generate_forced(model, prompt, press, args.new_tokens, margins=margins)["tokens"]
+        # (batch, steps) each. Sampled, the first token comes from the prefill, which every neox
+        # path shares: no gaps recorded there.
+        gaps = {key: torch.stack([torch.full_like(steps[0], float("nan"))] * sampled + steps, dim=1)
+                for key, steps in (("reference_margin_there", margins), ("reference_top_k_gap_there", top_k_gaps))
+                if steps}
         for path, run in paths.items():
             try:
                 row = agreement(run(press), reference)
                 # How near a tie the reference's choice was where a path first left it.
-                row["reference_margin_there"] = at_first_differences(torch.stack(margins, 1), row["first_difference"])
-                if top_k_gaps:
-                    row["reference_top_k_gap_there"] = at_first_differences(torch.stack(top_k_gaps, 1),
-                                                                            row["first_difference"])
+                row |= {key: at_first_differences(steps, row["first_difference"]) for key, steps in gaps.items()}
             except hf_static_path.RaggedCacheError as error:  # the StaticCache path takes one cache length
                 row = {"error": str(error)}
             rows.append({"method": name or "dense", "path": path} | row)
