@@ -6,10 +6,18 @@ measures nothing. Both protocols here score tokens against a cache that was alre
 
 - ``context``: prefill the first N tokens with the press, then score the next M tokens
   teacher-forced against that compressed cache (kvpress style). Ratio 0 equals dense exactly.
-- ``streaming``: feed the text in chunks of C tokens; a streaming press (``BudgetPress`` or a
-  method's own) holds each layer's cache at its budget; every token after the first is scored.
-  Positions are the token's index in the text, or its slot in the cache for presses with
-  ``positions_in_cache`` (StreamingLLM's rule).
+- ``streaming``: feed the text in chunks of C tokens (the last one may be shorter); a streaming
+  press (``BudgetPress`` or a method's own) holds each layer's cache at its budget between
+  chunks; every token after the first is scored. Positions are the token's index in the text,
+  or its slot in the cache for presses with ``positions_in_cache`` (StreamingLLM's rule).
+
+What a budget means: between calls a layer holds at most the budget, but within a call of C
+tokens query i also sees the call's first i + 1 keys, so up to budget + C - 1 keys before the
+press evicts again. Both protocols record ``peak_attended_keys``, the most keys any scored query
+attended (its visible mask entries), beside the mean cache size; C = 1 makes them one.
+
+Both return each unit's NLL sum and token count (a window, or a ``SEGMENT_TOKENS``-token
+stretch), from which evaluation/intervals.py bootstraps intervals.
 """
 
 import contextlib
@@ -22,6 +30,7 @@ from tqdm import tqdm
 from transformers import DynamicCache
 
 from decoding.kv_cache import kv_bytes, make_cache
+from patches.attention_mask import fit_mask_to_keys
 
 
 SEGMENT_TOKENS = 1024  # streaming: PPL is also reported per stretch, to see where a method breaks
@@ -36,6 +45,11 @@ class Perplexity:
     nll_sum: float
     tokens: int
     cache_tokens: float  # mean over layers (and windows/chunks) of the tokens held when scoring
+    token_nll: torch.Tensor  # (tokens,) NLL of each scored token, in text order
+    unit_nll: list[float]  # NLL sum of each unit: a context window, or a SEGMENT_TOKENS-token stretch
+    unit_tokens: list[int]  # tokens each unit scored
+    peak_attended_keys: int  # the most keys any scored query attended, over layers and calls
+    scored_range: tuple[int, int]  # the text's token indices [first, last] whose NLL counted
     segment_ppl: list[float] | None = None  # streaming: PPL of each SEGMENT_TOKENS-token stretch of the text
     kv_bytes: float | None = None  # context: bytes the cache held after the pressed prefill (mean over windows)
 
@@ -54,6 +68,44 @@ def _pressed(press: BasePress | None, model):
 
 def _cache_lengths(cache) -> list[int]:
     return [cache.get_seq_length(index) for index in range(len(cache.layers))]
+
+
+class AttendedKeys:
+    """Counts the keys each query attends (its own included): a forward pre-hook on every
+    attention module, added after the press's own (InfLLM's retrieval runs first), reads the
+    cache length and the mask the attention will get. A query attends the keys its mask row
+    leaves visible (all cached keys, the chunk before it and itself, when the back end gets no
+    mask). ``peak`` is the largest count seen while ``counting``; the counts stay on the device
+    until it is read, so token-by-token streaming on a GPU does not wait at every layer."""
+
+    def __init__(self):
+        self._peak_unmasked, self._peak_masked = 0, None
+
+    @property
+    def peak(self) -> int:
+        masked = 0 if self._peak_masked is None else int(self._peak_masked)
+        return max(self._peak_unmasked, masked)
+
+    @contextlib.contextmanager
+    def counting(self, model):
+        hooks = [layer.self_attn.register_forward_pre_hook(self._count, with_kwargs=True)
+                 for layer in model.model.layers]
+        try:
+            yield
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    def _count(self, module, args, kwargs):
+        queries = kwargs["hidden_states"].shape[1]
+        keys = kwargs["past_key_values"].get_seq_length(module.layer_idx) + queries
+        mask = fit_mask_to_keys(kwargs.get("attention_mask"), keys)
+        if mask is None:
+            self._peak_unmasked = max(self._peak_unmasked, keys)
+            return
+        visible = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+        attended = visible.sum(dim=-1).max()
+        self._peak_masked = attended if self._peak_masked is None else torch.maximum(self._peak_masked, attended)
 
 
 def _feed(forward, ids: torch.Tensor, cache, first_position: int, chunk_tokens: int | None) -> list:
@@ -91,7 +143,7 @@ def context_nll(
     if ids.numel() < window * num_windows:
         raise ProtocolError(f"text has {ids.numel()} tokens, {num_windows} window(s) need {window * num_windows}")
 
-    nll_sum, kept, held_bytes = 0.0, [], []
+    token_nll, kept, held_bytes, attended = [], [], [], AttendedKeys()
     for index in tqdm(range(num_windows), desc="windows", disable=num_windows == 1):
         sample = ids[index * window : (index + 1) * window].unsqueeze(0).to(model.device)
         cache = make_cache(model, kv_quant)
@@ -101,42 +153,59 @@ def context_nll(
             kept.extend(_cache_lengths(cache))
             held_bytes.append(kv_bytes(cache))
             if decode_time:  # a decode-time press stays on while the scored tokens stream in
-                outputs = _feed(model, scored, cache, context_tokens, chunk)
+                with attended.counting(model):
+                    outputs = _feed(model, scored, cache, context_tokens, chunk)
         if not decode_time:
-            outputs = _feed(model, scored, cache, context_tokens, chunk)
+            with attended.counting(model):
+                outputs = _feed(model, scored, cache, context_tokens, chunk)
         logits = torch.cat([output.logits for output in outputs], dim=1)
-        nll_sum += F.cross_entropy(logits[0].float(), sample[0, context_tokens + 1 :], reduction="sum").item()
-    return Perplexity(nll_sum, eval_tokens * num_windows, sum(kept) / len(kept),
+        token_nll.append(F.cross_entropy(logits[0].float(), sample[0, context_tokens + 1 :], reduction="none"))
+    window_nll = [nll.sum().item() for nll in token_nll]
+    return Perplexity(sum(window_nll), eval_tokens * num_windows, sum(kept) / len(kept), torch.cat(token_nll),
+                      unit_nll=window_nll, unit_tokens=[eval_tokens] * num_windows,
+                      peak_attended_keys=attended.peak, scored_range=_window_range(window, context_tokens, num_windows),
                       kv_bytes=sum(held_bytes) / len(held_bytes))
+
+
+def _window_range(window: int, context_tokens: int, num_windows: int) -> tuple[int, int]:
+    """The first and last text token scored: window w scores tokens w*window + context + 1 ... (w+1)*window - 1."""
+    return context_tokens + 1, num_windows * window - 1
 
 
 @torch.no_grad()
 def streaming_nll(
     model, ids: torch.Tensor, press: BasePress | None, chunk_tokens: int, max_tokens: int | None = None
 ) -> Perplexity:
-    """Stream ``ids`` (first ``max_tokens``) in full chunks of ``chunk_tokens``; score every
-    token after the first. Without a press the cache grows with the text (dense control)."""
+    """Stream ``ids`` (the first ``max_tokens``) in chunks of ``chunk_tokens`` (the last may be
+    shorter); score every token after the first. Without a press the cache grows with the text
+    (dense control)."""
     in_cache = getattr(press, "positions_in_cache", False)
     if chunk_tokens < 1:
         raise ProtocolError(f"--chunk_tokens must be at least 1, got {chunk_tokens}")
+    if max_tokens is not None and max_tokens < 2:
+        raise ProtocolError(f"--max_tokens must be at least 2 (one token to score after the first), got {max_tokens}")
     ids = ids[:max_tokens] if max_tokens else ids
-    n_chunks = (ids.numel() - 1) // chunk_tokens  # full chunks only: every scoring call sees C queries
-    if n_chunks < 1:
-        raise ProtocolError(f"text has {ids.numel()} tokens, fewer than one chunk of {chunk_tokens} plus one")
-    ids = ids[: n_chunks * chunk_tokens + 1].unsqueeze(0).to(model.device)
+    if ids.numel() < 2:
+        raise ProtocolError(f"text has {ids.numel()} token(s): nothing to score after the first")
+    inputs = ids.numel() - 1  # every token but the last is fed; every token but the first is scored
+    ids = ids.unsqueeze(0).to(model.device)
 
-    cache, token_nll, held = DynamicCache(), [], []
-    with _pressed(press, model):
-        for start in tqdm(range(0, n_chunks * chunk_tokens, chunk_tokens), desc="chunks", disable=n_chunks < 8):
+    cache, token_nll, held, attended = DynamicCache(), [], [], AttendedKeys()
+    with _pressed(press, model), attended.counting(model):
+        starts = range(0, inputs, chunk_tokens)
+        for start in tqdm(starts, desc="chunks", disable=len(starts) < 8):
+            size = min(chunk_tokens, inputs - start)
             cached = sum(_cache_lengths(cache)) / len(model.model.layers) if start else 0
             first = int(cached) if in_cache else start  # in-cache positions: every layer holds the same count
-            positions = torch.arange(first, first + chunk_tokens, device=model.device).unsqueeze(0)
-            chunk = ids[:, start : start + chunk_tokens]
+            positions = torch.arange(first, first + size, device=model.device).unsqueeze(0)
             held.append(cached)
-            logits = model(input_ids=chunk, past_key_values=cache, position_ids=positions).logits
-            targets = ids[0, start + 1 : start + chunk_tokens + 1]
+            logits = model(input_ids=ids[:, start : start + size], past_key_values=cache, position_ids=positions).logits
+            targets = ids[0, start + 1 : start + size + 1]
             token_nll.append(F.cross_entropy(logits[0].float(), targets, reduction="none"))
     token_nll = torch.cat(token_nll)
     segments = token_nll.split(SEGMENT_TOKENS)
-    return Perplexity(token_nll.sum().item(), token_nll.numel(), sum(held) / len(held),
+    return Perplexity(token_nll.sum().item(), token_nll.numel(), sum(held) / len(held), token_nll,
+                      unit_nll=[segment.sum().item() for segment in segments],
+                      unit_tokens=[segment.numel() for segment in segments],
+                      peak_attended_keys=attended.peak, scored_range=(1, inputs),
                       segment_ppl=[segment.mean().exp().item() for segment in segments])

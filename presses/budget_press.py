@@ -55,6 +55,10 @@ class BudgetPress(DecodingPress):
             self.base_press.observe(module, hidden_states, keys, values, kwargs)
         if keys.shape[2] < self.target_size + self.compression_interval:
             return output
+        if hidden_states.shape[1] <= getattr(self.base_press, "window_size", 0):
+            # A scorer that reads the call's last window of queries (SnapKV) cannot score a shorter
+            # call (a text's last, partial chunk): evict at the next call instead.
+            return output
 
         indices = self.keep_indices(module, hidden_states, keys, values, output[1], kwargs)
         if hasattr(self.base_press, "keep"):

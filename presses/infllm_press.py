@@ -2,27 +2,41 @@
 Efficient Context Memory") as a streaming press on the Hugging Face KV cache.
 
 Rule. Each layer attends to the first ``n_init`` tokens of the stream (attention sinks), a local
-window of recent tokens, and the ``top_k`` memory blocks most relevant to the current chunk of
-queries. Tokens that leave the local window go, in blocks of ``block_size`` consecutive tokens,
+window of recent tokens, and the ``top_k`` memory blocks most relevant to its queries. Tokens that leave the local window go, in blocks of ``block_size`` consecutive tokens,
 to a block memory; each block is represented, per query head, by the mean of its
 ``repr_tokens`` keys that received the most attention while they were in the local window.
-A block's relevance to a chunk is the paper's ``sum_i sum_j q_i . k_j`` over the chunk's queries
-i, the query heads and the representative keys j (computed as mean-query . mean-representative,
-the same ranking). One choice per layer, shared by all heads (as in the official code).
+A block's relevance is the paper's ``sum_i sum_j q_i . k_j`` over queries i, the query heads and
+the representative keys j (computed as mean-query . mean-representative, the same ranking). One
+choice per layer, shared by all heads (as in the official code).
+
+Which queries rank (``retrieval``):
+
+- ``"causal"`` (default): each query ranks the blocks with the mean of this call's queries up to
+  and including itself, so no position's choice depends on a later token. Under teacher forcing
+  (the perplexity protocols feed a chunk of C tokens per call) this is what keeps the method from
+  seeing the future: with the paper's one choice per chunk, position i's logits depend on tokens
+  i+1..C-1 of its chunk. The call attends the union of the blocks its queries chose, and the
+  attention mask hides from each query the blocks it did not choose. With one query per call
+  (token-by-token generation) it is the paper's rule.
+- ``"chunk"``: the paper's rule, one choice per call from the mean of all its queries. Fine for
+  generation (a prefill chunk is not scored token by token); it leaks under teacher forcing.
 
 Mechanics (two hooks per attention module, see ``__call__``):
 
-- forward pre-hook: rank the memory blocks with this call's queries, copy the ``top_k`` best
-  (chronological order) into the layer's cache between the initial tokens and the local window,
-  and widen the attention mask, so this call's queries attend to init + retrieved + local + chunk;
+- forward pre-hook: rank the memory blocks with this call's queries, copy the blocks any query
+  chose (chronological order) into the layer's cache between the initial tokens and the local
+  window, and widen the attention mask (hiding from each query the blocks it did not choose), so
+  each query attends to init + its ``top_k`` blocks + local + the chunk up to itself;
 - forward hook: accumulate the attention each local token received (softmax over everything the
   call attended, float32), take the retrieved blocks out again, and move the oldest local tokens
   to memory, a whole block at a time, while the local region holds more than ``local`` tokens.
 
 Between calls a layer's cache holds init + local region: at most ``n_init + local`` tokens (the
 region keeps between ``local - block_size + 1`` and ``local`` tokens once eviction started: the
-paper's partial "remainder" block stays in the local window here). During a call it holds at
-most ``budget + chunk`` with ``budget = n_init + top_k * block_size + local``.
+paper's partial "remainder" block stays in the local window here). During a call a query
+attends at most ``budget + chunk`` keys with ``budget = n_init + top_k * block_size + local``;
+the cache then holds the union of the chunk's choices (at most ``min(blocks, chunk * top_k)``
+blocks under causal retrieval, ``top_k`` under chunk retrieval).
 
 Positions (``positions``):
 
@@ -58,7 +72,8 @@ key/value heads, head size D and N evicted tokens:
   indices ``(N / block_size) * H_q * repr_tokens * 8``, positions ``8 * N`` bytes, and
   local-token scores ``H_q * local * 4`` bytes (all times the batch size);
 - transfer per call (chunk) and layer when memory is on the CPU: host-to-device
-  ``2 * top_k * block_size * H_kv * D * b`` bytes (the retrieved blocks), device-to-host
+  ``2 * U * block_size * H_kv * D * b`` bytes (the U retrieved blocks: ``top_k`` with one query
+  per call or chunk retrieval, up to ``chunk * top_k`` with causal retrieval), device-to-host
   ``2 * H_kv * D * b`` per evicted token (on average the chunk's C tokens). Example, Pythia-2.8B
   in fp16 (32 layers, 32 heads, D = 80): 10 KiB per token and layer, so top_k * block_size =
   2048 retrieved tokens move 20 MiB per layer, 640 MiB per call over the 32 layers.
@@ -67,8 +82,8 @@ Extra compute per call and layer: this call's queries once more (projection), th
 against the attended keys once more (float32, B x H_q x C x K, for the representative scores),
 and a B x H_q x C x (N / block_size) relevance product.
 
-Batches: block choices are per batch row; positions are read from the first row (unpadded
-batches share them). The streaming protocol must use the caller's positions as given
+Batches: block choices are per batch row and query (the union over rows is retrieved, the mask
+hides the rest); positions are read from the first row (unpadded batches share them). The streaming protocol must use the caller's positions as given
 (``positions_in_cache`` is False).
 """
 
@@ -86,6 +101,7 @@ from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
 from patches.attention_mask import fit_mask_to_keys
 
 POSITION_MODES = ("original", "fixed")
+RETRIEVAL_MODES = ("causal", "chunk")
 
 
 def rotate_keys(keys: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
@@ -135,9 +151,10 @@ class _LayerState:
     queries: torch.Tensor | None = None  # (B, H_q, C, D) post-RoPE
     new_positions: torch.Tensor | None = None  # (C,)
     n_retrieved: int = 0
+    hidden_blocks: torch.Tensor | None = None  # (B, C, n_retrieved) True where a query did not choose the key's block
     cached_init_keys: torch.Tensor | None = None  # init keys at their own rotation
-    last_retrieved: torch.Tensor | None = None  # (B, k) block ids chosen for the last call
-    last_relevance: torch.Tensor | None = None  # (B, blocks)
+    last_retrieved: torch.Tensor | None = None  # (B, C, k) block ids each query of the last call chose
+    last_relevance: torch.Tensor | None = None  # (B, C, blocks)
 
     @property
     def n_blocks(self) -> int:
@@ -158,6 +175,7 @@ class InfLLMPress(DecodingPress):
     top_k: int = 4
     repr_tokens: int = 4
     positions: str = "fixed"
+    retrieval: str = "causal"
     memory_device: str = "cpu"
     positions_in_cache: bool = False  # the caller gives true positions (evaluation/protocols.py)
     _layers: dict = field(default_factory=dict, init=False, repr=False)
@@ -165,6 +183,8 @@ class InfLLMPress(DecodingPress):
     def __post_init__(self):
         if self.positions not in POSITION_MODES:
             raise ValueError(f"positions must be one of {POSITION_MODES}, got {self.positions!r}")
+        if self.retrieval not in RETRIEVAL_MODES:
+            raise ValueError(f"retrieval must be one of {RETRIEVAL_MODES}, got {self.retrieval!r}")
         if min(self.block_size, self.repr_tokens) < 1 or min(self.n_init, self.top_k) < 0:
             raise ValueError(f"InfLLM needs block_size, repr_tokens >= 1 and n_init, top_k >= 0: {self}")
         if self.repr_tokens > self.block_size:
@@ -229,7 +249,7 @@ class InfLLMPress(DecodingPress):
         q_len = hidden_states.shape[1]
         state.queries = self._queries(module, hidden_states, kwargs)
         state.new_positions = self._call_positions(kwargs, q_len).to(hidden_states.device)
-        state.n_retrieved, state.cached_init_keys = 0, None
+        state.n_retrieved, state.cached_init_keys, state.hidden_blocks = 0, None, None
         if state.n_blocks == 0:
             return None
 
@@ -240,40 +260,73 @@ class InfLLMPress(DecodingPress):
         fixed_position = state.new_positions[0] - self.local
         if self.positions == "fixed":  # representatives are pre-RoPE there: rotate them to P
             representatives = rotate_keys(representatives, fixed_position, module.rotary_emb.inv_freq)
-        relevance = torch.einsum("bhd,nbhd->bn", state.queries.float().mean(2), representatives.float())
+        relevance = torch.einsum("bhcd,nbhd->bcn", self._ranking_queries(state.queries), representatives.float())
         k = min(self.top_k, state.n_blocks)
-        chosen = relevance.topk(k, dim=-1).indices.sort(dim=-1).values  # (B, k), oldest first
-        state.last_relevance, state.last_retrieved = relevance, chosen
+        chosen = relevance.topk(k, dim=-1).indices.sort(dim=-1).values  # (B, C or 1, k), oldest first
+        state.last_relevance, state.last_retrieved = relevance, chosen.expand(-1, q_len, -1)
+        union = chosen.unique()  # sorted: chronological; every row and query attends within it
+        picked = (chosen[..., None] == union).any(dim=-2)  # (B, C or 1, U)
+        if not bool(picked.all()):  # some query did not choose some retrieved block: hide it from that query
+            state.hidden_blocks = (~picked).repeat_interleave(self.block_size, dim=-1).expand(-1, q_len, -1)
 
         def gather(rows: _Rows) -> torch.Tensor:
-            index = chosen.to(rows.device)
-            batch = torch.arange(index.shape[0], device=rows.device)[:, None]
-            blocks = rows.view()[index, batch]  # (B, k, H_kv, block_size, D)
-            return blocks.permute(0, 2, 1, 3, 4).flatten(2, 3).to(device, non_blocking=True)
+            blocks = rows.view()[union.to(rows.device)]  # (U, B, H_kv, block_size, D)
+            return blocks.permute(1, 2, 0, 3, 4).flatten(2, 3).to(device, non_blocking=True)
 
         retrieved_keys, retrieved_values = gather(state.keys), gather(state.values)
         init_keys = keys[:, :, :init]
         attended_init_keys = init_keys
         if self.positions == "fixed":
             inv_freq = module.rotary_emb.inv_freq
-            retrieved_positions = state.block_positions.view()[chosen].flatten(1)  # (B, k * block_size)
-            retrieved_keys = rotate_keys(retrieved_keys, (fixed_position - retrieved_positions)[:, None], inv_freq)
+            retrieved_positions = state.block_positions.view()[union].flatten()  # (U * block_size,)
+            retrieved_keys = rotate_keys(retrieved_keys, fixed_position - retrieved_positions, inv_freq)
             attended_init_keys = rotate_keys(init_keys, fixed_position - state.positions[:init], inv_freq)
         cache_layer.keys = torch.cat([attended_init_keys, retrieved_keys, keys[:, :, init:]], dim=2)
         cache_layer.values = torch.cat([values[:, :, :init], retrieved_values, values[:, :, init:]], dim=2)
         state.n_retrieved, state.cached_init_keys = retrieved_keys.shape[2], init_keys
-        # The mask was built from the cache length before retrieval: widen its all-visible past.
-        kwargs["attention_mask"] = fit_mask_to_keys(kwargs.get("attention_mask"), cache_layer.keys.shape[2] + q_len)
+        # The mask was built from the cache length before retrieval: widen its all-visible past,
+        # then hide from each query the retrieved blocks it did not choose.
+        mask = fit_mask_to_keys(kwargs.get("attention_mask"), cache_layer.keys.shape[2] + q_len)
+        if state.hidden_blocks is not None:
+            mask = self._hide(self._causal(q_len, cache_layer.keys.shape[2] + q_len, device) if mask is None else mask,
+                              state.hidden_blocks, init)
+        kwargs["attention_mask"] = mask
         return args, kwargs
 
-    def _attention(self, module: nn.Module, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """Softmax (B, H_q, C, K), float32, of this call's queries over the attended keys."""
+    def _ranking_queries(self, queries: torch.Tensor) -> torch.Tensor:
+        """The query (B, H_q, C or 1, D), float32, each position ranks the memory blocks with:
+        the mean of this call's queries up to it (causal), or of all of them (chunk)."""
+        queries = queries.float()
+        if self.retrieval == "chunk":
+            return queries.mean(2, keepdim=True)
+        counts = torch.arange(1, queries.shape[2] + 1, device=queries.device, dtype=queries.dtype)
+        return queries.cumsum(2) / counts[:, None]
+
+    @staticmethod
+    def _causal(q_len: int, key_length: int, device) -> torch.Tensor:
+        """A boolean (1, 1, q_len, key_length) mask, True where visible: the past, then the causal chunk."""
+        return torch.ones(q_len, key_length, dtype=torch.bool, device=device).tril(key_length - q_len)[None, None]
+
+    @staticmethod
+    def _hide(mask: torch.Tensor, hidden: torch.Tensor, init: int) -> torch.Tensor:
+        """``mask`` with the retrieved keys at ``hidden`` (B, C, n_retrieved) made invisible."""
+        region = slice(init, init + hidden.shape[-1])
+        mask = mask.expand(hidden.shape[0], -1, -1, -1).clone()
+        invisible = False if mask.dtype == torch.bool else torch.finfo(mask.dtype).min
+        mask[..., region] = mask[..., region].masked_fill(hidden[:, None], invisible)
+        return mask
+
+    def _attention(self, module: nn.Module, state: _LayerState, keys: torch.Tensor) -> torch.Tensor:
+        """Softmax (B, H_q, C, K), float32, of this call's queries over the keys each attended."""
+        queries = state.queries
         q_len, k_len = queries.shape[2], keys.shape[2]
         keys = repeat_kv(keys, queries.shape[1] // keys.shape[1])
         scaling = getattr(module, "scaling", 1 / math.sqrt(module.head_dim))
         logits = torch.matmul(queries.float(), keys.float().transpose(2, 3)) * scaling
-        future = torch.ones(q_len, k_len, dtype=torch.bool, device=keys.device).triu(k_len - q_len + 1)
-        return logits.masked_fill(future, float("-inf")).softmax(dim=-1)
+        visible = self._causal(q_len, k_len, keys.device)
+        if state.hidden_blocks is not None:
+            visible = self._hide(visible, state.hidden_blocks, state.init_len)
+        return logits.masked_fill(visible.logical_not(), float("-inf")).softmax(dim=-1)
 
     def forward_hook(self, module: nn.Module, input, kwargs: dict, output):
         state = self._layers[module.layer_idx]
@@ -282,7 +335,7 @@ class InfLLMPress(DecodingPress):
         init, start = state.init_len, state.init_len + state.n_retrieved
 
         # Attention each local-region token received from this call's queries.
-        received = self._attention(module, state.queries, keys)[..., start:].sum(dim=2)  # (B, H_q, region)
+        received = self._attention(module, state, keys)[..., start:].sum(dim=2)  # (B, H_q, region)
         if state.scores is not None:
             received[..., : state.scores.shape[-1]] += state.scores
         init_keys = keys[:, :, :init] if state.cached_init_keys is None else state.cached_init_keys
@@ -291,7 +344,7 @@ class InfLLMPress(DecodingPress):
         positions = state.new_positions
         if state.positions is not None:
             positions = torch.cat([state.positions, positions])
-        state.queries, state.cached_init_keys, state.n_retrieved = None, None, 0
+        state.queries, state.cached_init_keys, state.n_retrieved, state.hidden_blocks = None, None, 0, None
 
         # The first n_init tokens of the stream stay as initial tokens.
         new_init = min(self.n_init, keys.shape[2])

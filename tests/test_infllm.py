@@ -60,14 +60,18 @@ def direct_queries(module, kwargs):
 def instrument(press, model):
     """Wrap the press's hooks: record cache sizes, check retrieval against a direct relevance
     computation and (fixed positions) the retrieved keys against the model's rotary."""
-    log = dict(attended=[], between=[], retrievals=0, memory={})
+    log = dict(between=[], retrievals=0, memory={}, distinct_choices=0)
     pre_hook, hook = press.forward_pre_hook, press.forward_hook
 
     def checked_pre_hook(module, args, kwargs):
         result = pre_hook(module, args, kwargs)
         state = press._layers[module.layer_idx]
         if state.n_blocks:
-            queries = direct_queries(module, kwargs).mean(2)  # (B, H_q, D)
+            queries = direct_queries(module, kwargs)  # (B, H_q, C, D)
+            if press.retrieval == "chunk":  # one choice per call, from the mean of its queries
+                queries = queries.mean(2, keepdim=True).expand_as(queries)
+            else:  # each position: the mean of the call's queries up to it
+                queries = torch.stack([queries[:, :, : i + 1].mean(2) for i in range(queries.shape[2])], dim=2)
             first = int(kwargs["position_ids"][0, 0])
             representatives = state.representatives.view()  # (blocks, B, H_q, D)
             if press.positions == "fixed":  # stored pre-RoPE: put them at P = first - local
@@ -81,19 +85,21 @@ def instrument(press, model):
                 index = state.representative_index.view().permute(1, 2, 0, 3)  # (B, H_q, n, r)
                 picked = blocks.gather(3, index[..., None].expand(-1, -1, -1, -1, blocks.shape[-1]))
                 torch.testing.assert_close(picked.mean(3).permute(2, 0, 1, 3), representatives)
-            relevance = torch.einsum("bhd,nbhd->bn", queries, representatives)
-            expected = relevance.topk(min(press.top_k, state.n_blocks)).indices.sort().values
+            relevance = torch.einsum("bhcd,nbhd->bcn", queries, representatives)
+            expected = relevance.topk(min(press.top_k, state.n_blocks)).indices.sort().values  # (B, C, k)
             assert torch.equal(state.last_retrieved, expected)
             log["retrievals"] += 1
+            union = expected.unique()  # the blocks the cache holds for this call, oldest first
+            log["distinct_choices"] = max(log["distinct_choices"], len({tuple(row) for row in expected[0].tolist()}))
 
             cache_keys = kwargs["past_key_values"].layers[module.layer_idx].keys
             retrieved = cache_keys[:, :, state.init_len : state.init_len + state.n_retrieved]
             mem_keys, _, mem_positions = press.memory(module.layer_idx)
-            blocks = [mem_keys[:, :, b * press.block_size : (b + 1) * press.block_size] for b in expected[0]]
+            blocks = [mem_keys[:, :, b * press.block_size : (b + 1) * press.block_size] for b in union]
             if press.positions == "original":
                 assert torch.equal(retrieved, torch.cat(blocks, dim=2))
             else:  # each key undone from its own position with the model's rotary, then put at P
-                cos, sin = rotary(model, mem_positions.view(state.n_blocks, press.block_size)[expected[0]].flatten())
+                cos, sin = rotary(model, mem_positions.view(state.n_blocks, press.block_size)[union].flatten())
                 stored = torch.cat(blocks, dim=2)
                 unrotated = stored * cos - rotate_half(stored) * sin
                 cos_p, sin_p = rotary(model, first - press.local)
@@ -101,7 +107,6 @@ def instrument(press, model):
         return result
 
     def recording_hook(module, args, kwargs, output):
-        log["attended"].append(kwargs["past_key_values"].layers[module.layer_idx].keys.shape[2])
         result = hook(module, args, kwargs, output)
         log["between"].append(kwargs["past_key_values"].layers[module.layer_idx].keys.shape[2])
         if press._layers[module.layer_idx].n_blocks:
@@ -138,15 +143,20 @@ def test_every_block_retrieved_at_original_positions_is_dense(setup, ids):
     assert_memory_matches(log["memory"], dense_cache, layers=range(len(model.model.layers)))
 
 
+@pytest.mark.parametrize("retrieval", ["causal", "chunk"])
 @pytest.mark.parametrize("positions", ["original", "fixed"])
-def test_tight_memory_is_bounded_retrieves_by_relevance_and_changes_the_result(setup, ids, positions):
+def test_tight_memory_is_bounded_retrieves_by_relevance_and_changes_the_result(setup, ids, positions, retrieval):
     model, dense, dense_cache = setup
-    press = InfLLMPress(**TIGHT, positions=positions)
+    press = InfLLMPress(**TIGHT, positions=positions, retrieval=retrieval)
     log = instrument(press, model)  # checks retrieval and retrieved keys at every call
     tight = streaming_nll(model, ids, press, CHUNK)
     assert tight.nll_sum != dense.nll_sum
     assert log["retrievals"] >= 2 * 4
-    assert max(log["attended"]) <= press.budget + CHUNK and max(log["between"]) <= 4 + 32 <= press.budget
+    # Causal retrieval: the positions of a chunk choose differently (else the mask would hide nothing).
+    assert (log["distinct_choices"] > 1) == (retrieval == "causal")
+    # Each query attends at most the budget plus the chunk up to itself, though the cache holds
+    # the union of the chunk's choices during the call.
+    assert tight.peak_attended_keys <= press.budget + CHUNK and max(log["between"]) <= 4 + 32 <= press.budget
     assert log["memory"][0][2].numel() == 96  # 12 blocks of 8 evicted, 28 local tokens left
     # Layer 0's keys and values depend on the token and its position only: equal to dense bit for bit.
     assert_memory_matches(log["memory"], dense_cache, layers=[0])

@@ -38,6 +38,10 @@ def test_context_protocol_ratio_zero_is_dense_and_compression_changes_it(tiny_ne
     assert at_zero.nll_sum == dense.nll_sum
     assert squeezed.nll_sum != dense.nll_sum
     assert squeezed.cache_tokens == int(96 * 0.1) if name != "pyramidkv" else squeezed.cache_tokens < 96 * 0.2
+    # The last scored query attends the largest layer's kept context and the 32 scored tokens.
+    assert dense.peak_attended_keys == 96 + 32
+    if name != "pyramidkv":
+        assert squeezed.peak_attended_keys == int(96 * 0.1) + 32
 
 
 def test_context_protocol_refuses_windows_past_the_model_context(tiny_neox, wikitext_ids):
@@ -55,6 +59,24 @@ def test_streaming_holds_the_budget_and_a_large_budget_is_dense(tiny_neox, wikit
     tight = streaming_nll(tiny_neox, wikitext_ids, press, chunk_tokens=16, max_tokens=257)
     assert max(held) == 48 and len(held) == 2 * 16  # 2 layers x 16 chunks; never above the budget
     assert tight.nll_sum != dense.nll_sum
+    # Between chunks the cache is at the budget; within one, the last query also sees the chunk.
+    assert dense.peak_attended_keys == 256 and tight.peak_attended_keys == 48 + 16
+    token_by_token = make_streaming_press("streaming_llm", Settings(budget=48, chunk_tokens=1))
+    assert streaming_nll(tiny_neox, wikitext_ids, token_by_token, chunk_tokens=1, max_tokens=100).peak_attended_keys == 49
+
+
+def test_streaming_scores_every_token_up_to_max_tokens(tiny_neox, wikitext_ids):
+    """A last chunk shorter than the others is scored too, and the result says which tokens counted."""
+    partial = streaming_nll(tiny_neox, wikitext_ids, None, chunk_tokens=16, max_tokens=250)
+    assert partial.tokens == 249 and partial.scored_range == (1, 249)
+    assert partial.unit_tokens == [249] and partial.token_nll.numel() == 249
+    window = wikitext_ids[:250][None]
+    with torch.no_grad():
+        logits = tiny_neox(window).logits[0, :-1]
+    direct = F.cross_entropy(logits.float(), window[0, 1:], reduction="none")
+    torch.testing.assert_close(partial.token_nll, direct, rtol=1e-5, atol=1e-5)
+    press = make_streaming_press("snapkv", Settings(budget=48, window=12, chunk_tokens=16))  # last chunk: 9 queries
+    assert streaming_nll(tiny_neox, wikitext_ids, press, chunk_tokens=16, max_tokens=250).tokens == 249
 
 
 def test_real_model_compression_changes_perplexity_and_ratio_zero_is_dense():
