@@ -76,7 +76,7 @@ def generate(model, prompt: torch.Tensor, press, new_tokens: int, step=decode_st
     """Exactly ``new_tokens`` greedy tokens (no early stop) after ``prompt``, with ``press``
     applied at prefill. ``step``: ``decode_step`` or ``compiled_step(True)``. ``timings``, if
     given, receives ttft_s (prefill and cache copy, to the first token), decode_s, kept tokens
-    and KV bytes."""
+    (layer 0's and every layer's) and KV bytes."""
     synchronize(model.device)
     start = time.perf_counter()
     logits, pressed = prefill(model, prompt, press)
@@ -96,6 +96,7 @@ def generate(model, prompt: torch.Tensor, press, new_tokens: int, step=decode_st
     synchronize(model.device)
     if timings is not None:
         timings.update(ttft_s=first_token_at - start, decode_s=time.perf_counter() - first_token_at,
-                       kept_tokens_layer0=kept, kv_bytes_after_prefill=kept_bytes,
+                       kept_tokens_layer0=kept, kept_tokens_per_layer=[kept] * len(cache.layers),
+                       kv_bytes_after_prefill=kept_bytes,
                        kv_bytes_final=kv_bytes(cache))
     return torch.cat(generated, dim=1)

@@ -362,7 +362,7 @@ def generate(model, prompts: list[torch.Tensor], press, new_tokens: int, step=de
     applied at prefill; returns (batch, new_tokens). ``step``: ``decode_step`` or
     ``compiled_step(True)``; ``backend``: the attention of the decode step and of the prefill.
     ``timings``, if given, receives ttft_s (prefill, first token and the copy into the buffer),
-    decode_s, kept tokens and KV bytes."""
+    decode_s, kept tokens (layer 0's and every layer's) and KV bytes."""
     if backend not in ATTENTION_BACKENDS:
         raise unknown_backend(backend)
     device = model.device
@@ -396,5 +396,7 @@ def generate(model, prompts: list[torch.Tensor], press, new_tokens: int, step=de
     if timings is not None:
         timings.update(ttft_s=first_token_at - start, decode_s=time.perf_counter() - first_token_at,
                        kept_tokens_layer0=int(buffer.kept[0] - buffer.first_valid[0].min()),
+                       # each layer's longest kept sequence (the batch's prompts alike: every one's)
+                       kept_tokens_per_layer=(buffer.kept - buffer.first_valid.min(dim=1).values).tolist(),
                        kv_bytes_after_prefill=kept_bytes, kv_bytes_final=buffer.nbytes())
     return torch.cat(generated, dim=1)

@@ -5,6 +5,8 @@ over the keys actually held in the cache, which is where KV compression saves co
 Checked against ``torch.utils.flop_counter.FlopCounterMode`` in tests/test_flops.py.
 """
 
+from collections.abc import Sequence
+
 
 def _dims(config) -> tuple[int, int, int]:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -27,10 +29,18 @@ def attention_flops_per_token(config, n_keys: int) -> int:
     return config.num_hidden_layers * 4 * q_width * n_keys
 
 
-def decode_flops(config, cache_before: int, new_tokens: int) -> int:
-    """FLOPs of ``new_tokens`` decode steps starting from a cache of ``cache_before`` tokens."""
-    keys_attended = sum(cache_before + step + 1 for step in range(new_tokens))
-    return new_tokens * weight_flops_per_token(config) + attention_flops_per_token(config, keys_attended)
+def decode_flops(config, cache_before: int | Sequence[int], new_tokens: int) -> int:
+    """FLOPs of ``new_tokens`` decode steps starting from a cache of ``cache_before`` tokens: one
+    length for every layer, or a sequence of each layer's own (ragged caches: PyramidKV keeps more
+    in the lower layers), whose attention is counted layer by layer."""
+    q_width, _, _ = _dims(config)
+    layers = config.num_hidden_layers
+    per_layer = list(cache_before) if isinstance(cache_before, Sequence) else [cache_before] * layers
+    if len(per_layer) != layers:
+        raise ValueError(f"{len(per_layer)} cache lengths for {layers} layers")
+    # Summed over layers and steps: step s attends the layer's cache plus s + 1 new tokens.
+    keys_attended = sum(new_tokens * cache + new_tokens * (new_tokens + 1) // 2 for cache in per_layer)
+    return new_tokens * weight_flops_per_token(config) + 4 * q_width * keys_attended
 
 
 def prefill_flops(config, prompt_tokens: int) -> int:

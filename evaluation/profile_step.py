@@ -21,6 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from decoding import neox_decode
 from evaluation import roofline
+from evaluation.ceilings import machine_ceilings
 from evaluation.models import load_model
 from evaluation.results import environment, write_json_atomic
 from evaluation.speed import prompt_ids
@@ -85,7 +86,9 @@ def main(argv=None) -> None:
         torch.cuda.synchronize()
     graph_ms = start.elapsed_time(end) / args.graph_steps
     frame = kernel_table(profiler.key_averages(), args.steps)
-    floor = roofline.step_floor_ms(model.config, args.batch_size, 1, int(buffer.kept.float().mean()) + 8)
+    measured = machine_ceilings("cuda")  # the GPU that ran (evaluation/ceilings.py), measured after the timing
+    cache = [int(kept) + 8 for kept in buffer.kept.tolist()]  # every layer's own length
+    floor = roofline.step_floor_ms(model.config, args.batch_size, 1, cache, measured)
     total_ms = frame.us_per_step.sum() / 1e3
     print(frame.head(25).to_string(index=False, float_format=lambda x: f"{x:.3g}"))
     print(f"kernel time per step {total_ms:.3f} ms over {frame.launches_per_step.sum():.0f} launches; "
@@ -97,6 +100,7 @@ def main(argv=None) -> None:
         "batch_size": args.batch_size, "prompt_tokens": args.prompt_tokens, "backend": args.backend,
         "compile_mode": args.compile_mode, "kernel_ms_per_step": total_ms,
         "launches_per_step": frame.launches_per_step.sum(), "graph_step_ms": graph_ms, "graph_steps": args.graph_steps, "floor_ms": floor,
+        "ceilings": measured.to_json(),
         # set by TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1
         "coordinate_descent_tuning": torch._inductor.config.coordinate_descent_tuning,
         "environment": environment("cuda"), "kernels": frame.to_dict("records"),

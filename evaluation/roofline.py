@@ -1,28 +1,30 @@
 """Roofline model of a decoder step (LLM-Viewer style): per operator FLOPs, bytes moved,
 arithmetic intensity and whether it is compute- or memory-bound, for prefill or decode at any
-batch and cache length, on a named GPU. The sum of per-operator floors is the step's floor:
-no implementation runs much faster.
+batch and cache length (one for every layer, or each layer's own), on the ceilings of a GPU. The
+sum of per-operator floors is the step's floor: no implementation runs much faster.
 
-  python evaluation/roofline.py --model EleutherAI/pythia-2.8b --batch 1 --cache 2000 --gpu h100-measured
+  python evaluation/roofline.py --model EleutherAI/pythia-2.8b --batch 1 --cache 2000 --measure
+  python evaluation/roofline.py --cache 2000 --bandwidth 4.24 --peak_tflops 790
+  python evaluation/roofline.py --cache 2000 --gpu h200                 # a datasheet, as a lead only
 
-Bytes assume fused attention (FlashAttention / SDPA: scores never reach memory), weights and KV
-in the given dtype read once per step, activations read and written once per operator.
+The ceilings are measured on the machine that runs (``--measure``, evaluation/ceilings.py: a
+device-to-device copy and a matrix product) or given (``--bandwidth`` TB/s, ``--peak_tflops``);
+datasheet figures (``--gpu``) are leads. Bytes assume fused attention (FlashAttention / SDPA:
+scores never reach memory), weights and KV in the given dtype read once per step, activations
+read and written once per operator.
 """
 
 import argparse
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pandas as pd
 from transformers import AutoConfig
 
+from evaluation import ceilings as ceilings_module
+from evaluation.ceilings import DATASHEETS, RECORDED, Ceilings
 from evaluation.models import pythia_config_path
-
-GPUS = {
-    # name: (matmul FLOP/s, memory bytes/s, source)
-    "h100-sxm": (989e12, 3.35e12, "NVIDIA H100 SXM datasheet: dense BF16/FP16 tensor, HBM3"),
-    "h100-measured": (798e12, 3.0e12, "measured on this project's H100 (KINDS.md): 8192^3 bf16 matmul, D2D copy"),
-}
 
 
 @dataclass
@@ -35,47 +37,63 @@ class Operator:
         return max(self.flops / peak_flops, self.bytes / bandwidth)
 
 
-def operators(config, batch: int, new_tokens: int, cache: int, bytes_per_value: int = 2) -> list[Operator]:
+def per_layer_cache(config, cache) -> list:
+    """``cache`` as one length per layer: a number is every layer's, a sequence is each layer's own."""
+    layers = config.num_hidden_layers
+    if isinstance(cache, Sequence):
+        if len(cache) != layers:
+            raise ValueError(f"{len(cache)} cache lengths for {layers} layers")
+        return list(cache)
+    return [cache] * layers
+
+
+def operators(config, batch: int, new_tokens: int, cache: float | Sequence[float],
+              bytes_per_value: int = 2) -> list[Operator]:
     """One forward step of ``new_tokens`` per sequence (1 for decode, the prompt for prefill)
-    after ``cache`` cached tokens, for ``batch`` sequences."""
+    after ``cache`` cached tokens, for ``batch`` sequences. ``cache``: one length for every layer,
+    or a sequence of each layer's own (ragged caches: PyramidKV keeps more in the lower layers);
+    the attention and KV-write operators are summed over the layers' own lengths."""
     hidden, layers = config.hidden_size, config.num_hidden_layers
     heads = config.num_attention_heads
     head_dim = hidden // heads
     kv_width = (getattr(config, "num_key_value_heads", None) or heads) * head_dim
     tokens = batch * new_tokens
-    keys = cache + new_tokens  # keys each query may attend (causal prefill: the mean is half of this)
-    mean_keys = cache + (new_tokens + 1) / 2
     b = bytes_per_value
     mlp_matrices = 2 if config.model_type == "gpt_neox" else 3
 
     def linear(name: str, n_in: int, n_out: int) -> Operator:
         return Operator(name, 2 * tokens * n_in * n_out, b * (n_in * n_out + tokens * (n_in + n_out)))
 
+    def attention(layer_cache: float) -> Operator:
+        keys = layer_cache + new_tokens  # keys each query may attend (causal prefill: the mean is half of this)
+        mean_keys = layer_cache + (new_tokens + 1) / 2
+        return Operator("attention", 4 * tokens * heads * head_dim * mean_keys,
+                        b * (2 * batch * keys * kv_width + 2 * tokens * hidden))
+
     per_layer = [
         Operator("layernorms", 8 * tokens * hidden, b * 4 * tokens * hidden),
         linear("qkv_proj", hidden, hidden + 2 * kv_width),
         Operator("rotary", 6 * tokens * (hidden + kv_width), b * 2 * tokens * (hidden + kv_width)),
         Operator("kv_write", 0, b * 2 * tokens * kv_width),
-        Operator(
-            "attention",
-            4 * tokens * heads * head_dim * mean_keys,
-            b * (2 * batch * keys * kv_width + 2 * tokens * hidden),
-        ),
+        None,  # attention: summed over the layers' own cache lengths below
         linear("out_proj", hidden, hidden),
         linear("mlp_up", hidden, config.intermediate_size * (mlp_matrices - 1)),
         Operator("mlp_act", 8 * tokens * config.intermediate_size, b * 2 * tokens * config.intermediate_size),
         linear("mlp_down", config.intermediate_size, hidden),
         Operator("residual", 3 * tokens * hidden, b * 4 * tokens * hidden),
     ]
+    attentions = [attention(length) for length in per_layer_cache(config, cache)]
+    summed_attention = Operator("attention", sum(op.flops for op in attentions), sum(op.bytes for op in attentions))
     ops = [Operator("embedding", 0, b * 2 * tokens * hidden)]
-    ops += [Operator(op.name, op.flops * layers, op.bytes * layers) for op in per_layer]
+    ops += [summed_attention if op is None else Operator(op.name, op.flops * layers, op.bytes * layers)
+            for op in per_layer]
     ops += [Operator("final_norm", 8 * tokens * hidden, b * 2 * tokens * hidden)]
     ops += [linear("lm_head", hidden, config.vocab_size)]
     return ops
 
 
-def table(config, batch: int, new_tokens: int, cache: int, gpu: str) -> pd.DataFrame:
-    peak, bandwidth, _ = GPUS[gpu]
+def table(config, batch: int, new_tokens: int, cache, ceilings: Ceilings) -> pd.DataFrame:
+    peak, bandwidth = ceilings.peak_flops, ceilings.bandwidth
     rows = []
     for op in operators(config, batch, new_tokens, cache):
         intensity = op.flops / op.bytes if op.bytes else float("inf")
@@ -85,10 +103,35 @@ def table(config, batch: int, new_tokens: int, cache: int, gpu: str) -> pd.DataF
     return pd.DataFrame(rows)
 
 
-def step_floor_ms(config, batch: int, new_tokens: int, cache: int, gpu: str = "h100-measured") -> float:
-    """The step's floor: the sum of per-operator floors (TPOT floor for new_tokens=1)."""
-    peak, bandwidth, _ = GPUS[gpu]
-    return 1e3 * sum(op.time(peak, bandwidth) for op in operators(config, batch, new_tokens, cache))
+def step_bytes(config, batch: int, new_tokens: int, cache) -> float:
+    """Bytes one step moves (weights, KV at each layer's length, activations)."""
+    return sum(op.bytes for op in operators(config, batch, new_tokens, cache))
+
+
+def step_floor_ms(config, batch: int, new_tokens: int, cache, ceilings: Ceilings,
+                  bandwidth: float | None = None) -> float:
+    """The step's floor: the sum of per-operator floors (TPOT floor for new_tokens=1), each the
+    larger of FLOPs / ``ceilings.peak_flops`` and bytes / ``bandwidth`` (default
+    ``ceilings.bandwidth``; pass ``ceilings.gemv_bandwidth`` for the GEMV floor)."""
+    bandwidth = bandwidth or ceilings.bandwidth
+    return 1e3 * sum(op.time(ceilings.peak_flops, bandwidth) for op in operators(config, batch, new_tokens, cache))
+
+
+def decode_floors(config, batch: int, kept_per_layer: Sequence[int], new_tokens: int, ceilings: Ceilings) -> dict:
+    """The TPOT floors of a generation of ``new_tokens`` after a cache of ``kept_per_layer``
+    tokens in each layer: one decode step at every layer's mean cache length over the generation
+    (kept + new_tokens / 2), from the measured copy bandwidth (``tpot_floor_ms``, the one ratios
+    use), from the measured GEMV bandwidth, and from the datasheet when the GPU has one."""
+    cache = [kept + new_tokens / 2 for kept in kept_per_layer]
+    floors = {"step_gb": step_bytes(config, batch, 1, cache) / 1e9,
+              "tpot_floor_ms": step_floor_ms(config, batch, 1, cache, ceilings),
+              "tpot_floor_gemv_ms": (step_floor_ms(config, batch, 1, cache, ceilings, ceilings.gemv_bandwidth)
+                                     if ceilings.gemv_bandwidth else None),
+              "tpot_floor_datasheet_ms": None}
+    if ceilings.datasheet:
+        floors["tpot_floor_datasheet_ms"] = step_floor_ms(config, batch, 1, cache,
+                                                          ceilings_module.named(ceilings.datasheet))
+    return floors
 
 
 def load_config(name: str):
@@ -100,16 +143,41 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="EleutherAI/pythia-2.8b")
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--cache", type=int, default=2000, help="tokens already cached (after compression)")
+    parser.add_argument("--cache", type=float, nargs="+", default=[2000],
+                        help="tokens already cached (after compression): one for every layer, or one per layer")
     parser.add_argument("--new_tokens", type=int, default=1, help="1: decode step; the prompt length: prefill")
-    parser.add_argument("--gpu", default="h100-measured", choices=sorted(GPUS))
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--measure", nargs="?", const="cuda", metavar="DEVICE",
+                        help="measure the ceilings on this device now (default cuda)")
+    source.add_argument("--bandwidth", type=float, help="memory bandwidth, TB/s (with --peak_tflops)")
+    source.add_argument("--gpu", choices=sorted(DATASHEETS | RECORDED), help="a datasheet's figures (leads only)")
+    parser.add_argument("--peak_tflops", type=float, help="matmul rate with --bandwidth, TFLOP/s")
     args = parser.parse_args()
+    if args.bandwidth is not None:
+        if args.peak_tflops is None:
+            parser.error("--bandwidth needs --peak_tflops")
+        ceilings = ceilings_module.given(args.bandwidth * 1e12, args.peak_tflops * 1e12)
+    elif args.gpu:
+        ceilings = ceilings_module.named(args.gpu)
+    else:
+        ceilings = ceilings_module.measure(args.measure)
     config = load_config(args.model)
-    print(f"{args.model}, batch {args.batch}, cache {args.cache}, {args.new_tokens} new token(s), {args.gpu} "
-          f"({GPUS[args.gpu][2]})")
-    print(table(config, args.batch, args.new_tokens, args.cache, args.gpu).to_string(index=False,
-                                                                                    float_format=lambda x: f"{x:.4g}"))
-    print(f"floor: {step_floor_ms(config, args.batch, args.new_tokens, args.cache, args.gpu):.3f} ms per step")
+    cache = args.cache[0] if len(args.cache) == 1 else args.cache
+    print(f"{args.model}, batch {args.batch}, cache {args.cache if len(args.cache) <= 4 else 'per layer'}, "
+          f"{args.new_tokens} new token(s); {ceilings.source}: {ceilings.bandwidth / 1e12:.3f} TB/s, "
+          f"{ceilings.peak_flops / 1e12:.0f} TFLOP/s"
+          + (f", GEMV {ceilings.gemv_bandwidth / 1e12:.3f} TB/s" if ceilings.gemv_bandwidth else ""))
+    print(table(config, args.batch, args.new_tokens, cache, ceilings).to_string(
+        index=False, float_format=lambda x: f"{x:.4g}"))
+    print(f"floor: {step_floor_ms(config, args.batch, args.new_tokens, cache, ceilings):.3f} ms per step "
+          f"({step_bytes(config, args.batch, args.new_tokens, cache) / 1e9:.3f} GB)")
+    if ceilings.gemv_bandwidth:
+        print(f"floor at the GEMV bandwidth: "
+              f"{step_floor_ms(config, args.batch, args.new_tokens, cache, ceilings, ceilings.gemv_bandwidth):.3f} ms")
+    if ceilings.datasheet and args.gpu is None:
+        datasheet = ceilings_module.named(ceilings.datasheet)
+        print(f"floor at the datasheet ({ceilings.datasheet}): "
+              f"{step_floor_ms(config, args.batch, args.new_tokens, cache, datasheet):.3f} ms")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,12 @@ own JSON file as soon as it is done, so a grid cut short keeps what it measured.
 ``evaluation/roofline.py`` and the speed-up against the first decoder's dense cell of the same
 shape), ``tpot.png`` and ``throughput.png`` (against batch size) and ``tpot_smallest_batch.png``
 (every cell of the smallest batch as a bar, the floor marked). The Hugging Face baselines (``hf_*``) are dense only.
+The floor: weights and KV at every layer's own mean cache length, over the bandwidth and matmul
+rate measured on the GPU that runs at the grid's start (evaluation/ceilings.py: a device-to-device
+copy, the one ratios use; a weight-sized GEMV, a second floor; the datasheet's, a third column).
+The measurement is in the header of every file and its figures in every row; ``--bandwidth``
+(with ``--peak_tflops``) gives them instead, measuring nothing. Each cell also reports what its
+first call cost (``first_call_s``, ``compile_s``: evaluation/speed.py's ``measure``).
 Once a (decoder, method, ratio, prompt, new tokens) runs out of GPU memory at some batch size,
 its larger batch sizes are recorded as out of memory without trying: the largest batch that fits
 is the last one measured.
@@ -29,7 +35,8 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from decoding.neox_decode import ATTENTION_BACKENDS, COMPILE_MODES  # noqa: E402
-from evaluation import roofline  # noqa: E402
+from evaluation import ceilings as ceilings_module  # noqa: E402
+from evaluation.ceilings import Ceilings, datasheet_for, machine_ceilings  # noqa: E402
 from evaluation.data import DataError  # noqa: E402
 from evaluation.models import DTYPES, ModelLoadError, load_model  # noqa: E402
 from evaluation.results import environment, markdown_table, save_figure_atomic, write_json_atomic, write_text_atomic  # noqa: E402
@@ -40,8 +47,10 @@ from presses.registry import check_compression_ratio  # noqa: E402
 
 DENSE = "dense"
 COLUMNS = ["decoder", "decode_attention", "compile_mode", "keep_buffer", "method", "compression_ratio", "batch_size", "prompt_tokens",
-           "new_tokens", "ttft_ms", "tpot_ms", "tpot_floor_ms", "tpot_over_floor", "tpot_speedup", "decode_tokens_per_s",
-           "end_to_end_tokens_per_s", "peak_memory_gib", "kv_mib_after_prefill", "kv_mib_final", "error"]
+           "new_tokens", "kept_tokens_mean", "ttft_ms", "tpot_ms", "tpot_floor_ms", "tpot_over_floor",
+           "tpot_floor_gemv_ms", "tpot_floor_datasheet_ms", "tpot_speedup", "decode_tokens_per_s",
+           "end_to_end_tokens_per_s", "first_call_s", "compile_s", "peak_memory_gib", "kv_mib_after_prefill",
+           "kv_mib_final", "error"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -68,7 +77,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--prompt_tokens", type=int, nargs="+", default=[2000])
     parser.add_argument("--new_tokens", type=int, nargs="+", default=[256])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--gpu", default="h100-measured", choices=sorted(roofline.GPUS), help="roofline figures")
+    parser.add_argument("--bandwidth", type=float,
+                        help="TB/s the floors divide by, instead of measuring it (needs --peak_tflops)")
+    parser.add_argument("--gemv_bandwidth", type=float, help="with --bandwidth: TB/s of the second (GEMV) floor")
+    parser.add_argument("--peak_tflops", type=float, help="with --bandwidth: the matmul rate, TFLOP/s")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--baseline", help="decoder whose dense cells the speed-ups divide (default: the first)")
     parser.add_argument("--merge", type=Path, nargs="+",
@@ -102,14 +114,24 @@ def cell_name(cell: dict) -> str:
             f"_p{cell['prompt_tokens']}_n{cell['new_tokens']}.json")
 
 
-def run_cell(model, cell: dict, args) -> dict:
+def run_ceilings(args, device) -> Ceilings:
+    """The ceilings every cell's floor divides by: measured on ``device`` now, or given."""
+    if args.bandwidth is None:
+        return machine_ceilings(device)
+    gemv = args.gemv_bandwidth * 1e12 if args.gemv_bandwidth else None
+    name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else None
+    return ceilings_module.given(args.bandwidth * 1e12, args.peak_tflops * 1e12, gemv, datasheet_for(name))
+
+
+def run_cell(model, cell: dict, args, ceilings: Ceilings) -> dict:
     press = None if cell["method"] == DENSE else make_press(cell["method"], cell["compression_ratio"])
     prompt = prompt_ids(model.config.vocab_size, cell["batch_size"], cell["prompt_tokens"], args.seed)
     prompt = prompt.to(model.device)
     row = {"method": cell["method"], "compression_ratio": cell["compression_ratio"]}
     try:
         row |= measure(model, prompt, press, cell["new_tokens"], repeats=args.repeats, decoder=cell["decoder"],
-                       backend=cell["backend"] or "sdpa", compile_mode=args.compile_mode, keep_buffer=args.keep_buffer)
+                       backend=cell["backend"] or "sdpa", compile_mode=args.compile_mode, keep_buffer=args.keep_buffer,
+                       ceilings=ceilings)
     except Exception as error:  # noqa: BLE001 -- one failing cell (e.g. a compiler error) must not lose the grid
         # Out of memory is a result too (this batch does not fit this method); cuDNN reports it
         # as a generic accelerator error.
@@ -117,10 +139,6 @@ def run_cell(model, cell: dict, args) -> dict:
         torch.cuda.empty_cache()
         row |= _failed(cell, args,
                        "CUDA out of memory" if out_of_memory else f"{type(error).__name__}: {str(error)[:500]}")
-    if "tpot_ms" in row:
-        mean_cache = row["kept_tokens_layer0"] + cell["new_tokens"] / 2
-        row["tpot_floor_ms"] = roofline.step_floor_ms(model.config, cell["batch_size"], 1, round(mean_cache), args.gpu)
-        row["tpot_over_floor"] = row["tpot_ms"] / row["tpot_floor_ms"]
     row.pop("tokens", None)
     return row
 
@@ -189,11 +207,24 @@ def summarize(header: dict, rows: list[dict], output_dir: Path, baseline: str) -
     device = header["environment"].get("gpu", header["environment"]["device"])
     write_text_atomic(output_dir / "summary.md",
                       f"{header['model']} ({header['model_tier']}), {header['dtype']}, {device}; speed-up: TPOT of "
-                      f"{baseline} dense / TPOT of the cell; floor: roofline of evaluation/roofline.py\n\n{table}\n")
+                      f"{baseline} dense / TPOT of the cell; floor: roofline of evaluation/roofline.py at every "
+                      f"layer's own cache length{ceilings_line(header)}\n\n{table}\n")
     plot(frame, "tpot_ms", "time per output token (ms)", output_dir / "tpot.png")
     plot(frame, "decode_tokens_per_s", "decode throughput (tokens/s)", output_dir / "throughput.png")
     plot_smallest_batch(frame, output_dir / "tpot_smallest_batch.png")
     return table
+
+
+def ceilings_line(header: dict) -> str:
+    """What the floors divided by, from a header (one measurement per call), for summary.md."""
+    measured = header.get("ceilings")
+    if not measured:
+        return ""
+    calls = measured if isinstance(measured, list) else [measured]
+    parts = [f"copy {c['bandwidth'] / 1e12:.3f} TB/s (the floor), GEMV "
+             + (f"{c['gemv_bandwidth'] / 1e12:.3f} TB/s" if c.get("gemv_bandwidth") else "not measured")
+             + f", matmul {c['peak_flops'] / 1e12:.0f} TFLOP/s ({c['source']})" for c in calls]
+    return "; ceilings " + "; ".join(parts)
 
 
 def merge(folders: list[Path]) -> tuple[dict, list[dict]]:
@@ -203,6 +234,11 @@ def merge(folders: list[Path]) -> tuple[dict, list[dict]]:
     payloads = [json.loads(path.read_text()) for path in files]
     header = {k: v for k, v in payloads[0].items() if k != "rows"}
     header["command"] = sorted({payload["command"] for payload in payloads})
+    # Each call measured its own ceilings: keep one per distinct measurement (files of one call share it).
+    measured = [payload["ceilings"] for payload in payloads if payload.get("ceilings")]
+    header.pop("ceilings", None)
+    if measured:
+        header["ceilings"] = [c for index, c in enumerate(measured) if c not in measured[:index]]
     rows = [payload["rows"][0] for payload in payloads]
     rows.sort(key=lambda r: (DECODERS.index(r["decoder"]), str(r.get("decode_attention")), r["method"] != DENSE,
                              r["method"], r["compression_ratio"], r["prompt_tokens"], r["new_tokens"], r["batch_size"]))
@@ -217,13 +253,20 @@ def measure_grid(args, argv: list[str]) -> tuple[dict, list[dict]]:
             check_compression_ratio(ratio)
         if min(args.new_tokens) < 2:
             raise PressConfigError("--new_tokens must be at least 2 to time decode steps")
+        if args.bandwidth is not None and args.peak_tflops is None:
+            raise PressConfigError("--bandwidth needs --peak_tflops")
         dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
         loaded = load_model(args.model, args.random_init, dtype, args.device, "sdpa", args.data_dir)
     except (PressConfigError, DataError, ModelLoadError, UnsupportedModelError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    ceilings = run_ceilings(args, loaded.model.device)  # before any cell: the GPU as the grid finds it
+    print(f"ceilings ({ceilings.source}): copy {ceilings.bandwidth / 1e12:.3f} TB/s, GEMV "
+          f"{(ceilings.gemv_bandwidth or 0) / 1e12:.3f} TB/s, matmul {ceilings.peak_flops / 1e12:.0f} TFLOP/s",
+          file=sys.stderr, flush=True)
     header = {"command": "python evaluation/speed_grid.py " + " ".join(argv), "model": args.model,
-              "model_tier": loaded.tier, "dtype": dtype, "protocol": "speed", "environment": environment(args.device)}
+              "model_tier": loaded.tier, "dtype": dtype, "protocol": "speed", "environment": environment(args.device),
+              "ceilings": ceilings.to_json()}
     rows, out_of_memory = [], set()
     for cell in cells(args):
         family = tuple(cell[k] for k in ("decoder", "backend", "method", "compression_ratio", "prompt_tokens",
@@ -233,7 +276,7 @@ def measure_grid(args, argv: list[str]) -> tuple[dict, list[dict]]:
             row |= _failed(cell, args, "not run: a smaller batch was already out of memory")
         else:
             loaded.model.set_attn_implementation("sdpa")  # prefill attention; hf_eager switches to eager itself
-            row = run_cell(loaded.model, cell, args)
+            row = run_cell(loaded.model, cell, args, ceilings)
             if row.get("error") == "CUDA out of memory":
                 out_of_memory.add(family)
         rows.append(row)

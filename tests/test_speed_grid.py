@@ -62,6 +62,31 @@ def test_merge_combines_the_cells_of_several_calls(tmp_path):
     assert payload["rows"][1]["tpot_speedup"] == pytest.approx(payload["rows"][0]["tpot_ms"] / payload["rows"][1]["tpot_ms"])
 
 
+def test_floors_divide_by_the_given_bandwidth_and_a_merge_keeps_each_calls_ceilings(tmp_path):
+    from evaluation import ceilings, roofline
+
+    first, second, merged = tmp_path / "a", tmp_path / "b", tmp_path / "merged"
+    speed_grid.main(SMALL + ["--decoder", "neox", "--press", "--bandwidth", "3", "--peak_tflops", "700",
+                             "--gemv_bandwidth", "2.5", "--output_dir", str(first)])
+    payload = json.loads((first / "summary.json").read_text())
+    assert payload["ceilings"]["bandwidth"] == 3e12 and payload["ceilings"]["source"] == "given"
+    row = payload["rows"][0]
+    config = roofline.load_config("EleutherAI/pythia-70m")
+    step = roofline.step_bytes(config, 1, 1, [80 + 3 / 2] * config.num_hidden_layers)
+    assert row["kept_tokens_per_layer"] == [80] * config.num_hidden_layers
+    assert row["tpot_floor_ms"] == pytest.approx(1e3 * step / 3e12, rel=1e-12)
+    assert row["tpot_floor_gemv_ms"] == pytest.approx(1e3 * step / 2.5e12, rel=1e-12)
+    assert row["compile_s"] == row["first_call_s"] - row["run_s"]
+    speed_grid.main(SMALL + ["--decoder", "neox", "--press", "--output_dir", str(second)])  # measured on the CPU
+    measured = json.loads((second / "summary.json").read_text())["ceilings"]
+    assert measured["source"].startswith("measured on cpu")
+    assert measured["bandwidth"] == ceilings.machine_ceilings("cpu").bandwidth
+    speed_grid.main(["--merge", str(first), str(second), "--output_dir", str(merged)])
+    sources = [c["source"] for c in json.loads((merged / "summary.json").read_text())["ceilings"]]
+    assert sorted(sources) == sorted(["given", measured["source"]])
+    assert "copy 3.000 TB/s (the floor), GEMV 2.500 TB/s" in (merged / "summary.md").read_text()
+
+
 def test_unknown_press_is_refused_before_loading(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         speed_grid.main(SMALL + ["--press", "nope", "--output_dir", str(tmp_path)])

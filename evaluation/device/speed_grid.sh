@@ -1,4 +1,4 @@
-# Issue 6 speed grid on the H100: random-init Pythia-2.8B, fp16, prompt 2000, 256 forced new tokens.
+# Issue 6 speed grid on the H100 (issue 13: the parts h200_smoke and h200 on the H200): random-init Pythia-2.8B, fp16, prompt 2000, 256 forced new tokens.
 # One part per device call (10-minute limit). The device tool brings back at most 8 files, so the
 # cells come back as one tarball, $OUT/grid_PART.tgz, made on exit (also when a run fails midway).
 #   export KVPRESS_NEOX_COMMIT=<hash>; source evaluation/device/setup_env.sh && bash evaluation/device/speed_grid.sh PART
@@ -19,7 +19,14 @@
 #   two_stream: the neox step compiled whole vs as a two-stream graph (each layer's MLP beside its
 #              attention; captured again for each generation), dense and SnapKV at 25% kept, batch 1 and 64
 #   two_stream_batch: the two-stream step alone at batch 64 (dense and SnapKV at 25% kept)
+#   h200_smoke: the ceilings measurement and two dense batch-1 cells (neox, hf_static) on the H200 (~2 minutes)
+#   h200:      the headline grid again on the H200 in ONE call (about 9 minutes; each stage has its own time
+#              limit, so the tarball is made even when one runs long): every decoder dense at batch 1
+#              (same_run/), the presses at 50% and 25% kept on the neox step (presses/), the largest batch at
+#              2k for dense and for SnapKV at 25% kept (batch/, two-stream with --no-keep_buffer, 1 timed run)
 # Then, here: python evaluation/speed_grid.py --merge DIR... --output_dir results/pythia-2.8b_random_grid_h100
+# (H200: --output_dir results/pythia-2.8b_random_grid_h200). Every file's header holds the bandwidth measured at
+# its call's start (evaluation/ceilings.py); the floors divide by it.
 set -e
 part=$1
 work=/tmp/grid_$part
@@ -63,6 +70,24 @@ case "$part" in
   two_stream_batch)
     python3 evaluation/speed_grid.py $common --decoder neox --press snapkv --compression_ratio 0.75 \
       --batch_size 64 --repeats 1 --no-keep_buffer --output_dir "$work" ;;
-  *) echo "usage: speed_grid.sh baselines|fast|backends|presses|batch|same_run|pyramidkv|two_stream|two_stream_batch" >&2
+  h200_smoke)
+    python3 -m evaluation.ceilings
+    python3 evaluation/speed_grid.py $common --decoder neox hf_static --press --batch_size 1 --repeats 2 \
+      --output_dir "$work" ;;
+  h200)
+    stage() {  # stage SECONDS NAME ARGS...: one speed_grid run under its own time limit
+      local limit=$1 name=$2; shift 2
+      echo "== $name (limit ${limit}s) at ${SECONDS}s" >&2
+      timeout "$limit" python3 evaluation/speed_grid.py $common "$@" --output_dir "$work/$name" \
+        || echo "== $name ended with status $? at ${SECONDS}s" >&2
+    }
+    stage 290 same_run --decoder hf_eager hf_sdpa hf_static kvpress static neox --press --batch_size 1 --repeats 2
+    stage 110 presses --decoder neox --press snapkv streaming_llm pyramidkv --compression_ratio 0.5 0.75 \
+      --batch_size 1
+    stage 60 batch/dense --decoder neox --press --batch_size 64 128 --repeats 1 --no-keep_buffer
+    stage 100 batch/snapkv --decoder neox --press snapkv --compression_ratio 0.75 --batch_size 192 256 384 \
+      --repeats 1 --no-keep_buffer
+    echo "== done at ${SECONDS}s" >&2 ;;
+  *) echo "usage: speed_grid.sh baselines|fast|backends|presses|batch|same_run|pyramidkv|two_stream|two_stream_batch|h200_smoke|h200" >&2
      exit 2 ;;
 esac
