@@ -73,6 +73,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "of the same shape; --no-keep_buffer where the next prefill needs that memory")
     parser.add_argument("--press", nargs="*", default=["snapkv"], help="methods beside dense (registry names)")
     parser.add_argument("--compression_ratio", type=float, nargs="+", default=[0.5, 0.75])
+    parser.add_argument("--dense", action=argparse.BooleanOptionalAction, default=True,
+                        help="a dense cell beside the presses (--no-dense: the presses alone, e.g. at batch sizes "
+                             "where dense does not fit)")
     parser.add_argument("--batch_size", type=int, nargs="+", default=[1])
     parser.add_argument("--prompt_tokens", type=int, nargs="+", default=[2000])
     parser.add_argument("--new_tokens", type=int, nargs="+", default=[256])
@@ -92,7 +95,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def cells(args) -> list[dict]:
     """Every cell of the grid, in the order it runs (batch sizes ascending, for the OOM rule)."""
-    methods = [(DENSE, 0.0)] + [(name, ratio) for name in args.press for ratio in args.compression_ratio]
+    methods = [(DENSE, 0.0)] if args.dense else []
+    methods += [(name, ratio) for name in args.press for ratio in args.compression_ratio]
     grid = []
     for prompt in args.prompt_tokens:
         for new in args.new_tokens:

@@ -32,6 +32,14 @@ def test_a_grid_writes_one_file_per_cell_a_summary_and_plots(tmp_path):
         assert (tmp_path / plot).stat().st_size > 0
 
 
+def test_no_dense_leaves_the_dense_cells_out():
+    args = speed_grid.parse_args(["--decoder", "hf_eager", "neox", "--press", "snapkv", "--compression_ratio", "0.75",
+                                  "--batch_size", "256", "384", "--no-dense", "--output_dir", "x"])
+    assert [(c["decoder"], c["method"], c["batch_size"]) for c in speed_grid.cells(args)] == [
+        ("neox", "snapkv", 256), ("neox", "snapkv", 384)]
+    assert {c["method"] for c in speed_grid.cells(speed_grid.parse_args(["--output_dir", "x"]))} == {"dense", "snapkv"}
+
+
 def test_out_of_memory_stops_larger_batches_of_the_same_method(tmp_path, monkeypatch):
     real_measure = speed_grid.measure
 

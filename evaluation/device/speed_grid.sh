@@ -22,8 +22,9 @@
 #   h200_smoke: the ceilings measurement and two dense batch-1 cells (neox, hf_static) on the H200 (~2 minutes)
 #   h200:      the headline grid again on the H200 in ONE call (about 9 minutes; each stage has its own time
 #              limit, so the tarball is made even when one runs long): every decoder dense at batch 1
-#              (same_run/), the presses at 50% and 25% kept on the neox step (presses/), the largest batch at
-#              2k for dense and for SnapKV at 25% kept (batch/, two-stream with --no-keep_buffer, 1 timed run)
+#              (same_run/, median of 2), the presses at 50% and 25% kept on the neox step (presses/), the
+#              largest batch at 2k for dense (64, 128) and for SnapKV at 25% kept (256, 384; the H100 reached 192)
+#              (batch/, two-stream with --no-keep_buffer, 1 timed run)
 # Then, here: python evaluation/speed_grid.py --merge DIR... --output_dir results/pythia-2.8b_random_grid_h100
 # (H200: --output_dir results/pythia-2.8b_random_grid_h200). Every file's header holds the bandwidth measured at
 # its call's start (evaluation/ceilings.py); the floors divide by it.
@@ -75,18 +76,21 @@ case "$part" in
     python3 evaluation/speed_grid.py $common --decoder neox hf_static --press --batch_size 1 --repeats 2 \
       --output_dir "$work" ;;
   h200)
-    stage() {  # stage SECONDS NAME ARGS...: one speed_grid run under its own time limit
+    stage() {  # stage SECONDS NAME ARGS...: one speed_grid run under its own time limit, its log kept
       local limit=$1 name=$2; shift 2
+      mkdir -p "$work/$name"
       echo "== $name (limit ${limit}s) at ${SECONDS}s" >&2
       timeout "$limit" python3 evaluation/speed_grid.py $common "$@" --output_dir "$work/$name" \
-        || echo "== $name ended with status $? at ${SECONDS}s" >&2
+        2> >(tee "$work/$name/log.txt" >&2) || echo "== $name ended with status $? at ${SECONDS}s" >&2
     }
-    stage 290 same_run --decoder hf_eager hf_sdpa hf_static kvpress static neox --press --batch_size 1 --repeats 2
-    stage 110 presses --decoder neox --press snapkv streaming_llm pyramidkv --compression_ratio 0.5 0.75 \
+    # the fast paths first, so a stage cut short loses a slow baseline rather than them
+    stage 240 same_run --decoder neox static hf_static kvpress hf_sdpa hf_eager --baseline hf_eager --press \
+      --batch_size 1 --repeats 2
+    stage 115 presses --decoder neox --press snapkv streaming_llm pyramidkv --compression_ratio 0.5 0.75 \
       --batch_size 1
-    stage 60 batch/dense --decoder neox --press --batch_size 64 128 --repeats 1 --no-keep_buffer
-    stage 100 batch/snapkv --decoder neox --press snapkv --compression_ratio 0.75 --batch_size 192 256 384 \
-      --repeats 1 --no-keep_buffer
+    stage 85 batch/dense --decoder neox --press --batch_size 64 128 --repeats 1 --no-keep_buffer
+    stage 115 batch/snapkv --decoder neox --press snapkv --compression_ratio 0.75 --batch_size 256 384 \
+      --no-dense --repeats 1 --no-keep_buffer
     echo "== done at ${SECONDS}s" >&2 ;;
   *) echo "usage: speed_grid.sh baselines|fast|backends|presses|batch|same_run|pyramidkv|two_stream|two_stream_batch|h200_smoke|h200" >&2
      exit 2 ;;
