@@ -225,7 +225,8 @@ def ceilings_line(header: dict) -> str:
     if not measured:
         return ""
     calls = measured if isinstance(measured, list) else [measured]
-    parts = [f"copy {c['bandwidth'] / 1e12:.3f} TB/s (the floor), GEMV "
+    parts = [(f"{c['command'].split('--output_dir')[-1].strip()}: " if "--output_dir" in c.get("command", "") else "")
+             + f"copy {c['bandwidth'] / 1e12:.3f} TB/s (the floor), GEMV "
              + (f"{c['gemv_bandwidth'] / 1e12:.3f} TB/s" if c.get("gemv_bandwidth") else "not measured")
              + f", matmul {c['peak_flops'] / 1e12:.0f} TFLOP/s ({c['source']})" for c in calls]
     return "; ceilings " + "; ".join(parts)
@@ -238,11 +239,11 @@ def merge(folders: list[Path]) -> tuple[dict, list[dict]]:
     payloads = [json.loads(path.read_text()) for path in files]
     header = {k: v for k, v in payloads[0].items() if k != "rows"}
     header["command"] = sorted({payload["command"] for payload in payloads})
-    # Each call measured its own ceilings: keep one per distinct measurement (files of one call share it).
-    measured = [payload["ceilings"] for payload in payloads if payload.get("ceilings")]
+    # Each call measured its own ceilings: keep one per command (files of one call share it), with its command.
+    measured = {payload["command"]: payload["ceilings"] for payload in payloads if payload.get("ceilings")}
     header.pop("ceilings", None)
     if measured:
-        header["ceilings"] = [c for index, c in enumerate(measured) if c not in measured[:index]]
+        header["ceilings"] = [{"command": command} | measured[command] for command in sorted(measured)]
     rows = [payload["rows"][0] for payload in payloads]
     rows.sort(key=lambda r: (DECODERS.index(r["decoder"]), str(r.get("decode_attention")), r["method"] != DENSE,
                              r["method"], r["compression_ratio"], r["prompt_tokens"], r["new_tokens"], r["batch_size"]))
