@@ -3,8 +3,10 @@
 #   context:   WikiText-2 test, 32 windows of 1536 prefilled + 512 scored tokens, 75/50/25% kept
 #   streaming: both PG-19-style books, their first 12289 tokens (past SmolLM2's 8192 training
 #              length) in chunks of 128, budgets 512 and 1024 tokens per layer
-#   chunk:     Frankenstein's first 4097 tokens, budget 512, chunks of 1 token (the papers'
-#              setting) and of 128, the main streaming methods
+#   chunk:     Frankenstein's first 1537 tokens, budget 512, chunks of 1 token (the papers'
+#              setting) and of 128, the main streaming methods (InfLLM's pair runs on the CPU:
+#              on the GPU its CPU-held block memory makes it slower than there)
+#   lm_infinite: LM-Infinite's streaming runs on both books (as in streaming)
 # Each part is its own process, up to MAX_JOBS (default 8) side by side: one small model is
 # launch-bound, so one GPU serves several. With all 24 at once (2026-12-01, H200) every process
 # slowed to a crawl (token-by-token streaming at 5 tokens/s, InfLLM at 4 s per 128-token chunk)
@@ -17,7 +19,7 @@
 # over two calls on the same warm machine; the data travels in .sweepdata (never committed).
 # Call 1 (carry .whl .gguf_a):      source evaluation/device/setup_env.sh && mkdir -p /tmp/gg && cp .gguf_a/part /tmp/gg/a
 # Call 2 (carry .gguf_b .sweepdata): export KVPRESS_NEOX_COMMIT=<hash> PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-#                                    bash evaluation/device/quality_sweep_smollm2.sh [PART...]   (default: all three)
+#                                    bash evaluation/device/quality_sweep_smollm2.sh [PART...]   (default: context streaming chunk)
 # Then, here: tar xzf quality_sweep.tgz -C results/smollm2-135m_quality_h200, and evaluation/report.py per part.
 set -e
 out=${OUT:-results}
@@ -58,14 +60,19 @@ for part in $parts; do
             --max_tokens 12289 --budget 512 1024 --press $group
         done
       done ;;
-    chunk)
-      for group in "streaming_llm lm_infinite" "h2o tova" "scissorhands treekv" "infllm"; do
-        run "chunk1_${group// /_}" --dataset pg19 --sample_idx 1 --protocol streaming --chunk_tokens 1 \
-          --max_tokens 4097 --budget 512 --press $group
+    chunk)  # one process per method: each runs its own dense row first (the streams are launch-bound)
+      for method in "streaming_llm lm_infinite" h2o tova scissorhands treekv; do
+        run "chunk1_${method// /_}" --dataset pg19 --sample_idx 1 --protocol streaming --chunk_tokens 1 \
+          --max_tokens 1537 --budget 512 --press $method
       done
-      run chunk128 --dataset pg19 --sample_idx 1 --protocol streaming --chunk_tokens 128 --max_tokens 4097 \
-        --budget 512 --press streaming_llm lm_infinite h2o tova scissorhands treekv infllm ;;
-    *) echo "usage: quality_sweep_smollm2.sh [context] [streaming] [chunk]" >&2; exit 2 ;;
+      run chunk128 --dataset pg19 --sample_idx 1 --protocol streaming --chunk_tokens 128 --max_tokens 1537 \
+        --budget 512 --press streaming_llm lm_infinite h2o tova scissorhands treekv ;;
+    lm_infinite)  # the streaming runs of LM-Infinite (cut short in the first H200 call)
+      for book in 0 1; do
+        run streaming_book${book}_lm_infinite --dataset pg19 --sample_idx $book --protocol streaming \
+          --chunk_tokens 128 --max_tokens 12289 --budget 512 1024 --press lm_infinite
+      done ;;
+    *) echo "usage: quality_sweep_smollm2.sh [context] [streaming] [chunk] [lm_infinite]" >&2; exit 2 ;;
   esac
 done
 wait
