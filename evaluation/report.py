@@ -10,11 +10,17 @@ name_by_position_budgetB.png (PPL along the text), and prints a markdown table (
 written before intervals were recorded plot and print without them.
 Context protocol: x = fraction of the context's KV pairs kept (1 - compression ratio).
 Streaming protocol: x = cache budget in tokens per layer.
+
+  python evaluation/report.py RESULT.json --summary
+
+prints the README's summary table of the files' rows instead (method, compression ratio or
+budget, PPL to 3 decimals, mean NLL, scored tokens, cache tokens per layer) and writes nothing.
 """
 
 import argparse
 import json
 import re
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -33,8 +39,7 @@ def load_rows(paths: list[Path]) -> tuple[dict, pd.DataFrame]:
     for path, other in zip(paths, payloads):
         if other["protocol"] not in ("context", "streaming"):
             raise SystemExit(f"error: {path} is a {other['protocol']} result; report.py plots quality results")
-        if (other["protocol"], other["model"], other["rows"][0]["data"]) != (
-                payload["protocol"], payload["model"], payload["rows"][0]["data"]):
+        if (other["protocol"], other["model"], _text(other)) != (payload["protocol"], payload["model"], _text(payload)):
             raise SystemExit(f"error: {path} is another model, data or protocol than {paths[0]}")
     rows = pd.DataFrame([row for index, other in enumerate(payloads) for row in other["rows"]
                          if index == 0 or row["method"] != "dense"])
@@ -43,6 +48,11 @@ def load_rows(paths: list[Path]) -> tuple[dict, pd.DataFrame]:
     else:
         rows["setting"] = rows["budget"]
     return payload, rows
+
+
+def _text(payload: dict) -> str:
+    """The text a result file scored, without the folder its local copy was read from."""
+    return re.sub(r" \(local .*\)", "", payload["rows"][0]["data"])
 
 
 def plot(payload: dict, rows: pd.DataFrame, output: Path) -> None:
@@ -142,6 +152,19 @@ def versus_table(payload: dict, rows: pd.DataFrame, baseline: str) -> str:
     return "\n".join(lines)
 
 
+def summary_table(payload: dict, rows: pd.DataFrame) -> str:
+    """One line per row, as the README's demo table: PPL to 3 decimals, mean NLL to 4."""
+    setting = ("compression ratio", "compression_ratio") if payload["protocol"] == "context" else ("budget", "budget")
+    lines = [f"| method | {setting[0]} | PPL | mean NLL | scored tokens | cache tokens per layer |",
+             "|" + " --- |" * 6]
+    for row in rows.itertuples():
+        value = getattr(row, setting[1])
+        value = "—" if pd.isna(value) else f"{value:g}"
+        lines.append(f"| {row.method} | {value} | {row.ppl:.3f} | {row.mean_nll:.4f} | {row.scored_tokens} | "
+                     f"{row.mean_cache_tokens:g} |")
+    return "\n".join(lines)
+
+
 def _cell(row) -> str:
     text = f"{row.ppl:.3f}"
     if isinstance(getattr(row, "delta_pct_ci95", None), list) and row.method != "dense":
@@ -150,7 +173,7 @@ def _cell(row) -> str:
     return text
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", nargs="+", type=Path)
     parser.add_argument("--output", type=Path, help="path without suffix (default: the first file's)")
@@ -161,8 +184,13 @@ def main() -> None:
                         help="streaming: the methods drawn along the text (beside dense)")
     parser.add_argument("--versus", nargs="*", default=[],
                         help="also print each method's paired difference to these methods (one table each)")
-    args = parser.parse_args()
+    parser.add_argument("--summary", action="store_true",
+                        help="print only the README's summary table (one line per row); write no plot")
+    args = parser.parse_args(argv)
     payload, rows = load_rows(args.results)
+    if args.summary:
+        print(summary_table(payload, rows))
+        return
     stem = args.output or args.results[0].with_suffix("")
     plot(payload, rows, stem.with_suffix(".png"))
     print(f"wrote {stem.with_suffix('.png')}")
@@ -170,6 +198,10 @@ def main() -> None:
         by_position = stem.with_name(f"{stem.name}_by_position_budget{args.position_budget}.png")
         plot_by_position(payload, rows, args.position_budget, args.position_methods, by_position)
         print(f"wrote {by_position}")
+    elif payload["protocol"] == "streaming":
+        budgets = ", ".join(f"{b:g}" for b in sorted(rows.budget.dropna().unique()))
+        print(f"no PPL-along-the-text plot: no run has budget {args.position_budget} (--position_budget); "
+              f"the files have budgets {budgets}: pass one of them", file=sys.stderr)
     print()
     print(markdown_table(payload, rows))
     for baseline in args.versus:
