@@ -1,6 +1,6 @@
 """GPT-NeoX decoding written out plainly (gpt-fast style): the whole decode step in one function.
 
-Why a second decode path next to ``decoding/generate.py`` (Hugging Face model + StaticCache):
+Why a second decode path next to ``decoding/static_cache.py`` (Hugging Face model + StaticCache):
 the HF step carries cache objects, mask builders and hooks that torch.compile cannot fold into
 one graph, so the compiled step still costs twice the memory-bandwidth floor on an H100. Here
 the step is a few tensor operations per layer over the model's own weights (nothing copied),
@@ -33,7 +33,7 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 from transformers import DynamicCache
 from transformers.models.gpt_neox.modeling_gpt_neox import apply_rotary_pos_emb
 
-from decoding import generate as hf_static
+from decoding import reference
 from decoding.kv_cache import kv_bytes, tensor_bytes
 from patches.gpt_neox import split_qkv
 
@@ -329,7 +329,7 @@ def prefill(model, prompts: list[torch.Tensor], press=None) -> tuple[torch.Tenso
         by_length.setdefault(prompt.shape[1], []).append(row)
     logits, groups = [None] * len(prompts), []
     for rows in by_length.values():
-        group_logits, cache = hf_static.prefill(model, torch.cat([prompts[row] for row in rows]), press)
+        group_logits, cache = reference.prefill(model, torch.cat([prompts[row] for row in rows]), press)
         for offset, row in enumerate(rows):
             logits[row] = group_logits[offset]
         groups.append((rows, cache))
@@ -370,7 +370,7 @@ def generate(model, prompts: list[torch.Tensor], press, new_tokens: int, step=de
     sampled = temperature > 0
     noise_shape = (batch, 1, model.config.vocab_size)
     with attention_implementation(model, PREFILL_ATTENTION[backend]):
-        hf_static.synchronize(device)
+        reference.synchronize(device)
         start = time.perf_counter()
         logits, groups = prefill(model, prompts, press)
     token = next_token(logits[:, None], temperature, top_k, _noise(noise_shape, device, generator) if sampled else None)
@@ -379,7 +379,7 @@ def generate(model, prompts: list[torch.Tensor], press, new_tokens: int, step=de
         buffer = step.load_buffer(groups, new_tokens)
     else:
         buffer = load_buffer(groups, new_tokens)
-    hf_static.synchronize(device)
+    reference.synchronize(device)
     first_token_at = time.perf_counter()
     lengths = torch.tensor([[prompt.shape[1]] for prompt in prompts], device=device)
     generated = [token]
@@ -392,7 +392,7 @@ def generate(model, prompts: list[torch.Tensor], press, new_tokens: int, step=de
         # CUDA graphs reuse their output buffers: clone before the next replay overwrites it.
         token = step(model, token, lengths + index, new_index, buffer, noise, backend, temperature, top_k).clone()
         generated.append(token)
-    hf_static.synchronize(device)
+    reference.synchronize(device)
     if timings is not None:
         timings.update(ttft_s=first_token_at - start, decode_s=time.perf_counter() - first_token_at,
                        kept_tokens_layer0=int(buffer.kept[0] - buffer.first_valid[0].min()),

@@ -19,7 +19,7 @@ Drafts (each with ``start``, ``propose``, ``commit``):
 - ``LayerSkipDraft(target, skip)``: the target skipping some decoder layers, reading and
   writing the target's own cache (decoding/layer_skip.py).
 
-The target's cache may be pressed at prefill by any press (as in decoding/generate.py).
+The target's cache may be pressed at prefill by any press (as in decoding/static_cache.py).
 Rejected tokens are rolled back from every cache: a DynamicCache is cropped layer by layer
 (a press such as PyramidKV leaves layers with different lengths), a StaticCache only needs its
 write slot moved back, since the attention mask hides every slot after the query's.
@@ -38,9 +38,11 @@ from dataclasses import dataclass, field
 import torch
 
 from decoding import neox_decode
-from decoding.generate import prefill as prefill_dynamic
-from decoding.generate import synchronize, to_static_cache
+from decoding.reference import prefill as prefill_dynamic
+from decoding.reference import synchronize
+from decoding.static_cache import to_static_cache
 from decoding.layer_skip import skipping_model
+from decoding.registry import DECODERS, SPECULATIVE_DECODERS
 
 
 def forward_logits(model, tokens, cache, positions, slots):
@@ -49,7 +51,7 @@ def forward_logits(model, tokens, cache, positions, slots):
     return model(input_ids=tokens, past_key_values=cache, position_ids=positions, cache_position=slots).logits
 
 
-CACHES = ("dynamic", "static", "neox")
+CACHES = tuple(DECODERS[name].speculative_cache for name in SPECULATIVE_DECODERS)  # dynamic, static, neox
 
 
 def make_step(compile: bool, cache: str = "static"):

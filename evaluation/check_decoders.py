@@ -3,7 +3,7 @@
   python evaluation/check_decoders.py --model EleutherAI/pythia-2.8b --random-init --press snapkv streaming_llm pyramidkv
 
 For each press (and dense), the same prompt is decoded greedily by the kvpress loop
-(evaluation/speed.py, the reference), the StaticCache path (decoding/generate.py) and the plain
+(decoding/reference.py), the StaticCache path (decoding/static_cache.py) and the plain
 GPT-NeoX path (decoding/neox_decode.py) as one compiled graph and as the two-stream graph, all
 compiled on CUDA. With ``--temperature`` the neox paths sample instead, against the uncompiled
 neox step drawing the same Gumbel noise. Each path's tokens are
@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from decoding import generate as hf_static_path
-from decoding import neox_decode
+from decoding import neox_decode, static_cache
+from decoding.reference import kvpress_generate, record_margin
 from evaluation.models import DTYPES, load_model
 from evaluation.results import environment, table, write_json_atomic
-from evaluation.speed import generate_forced, prompt_ids, record_margin
+from evaluation.speed import prompt_ids
 from presses import make_press
 
 PATHS = ("static", "neox", "neox_two_stream")
@@ -85,8 +85,8 @@ def main(argv=None) -> None:
     model = loaded.model
     compile = model.device.type == "cuda"
     prompt = prompt_ids(model.config.vocab_size, args.batch_size, args.prompt_tokens, 0).to(model.device)
-    paths = {"static": lambda press: hf_static_path.generate(model, prompt, press, args.new_tokens,
-                                                               step=hf_static_path.compiled_step(compile))}
+    paths = {"static": lambda press: static_cache.generate(model, prompt, press, args.new_tokens,
+                                                           step=static_cache.compiled_step(compile))}
     sampled = args.temperature > 0
 
     def neox_path(step):
@@ -110,7 +110,7 @@ def main(argv=None) -> None:
         if sampled:
             reference = neox_path(margin_recording_step(margins, top_k_gaps))(press)
         else:
-            reference = generate_forced(model, prompt, press, args.new_tokens, margins=margins)["tokens"]
+            reference = kvpress_generate(model, prompt, press, args.new_tokens, margins=margins)["tokens"]
         # (batch, steps) each. Sampled, the first token comes from the prefill, which every neox
         # path shares: no gaps recorded there.
         gaps = {key: torch.stack([torch.full_like(steps[0], float("nan"))] * sampled + steps, dim=1)
@@ -121,7 +121,7 @@ def main(argv=None) -> None:
                 row = agreement(run(press), reference)
                 # How near a tie the reference's choice was where a path first left it.
                 row |= {key: at_first_differences(steps, row["first_difference"]) for key, steps in gaps.items()}
-            except hf_static_path.RaggedCacheError as error:  # the StaticCache path takes one cache length
+            except static_cache.RaggedCacheError as error:  # the StaticCache path takes one cache length
                 row = {"error": str(error)}
             rows.append({"method": name or "dense", "path": path} | row)
             print(rows[-1], file=sys.stderr, flush=True)

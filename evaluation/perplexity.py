@@ -21,13 +21,14 @@ import torch
 import transformers
 
 from decoding.kv_cache import KV_QUANT
+from decoding.registry import DECODER_NAMES, HF_BASELINES
 from evaluation.calibration import calibrated, calibration_facts
 from evaluation.data import DataError, load_text
 from evaluation.intervals import paired_difference, ppl_interval
 from evaluation.models import DTYPES, REPO_ROOT, SMOLLM2_ALIAS, ModelLoadError, load_model
 from evaluation.protocols import SEGMENT_TOKENS, ProtocolError, context_nll, streaming_nll
 from evaluation.results import environment, table, write_json_atomic
-from evaluation.speed import DECODERS, HF_BASELINES, measure, prompt_ids
+from evaluation.speed import measure, prompt_ids
 from patches import UnsupportedModelError
 from presses import (
     NEEDS_EAGER_ATTENTION,
@@ -100,10 +101,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     speed.add_argument("--new_tokens", type=int, default=256, help="forced generation length (no early EOS)")
     speed.add_argument("--batch_size", type=int, default=1)
     speed.add_argument("--repeats", type=int, default=3, help="timed runs per method (median), after one warm-up")
-    speed.add_argument("--decoder", nargs="+", default=["kvpress"], choices=DECODERS,
+    speed.add_argument("--decoder", nargs="+", default=["kvpress"], choices=DECODER_NAMES,
                        help="hf_eager / hf_sdpa / hf_static: transformers' generate (dense only); kvpress: the "
                             "pipeline's per-token loop on a DynamicCache; static: StaticCache + torch.compile CUDA "
-                            "graphs (decoding/generate.py); neox: GPT-NeoX's step written out, one CUDA graph "
+                            "graphs (decoding/static_cache.py); neox: GPT-NeoX's step written out, one CUDA graph "
                             "(decoding/neox_decode.py). Grids: evaluation/speed_grid.py")
 
     parser.add_argument("--output", type=Path, help="result JSON path (default: results/<model>_<run>.json)")

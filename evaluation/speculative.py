@@ -30,14 +30,16 @@ import torch
 import transformers
 
 from decoding import neox_decode
-from decoding.generate import compiled_step, generate
+from decoding import static_cache
+from decoding.reference import kvpress_generate
 from decoding.layer_skip import choose_skip_layers
-from decoding.speculative import CACHES, LayerSkipDraft, ModelDraft, Stats, speculative_generate
+from decoding.registry import ALIASES, SPECULATIVE_DECODERS, decoder
+from decoding.speculative import LayerSkipDraft, ModelDraft, Stats, speculative_generate
 from evaluation.data import DataError, load_text
 from evaluation.models import DTYPES, REPO_ROOT, SMOLLM2_ALIAS, ModelLoadError, load_model
 from evaluation.results import environment, table, write_json_atomic
 from evaluation.speculative_costs import measure_costs
-from evaluation.speed import generate_forced, with_timings
+from evaluation.speed import with_timings
 from patches import UnsupportedModelError
 from presses import PressConfigError, Settings, make_press, press_names
 from presses.registry import method_for
@@ -131,9 +133,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--compression_ratio", type=float, default=0.5, help="the target press's ratio")
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="0: greedy (output checked equal to plain decoding); > 0: rejection sampling")
-    parser.add_argument("--decoder", default="dynamic", choices=list(CACHES),
-                        help="dynamic: DynamicCache, eager steps; static: StaticCache, steps compiled to CUDA graphs "
-                             "on a GPU (decoding/generate.py); neox: GPT-NeoX's own step on its buffer, compiled "
+    parser.add_argument("--decoder", default="dynamic", choices=[*ALIASES, *SPECULATIVE_DECODERS],
+                        help="dynamic (or kvpress): DynamicCache, eager steps; static: StaticCache, steps compiled to "
+                             "CUDA graphs on a GPU (decoding/static_cache.py); neox: GPT-NeoX's own step on its buffer, compiled "
                              "to CUDA graphs on a GPU (decoding/neox_decode.py)")
     parser.add_argument("--dataset", nargs="+", default=["wikitext"], help="wikitext, pg19 or text files")
     parser.add_argument("--sample_idx", type=int, default=0, help="which PG-19 book (local files in name order)")
@@ -173,7 +175,7 @@ def check_args(args) -> list[Spec]:
         raise SpecError(f"--temperature must be >= 0, got {args.temperature}")
     if args.press:
         make_press(args.press, args.compression_ratio)  # unknown press or ratio: PressConfigError
-    if args.decoder == "static" and args.press == "pyramidkv":
+    if cache_kind(args) == "static" and args.press == "pyramidkv":
         raise SpecError("the static decoder needs one cache length in every layer; pyramidkv leaves them uneven")
     return specs
 
@@ -240,14 +242,19 @@ def build_draft(spec: Spec, args, loaded, dtype: str, chosen: dict):
                                          "calibration_greedy_steps": history}
 
 
+def cache_kind(args) -> str:
+    """decoding/speculative.py's name for the cache of ``--decoder``: dynamic, static or neox."""
+    return decoder(args.decoder).speculative_cache
+
+
 def plain(args, model, prompt, press, step):
     """Plain greedy decoding with the same cache kind: tokens and timings."""
-    if args.decoder == "static":
-        run = with_timings(generate, model, prompt, press, args.new_tokens, step=step)
-    elif args.decoder == "neox":
+    if cache_kind(args) == "static":
+        run = with_timings(static_cache.generate, model, prompt, press, args.new_tokens, step=step)
+    elif cache_kind(args) == "neox":
         run = with_timings(neox_decode.generate, model, list(prompt.split(1)), press, args.new_tokens, step=step)
     else:
-        run = generate_forced(model, prompt, press, args.new_tokens)
+        run = kvpress_generate(model, prompt, press, args.new_tokens)
     return run["tokens"], run["ttft_s"], run["decode_s"]
 
 
@@ -256,8 +263,8 @@ def speculative_rows(args, loaded, specs, dtype, save) -> list[dict]:
     model = loaded.model
     prompts = [(source, ids.to(model.device)) for source, ids in prompts_from(args, loaded)]
     target_press = make_press(args.press, args.compression_ratio) if args.press else None
-    compile = args.decoder != "dynamic" and model.device.type == "cuda"
-    step = neox_decode.compiled_step(compile) if args.decoder == "neox" else compiled_step(compile)
+    compile = cache_kind(args) != "dynamic" and model.device.type == "cuda"
+    step = neox_decode.compiled_step(compile) if cache_kind(args) == "neox" else static_cache.compiled_step(compile)
 
     for _ in range(args.warmup):
         plain(args, model, prompts[0][1], target_press, step)
@@ -270,7 +277,7 @@ def speculative_rows(args, loaded, specs, dtype, save) -> list[dict]:
             generator = torch.Generator(device=model.device).manual_seed(seed)
             return speculative_generate(model, ids, draft, args.new_tokens, k=spec.k, press=target_press,
                                         temperature=args.temperature, adaptive=spec.adaptive, k_max=spec.k_max,
-                                        cache=args.decoder, compile=compile, generator=generator, stats=stats)
+                                        cache=cache_kind(args), compile=compile, generator=generator, stats=stats)
 
         for _ in range(args.warmup):
             run(prompts[0][1], Stats(), args.seed)

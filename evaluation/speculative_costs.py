@@ -23,7 +23,7 @@ import time
 import torch
 
 from decoding import neox_decode
-from decoding.generate import synchronize
+from decoding.reference import synchronize
 from decoding.layer_skip import skipping_model
 from evaluation.models import load_model
 

@@ -1,13 +1,14 @@
 """TTFT, TPOT, throughput, peak memory, KV bytes and FLOPs of generation with a press
-(DESIGN.md section 6), on one of these decode paths:
+(DESIGN.md section 6), on one of the decoders of decoding/registry.py:
 
 - ``hf_eager``, ``hf_sdpa``: transformers' ``generate`` with a DynamicCache, eager or SDPA
-  attention (the plain Hugging Face baselines; dense only);
+  attention (the plain Hugging Face baselines; dense only; decoding/reference.py);
 - ``hf_static``: ``generate`` with a StaticCache, which transformers compiles on its own (what a
-  user would pick instead; dense only);
+  user would pick instead; dense only; decoding/reference.py);
 - ``kvpress``: prefill through ``model.model`` with the press active, then the kvpress pipeline's
-  greedy loop of single-token forward calls on the pressed, possibly quantized, cache;
-- ``static``: decoding/generate.py (the pressed KV in a StaticCache, the HF step as a CUDA graph);
+  greedy loop of single-token forward calls on the pressed, possibly quantized, cache
+  (decoding/reference.py);
+- ``static``: decoding/static_cache.py (the pressed KV in a StaticCache, the HF step as a CUDA graph);
 - ``neox``: decoding/neox_decode.py (GPT-NeoX's step written out and replayed as one CUDA graph,
   by default the two-stream graph that keeps its buffer between generations; attention back end
   by name).
@@ -20,24 +21,19 @@ machine that ran (evaluation/ceilings.py: copy and GEMV bandwidth), with the dat
 beside it, never the one a ratio uses.
 """
 
-import contextlib
 import functools
 import statistics
 import time
 
 import torch
 
-from transformers import DynamicCache, StaticCache
+from transformers import StaticCache
 
-from decoding import generate as hf_static_path
-from decoding import neox_decode
-from decoding.generate import synchronize
-from decoding.kv_cache import kv_bytes, make_cache
+from decoding import neox_decode, static_cache
+from decoding.reference import hf_generate, kvpress_generate, synchronize
+from decoding.registry import DECODERS, decoder as decoder_named
 from evaluation import flops, roofline
 from evaluation.ceilings import Ceilings, machine_ceilings
-
-HF_BASELINES = {"hf_eager": "eager", "hf_sdpa": "sdpa", "hf_static": "sdpa"}  # decoder -> attention it runs with
-DECODERS = (*HF_BASELINES, "kvpress", "static", "neox")
 
 
 def prompt_ids(vocab_size: int, batch: int, tokens: int, seed: int) -> torch.Tensor:
@@ -46,102 +42,16 @@ def prompt_ids(vocab_size: int, batch: int, tokens: int, seed: int) -> torch.Ten
     return torch.randint(2, vocab_size, (batch, tokens), generator=torch.Generator().manual_seed(seed))
 
 
-@torch.no_grad()
-def record_margin(logits: torch.Tensor, margins: list | None) -> None:
-    """Append the (batch,) gap between the two largest last-position logits, if ``margins`` is a list."""
-    if margins is not None:
-        top = logits[:, -1].float().topk(2, dim=-1).values
-        margins.append(top[:, 0] - top[:, 1])
-
-
-def layer_lengths(cache) -> list[int]:
-    """Tokens each layer of a cache holds (a press may keep different numbers per layer)."""
-    return [cache.get_seq_length(layer) for layer in range(len(cache.layers))]
-
-
-@torch.no_grad()  # with autograd on, the cache would hold every step's activations for a backward
-def generate_forced(model, prompt: torch.Tensor, press, new_tokens: int, kv_quant: str = "none",
-                    margins: list | None = None) -> dict:
-    """Greedy generation of exactly ``new_tokens`` tokens after ``prompt`` (batch, length);
-    returns the tokens, the timings and the cache sizes of one run. ``margins``, if given,
-    receives per step the (batch,) gap between the two largest logits: how near a tie each
-    greedy choice was."""
-    device = model.device
-    batch, prompt_len = prompt.shape
-    cache = make_cache(model, kv_quant)
-    synchronize(device)
-    start = time.perf_counter()
-    with press(model) if press is not None else contextlib.nullcontext():
-        hidden = model.model(input_ids=prompt, past_key_values=cache).last_hidden_state
-    logits = model.get_output_embeddings()(hidden[:, -1:])
-    token = logits.argmax(-1)
-    synchronize(device)
-    first_token_at = time.perf_counter()
-    kept = layer_lengths(cache)
-    kv_after_prefill = kv_bytes(cache)
-
-    generated = [token]
-    record_margin(logits, margins)
-    for step in range(new_tokens - 1):
-        # Positions continue from the prompt length, whatever the press kept.
-        position = torch.full((batch, 1), prompt_len + step, device=device)
-        logits = model(input_ids=token, past_key_values=cache, position_ids=position).logits
-        token = logits[:, -1:].argmax(-1)
-        generated.append(token)
-        record_margin(logits, margins)
-    synchronize(device)
-    end = time.perf_counter()
-    return {
-        "tokens": torch.cat(generated, dim=1),
-        "ttft_s": first_token_at - start,
-        "decode_s": end - first_token_at,
-        "kept_tokens_layer0": kept[0],
-        "kept_tokens_per_layer": kept,
-        "kv_bytes_after_prefill": kv_after_prefill,
-        "kv_bytes_final": kv_bytes(cache),
-    }
-
-
 def static_cache_for(model, prompt: torch.Tensor, new_tokens: int) -> StaticCache:
-    """One StaticCache for every ``generate_hf`` call of a cell: transformers' compiled step then
+    """One StaticCache for every ``hf_generate`` call of a cell: transformers' compiled step then
     sees the same cache tensors call after call (its CUDA graphs are recorded once, not again for
-    a new cache). ``generate_hf`` resets it before each call, as transformers documents for
+    a new cache). ``hf_generate`` resets it before each call, as transformers documents for
     reusing a StaticCache on a new prompt (docs: llm_optims, "Static kv-cache and torch.compile")."""
     return StaticCache(config=model.config, max_cache_len=prompt.shape[1] + new_tokens)
 
 
-@torch.no_grad()
-def generate_hf(model, prompt: torch.Tensor, new_tokens: int, static: bool, cache: StaticCache | None = None) -> dict:
-    """transformers' own ``generate`` (greedy, exactly ``new_tokens``), in generate_forced's
-    format. It reports no first-token time, so TTFT is a separate one-token generation and the
-    decode time is the difference. ``static``: a StaticCache, ``cache`` if given (reset before
-    each of the two generations and kept, see ``static_cache_for``), else a new one per
-    generation; otherwise a new DynamicCache per generation."""
-    batch, prompt_len = prompt.shape
-
-    def timed(tokens: int):
-        if static and cache is not None:
-            cache.reset()
-            used = cache
-        else:
-            used = StaticCache(config=model.config, max_cache_len=prompt_len + new_tokens) if static else DynamicCache()
-        synchronize(model.device)
-        start = time.perf_counter()
-        output = model.generate(prompt, attention_mask=torch.ones_like(prompt), past_key_values=used,
-                                max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
-                                pad_token_id=model.config.eos_token_id)
-        synchronize(model.device)
-        return output, time.perf_counter() - start, used
-
-    _, ttft, _ = timed(1)
-    output, total, used = timed(new_tokens)
-    return {"tokens": output[:, prompt_len:], "ttft_s": ttft, "decode_s": total - ttft,
-            "kept_tokens_layer0": prompt_len, "kept_tokens_per_layer": [prompt_len] * model.config.num_hidden_layers,
-            "kv_bytes_after_prefill": None, "kv_bytes_final": kv_bytes(used)}
-
-
 def with_timings(generate, *args, **kwargs) -> dict:
-    """One run of a fast path's ``generate`` (which fills a ``timings`` dict), in generate_forced's format."""
+    """One run of a fast path's ``generate`` (which fills a ``timings`` dict), in kvpress_generate's format."""
     run = {}
     run["tokens"] = generate(*args, timings=run, **kwargs)
     return run
@@ -162,22 +72,23 @@ def run_once_for(model, prompt: torch.Tensor, press, new_tokens: int, decoder: s
         raise ValueError(f"unknown decoder {decoder!r}; choose from {', '.join(DECODERS)}")
     if kv_quant != "none" and decoder != "kvpress":
         raise ValueError("a quantized KV cache runs on the kvpress decoder only (--decoder kvpress)")
-    if decoder in HF_BASELINES:
+    hf_attention = decoder_named(decoder).hf_attention
+    if hf_attention is not None:
         if press is not None:
             raise ValueError(f"{decoder} is transformers' own generate: dense only")
-        if model.config._attn_implementation != HF_BASELINES[decoder]:
-            model.set_attn_implementation(HF_BASELINES[decoder])
+        if model.config._attn_implementation != hf_attention:
+            model.set_attn_implementation(hf_attention)
         static = decoder == "hf_static"
         cache = static_cache_for(model, prompt, new_tokens) if static else None
-        return functools.partial(generate_hf, model, prompt, new_tokens, static, cache)
+        return functools.partial(hf_generate, model, prompt, new_tokens, static, cache)
     if decoder == "static":
-        step = hf_static_path.compiled_step(compile)
-        return functools.partial(with_timings, hf_static_path.generate, model, prompt, press, new_tokens, step=step)
+        step = static_cache.compiled_step(compile)
+        return functools.partial(with_timings, static_cache.generate, model, prompt, press, new_tokens, step=step)
     if decoder == "neox":
         step = neox_decode.compiled_step(compile, compile_mode, keep_buffer)
         return functools.partial(with_timings, neox_decode.generate, model, list(prompt.split(1)), press, new_tokens,
                                  step=step, backend=backend)
-    return functools.partial(generate_forced, model, prompt, press, new_tokens, kv_quant)
+    return functools.partial(kvpress_generate, model, prompt, press, new_tokens, kv_quant)
 
 
 def measure(model, prompt: torch.Tensor, press, new_tokens: int, repeats: int = 3, warmup: int = 1,

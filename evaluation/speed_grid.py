@@ -34,13 +34,15 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
+from decoding import registry  # noqa: E402
 from decoding.neox_decode import ATTENTION_BACKENDS, COMPILE_MODES  # noqa: E402
+from decoding.registry import DECODER_NAMES, HF_BASELINES  # noqa: E402
 from evaluation import ceilings as ceilings_module  # noqa: E402
 from evaluation.ceilings import Ceilings, datasheet_for, machine_ceilings  # noqa: E402
 from evaluation.data import DataError  # noqa: E402
 from evaluation.models import DTYPES, ModelLoadError, load_model  # noqa: E402
 from evaluation.results import environment, markdown_table, save_figure_atomic, write_json_atomic, write_text_atomic  # noqa: E402
-from evaluation.speed import DECODERS, HF_BASELINES, measure, neox_settings, prompt_ids  # noqa: E402
+from evaluation.speed import measure, neox_settings, prompt_ids  # noqa: E402
 from patches import UnsupportedModelError  # noqa: E402
 from presses import PressConfigError, make_press  # noqa: E402
 from presses.registry import check_compression_ratio  # noqa: E402
@@ -62,7 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: float16 on CUDA, float32 on CPU")
     parser.add_argument("--data-dir", dest="data_dir", help="offline data folder (prompts from text, tokenizer)")
     parser.add_argument("--dataset", default="wikitext", help="prompt text when the weights are real")
-    parser.add_argument("--decoder", nargs="+", default=["hf_eager", "hf_static", "kvpress", "neox"], choices=DECODERS)
+    parser.add_argument("--decoder", nargs="+", default=["hf_eager", "hf_static", "kvpress", "neox"], choices=DECODER_NAMES,
+                        help=registry.help_text())
     parser.add_argument("--decode_attention", nargs="+", default=["sdpa"], choices=ATTENTION_BACKENDS,
                         help="attention back ends of the neox decoder, its prefill included (one cell each)")
     parser.add_argument("--compile_mode", default="two-stream", choices=COMPILE_MODES,
@@ -245,7 +248,7 @@ def merge(folders: list[Path]) -> tuple[dict, list[dict]]:
     if measured:
         header["ceilings"] = [{"command": command} | measured[command] for command in sorted(measured)]
     rows = [payload["rows"][0] for payload in payloads]
-    rows.sort(key=lambda r: (DECODERS.index(r["decoder"]), str(r.get("decode_attention")), r["method"] != DENSE,
+    rows.sort(key=lambda r: (DECODER_NAMES.index(r["decoder"]), str(r.get("decode_attention")), r["method"] != DENSE,
                              r["method"], r["compression_ratio"], r["prompt_tokens"], r["new_tokens"], r["batch_size"]))
     return header, rows
 

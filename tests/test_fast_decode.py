@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from decoding.generate import RaggedCacheError, generate
-from evaluation.speed import generate_forced
+from decoding.reference import kvpress_generate
+from decoding.static_cache import RaggedCacheError, generate
 from presses import make_press
 from tests.conftest import build, tiny_llama_config, tiny_neox_config
 
@@ -15,7 +15,7 @@ def test_static_path_matches_the_kvpress_loop(config, name, ratio):
     model = build(config, attn_implementation="sdpa")
     prompt = torch.randint(2, 1000, (2, 100), generator=torch.Generator().manual_seed(3))
     press = make_press(name, ratio) if name else None
-    expected = generate_forced(model, prompt, press, new_tokens=12)["tokens"]
+    expected = kvpress_generate(model, prompt, press, new_tokens=12)["tokens"]
     assert torch.equal(generate(model, prompt, press, new_tokens=12), expected)
 
 

@@ -8,10 +8,10 @@ import torch
 from kvpress import PyramidKVPress
 
 from decoding import neox_decode
+from decoding.reference import kvpress_generate
 from evaluation.check_decoders import agreement
 from evaluation.check_decoders import main as check_decoders
 from evaluation.check_decoders import margin_recording_step
-from evaluation.speed import generate_forced
 from presses import make_press
 from tests.conftest import build, record_cache_lengths, tiny_neox_config
 
@@ -30,7 +30,7 @@ def prompts(batch: int, length: int, seed: int = 3) -> torch.Tensor:
 def test_same_greedy_tokens_as_the_kvpress_loop(model, backend, name, ratio):
     prompt = prompts(2, 100)
     press = make_press(name, ratio) if name else None
-    expected = generate_forced(model, prompt, press, new_tokens=12)["tokens"]
+    expected = kvpress_generate(model, prompt, press, new_tokens=12)["tokens"]
     assert torch.equal(neox_decode.generate(model, list(prompt.split(1)), press, 12, backend=backend), expected)
 
 
@@ -38,7 +38,7 @@ def test_layers_keeping_different_lengths_decode_like_the_kvpress_loop(model):
     press = PyramidKVPress(0.5, window_size=4, beta=2)
     lengths = record_cache_lengths(press)
     prompt = prompts(1, 100)
-    expected = generate_forced(model, prompt, press, new_tokens=12)["tokens"]
+    expected = kvpress_generate(model, prompt, press, new_tokens=12)["tokens"]
     assert len(set(lengths)) > 1, "the press must leave the layers ragged for this test to mean anything"
     timings = {}
     assert torch.equal(neox_decode.generate(model, [prompt], press, 12, timings=timings), expected)
@@ -50,7 +50,7 @@ def test_layers_keeping_different_lengths_decode_like_the_kvpress_loop(model):
 def test_prompts_of_different_lengths_in_one_batch_decode_as_if_alone(model):
     short, long = prompts(1, 70, seed=4), prompts(1, 100, seed=5)
     press = make_press("snapkv", 0.5)
-    alone = [generate_forced(model, prompt, press, new_tokens=10)["tokens"] for prompt in (short, long)]
+    alone = [kvpress_generate(model, prompt, press, new_tokens=10)["tokens"] for prompt in (short, long)]
     together = neox_decode.generate(model, [short, long], press, 10)
     assert torch.equal(together, torch.cat(alone))
 
@@ -72,7 +72,7 @@ def test_branches_compiled_apart_give_the_same_tokens_and_compile_once_for_all_l
 
     prompt = prompts(1, 100)
     press = make_press("snapkv", 0.5)
-    expected = generate_forced(model, prompt, press, new_tokens=5)["tokens"]
+    expected = kvpress_generate(model, prompt, press, new_tokens=5)["tokens"]
     assert torch.equal(neox_decode.generate(model, [prompt], press, 5, step=step), expected)
     # attention and MLP, each for the first layer's one input part and the later layers' three
     assert counters["stats"]["unique_graphs"] == 4
@@ -224,8 +224,8 @@ def test_agreement_says_where_two_decodings_part():
 def test_forced_generation_records_how_near_a_tie_each_greedy_choice_was(model):
     prompt = prompts(2, 30)
     margins = []
-    tokens = generate_forced(model, prompt, None, 4, margins=margins)["tokens"]
-    assert torch.equal(tokens, generate_forced(model, prompt, None, 4)["tokens"])
+    tokens = kvpress_generate(model, prompt, None, 4, margins=margins)["tokens"]
+    assert torch.equal(tokens, kvpress_generate(model, prompt, None, 4)["tokens"])
     assert len(margins) == 4 and all(margin.shape == (2,) and bool((margin >= 0).all()) for margin in margins)
     with torch.no_grad():
         top = model(prompt).logits[:, -1].topk(2).values
@@ -238,7 +238,7 @@ def test_forced_generation_keeps_no_autograd_graph(model):
     grad_enabled = []
     hook = model.gpt_neox.register_forward_hook(lambda *_: grad_enabled.append(torch.is_grad_enabled()))
     try:
-        generate_forced(model, prompts(1, 100), make_press("snapkv", 0.5), 3)
+        kvpress_generate(model, prompts(1, 100), make_press("snapkv", 0.5), 3)
     finally:
         hook.remove()
     assert grad_enabled == [False] * 3

@@ -7,6 +7,8 @@ import pytest
 import torch
 from kvpress import PyramidKVPress
 
+from decoding.reference import hf_generate
+from decoding.registry import DECODER_NAMES
 from evaluation import ceilings, flops, roofline, speed
 from tests.conftest import build, record_cache_lengths, tiny_neox_config
 
@@ -43,7 +45,7 @@ def test_a_ragged_cache_has_its_floor_and_flops_from_every_layers_length(model, 
     assert row["copy_tb_per_s"] == 2.0 and row["gemv_tb_per_s"] == 1.5 and row["ceilings_source"] == "given"
 
 
-@pytest.mark.parametrize("decoder", speed.DECODERS)
+@pytest.mark.parametrize("decoder", DECODER_NAMES)
 def test_every_decoder_reports_its_first_calls_cost(model, decoder):
     row = speed.measure(model, prompt(), None, new_tokens=4, repeats=2, warmup=1, decoder=decoder, ceilings=GIVEN)
     assert len(row["warmup_runs_s"]) == 1 and len(row["timed_runs_s"]) == 2
@@ -62,7 +64,7 @@ def test_hf_static_reuses_one_static_cache_and_keeps_its_tokens(model, monkeypat
             super().__init__(*args, **kwargs)
 
     ids = prompt(batch=2, length=40)
-    fresh = speed.generate_hf(model, ids, 8, static=True)["tokens"]  # a new cache per generate: the old way
+    fresh = hf_generate(model, ids, 8, static=True)["tokens"]  # a new cache per generate: the old way
     monkeypatch.setattr(speed, "StaticCache", CountedStaticCache)
     row = speed.measure(model, ids, None, new_tokens=8, repeats=2, warmup=1, decoder="hf_static", ceilings=GIVEN)
     assert len(made) == 1  # one cache for the warm-up and both timed runs (two generate calls each)

@@ -1,4 +1,5 @@
-"""Fast greedy generation after a press: the whole decode path in one file (gpt-fast style).
+"""The ``static`` decoder: fast greedy generation after a press, the whole decode path in one file
+(gpt-fast style). Not transformers' own static path (that is ``hf_static``, decoding/reference.py).
 
 1. Prefill: the prompt runs through ``model.model`` with the press active (any kvpress press):
    the DynamicCache comes out compressed, and the last hidden state gives the first token.
@@ -9,39 +10,23 @@
    graph instead of hundreds of kernel launches from Python. Positions continue from the
    prompt length; cache slots continue from the kept length.
 
-Tokens equal those of the plain kvpress loop (``evaluation/speed.py``) for the same press
+Tokens equal those of the plain kvpress loop (``decoding/reference.py``) for the same press
 (tests/test_fast_decode.py, on CPU without compilation). Not yet supported: layers holding
 different numbers of tokens (PyramidKV; StaticCache has one fill level), sampling, and batches
 of different prompt lengths.
 """
 
-import contextlib
 import time
 
 import torch
 from transformers import DynamicCache, StaticCache
 
 from decoding.kv_cache import kv_bytes
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for queued GPU work, so that a host clock measures it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from decoding.reference import prefill, synchronize
 
 
 class RaggedCacheError(ValueError):
     """The press left layers with different cache lengths; the static path needs one length."""
-
-
-@torch.no_grad()
-def prefill(model, prompt: torch.Tensor, press=None) -> tuple[torch.Tensor, DynamicCache]:
-    """Run the prompt (batch, length) with the press; return the last position's logits
-    (batch, vocab) and the pressed cache."""
-    cache = DynamicCache()
-    with press(model) if press is not None else contextlib.nullcontext():
-        hidden = model.model(input_ids=prompt, past_key_values=cache).last_hidden_state
-    return model.get_output_embeddings()(hidden[:, -1]), cache
 
 
 def to_static_cache(model, pressed: DynamicCache, new_tokens: int) -> tuple[StaticCache, int]:
