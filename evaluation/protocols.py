@@ -133,15 +133,8 @@ def context_nll(
     are fed the same way. ``kv_quant``: keep the cache quantized (decoding/kv_cache.py)."""
     decode_time = isinstance(press, DecodingPress)
     chunk = chunk_tokens if decode_time else None
-    limit = model.config.max_position_embeddings
-    if context_tokens + eval_tokens > limit:
-        raise ProtocolError(
-            f"context {context_tokens} + eval {eval_tokens} tokens exceed the model's {limit}-token context; "
-            "shorten them or use --protocol streaming for long texts"
-        )
+    check_windows(ids.numel(), model.config.max_position_embeddings, context_tokens, eval_tokens, num_windows)
     window = context_tokens + eval_tokens + 1
-    if ids.numel() < window * num_windows:
-        raise ProtocolError(f"text has {ids.numel()} tokens, {num_windows} window(s) need {window * num_windows}")
 
     token_nll, kept, held_bytes, attended = [], [], [], AttendedKeys()
     for index in tqdm(range(num_windows), desc="windows", disable=num_windows == 1):
@@ -165,6 +158,26 @@ def context_nll(
                       unit_nll=window_nll, unit_tokens=[eval_tokens] * num_windows,
                       peak_attended_keys=attended.peak, scored_range=_window_range(window, context_tokens, num_windows),
                       kv_bytes=sum(held_bytes) / len(held_bytes))
+
+
+def check_windows(text_tokens: int, limit: int, context_tokens: int, eval_tokens: int, num_windows: int) -> None:
+    """Raise a one-line ProtocolError unless ``num_windows`` windows of ``context_tokens`` +
+    ``eval_tokens`` fit a model of ``limit`` positions and a text of ``text_tokens`` tokens."""
+    for option, value in (("--eval_tokens", eval_tokens), ("--num_windows", num_windows)):
+        if value < 1:
+            raise ProtocolError(f"{option} must be at least 1, got {value}")
+    if context_tokens + eval_tokens > limit:
+        raise ProtocolError(
+            f"context {context_tokens} + eval {eval_tokens} tokens exceed the model's {limit}-token context; "
+            "shorten them or use --protocol streaming for long texts"
+        )
+    if context_tokens < 1:
+        raise ProtocolError(f"context {context_tokens} + eval {eval_tokens} tokens: no context is left in the model's "
+                            f"{limit}-token context; lower --eval_tokens or set --context_tokens")
+    window = context_tokens + eval_tokens + 1
+    if text_tokens < window * num_windows:
+        raise ProtocolError(f"text has {text_tokens} tokens, {num_windows} window(s) of {context_tokens} + "
+                            f"{eval_tokens} + 1 need {window * num_windows}: lower --num_windows or give a longer text")
 
 
 def _window_range(window: int, context_tokens: int, num_windows: int) -> tuple[int, int]:

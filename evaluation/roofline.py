@@ -9,22 +9,22 @@ sum of per-operator floors is the step's floor: no implementation runs much fast
 
 The ceilings are measured on the machine that runs (``--measure``, evaluation/ceilings.py: a
 device-to-device copy and a matrix product) or given (``--bandwidth`` TB/s, ``--peak_tflops``);
-datasheet figures (``--gpu``) are leads. Bytes assume fused attention (FlashAttention / SDPA:
+datasheet figures (``--gpu``) are leads. ``--model`` takes a Pythia size offline (configs/models/),
+or a hub id / local folder whose config.json is read. Bytes assume fused attention (FlashAttention / SDPA:
 scores never reach memory), weights and KV in the given dtype read once per step, activations
 read and written once per operator.
 """
 
 import argparse
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pandas as pd
-from transformers import AutoConfig
 
 from evaluation import ceilings as ceilings_module
 from evaluation.ceilings import DATASHEETS, RECORDED, Ceilings
-from evaluation.models import pythia_config_path
+from evaluation.cli import Parser, one_line_errors
+from evaluation.models import model_config
 
 
 @dataclass
@@ -135,12 +135,14 @@ def decode_floors(config, batch: int, kept_per_layer: Sequence[int], new_tokens:
 
 
 def load_config(name: str):
-    path = pythia_config_path(name)
-    return AutoConfig.for_model(**json.loads(path.read_text())) if path else AutoConfig.from_pretrained(name)
+    """The exact Pythia config from configs/models/, else ``name``'s config.json (hub id or local
+    folder); a model with neither is a one-line ModelLoadError naming the offline configs."""
+    return model_config(name, random_init=True)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None) -> None:
+    parser = Parser(prog="evaluation/roofline.py", description=__doc__,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="EleutherAI/pythia-2.8b")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--cache", type=float, nargs="+", default=[2000],
@@ -152,7 +154,9 @@ def main() -> None:
     source.add_argument("--bandwidth", type=float, help="memory bandwidth, TB/s (with --peak_tflops)")
     source.add_argument("--gpu", choices=sorted(DATASHEETS | RECORDED), help="a datasheet's figures (leads only)")
     parser.add_argument("--peak_tflops", type=float, help="matmul rate with --bandwidth, TFLOP/s")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    with one_line_errors():
+        config = load_config(args.model)  # before measuring: a model without a config fails at once
     if args.bandwidth is not None:
         if args.peak_tflops is None:
             parser.error("--bandwidth needs --peak_tflops")
@@ -161,7 +165,6 @@ def main() -> None:
         ceilings = ceilings_module.named(args.gpu)
     else:
         ceilings = ceilings_module.measure(args.measure)
-    config = load_config(args.model)
     cache = args.cache[0] if len(args.cache) == 1 else args.cache
     print(f"{args.model}, batch {args.batch}, cache {args.cache if len(args.cache) <= 4 else 'per layer'}, "
           f"{args.new_tokens} new token(s); {ceilings.source}: {ceilings.bandwidth / 1e12:.3f} TB/s, "

@@ -2,12 +2,12 @@
 and wall-clock speedup against plain decoding of the same prompts in the same run; or, with
 --verify_costs, the step costs that predict the speedup on a GPU (evaluation/speculative_costs.py).
 
-Examples:
-  python evaluation/speculative.py --model EleutherAI/pythia-2.8b --speculative draft=EleutherAI/pythia-160m,k=4
+Examples (the first two run offline; the third needs the Hugging Face hub or local folders):
   python evaluation/speculative.py --model smollm2-135m --dataset wikitext pg19 \\
       --speculative self=streaming_llm,budget=64,k=4 self=layer_skip,skip=6,k=4 self=snapkv,budget=64,k=adaptive
   python evaluation/speculative.py --model EleutherAI/pythia-2.8b --random-init --verify_costs \\
       --draft_model EleutherAI/pythia-160m --prompt_tokens 2000 --batch_size 1 8
+  python evaluation/speculative.py --model EleutherAI/pythia-2.8b --speculative draft=EleutherAI/pythia-160m,k=4
 
 A --speculative spec is comma-separated key=value pairs:
   draft=MODEL          a draft model (hub id, local folder, smollm2-135m), same tokenizer as the target
@@ -35,12 +35,12 @@ from decoding.reference import kvpress_generate
 from decoding.layer_skip import choose_skip_layers
 from decoding.registry import ALIASES, SPECULATIVE_DECODERS, decoder
 from decoding.speculative import LayerSkipDraft, ModelDraft, Stats, speculative_generate
+from evaluation.cli import one_line_errors
 from evaluation.data import DataError, load_text
-from evaluation.models import DTYPES, REPO_ROOT, SMOLLM2_ALIAS, ModelLoadError, load_model
+from evaluation.models import DTYPES, REPO_ROOT, SMOLLM2_ALIAS, load_model
 from evaluation.results import environment, table, write_json_atomic
 from evaluation.speculative_costs import measure_costs
 from evaluation.speed import with_timings
-from patches import UnsupportedModelError
 from presses import PressConfigError, Settings, make_press, press_names
 from presses.registry import method_for
 
@@ -347,11 +347,8 @@ def run(args) -> Path:
 def main(argv=None) -> None:
     args = parse_args(argv)
     transformers.utils.logging.disable_progress_bar()
-    try:
+    with one_line_errors(SpecError):
         run(args)
-    except (SpecError, PressConfigError, DataError, ModelLoadError, UnsupportedModelError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

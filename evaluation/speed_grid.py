@@ -39,11 +39,10 @@ from decoding.neox_decode import ATTENTION_BACKENDS, COMPILE_MODES  # noqa: E402
 from decoding.registry import DECODER_NAMES, HF_BASELINES  # noqa: E402
 from evaluation import ceilings as ceilings_module  # noqa: E402
 from evaluation.ceilings import Ceilings, datasheet_for, machine_ceilings  # noqa: E402
-from evaluation.data import DataError  # noqa: E402
-from evaluation.models import DTYPES, ModelLoadError, load_model  # noqa: E402
+from evaluation.cli import one_line_errors  # noqa: E402
+from evaluation.models import DTYPES, load_model  # noqa: E402
 from evaluation.results import environment, markdown_table, save_figure_atomic, write_json_atomic, write_text_atomic  # noqa: E402
 from evaluation.speed import measure, neox_settings, prompt_ids  # noqa: E402
-from patches import UnsupportedModelError  # noqa: E402
 from presses import PressConfigError, make_press  # noqa: E402
 from presses.registry import check_compression_ratio  # noqa: E402
 
@@ -254,7 +253,7 @@ def merge(folders: list[Path]) -> tuple[dict, list[dict]]:
 
 
 def measure_grid(args, argv: list[str]) -> tuple[dict, list[dict]]:
-    try:
+    with one_line_errors():
         for name in args.press:
             make_press(name, 0.0)  # unknown names fail here, before the model loads
         for ratio in args.compression_ratio:
@@ -265,9 +264,6 @@ def measure_grid(args, argv: list[str]) -> tuple[dict, list[dict]]:
             raise PressConfigError("--bandwidth needs --peak_tflops")
         dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
         loaded = load_model(args.model, args.random_init, dtype, args.device, "sdpa", args.data_dir)
-    except (PressConfigError, DataError, ModelLoadError, UnsupportedModelError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
     ceilings = run_ceilings(args, loaded.model.device)  # before any cell: the GPU as the grid finds it
     print(f"ceilings ({ceilings.source}): copy {ceilings.bandwidth / 1e12:.3f} TB/s, GEMV "
           f"{(ceilings.gemv_bandwidth or 0) / 1e12:.3f} TB/s, matmul {ceilings.peak_flops / 1e12:.0f} TFLOP/s",

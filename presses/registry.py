@@ -153,7 +153,8 @@ def make_streaming_press(name: str, settings: Settings = Settings()) -> BasePres
     whenever ``settings.compress_every`` tokens beyond the budget have arrived."""
     method = method_for(name)
     if min(settings.budget, settings.compress_every, settings.chunk_tokens) < 1:
-        raise PressConfigError(f"budget, compress_every and chunk_tokens must be at least 1: {settings}")
+        raise PressConfigError(f"--budget {settings.budget}, --compress_every {settings.compress_every}, --chunk_tokens "
+                               f"{settings.chunk_tokens}: each must be at least 1")
     if method.stream is not None:
         return method.stream(settings)
     try:
