@@ -1,6 +1,7 @@
 # Two commands do everything on a fresh machine:
 #   make demo   install into .venv (if needed) and run SnapKV vs dense perplexity on the offline
-#               real-weights stand-in (SmolLM2-135M) and WikiText-2 test
+#               real-weights stand-in (SmolLM2-135M) and WikiText-2 test; writes results/tmp/ (ignored
+#               by git, so no committed file changes) and prints the README's table
 #   make test   install into .venv (if needed) and run the test suite (CPU, offline)
 # The offline data folder defaults to ../shared/data; override with DATA=/path or KVPRESS_NEOX_DATA.
 
@@ -10,6 +11,8 @@ PYTHON := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 DATA ?= ../shared/data
 export KVPRESS_NEOX_DATA ?= $(abspath $(DATA))
+# Not the committed results/smollm2-135m_context_wikitext_snapkv.json: a demo dirties nothing.
+DEMO_OUTPUT ?= results/tmp/smollm2-135m_context_wikitext_snapkv.json
 
 .PHONY: install demo test
 
@@ -26,7 +29,8 @@ install: $(VENV)/.installed
 demo: install
 	$(PYTHON) evaluation/perplexity.py --model smollm2-135m --dataset wikitext --press snapkv \
 	  --compression_ratio 0.5 --context_tokens 1536 --eval_tokens 512 --num_windows 4 \
-	  --output results/smollm2-135m_context_wikitext_snapkv.json
+	  --output $(DEMO_OUTPUT)
+	$(PYTHON) evaluation/report.py $(DEMO_OUTPUT) --summary
 
 test: install
 	$(PYTHON) -m pytest
