@@ -23,7 +23,6 @@ draw is an input of the step and the same noise gives the same tokens on any pat
 """
 
 import contextlib
-import time
 import weakref
 from dataclasses import dataclass
 
@@ -35,6 +34,7 @@ from transformers.models.gpt_neox.modeling_gpt_neox import apply_rotary_pos_emb
 
 from decoding import reference
 from decoding.kv_cache import kv_bytes, tensor_bytes
+from decoding.reference import END, FIRST_TOKEN, START, Generation, PhaseMarker, no_mark
 from patches.gpt_neox import split_qkv
 
 ATTENTION_BACKENDS = ("sdpa", "flex", "eager")
@@ -357,12 +357,12 @@ def _noise(shape, device, generator):
 @torch.no_grad()
 def generate(model, prompts: list[torch.Tensor], press, new_tokens: int, step=decode_step, backend: str = "sdpa",
              temperature: float = 0.0, top_k: int | None = None, generator: torch.Generator | None = None,
-             timings: dict | None = None) -> torch.Tensor:
+             mark: PhaseMarker = no_mark) -> Generation:
     """Exactly ``new_tokens`` tokens (no early stop) after each prompt (1, length_i), the press
-    applied at prefill; returns (batch, new_tokens). ``step``: ``decode_step`` or
-    ``compiled_step(True)``; ``backend``: the attention of the decode step and of the prefill.
-    ``timings``, if given, receives ttft_s (prefill, first token and the copy into the buffer),
-    decode_s, kept tokens (layer 0's and every layer's) and KV bytes."""
+    applied at prefill; returns the tokens (batch, new_tokens) and the cache sizes (kept: each
+    layer's longest kept sequence). ``step``: ``decode_step`` or ``compiled_step(True)``;
+    ``backend``: the attention of the decode step and of the prefill. ``mark``: see
+    decoding/reference.py (the first token is marked after the copy into the buffer)."""
     if backend not in ATTENTION_BACKENDS:
         raise unknown_backend(backend)
     device = model.device
@@ -370,8 +370,7 @@ def generate(model, prompts: list[torch.Tensor], press, new_tokens: int, step=de
     sampled = temperature > 0
     noise_shape = (batch, 1, model.config.vocab_size)
     with attention_implementation(model, PREFILL_ATTENTION[backend]):
-        reference.synchronize(device)
-        start = time.perf_counter()
+        mark(START)
         logits, groups = prefill(model, prompts, press)
     token = next_token(logits[:, None], temperature, top_k, _noise(noise_shape, device, generator) if sampled else None)
     kept_bytes = sum(kv_bytes(cache) for _, cache in groups)
@@ -379,8 +378,7 @@ def generate(model, prompts: list[torch.Tensor], press, new_tokens: int, step=de
         buffer = step.load_buffer(groups, new_tokens)
     else:
         buffer = load_buffer(groups, new_tokens)
-    reference.synchronize(device)
-    first_token_at = time.perf_counter()
+    mark(FIRST_TOKEN)
     lengths = torch.tensor([[prompt.shape[1]] for prompt in prompts], device=device)
     generated = [token]
     for index in range(new_tokens - 1):
@@ -392,11 +390,7 @@ def generate(model, prompts: list[torch.Tensor], press, new_tokens: int, step=de
         # CUDA graphs reuse their output buffers: clone before the next replay overwrites it.
         token = step(model, token, lengths + index, new_index, buffer, noise, backend, temperature, top_k).clone()
         generated.append(token)
-    reference.synchronize(device)
-    if timings is not None:
-        timings.update(ttft_s=first_token_at - start, decode_s=time.perf_counter() - first_token_at,
-                       kept_tokens_layer0=int(buffer.kept[0] - buffer.first_valid[0].min()),
-                       # each layer's longest kept sequence (the batch's prompts alike: every one's)
-                       kept_tokens_per_layer=(buffer.kept - buffer.first_valid.min(dim=1).values).tolist(),
-                       kv_bytes_after_prefill=kept_bytes, kv_bytes_final=buffer.nbytes())
-    return torch.cat(generated, dim=1)
+    mark(END)
+    # each layer's longest kept sequence (the batch's prompts alike: every one's)
+    kept = (buffer.kept - buffer.first_valid.min(dim=1).values).tolist()
+    return Generation(torch.cat(generated, dim=1), kept, kept_bytes, buffer.nbytes())

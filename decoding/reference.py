@@ -6,22 +6,47 @@
 - ``hf_generate`` (``hf_eager``, ``hf_sdpa``, ``hf_static``): transformers' own ``generate``,
   greedy, dense only (what a user would run without this project).
 
-``prefill`` is the pressed prefill every decoder of this package starts from.
+``prefill`` is the pressed prefill every decoder of this package starts from; ``Generation`` is
+what every decoder returns, and ``mark`` how it says where its phases begin and end (decoders do
+not time themselves: evaluation/speed.py passes a clock as ``mark``).
 """
 
 import contextlib
-import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache, StaticCache
+from transformers import Cache, DynamicCache
 
 from decoding.kv_cache import kv_bytes, make_cache
 
+# The phases a decoder marks, by calling ``mark(phase)``: START just before the prefill; FIRST_TOKEN
+# when the first token is chosen and the cache is ready to decode on (prefill, the press's
+# compression and any copy into another cache done: TTFT is START to FIRST_TOKEN); END when the
+# last token is chosen. A decoder that cannot split its work (transformers' generate) marks START
+# and END only.
+START, FIRST_TOKEN, END = "start", "first_token", "end"
+PhaseMarker = Callable[[str], None]
 
-def synchronize(device: torch.device) -> None:
-    """Wait for queued GPU work, so that a host clock measures it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+
+def no_mark(phase: str) -> None:
+    """The default ``mark``: nothing is timed."""
+
+
+@dataclass
+class Generation:
+    """What a decoder returns: the tokens (batch, new_tokens), the tokens each layer's cache kept
+    after the prefill (every sequence's longest), and the bytes the cache held after the prefill
+    (None where the decoder does not say) and at the end."""
+
+    tokens: torch.Tensor
+    kept_tokens_per_layer: list[int]
+    kv_bytes_after_prefill: int | None
+    kv_bytes_final: int
+
+    @property
+    def kept_tokens_layer0(self) -> int:
+        return self.kept_tokens_per_layer[0]
 
 
 @torch.no_grad()
@@ -49,22 +74,19 @@ def layer_lengths(cache) -> list[int]:
 
 @torch.no_grad()  # with autograd on, the cache would hold every step's activations for a backward
 def kvpress_generate(model, prompt: torch.Tensor, press, new_tokens: int, kv_quant: str = "none",
-                     margins: list | None = None) -> dict:
-    """Greedy generation of exactly ``new_tokens`` tokens after ``prompt`` (batch, length);
-    returns the tokens, the timings and the cache sizes of one run. ``margins``, if given,
-    receives per step the (batch,) gap between the two largest logits: how near a tie each
-    greedy choice was."""
+                     margins: list | None = None, mark: PhaseMarker = no_mark) -> Generation:
+    """Greedy generation of exactly ``new_tokens`` tokens after ``prompt`` (batch, length), with
+    the cache sizes of the run. ``margins``, if given, receives per step the (batch,) gap between
+    the two largest logits: how near a tie each greedy choice was."""
     device = model.device
     batch, prompt_len = prompt.shape
     cache = make_cache(model, kv_quant)
-    synchronize(device)
-    start = time.perf_counter()
+    mark(START)
     with press(model) if press is not None else contextlib.nullcontext():
         hidden = model.model(input_ids=prompt, past_key_values=cache).last_hidden_state
     logits = model.get_output_embeddings()(hidden[:, -1:])
     token = logits.argmax(-1)
-    synchronize(device)
-    first_token_at = time.perf_counter()
+    mark(FIRST_TOKEN)
     kept = layer_lengths(cache)
     kv_after_prefill = kv_bytes(cache)
 
@@ -77,44 +99,19 @@ def kvpress_generate(model, prompt: torch.Tensor, press, new_tokens: int, kv_qua
         token = logits[:, -1:].argmax(-1)
         generated.append(token)
         record_margin(logits, margins)
-    synchronize(device)
-    end = time.perf_counter()
-    return {
-        "tokens": torch.cat(generated, dim=1),
-        "ttft_s": first_token_at - start,
-        "decode_s": end - first_token_at,
-        "kept_tokens_layer0": kept[0],
-        "kept_tokens_per_layer": kept,
-        "kv_bytes_after_prefill": kv_after_prefill,
-        "kv_bytes_final": kv_bytes(cache),
-    }
+    mark(END)
+    return Generation(torch.cat(generated, dim=1), kept, kv_after_prefill, kv_bytes(cache))
 
 
 @torch.no_grad()
-def hf_generate(model, prompt: torch.Tensor, new_tokens: int, static: bool, cache: StaticCache | None = None) -> dict:
-    """transformers' own ``generate`` (greedy, exactly ``new_tokens``), in kvpress_generate's
-    format. It reports no first-token time, so TTFT is a separate one-token generation and the
-    decode time is the difference. ``static``: a StaticCache, ``cache`` if given (reset before
-    each of the two generations and kept), else a new one per generation; otherwise a new
-    DynamicCache per generation."""
+def hf_generate(model, prompt: torch.Tensor, new_tokens: int, cache: Cache, mark: PhaseMarker = no_mark) -> Generation:
+    """transformers' own ``generate``, greedy, exactly ``new_tokens``, dense, on ``cache`` (an
+    empty DynamicCache or StaticCache: ``hf_static`` resets and reuses one). It has no first-token
+    point to mark: evaluation/speed.py times a one-token generation for the TTFT."""
     batch, prompt_len = prompt.shape
-
-    def timed(tokens: int):
-        if static and cache is not None:
-            cache.reset()
-            used = cache
-        else:
-            used = StaticCache(config=model.config, max_cache_len=prompt_len + new_tokens) if static else DynamicCache()
-        synchronize(model.device)
-        start = time.perf_counter()
-        output = model.generate(prompt, attention_mask=torch.ones_like(prompt), past_key_values=used,
-                                max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
-                                pad_token_id=model.config.eos_token_id)
-        synchronize(model.device)
-        return output, time.perf_counter() - start, used
-
-    _, ttft, _ = timed(1)
-    output, total, used = timed(new_tokens)
-    return {"tokens": output[:, prompt_len:], "ttft_s": ttft, "decode_s": total - ttft,
-            "kept_tokens_layer0": prompt_len, "kept_tokens_per_layer": [prompt_len] * model.config.num_hidden_layers,
-            "kv_bytes_after_prefill": None, "kv_bytes_final": kv_bytes(used)}
+    mark(START)
+    output = model.generate(prompt, attention_mask=torch.ones_like(prompt), past_key_values=cache,
+                            max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                            pad_token_id=model.config.eos_token_id)
+    mark(END)
+    return Generation(output[:, prompt_len:], [prompt_len] * model.config.num_hidden_layers, None, kv_bytes(cache))

@@ -32,14 +32,13 @@ A batch advances together: it accepts the smallest number of drafts any row acce
 row's next token is the one its own rule gives at that position, so each row stays exact.
 """
 
-import time
 from dataclasses import dataclass, field
 
 import torch
 
 from decoding import neox_decode
+from decoding.reference import END, FIRST_TOKEN, START, PhaseMarker, no_mark
 from decoding.reference import prefill as prefill_dynamic
-from decoding.reference import synchronize
 from decoding.static_cache import to_static_cache
 from decoding.layer_skip import skipping_model
 from decoding.registry import DECODERS, SPECULATIVE_DECODERS
@@ -221,11 +220,9 @@ def accept_sampled(p: torch.Tensor, q: torch.Tensor, proposal: torch.Tensor, gen
 
 @dataclass
 class Stats:
-    """Per verify pass: drafts proposed (k) and drafts accepted; plus wall-clock times."""
+    """Per verify pass: drafts proposed (k) and drafts accepted."""
     proposed: list[int] = field(default_factory=list)
     accepted: list[int] = field(default_factory=list)
-    ttft_s: float = 0.0  # prefill of target and draft, to the first token
-    decode_s: float = 0.0
     target: CachedModel | None = field(default=None, repr=False)  # the target and its cache, after the run
 
     def summary(self) -> dict:
@@ -254,11 +251,12 @@ def next_k(k: int, accepted: int, k_max: int) -> int:
 def speculative_generate(target, prompt: torch.Tensor, draft, new_tokens: int, k: int = 4, press=None,
                          temperature: float = 0.0, adaptive: bool = False, k_max: int = 8, cache: str = "dynamic",
                          compile: bool = False, generator: torch.Generator | None = None,
-                         stats: Stats | None = None) -> torch.Tensor:
+                         stats: Stats | None = None, mark: PhaseMarker = no_mark) -> torch.Tensor:
     """Exactly ``new_tokens`` tokens (batch, new_tokens) after ``prompt`` (batch, length), as
     the target with ``press`` at prefill would decode them, proposed by ``draft``.
     ``adaptive``: k follows ``next_k`` from ``k`` up to ``k_max``. Returns the tokens; ``stats``,
-    if given, receives the acceptance counts and timings."""
+    if given, receives the acceptance counts. ``mark``: see decoding/reference.py (the first
+    token is marked after the prefill of target and draft)."""
     if k < 1 or (adaptive and k_max < k):
         raise ValueError(f"need 1 <= k <= k_max, got k={k}, k_max={k_max}")
     if temperature > 0 and generator is None:
@@ -268,26 +266,23 @@ def speculative_generate(target, prompt: torch.Tensor, draft, new_tokens: int, k
         raise ValueError(f"unknown cache {cache!r}; choose from {', '.join(CACHES)}")
     step = make_step(compile, cache)
     room = new_tokens + max(k, k_max) + 2  # every cache slot a verify pass may write
-    device = prompt.device
-    synchronize(device)
-    start = time.perf_counter()
+    mark(START)
     logits, runner = prefill(target, prompt, press, cache, room, step)
     last, _ = choose(logits, temperature, generator)
     draft.start(prompt, runner, room, step)
-    synchronize(device)
-    first_token_at = time.perf_counter()
+    mark(FIRST_TOKEN)
 
     generated, count = [last], 1
     while count < new_tokens:
         proposal, q = draft.propose(last, k, temperature, generator)
-        mark = runner.mark()
+        before = runner.mark()
         target_logits = runner.forward(torch.cat([last, proposal], dim=1))  # (batch, k+1, vocab)
         if temperature == 0:
             accepted, last = accept_greedy(target_logits, proposal)
         else:
             p = (target_logits.float() / temperature).softmax(-1)
             accepted, last = accept_sampled(p, q, proposal, generator)
-        runner.rewind(mark, 1 + accepted)  # the previous token and the accepted drafts stay cached
+        runner.rewind(before, 1 + accepted)  # the previous token and the accepted drafts stay cached
         draft.commit(proposal, accepted)
         generated += [proposal[:, :accepted], last]
         count += accepted + 1
@@ -295,7 +290,6 @@ def speculative_generate(target, prompt: torch.Tensor, draft, new_tokens: int, k
         stats.accepted.append(accepted)
         if adaptive:
             k = next_k(k, accepted, k_max)
-    synchronize(device)
-    stats.ttft_s, stats.decode_s = first_token_at - start, time.perf_counter() - first_token_at
+    mark(END)
     stats.target = runner
     return torch.cat(generated, dim=1)[:, :new_tokens]

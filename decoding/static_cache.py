@@ -16,13 +16,11 @@ different numbers of tokens (PyramidKV; StaticCache has one fill level), samplin
 of different prompt lengths.
 """
 
-import time
-
 import torch
 from transformers import DynamicCache, StaticCache
 
 from decoding.kv_cache import kv_bytes
-from decoding.reference import prefill, synchronize
+from decoding.reference import END, FIRST_TOKEN, START, Generation, PhaseMarker, no_mark, prefill
 
 
 class RaggedCacheError(ValueError):
@@ -57,19 +55,18 @@ def compiled_step(compile: bool):
 
 
 @torch.no_grad()
-def generate(model, prompt: torch.Tensor, press, new_tokens: int, step=decode_step, timings: dict | None = None):
+def generate(model, prompt: torch.Tensor, press, new_tokens: int, step=decode_step,
+             mark: PhaseMarker = no_mark) -> Generation:
     """Exactly ``new_tokens`` greedy tokens (no early stop) after ``prompt``, with ``press``
-    applied at prefill. ``step``: ``decode_step`` or ``compiled_step(True)``. ``timings``, if
-    given, receives ttft_s (prefill and cache copy, to the first token), decode_s, kept tokens
-    (layer 0's and every layer's) and KV bytes."""
-    synchronize(model.device)
-    start = time.perf_counter()
+    applied at prefill, and the cache sizes. ``step``: ``decode_step`` or ``compiled_step(True)``.
+    ``mark``: see decoding/reference.py (the first token is marked after the copy into the
+    StaticCache)."""
+    mark(START)
     logits, pressed = prefill(model, prompt, press)
     token = logits.argmax(-1, keepdim=True)
     kept_bytes = kv_bytes(pressed)
     cache, kept = to_static_cache(model, pressed, new_tokens)
-    synchronize(model.device)
-    first_token_at = time.perf_counter()
+    mark(FIRST_TOKEN)
     batch, prompt_len = prompt.shape
     generated = [token]
     for index in range(new_tokens - 1):
@@ -78,10 +75,5 @@ def generate(model, prompt: torch.Tensor, press, new_tokens: int, step=decode_st
         # CUDA graphs reuse their output buffers: clone before the next replay overwrites it.
         token = step(model, token, cache, position, slot).clone()
         generated.append(token)
-    synchronize(model.device)
-    if timings is not None:
-        timings.update(ttft_s=first_token_at - start, decode_s=time.perf_counter() - first_token_at,
-                       kept_tokens_layer0=kept, kept_tokens_per_layer=[kept] * len(cache.layers),
-                       kv_bytes_after_prefill=kept_bytes,
-                       kv_bytes_final=kv_bytes(cache))
-    return torch.cat(generated, dim=1)
+    mark(END)
+    return Generation(torch.cat(generated, dim=1), [kept] * len(cache.layers), kept_bytes, kv_bytes(cache))

@@ -87,14 +87,14 @@ def check(argv=None) -> None:
     compile = model.device.type == "cuda"
     prompt = prompt_ids(model.config.vocab_size, args.batch_size, args.prompt_tokens, 0).to(model.device)
     paths = {"static": lambda press: static_cache.generate(model, prompt, press, args.new_tokens,
-                                                           step=static_cache.compiled_step(compile))}
+                                                           step=static_cache.compiled_step(compile)).tokens}
     sampled = args.temperature > 0
 
     def neox_path(step):
         # A fresh generator per run: every path draws the same noise.
         return lambda press: neox_decode.generate(
             model, list(prompt.split(1)), press, args.new_tokens, step=step, temperature=args.temperature,
-            top_k=args.top_k, generator=torch.Generator(model.device).manual_seed(args.seed))
+            top_k=args.top_k, generator=torch.Generator(model.device).manual_seed(args.seed)).tokens
 
     if model.config.model_type == "gpt_neox":
         for path, mode in (("neox", "reduce-overhead"), ("neox_two_stream", "two-stream")):
@@ -111,7 +111,7 @@ def check(argv=None) -> None:
         if sampled:
             reference = neox_path(margin_recording_step(margins, top_k_gaps))(press)
         else:
-            reference = kvpress_generate(model, prompt, press, args.new_tokens, margins=margins)["tokens"]
+            reference = kvpress_generate(model, prompt, press, args.new_tokens, margins=margins).tokens
         # (batch, steps) each. Sampled, the first token comes from the prefill, which every neox
         # path shares: no gaps recorded there.
         gaps = {key: torch.stack([torch.full_like(steps[0], float("nan"))] * sampled + steps, dim=1)

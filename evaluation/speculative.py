@@ -31,7 +31,7 @@ import transformers
 
 from decoding import neox_decode
 from decoding import static_cache
-from decoding.reference import kvpress_generate
+from decoding.reference import END, FIRST_TOKEN, START, kvpress_generate, no_mark
 from decoding.layer_skip import choose_skip_layers
 from decoding.registry import ALIASES, SPECULATIVE_DECODERS, decoder
 from decoding.speculative import LayerSkipDraft, ModelDraft, Stats, speculative_generate
@@ -40,7 +40,7 @@ from evaluation.data import DataError, load_text
 from evaluation.models import DTYPES, REPO_ROOT, SMOLLM2_ALIAS, load_model
 from evaluation.results import environment, table, write_json_atomic
 from evaluation.speculative_costs import measure_costs
-from evaluation.speed import with_timings
+from evaluation.speed import Clock, timed
 from presses import PressConfigError, Settings, make_press, press_names
 from presses.registry import method_for
 
@@ -250,11 +250,12 @@ def cache_kind(args) -> str:
 def plain(args, model, prompt, press, step):
     """Plain greedy decoding with the same cache kind: tokens and timings."""
     if cache_kind(args) == "static":
-        run = with_timings(static_cache.generate, model, prompt, press, args.new_tokens, step=step)
+        run = timed(static_cache.generate, model.device, model, prompt, press, args.new_tokens, step=step)
     elif cache_kind(args) == "neox":
-        run = with_timings(neox_decode.generate, model, list(prompt.split(1)), press, args.new_tokens, step=step)
+        run = timed(neox_decode.generate, model.device, model, list(prompt.split(1)), press, args.new_tokens,
+                    step=step)
     else:
-        run = kvpress_generate(model, prompt, press, args.new_tokens)
+        run = timed(kvpress_generate, model.device, model, prompt, press, args.new_tokens)
     return run["tokens"], run["ttft_s"], run["decode_s"]
 
 
@@ -273,33 +274,35 @@ def speculative_rows(args, loaded, specs, dtype, save) -> list[dict]:
     for spec in specs:
         draft, description = build_draft(spec, args, loaded, dtype, chosen)
 
-        def run(ids, stats, seed):
+        def run(ids, stats, seed, mark=no_mark):
             generator = torch.Generator(device=model.device).manual_seed(seed)
             return speculative_generate(model, ids, draft, args.new_tokens, k=spec.k, press=target_press,
                                         temperature=args.temperature, adaptive=spec.adaptive, k_max=spec.k_max,
-                                        cache=cache_kind(args), compile=compile, generator=generator, stats=stats)
+                                        cache=cache_kind(args), compile=compile, generator=generator, stats=stats,
+                                        mark=mark)
 
         for _ in range(args.warmup):
             run(prompts[0][1], Stats(), args.seed)
-        per_prompt, total = [], Stats()
+        per_prompt, total, total_ttft, total_decode = [], Stats(), 0.0, 0.0
         for index, ((source, ids), (plain_tokens, plain_ttft, plain_decode)) in enumerate(zip(prompts, baseline)):
-            stats = Stats()
-            tokens = run(ids, stats, args.seed + index)
+            stats, clock = Stats(), Clock(model.device)
+            tokens = run(ids, stats, args.seed + index, clock)
+            ttft, decode = clock.seconds(START, FIRST_TOKEN), clock.seconds(FIRST_TOKEN, END)
             total.proposed += stats.proposed
             total.accepted += stats.accepted
-            total.ttft_s += stats.ttft_s
-            total.decode_s += stats.decode_s
-            per_prompt.append({"prompt": source, **stats.summary(), "ttft_s": stats.ttft_s,
-                               "decode_s": stats.decode_s, "plain_ttft_s": plain_ttft, "plain_decode_s": plain_decode,
+            total_ttft += ttft
+            total_decode += decode
+            per_prompt.append({"prompt": source, **stats.summary(), "ttft_s": ttft,
+                               "decode_s": decode, "plain_ttft_s": plain_ttft, "plain_decode_s": plain_decode,
                                "identical_to_plain": bool(torch.equal(tokens, plain_tokens))})
         plain_ttft = sum(b[1] for b in baseline)
         plain_decode = sum(b[2] for b in baseline)
         row = {"spec": spec.text, "kind": spec.kind, **description, "k": "adaptive" if spec.adaptive else spec.k,
                "k_max": spec.k_max, **total.summary(),
-               "decode_speedup": plain_decode / total.decode_s,
-               "end_to_end_speedup": (plain_ttft + plain_decode) / (total.ttft_s + total.decode_s),
+               "decode_speedup": plain_decode / total_decode,
+               "end_to_end_speedup": (plain_ttft + plain_decode) / (total_ttft + total_decode),
                "plain_decode_ms_per_token": 1e3 * plain_decode / (len(prompts) * (args.new_tokens - 1)),
-               "speculative_decode_ms_per_token": 1e3 * total.decode_s / (len(prompts) * (args.new_tokens - 1)),
+               "speculative_decode_ms_per_token": 1e3 * total_decode / (len(prompts) * (args.new_tokens - 1)),
                "identical_to_plain": all(p["identical_to_plain"] for p in per_prompt) if args.temperature == 0 else None,
                "median_prompt_acceptance_rate": statistics.median(p["acceptance_rate"] for p in per_prompt),
                "prompts": per_prompt}

@@ -23,9 +23,9 @@ import time
 import torch
 
 from decoding import neox_decode
-from decoding.reference import synchronize
 from decoding.layer_skip import skipping_model
 from evaluation.models import load_model
+from evaluation.speed import synchronize
 
 
 @torch.no_grad()  # with autograd on, each compiled call keeps a graph for backward and re-records its CUDA graph

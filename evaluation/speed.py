@@ -27,13 +27,68 @@ import time
 
 import torch
 
-from transformers import StaticCache
+from transformers import DynamicCache, StaticCache
 
 from decoding import neox_decode, static_cache
-from decoding.reference import hf_generate, kvpress_generate, synchronize
+from decoding.reference import END, FIRST_TOKEN, START, Generation, hf_generate, kvpress_generate
 from decoding.registry import DECODERS, decoder as decoder_named
 from evaluation import flops, roofline
 from evaluation.ceilings import Ceilings, machine_ceilings
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so that a host clock measures it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Clock:
+    """A decoder's ``mark`` (decoding/reference.py): the host clock at each phase it marks, the
+    device synchronised first. The decoders only mark; the timing is here."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.at = device, {}
+
+    def __call__(self, phase: str) -> None:
+        synchronize(self.device)
+        self.at[phase] = time.perf_counter()
+
+    def seconds(self, start: str, end: str) -> float:
+        return self.at[end] - self.at[start]
+
+
+def run_row(generation: Generation, ttft_s: float, decode_s: float) -> dict:
+    """One timed generation as ``measure`` reads it."""
+    return {"tokens": generation.tokens, "ttft_s": ttft_s, "decode_s": decode_s,
+            "kept_tokens_layer0": generation.kept_tokens_layer0,
+            "kept_tokens_per_layer": generation.kept_tokens_per_layer,
+            "kv_bytes_after_prefill": generation.kv_bytes_after_prefill, "kv_bytes_final": generation.kv_bytes_final}
+
+
+def timed(generate, device: torch.device, *args, **kwargs) -> dict:
+    """One run of a decoder that marks its first token (``kvpress``, ``static``, ``neox``):
+    TTFT from the start of the prefill to the first token (compression and any cache copy
+    included), decode time from there to the last token."""
+    clock = Clock(device)
+    generation = generate(*args, mark=clock, **kwargs)
+    return run_row(generation, clock.seconds(START, FIRST_TOKEN), clock.seconds(FIRST_TOKEN, END))
+
+
+def timed_hf(model, prompt: torch.Tensor, new_tokens: int, cache: StaticCache | None = None) -> dict:
+    """One run of transformers' ``generate``, which has no first-token point to mark: TTFT is a
+    one-token generation timed on its own, the decode time the full generation's time less it.
+    ``cache``: a StaticCache reset before each of the two generations and kept (``hf_static``,
+    see ``static_cache_for``); None: a new DynamicCache for each."""
+    def generation_and_seconds(tokens: int) -> tuple[Generation, float]:
+        if cache is not None:
+            cache.reset()
+        clock = Clock(model.device)
+        generation = hf_generate(model, prompt, tokens, DynamicCache() if cache is None else cache, mark=clock)
+        return generation, clock.seconds(START, END)
+
+    _, ttft = generation_and_seconds(1)
+    generation, total = generation_and_seconds(new_tokens)
+    return run_row(generation, ttft, total - ttft)
 
 
 def prompt_ids(vocab_size: int, batch: int, tokens: int, seed: int) -> torch.Tensor:
@@ -45,16 +100,9 @@ def prompt_ids(vocab_size: int, batch: int, tokens: int, seed: int) -> torch.Ten
 def static_cache_for(model, prompt: torch.Tensor, new_tokens: int) -> StaticCache:
     """One StaticCache for every ``hf_generate`` call of a cell: transformers' compiled step then
     sees the same cache tensors call after call (its CUDA graphs are recorded once, not again for
-    a new cache). ``hf_generate`` resets it before each call, as transformers documents for
+    a new cache). ``timed_hf`` resets it before each call, as transformers documents for
     reusing a StaticCache on a new prompt (docs: llm_optims, "Static kv-cache and torch.compile")."""
     return StaticCache(config=model.config, max_cache_len=prompt.shape[1] + new_tokens)
-
-
-def with_timings(generate, *args, **kwargs) -> dict:
-    """One run of a fast path's ``generate`` (which fills a ``timings`` dict), in kvpress_generate's format."""
-    run = {}
-    run["tokens"] = generate(*args, timings=run, **kwargs)
-    return run
 
 
 def neox_settings(decoder: str, compile_mode: str, keep_buffer: bool) -> dict:
@@ -78,17 +126,17 @@ def run_once_for(model, prompt: torch.Tensor, press, new_tokens: int, decoder: s
             raise ValueError(f"{decoder} is transformers' own generate: dense only")
         if model.config._attn_implementation != hf_attention:
             model.set_attn_implementation(hf_attention)
-        static = decoder == "hf_static"
-        cache = static_cache_for(model, prompt, new_tokens) if static else None
-        return functools.partial(hf_generate, model, prompt, new_tokens, static, cache)
+        cache = static_cache_for(model, prompt, new_tokens) if decoder == "hf_static" else None
+        return functools.partial(timed_hf, model, prompt, new_tokens, cache)
+    device = model.device
     if decoder == "static":
         step = static_cache.compiled_step(compile)
-        return functools.partial(with_timings, static_cache.generate, model, prompt, press, new_tokens, step=step)
+        return functools.partial(timed, static_cache.generate, device, model, prompt, press, new_tokens, step=step)
     if decoder == "neox":
         step = neox_decode.compiled_step(compile, compile_mode, keep_buffer)
-        return functools.partial(with_timings, neox_decode.generate, model, list(prompt.split(1)), press, new_tokens,
+        return functools.partial(timed, neox_decode.generate, device, model, list(prompt.split(1)), press, new_tokens,
                                  step=step, backend=backend)
-    return functools.partial(kvpress_generate, model, prompt, press, new_tokens, kv_quant)
+    return functools.partial(timed, kvpress_generate, device, model, prompt, press, new_tokens, kv_quant)
 
 
 def measure(model, prompt: torch.Tensor, press, new_tokens: int, repeats: int = 3, warmup: int = 1,

@@ -15,8 +15,8 @@ def test_static_path_matches_the_kvpress_loop(config, name, ratio):
     model = build(config, attn_implementation="sdpa")
     prompt = torch.randint(2, 1000, (2, 100), generator=torch.Generator().manual_seed(3))
     press = make_press(name, ratio) if name else None
-    expected = kvpress_generate(model, prompt, press, new_tokens=12)["tokens"]
-    assert torch.equal(generate(model, prompt, press, new_tokens=12), expected)
+    expected = kvpress_generate(model, prompt, press, new_tokens=12).tokens
+    assert torch.equal(generate(model, prompt, press, new_tokens=12).tokens, expected)
 
 
 def test_ragged_caches_are_refused_with_a_reason():

@@ -30,28 +30,28 @@ def prompts(batch: int, length: int, seed: int = 3) -> torch.Tensor:
 def test_same_greedy_tokens_as_the_kvpress_loop(model, backend, name, ratio):
     prompt = prompts(2, 100)
     press = make_press(name, ratio) if name else None
-    expected = kvpress_generate(model, prompt, press, new_tokens=12)["tokens"]
-    assert torch.equal(neox_decode.generate(model, list(prompt.split(1)), press, 12, backend=backend), expected)
+    expected = kvpress_generate(model, prompt, press, new_tokens=12).tokens
+    assert torch.equal(neox_decode.generate(model, list(prompt.split(1)), press, 12, backend=backend).tokens, expected)
 
 
 def test_layers_keeping_different_lengths_decode_like_the_kvpress_loop(model):
     press = PyramidKVPress(0.5, window_size=4, beta=2)
     lengths = record_cache_lengths(press)
     prompt = prompts(1, 100)
-    expected = kvpress_generate(model, prompt, press, new_tokens=12)["tokens"]
+    expected = kvpress_generate(model, prompt, press, new_tokens=12).tokens
     assert len(set(lengths)) > 1, "the press must leave the layers ragged for this test to mean anything"
-    timings = {}
-    assert torch.equal(neox_decode.generate(model, [prompt], press, 12, timings=timings), expected)
+    generation = neox_decode.generate(model, [prompt], press, 12)
+    assert torch.equal(generation.tokens, expected)
     # Each layer's buffer holds its own kept tokens plus the new ones: no padding to the longest layer.
     token_bytes = 2 * model.config.hidden_size * 4  # keys and values, fp32
-    assert timings["kv_bytes_final"] == sum(lengths[-2:]) * token_bytes + 2 * 12 * token_bytes
+    assert generation.kv_bytes_final == sum(lengths[-2:]) * token_bytes + 2 * 12 * token_bytes
 
 
 def test_prompts_of_different_lengths_in_one_batch_decode_as_if_alone(model):
     short, long = prompts(1, 70, seed=4), prompts(1, 100, seed=5)
     press = make_press("snapkv", 0.5)
-    alone = [kvpress_generate(model, prompt, press, new_tokens=10)["tokens"] for prompt in (short, long)]
-    together = neox_decode.generate(model, [short, long], press, 10)
+    alone = [kvpress_generate(model, prompt, press, new_tokens=10).tokens for prompt in (short, long)]
+    together = neox_decode.generate(model, [short, long], press, 10).tokens
     assert torch.equal(together, torch.cat(alone))
 
 
@@ -72,8 +72,8 @@ def test_branches_compiled_apart_give_the_same_tokens_and_compile_once_for_all_l
 
     prompt = prompts(1, 100)
     press = make_press("snapkv", 0.5)
-    expected = kvpress_generate(model, prompt, press, new_tokens=5)["tokens"]
-    assert torch.equal(neox_decode.generate(model, [prompt], press, 5, step=step), expected)
+    expected = kvpress_generate(model, prompt, press, new_tokens=5).tokens
+    assert torch.equal(neox_decode.generate(model, [prompt], press, 5, step=step).tokens, expected)
     # attention and MLP, each for the first layer's one input part and the later layers' three
     assert counters["stats"]["unique_graphs"] == 4
 
@@ -81,9 +81,9 @@ def test_branches_compiled_apart_give_the_same_tokens_and_compile_once_for_all_l
 def test_compiled_step_gives_the_same_tokens(model):
     prompt = prompts(2, 100)
     press = make_press("snapkv", 0.5)
-    expected = neox_decode.generate(model, list(prompt.split(1)), press, 6)
+    expected = neox_decode.generate(model, list(prompt.split(1)), press, 6).tokens
     step = neox_decode.compiled_step(True, mode="default")  # CPU: inductor, no CUDA graphs
-    assert torch.equal(neox_decode.generate(model, list(prompt.split(1)), press, 6, step=step), expected)
+    assert torch.equal(neox_decode.generate(model, list(prompt.split(1)), press, 6, step=step).tokens, expected)
 
 
 def test_sampling_is_reproducible_and_not_greedy(model):
@@ -91,11 +91,11 @@ def test_sampling_is_reproducible_and_not_greedy(model):
 
     def sample(seed, backend="sdpa"):
         generator = torch.Generator().manual_seed(seed)
-        return neox_decode.generate(model, prompt, None, 16, backend=backend, temperature=1.0, generator=generator)
+        return neox_decode.generate(model, prompt, None, 16, backend=backend, temperature=1.0, generator=generator).tokens
 
     assert torch.equal(sample(0), sample(0, backend="eager"))
     assert not torch.equal(sample(0), sample(1))
-    assert not torch.equal(sample(0), neox_decode.generate(model, prompt, None, 16))
+    assert not torch.equal(sample(0), neox_decode.generate(model, prompt, None, 16).tokens)
 
 
 def test_sampler_draws_from_the_tempered_top_k_distribution():
@@ -208,7 +208,7 @@ def test_sampled_reference_records_how_near_a_tie_each_draw_was(model):
 
     def sample(step):
         return neox_decode.generate(model, prompt, None, 8, step=step, temperature=1.0, top_k=20,
-                                    generator=torch.Generator().manual_seed(1))
+                                    generator=torch.Generator().manual_seed(1)).tokens
 
     assert torch.equal(sample(margin_recording_step(margins, top_k_gaps)), sample(neox_decode.decode_step))
     assert len(margins) == len(top_k_gaps) == 7
@@ -224,8 +224,8 @@ def test_agreement_says_where_two_decodings_part():
 def test_forced_generation_records_how_near_a_tie_each_greedy_choice_was(model):
     prompt = prompts(2, 30)
     margins = []
-    tokens = kvpress_generate(model, prompt, None, 4, margins=margins)["tokens"]
-    assert torch.equal(tokens, kvpress_generate(model, prompt, None, 4)["tokens"])
+    tokens = kvpress_generate(model, prompt, None, 4, margins=margins).tokens
+    assert torch.equal(tokens, kvpress_generate(model, prompt, None, 4).tokens)
     assert len(margins) == 4 and all(margin.shape == (2,) and bool((margin >= 0).all()) for margin in margins)
     with torch.no_grad():
         top = model(prompt).logits[:, -1].topk(2).values

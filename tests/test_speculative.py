@@ -57,7 +57,7 @@ def test_greedy_speculation_is_plain_greedy_decoding(config, kind, press, cache)
     target = build(config, attn_implementation="sdpa")
     target_press = make_press(press, 0.5, Settings(window=16)) if press else None
     prompt = prompt_ids(batch=2 if kind == "layer_skip" else 1, length=64)  # a batch advances by its smallest acceptance
-    expected = kvpress_generate(target, prompt, target_press, NEW)["tokens"]
+    expected = kvpress_generate(target, prompt, target_press, NEW).tokens
     stats = Stats()
     tokens = speculative_generate(target, prompt, make_draft(kind, target, config), NEW, k=3, press=target_press,
                                   cache=cache, adaptive=kind == "self_streaming_llm", stats=stats)
@@ -78,7 +78,7 @@ def test_greedy_speculation_on_the_neox_path_is_plain_greedy_decoding(kind, pres
     target = build(config, attn_implementation="sdpa")
     target_press = make_press(press, 0.5, Settings(window=16)) if press else None
     prompt = prompt_ids(batch=2 if kind == "layer_skip" else 1, length=64)
-    expected = kvpress_generate(target, prompt, target_press, NEW)["tokens"]
+    expected = kvpress_generate(target, prompt, target_press, NEW).tokens
     stats = Stats()
     tokens = speculative_generate(target, prompt, make_draft(kind, target, config), NEW, k=3, press=target_press,
                                   cache="neox", adaptive=kind == "self_streaming_llm", stats=stats)
@@ -95,7 +95,7 @@ def test_ragged_target_cache_pyramidkv(kind):
     config = tiny_neox_config(num_hidden_layers=3)
     target = build(config, attn_implementation="sdpa")
     press = PyramidKVPress(0.5, window_size=4, beta=2)
-    expected = kvpress_generate(target, prompt_ids(), press, NEW)["tokens"]
+    expected = kvpress_generate(target, prompt_ids(), press, NEW).tokens
     stats = Stats()
     tokens = speculative_generate(target, prompt_ids(), make_draft(kind, target, config), NEW, k=3, press=press,
                                   stats=stats)
@@ -276,7 +276,7 @@ def test_smollm2_real_weights_both_self_drafts_are_lossless():
     model = loaded.model
     text, _ = load_text("wikitext", shared_data_dir())
     ids = loaded.tokenizer()(text[:4000], return_tensors="pt").input_ids[:, 200:328]
-    expected = kvpress_generate(model, ids, None, 20)["tokens"]
+    expected = kvpress_generate(model, ids, None, 20).tokens
     for draft in [ModelDraft(model, make_press("streaming_llm", 0.75)), LayerSkipDraft(model, [16])]:
         stats = Stats()
         assert torch.equal(speculative_generate(model, ids, draft, 20, k=4, stats=stats), expected)

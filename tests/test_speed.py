@@ -64,7 +64,7 @@ def test_hf_static_reuses_one_static_cache_and_keeps_its_tokens(model, monkeypat
             super().__init__(*args, **kwargs)
 
     ids = prompt(batch=2, length=40)
-    fresh = hf_generate(model, ids, 8, static=True)["tokens"]  # a new cache per generate: the old way
+    fresh = hf_generate(model, ids, 8, speed.StaticCache(config=model.config, max_cache_len=48)).tokens  # a new cache
     monkeypatch.setattr(speed, "StaticCache", CountedStaticCache)
     row = speed.measure(model, ids, None, new_tokens=8, repeats=2, warmup=1, decoder="hf_static", ceilings=GIVEN)
     assert len(made) == 1  # one cache for the warm-up and both timed runs (two generate calls each)
