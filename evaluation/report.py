@@ -39,8 +39,7 @@ def load_rows(paths: list[Path]) -> tuple[dict, pd.DataFrame]:
     for path, other in zip(paths, payloads):
         if other["protocol"] not in ("context", "streaming"):
             raise SystemExit(f"error: {path} is a {other['protocol']} result; report.py plots quality results")
-        if (other["protocol"], other["model"], other["rows"][0]["data"]) != (
-                payload["protocol"], payload["model"], payload["rows"][0]["data"]):
+        if (other["protocol"], other["model"], _text(other)) != (payload["protocol"], payload["model"], _text(payload)):
             raise SystemExit(f"error: {path} is another model, data or protocol than {paths[0]}")
     rows = pd.DataFrame([row for index, other in enumerate(payloads) for row in other["rows"]
                          if index == 0 or row["method"] != "dense"])
@@ -49,6 +48,11 @@ def load_rows(paths: list[Path]) -> tuple[dict, pd.DataFrame]:
     else:
         rows["setting"] = rows["budget"]
     return payload, rows
+
+
+def _text(payload: dict) -> str:
+    """The text a result file scored, without the folder its local copy was read from."""
+    return re.sub(r" \(local .*\)", "", payload["rows"][0]["data"])
 
 
 def plot(payload: dict, rows: pd.DataFrame, output: Path) -> None:
