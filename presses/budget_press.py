@@ -1,5 +1,6 @@
 """Hold any scoring rule at a fixed KV budget while text streams in (decode-time eviction)."""
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +38,9 @@ class BudgetPress(DecodingPress):
         super().__post_init__()
         if self.target_size < 1:
             raise ValueError(f"budget must be at least 1 token, got {self.target_size}")
+        # The scorer's ratio is set anew at every eviction (keep_indices) and its memory follows
+        # this cache: work on our own copy, so the press the caller gave is left as it was.
+        self.base_press = copy.deepcopy(self.base_press)
 
     def keep_indices(self, module: nn.Module, hidden_states, keys, values, attentions, kwargs) -> torch.Tensor:
         """Indices (batch, kv_heads, target_size) of the tokens to keep, in cache order."""

@@ -68,9 +68,11 @@ def test_streaming_large_budget_is_dense_and_a_tight_one_holds(model_name, name)
     _, loose_logits = with_logits(model, lambda: stream(loose))
     assert all_equal(loose_logits, dense_logits)
 
-    tight = BudgetPress(SCORERS[name](), target_size=24)
+    given = SCORERS[name]()
+    tight = BudgetPress(given, target_size=24)
     held = record_cache_lengths(tight)
     assert stream(tight).nll_sum != dense.nll_sum
+    assert given.compression_ratio == SCORERS[name]().compression_ratio  # the caller's press is left as it was
     assert max(held) == 24 and len(held) == 2 * tokens // chunk  # 2 layers x 24 chunks, never above
     assert not getattr(tight.base_press, "accumulated", None) and not getattr(tight.base_press, "history", None)
 
