@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from patches.gpt_neox import to_kvpress_order
+from presses.errors import PressConfigError
 from presses.reconstructed_layer import ReconstructedLayer, ReconstructingPress, dense_cache
 
 
@@ -179,8 +180,6 @@ class LowRankPress(ReconstructingPress):
         dense = 2 * head_dim * len(layers)  # stored dims per head and token, over all layers
         budget = round((1 - self.compression_ratio) * dense) - len(rotary) * len(layers)
         if budget < 0:
-            from presses.registry import PressConfigError  # the registry imports this module
-
             raise PressConfigError(
                 f"low-rank keeps the {len(rotary)} rotary key dims of {2 * head_dim} KV dims per head in full: "
                 f"compression ratio must be below {1 - len(rotary) / (2 * head_dim):.3f}, got {self.compression_ratio}"

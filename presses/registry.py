@@ -17,6 +17,7 @@ import kvpress
 from kvpress import BasePress, ScorerPress
 
 from presses.budget_press import BudgetPress
+from presses.errors import PressConfigError
 from presses.h2o_press import H2OPress
 from presses.head_merge_press import HeadMergePress
 from presses.infllm_press import InfLLMPress
@@ -113,10 +114,6 @@ PRESSES: dict[str, Method] = {
 
 # Presses whose scores need the attention weights: the model must run with eager attention.
 NEEDS_EAGER_ATTENTION = {"observed_attention"}
-
-
-class PressConfigError(ValueError):
-    """A press name or setting the user gave cannot be used."""
 
 
 def press_names(streaming: bool = False) -> list[str]:
