@@ -3,47 +3,11 @@
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from kvpress import ScorerPress
 from kvpress.utils import compute_n_kept
 from torch import nn
 
-from presses.attention import current_attention
-
-
-def attention_rows(module: nn.Module, hidden_states, keys, attentions, kwargs, start: int, stop: int) -> torch.Tensor:
-    """Attention (batch, heads, stop - start, k_len), float32, of this call's queries
-    ``start..stop-1`` over every cached key (zero past each query's causal end). Taken from the
-    eager weights when given, else rebuilt with ``current_attention`` for those queries only."""
-    if attentions is not None:
-        return attentions[:, :, start:stop].float()
-    q_len, k_len = hidden_states.shape[1], keys.shape[2]
-    stop = min(stop, q_len)
-    end = k_len - q_len + stop  # the last of these queries sees keys [0, end)
-    cos, sin = kwargs["position_embeddings"]
-    rows_kwargs = {**kwargs, "position_embeddings": (cos[:, start:stop], sin[:, start:stop])}
-    rows = current_attention(module, hidden_states[:, start:stop], keys[:, :, :end], rows_kwargs)
-    return F.pad(rows, (0, k_len - end))
-
-
-def per_kv_head(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
-    """Sum a (batch, heads, ...) tensor over the query heads that share each KV head (GQA)."""
-    return x.view(x.shape[0], kv_heads, x.shape[1] // kv_heads, *x.shape[2:]).sum(2)
-
-
-def padded_to_keys(past: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """Per-key memory ``past`` (last dim: the keys it has seen) with zeros for the keys added since."""
-    assert past.shape[-1] <= keys.shape[2], "the cache shrank without keep(): reset() the press between texts"
-    return F.pad(past, (0, keys.shape[2] - past.shape[-1]))
-
-
-def keep_recent(scores: torch.Tensor, n_recent: int) -> torch.Tensor:
-    """Scores with the last ``n_recent`` tokens above all others, the newest highest."""
-    n_recent = min(n_recent, scores.shape[-1])
-    if n_recent <= 0:
-        return scores
-    ramp = torch.arange(1, n_recent + 1, device=scores.device, dtype=scores.dtype)
-    return torch.cat([scores[..., :-n_recent], scores.max() + ramp.expand(*scores.shape[:-1], -1)], dim=-1)
+from presses.attention import attention_rows, keep_recent, padded_to_keys, per_kv_head
 
 
 @dataclass

@@ -7,7 +7,7 @@ from kvpress import ScorerPress
 from kvpress.utils import compute_n_kept
 from torch import nn
 
-from presses.h2o_press import attention_rows, keep_recent, padded_to_keys, per_kv_head
+from presses.attention import attention_rows, keep_recent, padded_to_keys, per_kv_head
 
 
 @dataclass
