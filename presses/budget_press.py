@@ -2,11 +2,34 @@
 
 import copy
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 from kvpress import DecodingPress
 from torch import nn
 from transformers.models.llama.modeling_llama import rotate_half
+
+
+@runtime_checkable
+class Observes(Protocol):
+    """A scorer that sees every forward call before any eviction (H2O accumulates attention)."""
+
+    def observe(self, module: nn.Module, hidden_states: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                kwargs: dict) -> None: ...
+
+
+@runtime_checkable
+class Keeps(Protocol):
+    """A scorer with per-token state, told which tokens survived so the state follows the cache."""
+
+    def keep(self, module: nn.Module, indices: torch.Tensor) -> None: ...
+
+
+@runtime_checkable
+class Resets(Protocol):
+    """A scorer with state to clear between texts."""
+
+    def reset(self) -> None: ...
 
 
 @dataclass
@@ -17,9 +40,9 @@ class BudgetPress(DecodingPress):
 
     ``base_press`` is any kvpress ScorerPress (its ratio is set so that exactly the budget
     survives) or a scorer from this package with memory across steps: such a scorer may define
-    ``observe(module, hidden_states, keys, values, kwargs)``, called after every forward call
-    before any eviction (H2O accumulates attention there), and ``keep(module, indices)``, called
-    with the kept indices so its per-token state follows the cache. Unlike kvpress's
+    ``observe`` (``Observes``), called after every forward call before any eviction (H2O
+    accumulates attention there), ``keep`` (``Keeps``), called with the kept indices so its
+    per-token state follows the cache, and ``reset`` (``Resets``). Unlike kvpress's
     DecodingPress it also acts on the first (prefill) call and keeps no hidden-state buffer: the
     scorer sees the queries of the current call.
 
@@ -55,7 +78,7 @@ class BudgetPress(DecodingPress):
         hidden_states = kwargs["hidden_states"]
         cache_layer = kwargs["past_key_values"].layers[module.layer_idx]
         keys, values = cache_layer.keys, cache_layer.values
-        if hasattr(self.base_press, "observe"):
+        if isinstance(self.base_press, Observes):
             self.base_press.observe(module, hidden_states, keys, values, kwargs)
         if keys.shape[2] < self.target_size + self.compression_interval:
             return output
@@ -65,7 +88,7 @@ class BudgetPress(DecodingPress):
             return output
 
         indices = self.keep_indices(module, hidden_states, keys, values, output[1], kwargs)
-        if hasattr(self.base_press, "keep"):
+        if isinstance(self.base_press, Keeps):
             self.base_press.keep(module, indices)
         gather_index = indices.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1])
         kept_keys = keys.gather(2, gather_index)
@@ -89,5 +112,5 @@ class BudgetPress(DecodingPress):
 
     def reset(self):
         super().reset()
-        if hasattr(self.base_press, "reset"):
+        if isinstance(self.base_press, Resets):
             self.base_press.reset()
