@@ -12,6 +12,7 @@ once with one line (or loads from the local Hugging Face cache) instead of after
 """
 
 import functools
+import importlib.resources
 import importlib.util
 import json
 import os
@@ -30,7 +31,7 @@ import patches
 from evaluation.data import DataError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-PYTHIA_CONFIGS = REPO_ROOT / "configs" / "models"
+PYTHIA_CONFIGS = Path(str(importlib.resources.files("configs") / "models"))  # package data: found installed too
 SMOLLM2_ALIAS = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

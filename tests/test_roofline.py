@@ -1,6 +1,8 @@
 """The roofline model for Pythia-2.8B agrees with a hand computation and with evaluation/flops.py;
 floors divide by the ceilings they are given, per layer for ragged caches."""
 
+import json
+
 import pytest
 
 from evaluation import ceilings, flops
@@ -98,3 +100,14 @@ def test_measured_ceilings_on_the_cpu_and_datasheet_names():
     assert ceilings.datasheet_for("NVIDIA A100-SXM4-80GB") == "a100-sxm-80gb"
     assert ceilings.datasheet_for("NVIDIA H100 PCIe") is None
     assert ceilings.named("a100-sxm-80gb").bandwidth == 2.039e12
+
+
+def test_pythia_configs_ship_as_package_data():
+    """configs/ is a package: the exact Pythia configs are found where it is installed, not only in a checkout."""
+    import importlib.resources
+
+    from evaluation.models import PYTHIA_CONFIGS, pythia_config_path
+
+    shipped = importlib.resources.files("configs") / "models" / "pythia-2.8b.json"
+    assert shipped.is_file() and pythia_config_path("EleutherAI/pythia-2.8b") == PYTHIA_CONFIGS / "pythia-2.8b.json"
+    assert json.loads(shipped.read_text())["num_hidden_layers"] == 32
