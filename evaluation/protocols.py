@@ -141,14 +141,13 @@ def context_nll(
         sample = ids[index * window : (index + 1) * window].unsqueeze(0).to(model.device)
         cache = make_cache(model, kv_quant)
         scored = sample[:, context_tokens:-1]  # positions continue from the context length, not the cache size
-        with _pressed(press, model):
+        with contextlib.ExitStack() as pressing:
+            pressing.enter_context(_pressed(press, model))
             _feed(model.model, sample[:, :context_tokens], cache, 0, chunk)
             kept.extend(_cache_lengths(cache))
             held_bytes.append(kv_bytes(cache))
-            if decode_time:  # a decode-time press stays on while the scored tokens stream in
-                with attended.counting(model):
-                    outputs = _feed(model, scored, cache, context_tokens, chunk)
-        if not decode_time:
+            if not decode_time:  # a prefill press acts once; a decode-time one stays on while the scored tokens stream in
+                pressing.close()
             with attended.counting(model):
                 outputs = _feed(model, scored, cache, context_tokens, chunk)
         logits = torch.cat([output.logits for output in outputs], dim=1)
