@@ -30,7 +30,6 @@ from tqdm import tqdm
 from transformers import DynamicCache
 
 from decoding.kv_cache import kv_bytes, make_cache
-from patches.attention_mask import fit_mask_to_keys
 
 
 SEGMENT_TOKENS = 1024  # streaming: PPL is also reported per stretch, to see where a method breaks
@@ -99,12 +98,15 @@ class AttendedKeys:
     def _count(self, module, args, kwargs):
         queries = kwargs["hidden_states"].shape[1]
         keys = kwargs["past_key_values"].get_seq_length(module.layer_idx) + queries
-        mask = fit_mask_to_keys(kwargs.get("attention_mask"), keys)
+        mask = kwargs.get("attention_mask")
         if mask is None:
             self._peak_unmasked = max(self._peak_unmasked, keys)
             return
         visible = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
-        attended = visible.sum(dim=-1).max()
+        if mask.shape[-1] == keys:
+            attended = visible.sum(dim=-1).max()
+        else:  # built at another layer's length: the attention sees all cached keys and this causal block
+            attended = visible[..., -queries:].sum(dim=-1).max() + (keys - queries)
         self._peak_masked = attended if self._peak_masked is None else torch.maximum(self._peak_masked, attended)
 
 
