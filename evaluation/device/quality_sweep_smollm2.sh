@@ -7,6 +7,10 @@
 #              setting) and of 128, the main streaming methods (InfLLM's pair runs on the CPU:
 #              on the GPU its CPU-held block memory makes it slower than there)
 #   lm_infinite: LM-Infinite's streaming runs on both books (as in streaming)
+#   chunk_long: chunks of 1 against 128 on 6144 scored tokens (StreamingLLM, LM-Infinite, TreeKV, InfLLM)
+#   levels:    the attention-level and cross-layer presses at 32 windows of WikiText-2 test
+#   kv_quant:  quanto int4 / int2 caches, alone and after SnapKV / H2O, 32 windows
+#   budgets:   budget 2048 for the main streaming methods and InfLLM at 1024, both books
 # Each part is its own process, up to MAX_JOBS (default 8) side by side: one small model is
 # launch-bound, so one GPU serves several. With all 24 at once (2026-12-01, H200) every process
 # slowed to a crawl (token-by-token streaming at 5 tokens/s, InfLLM at 4 s per 128-token chunk)
@@ -72,7 +76,39 @@ for part in $parts; do
         run streaming_book${book}_lm_infinite --dataset pg19 --sample_idx $book --protocol streaming \
           --chunk_tokens 128 --max_tokens 12289 --budget 512 1024 --press lm_infinite
       done ;;
-    *) echo "usage: quality_sweep_smollm2.sh [context] [streaming] [chunk] [lm_infinite]" >&2; exit 2 ;;
+    chunk_long)  # token by token (the papers' setting) against chunks of 128 on 6144 scored tokens of Pride
+                 # and Prejudice: six 1024-token stretches for the block bootstrap, within one call's 10 minutes
+      for method in streaming_llm lm_infinite treekv infllm; do
+        run "chunk1_long_$method" --dataset pg19 --sample_idx 1 --protocol streaming --chunk_tokens 1 \
+          --max_tokens 6145 --budget 512 --press $method
+      done
+      run chunk128_long --dataset pg19 --sample_idx 1 --protocol streaming --chunk_tokens 128 --max_tokens 6145 \
+        --budget 512 --press streaming_llm lm_infinite treekv infllm ;;
+    levels)  # the attention-level and cross-layer presses at 32 windows (their first runs had 2-8, on the CPU)
+      w="--dataset wikitext --context_tokens 1536 --eval_tokens 512 --num_windows 32"
+      run levels_lowrank $w --press lowrank --compression_ratio 0.125 0.25 0.375
+      run levels_lowrank_svd $w --press lowrank_svd --compression_ratio 0.125 0.25
+      run levels_head_merge $w --press head_merge --compression_ratio 0.333 0.5 0.667
+      run levels_minicache $w --press minicache --compression_ratio 0.1 0.25 0.4
+      run levels_kvsharer $w --press kvsharer kvsharer_similar --compression_ratio 0.1 0.25 0.4
+      run levels_combos $w --press kvsharer_snapkv snapkv streaming_llm_minicache streaming_llm snapkv_lowrank \
+        --compression_ratio 0.5 ;;
+    kv_quant)  # quanto int4 / int2 caches (the dense row of each file is the quantized cache alone)
+      for bits in int4 int2; do
+        run kv_quant_$bits --dataset wikitext --context_tokens 1536 --eval_tokens 512 --num_windows 32 \
+          --kv_quant $bits --press snapkv h2o --compression_ratio 0.5 0.75
+      done ;;
+    budgets)  # budget 2048 for the main methods, and InfLLM at 1024, on both books
+      for book in 0 1; do
+        run budget2048_book${book}_a --dataset pg19 --sample_idx $book --protocol streaming --chunk_tokens 128 \
+          --max_tokens 12289 --budget 2048 --press streaming_llm lm_infinite tova h2o
+        run budget2048_book${book}_b --dataset pg19 --sample_idx $book --protocol streaming --chunk_tokens 128 \
+          --max_tokens 12289 --budget 2048 --press scissorhands treekv snapkv
+        run budget1024_book${book}_infllm --dataset pg19 --sample_idx $book --protocol streaming --chunk_tokens 128 \
+          --max_tokens 12289 --budget 1024 --press infllm
+      done ;;
+    *) echo "usage: quality_sweep_smollm2.sh [context] [streaming] [chunk] [lm_infinite] [chunk_long] [levels] [kv_quant] [budgets]" >&2
+       exit 2 ;;
   esac
 done
 wait
