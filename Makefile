@@ -11,7 +11,7 @@ PYTHON := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 DATA ?= ../shared/data
 export KVPRESS_NEOX_DATA ?= $(abspath $(DATA))
-# Not the committed results/smollm2-135m_context_wikitext_snapkv.json: a demo dirties nothing.
+# Not the committed results/smollm2-135m_demo_cpu/smollm2-135m_context_wikitext_snapkv.json: a demo dirties nothing.
 DEMO_OUTPUT ?= results/tmp/smollm2-135m_context_wikitext_snapkv.json
 
 .PHONY: install demo test

@@ -5,6 +5,7 @@
 # ids first (random weights: the ranks and groups mean nothing, their sizes set memory and time).
 # Run from the repo root on the GPU machine (pass the commit: the machine gets no .git):
 #   export KVPRESS_NEOX_COMMIT=<hash>; source evaluation/device/setup_env.sh && bash evaluation/device/attention_level_speed.sh
+# The committed result (H100): results/pythia-2.8b_random_attention_level_h100/, with its README.md (command, commit).
 set -e
 out=${OUT:-results}
 python3 evaluation/perplexity.py --model EleutherAI/pythia-2.8b --random-init --speed --dtype float16 \

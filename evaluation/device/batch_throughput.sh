@@ -3,6 +3,7 @@
 # batch does not fit is recorded as out of memory): does compression buy throughput once the KV
 # cache, not the weights, dominates the bytes read?
 #   export KVPRESS_NEOX_COMMIT=<hash>; source evaluation/device/setup_env.sh && bash evaluation/device/batch_throughput.sh
+# The committed result (H100): results/pythia-2.8b_random_batch_static_h100/, with its README.md (command, commit).
 out=${OUT:-results}
 run() {  # batch, press arguments, output name; a batch that does not fit fails alone
   timeout 285 python3 evaluation/perplexity.py --model EleutherAI/pythia-2.8b --random-init --speed --dtype float16 \

@@ -8,6 +8,7 @@
 # nothing, but memory and time depend only on how many layers share (the row records which).
 # Run from the repo root on the GPU machine (pass the commit: the machine gets no .git):
 #   export KVPRESS_NEOX_COMMIT=<hash>; source evaluation/device/setup_env.sh && bash evaluation/device/cross_layer_speed.sh
+# The committed result (H100): results/pythia-2.8b_random_cross_layer_h100/, with its README.md (command, commit).
 set -e
 out=${OUT:-results}
 python3 evaluation/perplexity.py --model EleutherAI/pythia-2.8b --random-init --speed --dtype float16 \

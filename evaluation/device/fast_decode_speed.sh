@@ -2,6 +2,7 @@
 # 256 forced new tokens, batch 1; dense and SnapKV at 50% / 25% kept, with the kvpress loop
 # (the HF baseline) and the StaticCache + torch.compile(mode="reduce-overhead") path, in one run.
 #   export KVPRESS_NEOX_COMMIT=<hash>; source evaluation/device/setup_env.sh && bash evaluation/device/fast_decode_speed.sh
+# The committed result (H100): results/pythia-2.8b_random_speed_static_h100/, with its README.md (command, commit).
 set -e
 out=${OUT:-results}
 python3 evaluation/perplexity.py --model EleutherAI/pythia-2.8b --random-init --speed --dtype float16 \

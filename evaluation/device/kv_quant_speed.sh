@@ -7,6 +7,7 @@
 # every fresh install into /tmp/site. Another script may run on the GPU meanwhile:
 #   bash evaluation/device/kv_quant_speed.sh build & bash evaluation/device/check_decoders.sh; wait
 #   bash evaluation/device/kv_quant_speed.sh
+# The committed result (H100): results/pythia-2.8b_random_kv_quant_h100/ (int2/, int4/: one call each), with its README.md (command, commit).
 out=${OUT:-results}
 if [ "$1" = build ]; then
   start=$SECONDS

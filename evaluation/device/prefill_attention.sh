@@ -3,6 +3,7 @@
 # one decode step (only TTFT counts here), median of 3 after a warm-up (flex compiles in it).
 # FlexAttention runs through patches/flex_attention.py. One file per back end.
 #   export KVPRESS_NEOX_COMMIT=<hash>; source evaluation/device/setup_env.sh && bash evaluation/device/prefill_attention.sh
+# The committed result (H100): results/pythia-2.8b_random_prefill_h100/, with its README.md (command, commit).
 out=${OUT:-results}
 for attention in sdpa eager flex_attention; do
   timeout 150 python3 evaluation/perplexity.py --model EleutherAI/pythia-2.8b --random-init --speed --dtype float16 \

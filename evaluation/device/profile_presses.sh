@@ -5,6 +5,7 @@
 # the attention kernels' names, launches and time (a mask-padding copy or another kernel choice
 # at unaligned cache lengths would show there).
 #   export KVPRESS_NEOX_COMMIT=<hash>; source evaluation/device/setup_env.sh && bash evaluation/device/profile_presses.sh
+# The committed result (H100): results/pythia-2.8b_random_profile_presses_h100/ (as dense.json, snapkv.json, pyramidkv.json), with its README.md (command, commit).
 out=${OUT:-results}
 for press in dense snapkv pyramidkv; do
   option=$([ "$press" = dense ] || echo "--press $press --compression_ratio 0.5")

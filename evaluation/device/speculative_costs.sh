@@ -7,13 +7,14 @@
 # measurement and new ones stop after 360 s, so the run ends within about 7 minutes.
 #   export KVPRESS_NEOX_COMMIT=<hash>; source evaluation/device/setup_env.sh && bash evaluation/device/speculative_costs.sh
 # Then, on any machine (matplotlib), the predicted speedup curves from these costs and measured acceptance:
-#   python evaluation/speculative_speedup.py results/pythia-2.8b_random_speculative_costs_h100.json \
-#     --acceptance results/smollm2-135m_speculative_self_wikitext.json results/smollm2-135m_speculative_self_pg19.json \
-#     --output results/pythia-2.8b_random_speculative_predicted_h100
+#   python evaluation/speculative_speedup.py results/pythia-2.8b_random_speculative_h100/pythia-2.8b_random_speculative_costs_h100.json \
+#     --acceptance results/smollm2-135m_speculative_cpu/smollm2-135m_speculative_self_wikitext.json results/smollm2-135m_speculative_cpu/smollm2-135m_speculative_self_pg19.json \
+#     --output results/pythia-2.8b_random_speculative_h100/pythia-2.8b_random_speculative_predicted_h100
 # `speculative_costs.sh drafts`: k = 4 only and a second file, for the draft and self-draft rows at
 # batch 1 and 8 (the first full run spent its time limit on the target's verify curve; this one spent
 # it compiling and reached the Pythia-160m rows). `speculative_costs.sh selfdrafts`: batch 1 only,
 # one layer-skip fraction (8 of 32 layers), so the self-draft rows come within one call.
+# The committed result (H100): results/pythia-2.8b_random_speculative_h100/, with its README.md (command, commit).
 out=${OUT:-results}
 k_values="1 2 3 4 5 6 7 8"; name=costs; limit=360
 batches="1 8"; skips="0.2 0.4"

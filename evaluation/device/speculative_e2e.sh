@@ -7,6 +7,7 @@
 # The prompt needs the Pythia tokenizer and WikiText-2: copy them from ../shared/data into .sweepdata/
 # (ignored by git) and carry it: carry [".whl", ".sweepdata"].
 #   export KVPRESS_NEOX_COMMIT=<hash>; source evaluation/device/setup_env.sh && bash evaluation/device/speculative_e2e.sh
+# The committed result (H100): results/pythia-2.8b_random_speculative_h100/, with its README.md (command, commit).
 out=${OUT:-results}
 common="--model EleutherAI/pythia-2.8b --random-init --dtype float16 --attn_implementation sdpa --data-dir .sweepdata
   --dataset wikitext --num_prompts 1 --prompt_tokens 2000 --new_tokens 256 --warmup 1"
