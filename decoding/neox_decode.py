@@ -2,9 +2,10 @@
 
 Why a second decode path next to ``decoding/static_cache.py`` (Hugging Face model + StaticCache):
 the HF step carries cache objects, mask builders and hooks that torch.compile cannot fold into
-one graph, so the compiled step still costs twice the memory-bandwidth floor on an H100. Here
-the step is a few tensor operations per layer over the model's own weights (nothing copied),
-compiled whole (``fullgraph=True``), replayed as one CUDA graph.
+one graph, so its compiled step stays well above the memory-bandwidth floor (measured:
+docs/fast_decode.md). Here the step is a few tensor operations per layer over the model's own
+weights (nothing copied), compiled whole (``fullgraph=True``) and replayed as one CUDA graph
+(decoding/neox_cuda_graphs.py).
 
 The KV buffer is preallocated per layer for what the press kept there plus the new tokens.
 Layers may keep different numbers of tokens (PyramidKV budgets): each layer's buffer is as long
@@ -23,8 +24,8 @@ draw is an input of the step and the same noise gives the same tokens on any pat
 """
 
 import contextlib
-import weakref
 from dataclasses import dataclass
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +42,15 @@ ATTENTION_BACKENDS = ("sdpa", "flex", "eager")
 PREFILL_ATTENTION = {"sdpa": "sdpa", "flex": "flex_attention", "eager": "eager"}  # transformers' names
 
 
+class LayerKV(NamedTuple):
+    """One layer's part of the KVBuffer."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    kept: torch.Tensor
+    first_valid: torch.Tensor
+
+
 @dataclass
 class KVBuffer:
     """Per layer (batch, heads, slots, head_dim) keys and values, in the patched (kvpress)
@@ -51,6 +61,9 @@ class KVBuffer:
     values: list[torch.Tensor]
     kept: torch.Tensor
     first_valid: torch.Tensor
+
+    def layer(self, index: int) -> LayerKV:
+        return LayerKV(self.keys[index], self.values[index], self.kept[index], self.first_valid[index])
 
     def nbytes(self) -> int:
         return sum(tensor_bytes(t) for t in self.keys + self.values)
@@ -101,6 +114,24 @@ def load_buffer(groups: list[tuple[list[int], DynamicCache]], new_tokens: int,
     return into
 
 
+@dataclass
+class StepState:
+    """What one decode step reads besides the weights. ``token`` and ``position`` (batch, new):
+    the new tokens and their text positions; ``new_index`` (new,): how many tokens were generated
+    before each (they go to slot kept + new_index of every layer; each new token sees the ones
+    before it). One token per sequence is a decode step; several are a speculative verify pass.
+    ``noise``: the sampling draw (see ``choice_scores``; None when greedy)."""
+
+    buffer: KVBuffer
+    token: torch.Tensor
+    position: torch.Tensor
+    new_index: torch.Tensor
+    noise: torch.Tensor | None = None
+    backend: str = "sdpa"
+    temperature: float = 0.0
+    top_k: int | None = None
+
+
 def unknown_backend(backend: str) -> ValueError:
     return ValueError(f"unknown attention back end {backend!r}; choose from {', '.join(ATTENTION_BACKENDS)}")
 
@@ -144,21 +175,23 @@ def next_token(logits: torch.Tensor, temperature: float, top_k: int | None, nois
     return choice_scores(logits, temperature, top_k, noise).argmax(-1)
 
 
-def attention_branch(layer, parts, cos, sin, keys, values, kept, first_valid, new_index, backend: str):
+def attention_branch(layer, parts, cos, sin, layer_kv: LayerKV, new_index, backend: str):
     """One layer's attention. ``parts``: the terms whose sum is the layer's input (the previous
     layer's outputs and residual, summed here so the sum fuses into the layer norm's kernel);
-    ``keys``/``values``: the layer's buffer, ``kept``/``first_valid``: its rows of the KVBuffer.
-    Writes the new tokens' keys and values; returns (the layer's input, the attention output)."""
+    ``layer_kv``: the layer's part of the buffer, passed in rather than looked up so that one
+    compiled branch serves every layer. Writes the new tokens' keys and values; returns (the
+    layer's input, the attention output)."""
     hidden = sum_in_order(parts)
     attention = layer.attention
     query, key, value = split_qkv(attention, layer.input_layernorm(hidden))
     query, key = apply_rotary_pos_emb(query, key, cos, sin)
-    slot = kept + new_index
+    keys, values = layer_kv.keys, layer_kv.values
+    slot = layer_kv.kept + new_index
     keys.index_copy_(2, slot, key)
     values.index_copy_(2, slot, value)
     slots = torch.arange(keys.shape[2], device=keys.device)
     # (batch, new, slots): a real token (not padding in front of a shorter sequence) already written
-    visible = (slots <= slot[:, None]) & (slots >= first_valid[:, None, None])
+    visible = (slots <= slot[:, None]) & (slots >= layer_kv.first_valid[:, None, None])
     attended = attend(query, keys, values, visible, attention.scaling, backend)
     return hidden, attention.dense(attended.transpose(1, 2).reshape(hidden.shape))
 
@@ -175,146 +208,41 @@ def sum_in_order(parts):
     return total
 
 
-def forward_logits(model, token, buffer: KVBuffer, position, new_index, backend: str = "sdpa",
-                   attention_fn=attention_branch, mlp_fn=mlp_branch, side_stream=None):
-    """New tokens through the model, returning their logits (batch, new, vocab): ``token`` and
-    ``position`` (batch, new); ``new_index`` (new,): how many tokens were generated before each
-    (they go to slot kept + new_index of every layer); each new token sees the ones before it.
-    One token per sequence is a decode step; several are a speculative verify pass. A model
-    view running fewer layers (decoding/layer_skip.py) reads and writes only its layers' buffers.
-    With ``side_stream`` (CUDA) each parallel-residual layer's MLP runs on that stream beside its
-    attention: both read the same input and meet only in the residual sum (``TwoStreamStep``)."""
+def layer_outputs(model, state: StepState, attention_fn=attention_branch, mlp_fn=mlp_branch):
+    """The new tokens through every layer; returns the terms whose sum is the last layer's output.
+    A model view running fewer layers (decoding/layer_skip.py) reads and writes only its layers'
+    buffers. ``attention_fn`` / ``mlp_fn``: the branches, compiled apart by the two-stream step
+    (decoding/neox_cuda_graphs.py), which runs each parallel-residual layer's MLP beside its
+    attention: both read the same input and meet only in the residual sum."""
     neox = model.gpt_neox
-    parts = (neox.embed_in(token),)
-    cos, sin = neox.rotary_emb(parts[0], position_ids=position)
-    main_stream = torch.cuda.current_stream() if side_stream is not None else None
-    beside_attention = torch.cuda.stream(side_stream) if side_stream is not None else contextlib.nullcontext()
+    parts = (neox.embed_in(state.token),)
+    cos, sin = neox.rotary_emb(parts[0], position_ids=state.position)
     for layer in neox.layers:
-        index = layer.attention.layer_idx
-        layer_buffer = (buffer.keys[index], buffer.values[index], buffer.kept[index], buffer.first_valid[index])
+        layer_kv = state.buffer.layer(layer.attention.layer_idx)
         if layer.use_parallel_residual:
-            if side_stream is not None:
-                side_stream.wait_stream(main_stream)  # the previous layer's attention output
-                main_stream.wait_stream(side_stream)  # the previous layer's MLP output
-            with beside_attention:
-                mlp_out = mlp_fn(layer, parts)
-            hidden, attended = attention_fn(layer, parts, cos, sin, *layer_buffer, new_index, backend)
+            mlp_out = mlp_fn(layer, parts)
+            hidden, attended = attention_fn(layer, parts, cos, sin, layer_kv, state.new_index, state.backend)
             # The same residual arithmetic, in the same order, as transformers' GPTNeoXLayer.
             parts = (mlp_out, attended, hidden)
         else:
-            hidden, attended = attention_fn(layer, parts, cos, sin, *layer_buffer, new_index, backend)
+            hidden, attended = attention_fn(layer, parts, cos, sin, layer_kv, state.new_index, state.backend)
             parts = (mlp_fn(layer, (attended, hidden)), attended + hidden)
-    if side_stream is not None:
-        main_stream.wait_stream(side_stream)
-    return model.embed_out(neox.final_layer_norm(sum_in_order(parts)))
+    return parts
 
 
-def decode_step(model, token, position, new_index, buffer: KVBuffer, noise=None, backend: str = "sdpa",
-                temperature: float = 0.0, top_k: int | None = None):
+def final_logits(model, parts):
+    """The logits (batch, new, vocab) from the last layer's output terms."""
+    return model.embed_out(model.gpt_neox.final_layer_norm(sum_in_order(parts)))
+
+
+def forward_logits(model, state: StepState):
+    """The new tokens' logits (batch, new, vocab)."""
+    return final_logits(model, layer_outputs(model, state))
+
+
+def decode_step(model, state: StepState):
     """``forward_logits``, then the token after each new token (batch, new) by ``next_token``."""
-    return next_token(forward_logits(model, token, buffer, position, new_index, backend), temperature, top_k, noise)
-
-
-COMPILE_MODES = ("two-stream", "reduce-overhead", "max-autotune")
-
-
-def compiled_step(compile: bool, mode: str = "reduce-overhead", keep_buffer: bool = True):
-    """The decode step compiled whole (CUDA-graph replay with ``reduce-overhead`` and
-    ``max-autotune``), or as is. ``max-autotune`` also benchmarks Triton matmul templates
-    against cuBLAS and, as gpt-fast does, tunes the fused kernels' launch shapes.
-    ``two-stream``: each layer's two branches compiled, in one hand-captured graph on two
-    streams (``TwoStreamStep``, which ``keep_buffer`` is passed to). One step object can serve
-    several models and buffers in turn only whole-compiled (the speculative decoders do)."""
-    if not compile:
-        return decode_step
-    if mode == "two-stream":
-        return TwoStreamStep(keep_buffer)
-    if mode == "max-autotune":
-        torch._inductor.config.coordinate_descent_tuning = True
-    return torch.compile(decode_step, mode=mode, fullgraph=True)
-
-
-class TwoStreamStep:
-    """The decode step as one CUDA graph captured by hand, in which each layer's MLP runs on a
-    second stream beside its attention (GPT-NeoX's parallel residual: both branches read the
-    layer's input and meet only in the residual sum). At batch 1 no single kernel keeps the
-    GPU's memory busy (cuDNN's decode attention runs one block per head, each GEMV has a ramp-up
-    and a tail), so the branches' kernels can overlap. Each branch is compiled by torch.compile
-    (no CUDA graphs of its own); the graph is captured at the first call for a buffer, after
-    warm-up runs, and replayed after that. CUDA only; called like ``decode_step``.
-
-    The graph reads the buffer's addresses, so a new buffer means a new capture (about 90 ms for
-    Pythia-2.8B on the H100).
-    With ``keep_buffer`` the step keeps its buffer between generations, as transformers keeps
-    its StaticCache between generate calls, and ``load_buffer`` refills it when the shapes
-    match: the next generation of the same shape replays the same graph. The price is the
-    buffer's memory held from one generation's end through the next one's prefill; at batch 64
-    with 2k tokens that is 44 GiB, so large-batch runs pass ``keep_buffer=False``."""
-
-    def __init__(self, keep_buffer: bool = True):
-        self.attention_fn = torch.compile(attention_branch, fullgraph=True)
-        self.mlp_fn = torch.compile(mlp_branch, fullgraph=True)
-        self.keep_buffer = keep_buffer
-        self.kept_buffer = None  # with keep_buffer: the last generation's buffer
-        self.captured_for = None  # a weak reference to the buffer the graph was captured over
-
-    def load_buffer(self, groups, new_tokens: int) -> KVBuffer:
-        """``load_buffer`` into the kept buffer where it fits (see the class docstring)."""
-        buffer = load_buffer(groups, new_tokens, self._hand_over_kept_buffer())
-        if self.keep_buffer:
-            self.kept_buffer = buffer
-        return buffer
-
-    def _hand_over_kept_buffer(self):
-        # Not held here while load_buffer runs, so that it can free a buffer that does not fit.
-        buffer, self.kept_buffer = self.kept_buffer, None
-        return buffer
-
-    def _step(self, model, inputs, buffer, backend, temperature, top_k):
-        token, position, new_index, noise = inputs
-        logits = forward_logits(model, token, buffer, position, new_index, backend, self.attention_fn, self.mlp_fn,
-                                self.side_stream)
-        return next_token(logits, temperature, top_k, noise)
-
-    def _capture(self, model, inputs, buffer, backend, temperature, top_k):
-        if not all(layer.use_parallel_residual for layer in model.gpt_neox.layers):
-            raise ValueError("the two-stream step needs GPT-NeoX's parallel residual (use_parallel_residual)")
-        self.graph = self.output = None  # the old graph's memory pool, freed before the new capture
-        self.inputs = [None if tensor is None else tensor.clone() for tensor in inputs]
-        self.side_stream = torch.cuda.Stream()
-        # Compile and warm up (cuBLAS and cuDNN set up their workspaces) off the capture.
-        warmup_stream = torch.cuda.Stream()
-        warmup_stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(warmup_stream):
-            for _ in range(3):  # rewrites the slot this step writes anyway, with the same values
-                self._step(model, self.inputs, buffer, backend, temperature, top_k)
-        torch.cuda.current_stream().wait_stream(warmup_stream)
-        # cuBLAS keeps one workspace per (handle, stream), and a graph replays the raw address it
-        # captured. Others' CUDA graphs (torch.compile's cudagraph trees, which record with their
-        # own clear) drop those cached workspaces; one shared with the eager pool is then reused
-        # while this graph still writes to it (an illegal memory access on the H100, pytorch issue
-        # 193402). Dropped here, so the capture allocates its own in this graph's private pool,
-        # where nothing else allocates.
-        torch.cuda.synchronize()
-        torch._C._cuda_clearCublasWorkspaces()
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.output = self._step(model, self.inputs, buffer, backend, temperature, top_k)
-        # A weak reference: without keep_buffer, holding the buffer here would keep a finished
-        # generation's KV alive while the next one prefills.
-        self.captured_for, self.settings = weakref.ref(buffer), (backend, temperature, top_k)
-
-    def __call__(self, model, token, position, new_index, buffer: KVBuffer, noise=None, backend: str = "sdpa",
-                 temperature: float = 0.0, top_k: int | None = None):
-        inputs = (token, position, new_index, noise)
-        captured = self.captured_for is not None and self.captured_for() is buffer
-        if not captured or (backend, temperature, top_k) != self.settings:
-            self._capture(model, inputs, buffer, backend, temperature, top_k)
-        for static, tensor in zip(self.inputs, inputs):
-            if tensor is not None:
-                static.copy_(tensor)
-        self.graph.replay()
-        return self.output
+    return next_token(forward_logits(model, state), state.temperature, state.top_k, state.noise)
 
 
 @torch.no_grad()
@@ -354,15 +282,26 @@ def _noise(shape, device, generator):
     return torch.rand(shape, device=device, generator=generator).clamp_(torch.finfo(torch.float32).tiny, 1.0)
 
 
+
+@runtime_checkable
+class OwnsBuffer(Protocol):
+    """A step that keeps the KV buffer its CUDA graph reads (decoding/neox_cuda_graphs.py's
+    ``TwoStreamStep``): ``generate`` loads the pressed caches through it, so that it can refill
+    that buffer in place."""
+
+    def load_buffer(self, groups: list[tuple[list[int], DynamicCache]], new_tokens: int) -> KVBuffer: ...
+
+
 @torch.no_grad()
 def generate(model, prompts: list[torch.Tensor], press, new_tokens: int, step=decode_step, backend: str = "sdpa",
              temperature: float = 0.0, top_k: int | None = None, generator: torch.Generator | None = None,
              mark: PhaseMarker = no_mark) -> Generation:
     """Exactly ``new_tokens`` tokens (no early stop) after each prompt (1, length_i), the press
     applied at prefill; returns the tokens (batch, new_tokens) and the cache sizes (kept: each
-    layer's longest kept sequence). ``step``: ``decode_step`` or ``compiled_step(True)``;
-    ``backend``: the attention of the decode step and of the prefill. ``mark``: see
-    decoding/reference.py (the first token is marked after the copy into the buffer)."""
+    layer's longest kept sequence). ``step``: ``decode_step`` or one from
+    decoding/neox_cuda_graphs.py's ``compiled_step``; ``backend``: the attention of the decode step
+    and of the prefill. ``mark``: see decoding/reference.py (the first token is marked after the
+    copy into the buffer)."""
     if backend not in ATTENTION_BACKENDS:
         raise unknown_backend(backend)
     device = model.device
@@ -374,10 +313,7 @@ def generate(model, prompts: list[torch.Tensor], press, new_tokens: int, step=de
         logits, groups = prefill(model, prompts, press)
     token = next_token(logits[:, None], temperature, top_k, _noise(noise_shape, device, generator) if sampled else None)
     kept_bytes = sum(kv_bytes(cache) for _, cache in groups)
-    if isinstance(step, TwoStreamStep):  # refills the step's kept buffer where it fits
-        buffer = step.load_buffer(groups, new_tokens)
-    else:
-        buffer = load_buffer(groups, new_tokens)
+    buffer = step.load_buffer(groups, new_tokens) if isinstance(step, OwnsBuffer) else load_buffer(groups, new_tokens)
     mark(FIRST_TOKEN)
     lengths = torch.tensor([[prompt.shape[1]] for prompt in prompts], device=device)
     generated = [token]
@@ -387,8 +323,9 @@ def generate(model, prompts: list[torch.Tensor], press, new_tokens: int, step=de
         # step instead of running ahead of the GPU.
         new_index = torch.full((1,), index, device=device)
         noise = _noise(noise_shape, device, generator) if sampled else None
+        state = StepState(buffer, token, lengths + index, new_index, noise, backend, temperature, top_k)
         # CUDA graphs reuse their output buffers: clone before the next replay overwrites it.
-        token = step(model, token, lengths + index, new_index, buffer, noise, backend, temperature, top_k).clone()
+        token = step(model, state).clone()
         generated.append(token)
     mark(END)
     # each layer's longest kept sequence (the batch's prompts alike: every one's)

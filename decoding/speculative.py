@@ -50,14 +50,20 @@ def forward_logits(model, tokens, cache, positions, slots):
     return model(input_ids=tokens, past_key_values=cache, position_ids=positions, cache_position=slots).logits
 
 
+def neox_forward_logits(model, tokens, buffer, positions, slots):
+    """``forward_logits`` on the neox buffer (decoding/neox_decode.py), whose ``slots`` count
+    the tokens after the kept ones."""
+    return neox_decode.forward_logits(model, neox_decode.StepState(buffer, tokens, positions, slots))
+
+
 CACHES = tuple(DECODERS[name].speculative_cache for name in SPECULATIVE_DECODERS)  # dynamic, static, neox
 
 
 def make_step(compile: bool, cache: str = "static"):
-    """The forward for ``cache`` (HF's ``forward_logits``, or neox_decode's on its buffer),
+    """The forward for ``cache`` (HF's ``forward_logits``, or ``neox_forward_logits``),
     compiled into CUDA-graph replays when ``compile`` is set. Replays reuse their output
     buffers, so the logits are cloned before the next replay."""
-    forward = neox_decode.forward_logits if cache == "neox" else forward_logits
+    forward = neox_forward_logits if cache == "neox" else forward_logits
     if not compile:
         return forward
     compiled = torch.compile(forward, mode="reduce-overhead", fullgraph=cache == "neox")

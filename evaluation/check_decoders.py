@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from decoding import neox_decode, static_cache
+from decoding import neox_cuda_graphs, neox_decode, static_cache
 from decoding.reference import kvpress_generate, record_margin
 from evaluation.cli import one_line_errors
 from evaluation.models import DTYPES, load_model
@@ -45,12 +45,12 @@ def margin_recording_step(margins: list, top_k_gaps: list):
     scores (batch,) to ``margins`` (how near a tie each draw was) and, with top-k, the gap between
     the k-th and (k+1)-th tempered logits to ``top_k_gaps`` (how near a tie the cut was: a token
     let in or left out by rounding can win the draw however clear the top two were)."""
-    def step(model, token, position, new_index, buffer, noise=None, backend="sdpa", temperature=0.0, top_k=None):
-        logits = neox_decode.forward_logits(model, token, buffer, position, new_index, backend)
-        scores = neox_decode.choice_scores(logits, temperature, top_k, noise)
+    def step(model, state):
+        logits = neox_decode.forward_logits(model, state)
+        scores = neox_decode.choice_scores(logits, state.temperature, state.top_k, state.noise)
         record_margin(scores, margins)
-        if top_k is not None:
-            around_cut = (logits.float() / temperature).topk(top_k + 1, dim=-1).values[:, -1, -2:]
+        if state.top_k is not None:
+            around_cut = (logits.float() / state.temperature).topk(state.top_k + 1, dim=-1).values[:, -1, -2:]
             top_k_gaps.append(around_cut[:, 0] - around_cut[:, 1])
         return scores.argmax(-1)
     return step
@@ -98,7 +98,7 @@ def check(argv=None) -> None:
 
     if model.config.model_type == "gpt_neox":
         for path, mode in (("neox", "reduce-overhead"), ("neox_two_stream", "two-stream")):
-            paths[path] = neox_path(neox_decode.compiled_step(compile, mode))
+            paths[path] = neox_path(neox_cuda_graphs.compiled_step(compile, mode))
     elif sampled:
         raise SystemExit("error: --temperature checks the neox paths: use a GPT-NeoX model")
     if sampled:

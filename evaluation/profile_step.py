@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from decoding import neox_decode
+from decoding import neox_cuda_graphs, neox_decode
 from evaluation import roofline
 from evaluation.ceilings import machine_ceilings
 from evaluation.models import load_model
@@ -45,7 +45,7 @@ def main(argv=None) -> None:
     parser.add_argument("--prompt_tokens", type=int, default=2000)
     parser.add_argument("--batch_size", type=int, default=1)
     parser.add_argument("--backend", default="sdpa", choices=neox_decode.ATTENTION_BACKENDS)
-    parser.add_argument("--compile_mode", default="reduce-overhead", choices=neox_decode.COMPILE_MODES,
+    parser.add_argument("--compile_mode", default="reduce-overhead", choices=neox_cuda_graphs.COMPILE_MODES,
                         help="how the timed CUDA-graph step is compiled (the profiled kernels: always whole)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--graph_steps", type=int, default=100)
@@ -63,10 +63,11 @@ def main(argv=None) -> None:
     position = torch.full((args.batch_size, 1), args.prompt_tokens, device="cuda")
 
     def run(step, index: int):
-        return step(model, token, position + index, torch.full((1,), index, device="cuda"), buffer, None, args.backend)
+        new_index = torch.full((1,), index, device="cuda")
+        return step(model, neox_decode.StepState(buffer, token, position + index, new_index, backend=args.backend))
 
-    kernels_step = neox_decode.compiled_step(True, "default")  # no CUDA graphs: the profiler sees kernels
-    graph_step = neox_decode.compiled_step(True, args.compile_mode)
+    kernels_step = neox_cuda_graphs.compiled_step(True, "default")  # no CUDA graphs: the profiler sees kernels
+    graph_step = neox_cuda_graphs.compiled_step(True, args.compile_mode)
     with torch.no_grad():
         for index in range(4):  # compile and warm up
             run(kernels_step, index)

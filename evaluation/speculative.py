@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from decoding import neox_decode
+from decoding import neox_cuda_graphs, neox_decode
 from decoding import static_cache
 from decoding.reference import END, FIRST_TOKEN, START, kvpress_generate, no_mark
 from decoding.layer_skip import choose_skip_layers
@@ -265,7 +265,7 @@ def speculative_rows(args, loaded, specs, dtype, save) -> list[dict]:
     prompts = [(source, ids.to(model.device)) for source, ids in prompts_from(args, loaded)]
     target_press = make_press(args.press, args.compression_ratio) if args.press else None
     compile = cache_kind(args) != "dynamic" and model.device.type == "cuda"
-    step = neox_decode.compiled_step(compile) if cache_kind(args) == "neox" else static_cache.compiled_step(compile)
+    step = neox_cuda_graphs.compiled_step(compile) if cache_kind(args) == "neox" else static_cache.compiled_step(compile)
 
     for _ in range(args.warmup):
         plain(args, model, prompts[0][1], target_press, step)

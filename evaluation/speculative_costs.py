@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from decoding import neox_decode
+from decoding import neox_cuda_graphs, neox_decode
 from decoding.layer_skip import skipping_model
 from evaluation.models import load_model
 from evaluation.speed import synchronize
@@ -40,7 +40,7 @@ def time_forward(model, buffer, tokens: torch.Tensor, repeats: int, step) -> tup
     for _ in range(3 + repeats):
         synchronize(device)
         start = time.perf_counter()
-        step(model, tokens, positions, new_index, buffer)
+        step(model, neox_decode.StepState(buffer, tokens, positions, new_index))
         synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times[3:]), times[0]
@@ -62,7 +62,7 @@ def measure_costs(args, loaded, dtype: str, save) -> dict:
     if compile:  # one compiled step serves every shape, model and layer subset: allow its recompilations
         torch._dynamo.config.recompile_limit = 64
         torch._dynamo.config.accumulated_recompile_limit = 1024
-    step = neox_decode.compiled_step(compile)
+    step = neox_cuda_graphs.compiled_step(compile)
     room = max(args.k_values) + 2
     deadline = time.perf_counter() + args.time_limit_s
     generator = torch.Generator().manual_seed(args.seed)

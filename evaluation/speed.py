@@ -29,7 +29,7 @@ import torch
 
 from transformers import DynamicCache, StaticCache
 
-from decoding import neox_decode, static_cache
+from decoding import neox_cuda_graphs, neox_decode, static_cache
 from decoding.reference import END, FIRST_TOKEN, START, Generation, hf_generate, kvpress_generate
 from decoding.registry import DECODERS, decoder as decoder_named
 from evaluation import flops, roofline
@@ -133,7 +133,7 @@ def run_once_for(model, prompt: torch.Tensor, press, new_tokens: int, decoder: s
         step = static_cache.compiled_step(compile)
         return functools.partial(timed, static_cache.generate, device, model, prompt, press, new_tokens, step=step)
     if decoder == "neox":
-        step = neox_decode.compiled_step(compile, compile_mode, keep_buffer)
+        step = neox_cuda_graphs.compiled_step(compile, compile_mode, keep_buffer)
         return functools.partial(timed, neox_decode.generate, device, model, list(prompt.split(1)), press, new_tokens,
                                  step=step, backend=backend)
     return functools.partial(timed, kvpress_generate, device, model, prompt, press, new_tokens, kv_quant)

@@ -1,4 +1,5 @@
-"""The plain GPT-NeoX decode step (decoding/neox_decode.py) gives the tokens of the kvpress loop."""
+"""The plain GPT-NeoX decode step (decoding/neox_decode.py) gives the tokens of the kvpress loop, compiled
+(decoding/neox_cuda_graphs.py) or not."""
 
 import json
 import weakref
@@ -7,7 +8,8 @@ import pytest
 import torch
 from kvpress import PyramidKVPress
 
-from decoding import neox_decode
+from decoding import neox_cuda_graphs, neox_decode
+from decoding.neox_decode import StepState
 from decoding.reference import kvpress_generate
 from evaluation.check_decoders import agreement
 from evaluation.check_decoders import main as check_decoders
@@ -66,9 +68,9 @@ def test_branches_compiled_apart_give_the_same_tokens_and_compile_once_for_all_l
     attention_fn = torch.compile(neox_decode.attention_branch, fullgraph=True)
     mlp_fn = torch.compile(neox_decode.mlp_branch, fullgraph=True)
 
-    def step(model, token, position, new_index, buffer, noise=None, backend="sdpa", temperature=0.0, top_k=None):
-        logits = neox_decode.forward_logits(model, token, buffer, position, new_index, backend, attention_fn, mlp_fn)
-        return neox_decode.next_token(logits, temperature, top_k, noise)
+    def step(model, state):
+        logits = neox_decode.final_logits(model, neox_decode.layer_outputs(model, state, attention_fn, mlp_fn))
+        return neox_decode.next_token(logits, state.temperature, state.top_k, state.noise)
 
     prompt = prompts(1, 100)
     press = make_press("snapkv", 0.5)
@@ -82,7 +84,7 @@ def test_compiled_step_gives_the_same_tokens(model):
     prompt = prompts(2, 100)
     press = make_press("snapkv", 0.5)
     expected = neox_decode.generate(model, list(prompt.split(1)), press, 6).tokens
-    step = neox_decode.compiled_step(True, mode="default")  # CPU: inductor, no CUDA graphs
+    step = neox_cuda_graphs.compiled_step(True, mode="default")  # CPU: inductor, no CUDA graphs
     assert torch.equal(neox_decode.generate(model, list(prompt.split(1)), press, 6, step=step).tokens, expected)
 
 
@@ -116,9 +118,9 @@ def test_a_verify_pass_of_several_tokens_equals_one_step_per_token(model):
     one_by_one = neox_decode.load_buffer(neox_decode.prefill(model, prompt, make_press("snapkv", 0.5))[1], 8)
     together = neox_decode.load_buffer(neox_decode.prefill(model, prompt, make_press("snapkv", 0.5))[1], 8)
     positions = torch.arange(100, 105).expand(2, -1)
-    stepped = [neox_decode.decode_step(model, drafted[:, [i]], positions[:, [i]], torch.tensor([i]), one_by_one)
-               for i in range(5)]
-    verified = neox_decode.decode_step(model, drafted, positions, torch.arange(5), together)
+    stepped = [neox_decode.decode_step(model, StepState(one_by_one, drafted[:, [i]], positions[:, [i]],
+                                                        torch.tensor([i]))) for i in range(5)]
+    verified = neox_decode.decode_step(model, StepState(together, drafted, positions, torch.arange(5)))
     assert torch.equal(verified, torch.cat(stepped, dim=1))
     for written_alone, written_together in zip(one_by_one.keys + one_by_one.values, together.keys + together.values):
         torch.testing.assert_close(written_together, written_alone)  # matmul shapes differ: round-off only
@@ -132,7 +134,8 @@ def test_a_refilled_buffer_equals_a_new_one_and_keeps_its_addresses(model):
     second = [prompts(1, 70, seed=6), prompts(1, 100, seed=7)]
     buffer = neox_decode.load_buffer(neox_decode.prefill(model, first, press)[1], 8)
     for i in range(3):  # written slots and attention the second generation must not inherit
-        neox_decode.decode_step(model, prompts(2, 1, seed=i), torch.full((2, 1), 100 + i), torch.tensor([i]), buffer)
+        state = StepState(buffer, prompts(2, 1, seed=i), torch.full((2, 1), 100 + i), torch.tensor([i]))
+        neox_decode.decode_step(model, state)
     addresses = [t.data_ptr() for t in buffer.keys + buffer.values + [buffer.kept, buffer.first_valid]]
     refilled = neox_decode.load_buffer(neox_decode.prefill(model, second, press)[1], 8, into=buffer)
     fresh = neox_decode.load_buffer(neox_decode.prefill(model, second, press)[1], 8)
@@ -147,14 +150,14 @@ def test_two_stream_step_keeps_its_buffer_only_while_the_shapes_match(model):
     def groups(length):
         return neox_decode.prefill(model, [prompts(1, length)])[1]
 
-    step = neox_decode.TwoStreamStep(keep_buffer=True)
+    step = neox_cuda_graphs.TwoStreamStep(keep_buffer=True)
     first = step.load_buffer(groups(100), 8)
     assert step.load_buffer(groups(100), 8) is first
     old = weakref.ref(first)
     del first
     other = step.load_buffer(groups(60), 8)  # another shape: a new buffer, the old one freed
     assert old() is None and other.keys[0].shape[2] == 60 + 8
-    releasing = neox_decode.TwoStreamStep(keep_buffer=False)
+    releasing = neox_cuda_graphs.TwoStreamStep(keep_buffer=False)
     assert releasing.load_buffer(groups(100), 8) is not releasing.load_buffer(groups(100), 8)
 
 

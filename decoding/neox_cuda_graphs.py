@@ -1,0 +1,127 @@
+"""The plain GPT-NeoX decode step (decoding/neox_decode.py) compiled and replayed as CUDA graphs.
+
+``compiled_step`` picks how, by ``--compile_mode``:
+- ``reduce-overhead`` / ``max-autotune``: torch.compile of the whole step, one graph through
+  torch's cudagraph trees. One such step object serves several models and buffers in turn (the
+  speculative decoders use it).
+- ``two-stream``: ``TwoStreamStep``, each layer's two branches compiled, in one graph captured
+  by hand on two streams. It owns the buffer its graph reads between generations.
+"""
+
+import weakref
+from dataclasses import replace
+
+import torch
+
+from decoding.neox_decode import (KVBuffer, StepState, attention_branch, decode_step, final_logits, layer_outputs,
+                                  load_buffer, mlp_branch, next_token)
+
+COMPILE_MODES = ("two-stream", "reduce-overhead", "max-autotune")
+
+
+def compiled_step(compile: bool, mode: str = "reduce-overhead", keep_buffer: bool = True):
+    """The decode step compiled whole (CUDA-graph replay with ``reduce-overhead`` and
+    ``max-autotune``), or as is. ``max-autotune`` also benchmarks Triton matmul templates
+    against cuBLAS and, as gpt-fast does, tunes the fused kernels' launch shapes.
+    ``two-stream``: ``TwoStreamStep(keep_buffer)``."""
+    if not compile:
+        return decode_step
+    if mode == "two-stream":
+        return TwoStreamStep(keep_buffer)
+    if mode == "max-autotune":
+        torch._inductor.config.coordinate_descent_tuning = True
+    return torch.compile(decode_step, mode=mode, fullgraph=True)
+
+
+class TwoStreamStep:
+    """The decode step as one CUDA graph captured by hand, in which each layer's MLP runs on a
+    second stream beside its attention (GPT-NeoX's parallel residual: both branches read the
+    layer's input and meet only in the residual sum). At batch 1 no single kernel keeps the
+    GPU's memory busy (cuDNN's decode attention runs one block per head, each GEMV has a ramp-up
+    and a tail), so the branches' kernels can overlap. Each branch is compiled by torch.compile
+    (no CUDA graphs of its own); the graph is captured at the first call for a buffer, after
+    warm-up runs, and replayed after that. CUDA only; called like ``decode_step``.
+
+    The graph reads the buffer's addresses, so a new buffer means a new capture (its cost:
+    docs/fast_decode.md). With ``keep_buffer`` the step keeps its buffer between generations, as
+    transformers keeps its StaticCache between generate calls, and ``load_buffer`` refills it
+    when the shapes match: the next generation of the same shape replays the same graph. The
+    price is the buffer's memory held from one generation's end through the next one's prefill,
+    which at large batches is most of the GPU's: there pass ``keep_buffer=False``."""
+
+    def __init__(self, keep_buffer: bool = True):
+        self.attention_fn = torch.compile(attention_branch, fullgraph=True)
+        self.mlp_fn = torch.compile(mlp_branch, fullgraph=True)
+        self.keep_buffer = keep_buffer
+        self.kept_buffer = None  # with keep_buffer: the last generation's buffer
+        self.captured_for = None  # a weak reference to the buffer the graph was captured over
+
+    def load_buffer(self, groups, new_tokens: int) -> KVBuffer:
+        """``load_buffer`` into the kept buffer where it fits (see the class docstring)."""
+        buffer = load_buffer(groups, new_tokens, self._hand_over_kept_buffer())
+        if self.keep_buffer:
+            self.kept_buffer = buffer
+        return buffer
+
+    def _hand_over_kept_buffer(self):
+        # Not held here while load_buffer runs, so that it can free a buffer that does not fit.
+        buffer, self.kept_buffer = self.kept_buffer, None
+        return buffer
+
+    def _mlp_beside_attention(self, layer, parts):
+        main_stream = torch.cuda.current_stream()
+        self.side_stream.wait_stream(main_stream)  # the previous layer's attention output
+        main_stream.wait_stream(self.side_stream)  # the previous layer's MLP output
+        with torch.cuda.stream(self.side_stream):
+            return self.mlp_fn(layer, parts)
+
+    def _step(self, model, state: StepState):
+        parts = layer_outputs(model, state, self.attention_fn, self._mlp_beside_attention)
+        torch.cuda.current_stream().wait_stream(self.side_stream)  # the last layer's MLP output
+        return next_token(final_logits(model, parts), state.temperature, state.top_k, state.noise)
+
+    def _capture(self, model, state: StepState):
+        if not all(layer.use_parallel_residual for layer in model.gpt_neox.layers):
+            raise ValueError("the two-stream step needs GPT-NeoX's parallel residual (use_parallel_residual)")
+        self.graph = self.output = None  # the old graph's memory pool, freed before the new capture
+        # The graph reads its inputs from these copies; each call copies the step's inputs in.
+        static = replace(state, token=state.token.clone(), position=state.position.clone(),
+                         new_index=state.new_index.clone(), noise=None if state.noise is None else state.noise.clone())
+        self.inputs = (static.token, static.position, static.new_index, static.noise)
+        self.side_stream = torch.cuda.Stream()
+        # Compile and warm up (cuBLAS and cuDNN set up their workspaces) off the capture.
+        warmup_stream = torch.cuda.Stream()
+        warmup_stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(warmup_stream):
+            for _ in range(3):  # rewrites the slot this step writes anyway, with the same values
+                self._step(model, static)
+        torch.cuda.current_stream().wait_stream(warmup_stream)
+        # cuBLAS keeps one workspace per (handle, stream), and a graph replays the raw address it
+        # captured. Others' CUDA graphs (torch.compile's cudagraph trees, which record with their
+        # own clear) drop those cached workspaces; one shared with the eager pool is then reused
+        # while this graph still writes to it (an illegal memory access on the H100, pytorch issue
+        # 193402). Dropped here, so the capture allocates its own in this graph's private pool,
+        # where nothing else allocates.
+        torch.cuda.synchronize()
+        torch._C._cuda_clearCublasWorkspaces()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.output = self._step(model, static)
+        # A weak reference, and ``static`` not kept: without keep_buffer, holding the buffer here
+        # would keep a finished generation's KV alive while the next one prefills.
+        self.captured_for, self.settings = weakref.ref(state.buffer), settings(state)
+
+    def __call__(self, model, state: StepState):
+        captured = self.captured_for is not None and self.captured_for() is state.buffer
+        if not captured or settings(state) != self.settings:
+            self._capture(model, state)
+        for static, tensor in zip(self.inputs, (state.token, state.position, state.new_index, state.noise)):
+            if tensor is not None:
+                static.copy_(tensor)
+        self.graph.replay()
+        return self.output
+
+
+def settings(state: StepState) -> tuple:
+    """What a captured graph is fixed to besides the buffer: the attention and the sampling rule."""
+    return state.backend, state.temperature, state.top_k
