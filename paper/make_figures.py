@@ -1,0 +1,711 @@
+"""Build every table, figure and in-text number of the paper from committed result files.
+
+  python paper/make_figures.py --output paper/build/generated
+
+Writes into the output folder:
+  numbers.tex          one \\newcommand per number the text uses (\\R...), nothing typed by hand
+  numbers.json         the same values, for tests and for checking a claim
+  table_quality.tex    eviction presses, both protocols (SmolLM2-135M-Instruct, H200)
+  table_speed.tex      decoders and presses against the roofline floor (H200)
+  table_kvquant.tex    KV quantization, bytes and time (H100)
+  table_levels.tex     cross-layer and attention-level reductions (SmolLM2, CPU)
+  fig_quality.pdf      paired differences with their 95% intervals
+  fig_speculative.pdf  predicted speculative speed-ups from the measured step costs
+
+Every result file read is named in SOURCES below, the one place to update when results/ moves.
+Paired intervals between two methods of the same run are computed with the project's own
+bootstrap (evaluation/intervals.py), so they equal the README's.
+"""
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only
+import matplotlib.pyplot as plt  # noqa: E402
+
+# TrueType (not Type 3) fonts in the PDFs, and no creation date: the same files give the same bytes.
+plt.rcParams.update({"pdf.fonttype": 42, "font.size": 7, "font.family": "serif", "axes.linewidth": 0.6})
+PDF_METADATA = {"CreationDate": None}
+
+REPO = Path(__file__).resolve().parent.parent
+
+# ---------------------------------------------------------------------------------------------
+# The result files this paper is built from (relative to the repository root). A folder means
+# every *.json directly in it.
+SOURCES = {
+    # quality: SmolLM2-135M-Instruct, H200 (the *_cpu files in these folders: the 2-core CPU)
+    "quality_context": "results/smollm2-135m_quality_h200/context",
+    "quality_books": {  # streaming protocol, one folder per book
+        "Pride and Prejudice": "results/smollm2-135m_quality_h200/streaming_book0",
+        "Frankenstein": "results/smollm2-135m_quality_h200/streaming_book1",
+    },
+    # speed: random-init Pythia-2.8B, H200
+    "speed_same_run": "results/pythia-2.8b_random_grid_h200/same_run/summary.json",
+    "speed_presses": "results/pythia-2.8b_random_grid_h200/presses/summary.json",
+    "speed_batch_dense": "results/pythia-2.8b_random_grid_h200/batch/dense/summary.json",
+    "speed_batch_snapkv": "results/pythia-2.8b_random_grid_h200/batch/snapkv/summary.json",
+    # KV quantization: random-init Pythia-2.8B, H100, two calls each with its own fp16 reference
+    "kvquant_calls": {
+        "int4": "results/pythia-2.8b_random_kv_quant_h100/int4",
+        "int2": "results/pythia-2.8b_random_kv_quant_h100/int2",
+    },
+    # speculative decoding: costs and end to end on the H100; acceptance on SmolLM2 (CPU)
+    "spec_costs": "results/pythia-2.8b_random_speculative_h100/pythia-2.8b_random_speculative_costs_h100.json",
+    "spec_costs_self": "results/pythia-2.8b_random_speculative_h100/pythia-2.8b_random_speculative_costs_selfdrafts_h100.json",
+    "spec_e2e": "results/pythia-2.8b_random_speculative_h100/pythia-2.8b_random_speculative_e2e_neox_h100.json",
+    "spec_predicted": "results/pythia-2.8b_random_speculative_h100/pythia-2.8b_random_speculative_predicted_h100.json",
+    "spec_self": {
+        "WikiText": "results/smollm2-135m_speculative_cpu/smollm2-135m_speculative_self_wikitext.json",
+        "PG-19": "results/smollm2-135m_speculative_cpu/smollm2-135m_speculative_self_pg19.json",
+    },
+    # cross-layer and attention-level: SmolLM2 quality (CPU), Pythia bytes and time (H100)
+    "levels_quality": [
+        "results/smollm2-135m_attention_level_cpu/smollm2-135m_context_wikitext_lowrank_cpu.json",
+        "results/smollm2-135m_attention_level_cpu/smollm2-135m_context_wikitext_lowrank_svd_cpu.json",
+        "results/smollm2-135m_attention_level_cpu/smollm2-135m_context_wikitext_head_merge_cpu.json",
+        "results/smollm2-135m_attention_level_cpu/smollm2-135m_context_wikitext_snapkv_lowrank_cpu.json",
+        "results/smollm2-135m_cross_layer_cpu/smollm2-135m_context_wikitext_minicache_cpu.json",
+        "results/smollm2-135m_cross_layer_cpu/smollm2-135m_context_wikitext_kvsharer_cpu.json",
+        "results/smollm2-135m_cross_layer_cpu/smollm2-135m_context_wikitext_kvsharer_similar_cpu.json",
+        "results/smollm2-135m_cross_layer_cpu/smollm2-135m_context_wikitext_cross_layer_combos_cpu.json",
+    ],
+    # the eviction references for that table: SnapKV and StreamingLLM in one run beside the combinations
+    "levels_reference": "results/smollm2-135m_cross_layer_cpu/smollm2-135m_context_wikitext_cross_layer_combos_cpu.json",
+    "levels_similarity": "results/smollm2-135m_cross_layer_cpu/smollm2-135m_adjacent_layer_kv_similarity.json",
+    "levels_speed_attention": "results/pythia-2.8b_random_attention_level_h100/pythia-2.8b_random_attention_level_h100.json",
+    # the model's own configuration (heads, rotary fraction, training length)
+    "pythia_config": "configs/models/pythia-2.8b.json",
+}
+
+# Display names of the methods (the registry's names otherwise).
+NAMES = {
+    "h2o": "H$_2$O", "observed_attention": "Observed attn.", "expected_attention": "Expected attn.",
+    "treekv": "TreeKV", "lagkv": "LagKV", "pyramidkv": "PyramidKV", "snapkv": "SnapKV",
+    "lm_infinite": "LM-Infinite", "streaming_llm": "StreamingLLM", "scissorhands": "Scissorhands",
+    "tova": "TOVA", "keydiff": "KeyDiff", "infllm": "InfLLM", "knorm": "KnormPress",
+    "random": "Random", "sliding_window": "Window, no sinks", "dense": "Dense",
+    "lowrank": "Low rank (Palu-style)", "lowrank_svd": "Low rank, weight SVD",
+    "head_merge": "KV-head merging", "snapkv_lowrank": "SnapKV + low rank",
+    "minicache": "MiniCache", "kvsharer": "KVSharer", "kvsharer_similar": "KVSharer, similar first",
+    "kvsharer_snapkv": "KVSharer + SnapKV", "streaming_llm_minicache": "StreamingLLM + MiniCache",
+}
+SHORT_NAMES = {"lowrank": "Low rank", "lowrank_svd": "Low rank, SVD", "kvsharer_similar": "KVSharer, similar",
+               "head_merge": "KV-head merge", "streaming_llm_minicache": "StreamingLLM + MiniC."}
+# Rows of the attention-level / cross-layer table (the eviction references first). Left out: the
+# controls lowrank_svd and kvsharer_similar (worse still; in their result files).
+LEVELS_ORDER = ["snapkv", "streaming_llm", "lowrank", "head_merge", "minicache", "kvsharer",
+                "snapkv_lowrank", "kvsharer_snapkv", "streaming_llm_minicache"]
+BOOK_SHORT = {"Pride and Prejudice": "P\\&P"}
+# Names in running text (no math mode, so they can go anywhere).
+TEXT_NAMES = dict(NAMES, h2o="H\\textsubscript{2}O", observed_attention="observed attention",
+                  expected_attention="Expected Attention")
+DECODERS = {  # HF: transformers' generate
+    "hf_eager": "HF, eager", "hf_sdpa": "HF, SDPA", "kvpress": "kvpress loop",
+    "hf_static": "HF, static + compile", "static": "static + CUDA graph",
+    "neox": "\\textbf{ours}, two-stream graph",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+def _path(relative: str, root: Path) -> Path:
+    return root / relative
+
+
+def _load(relative: str, root: Path) -> dict:
+    with open(_path(relative, root)) as handle:
+        return json.load(handle)
+
+
+def _folder(relative: str, root: Path) -> list[tuple[Path, dict]]:
+    files = sorted(_path(relative, root).glob("*.json"))
+    if not files:
+        raise FileNotFoundError(f"no result files in {relative}")
+    return [(path, json.loads(path.read_text())) for path in files]
+
+
+def _on_cpu(payload: dict) -> bool:
+    return payload.get("environment", {}).get("device") == "cpu"
+
+
+def quality_rows(relative: str, root: Path, with_repeats: bool = False) -> list[dict]:
+    """Every non-dense row of a folder, each with its own file's dense row and machine. A
+    (method, setting) held by several files (a reference run again beside a new method) counts
+    once, from the first file by name, unless with_repeats."""
+    seen, rows = set(), []
+    for path, payload in _folder(relative, root):
+        dense = next(r for r in payload["rows"] if r["method"] == "dense")
+        for row in payload["rows"]:
+            if row["method"] == "dense":
+                continue
+            key = (row["method"], row.get("compression_ratio"), row.get("budget"))
+            if key in seen and not with_repeats:
+                continue
+            seen.add(key)
+            rows.append(dict(row, _dense=dense, _cpu=_on_cpu(payload), _file=path.name))
+    return rows
+
+
+def dense_row(relative: str, root: Path) -> dict:
+    return next(r for r in _folder(relative, root)[0][1]["rows"] if r["method"] == "dense")
+
+
+def paired(a: dict, b: dict) -> dict:
+    """Paired difference of row a to row b (same units), with the project's bootstrap."""
+    sys.path.insert(0, str(REPO))
+    from evaluation.intervals import paired_difference
+
+    if a["unit_tokens"] != b["unit_tokens"]:
+        raise ValueError(f"{a['method']} and {b['method']} were not scored on the same units")
+    return paired_difference(a["unit_nll"], b["unit_nll"], a["unit_tokens"])
+
+
+def bootstrap_resamples() -> int:
+    sys.path.insert(0, str(REPO))
+    from evaluation.intervals import RESAMPLES
+
+    return RESAMPLES
+
+
+# ---------------------------------------------------------------------------------------------
+# formatting
+def f(x: float, digits: int = 2) -> str:
+    return f"{x:.{digits}f}"
+
+
+def signed(x: float, digits: int = 1) -> str:
+    text = f"{x:+.{digits}f}"
+    return "-0.0" if text == "-0.0" else text
+
+
+def thousands(n: float) -> str:
+    return f"{int(round(n)):,}".replace(",", "{,}")
+
+
+def kept_percent(compression_ratio: float) -> str:
+    value = 100 * (1 - compression_ratio)
+    return f"{value:.0f}" if abs(value - round(value)) < 1e-9 else f"{value:.1f}"
+
+
+def percent_text(value: float) -> str:
+    return f"{value:.0f}" if abs(value - round(value)) < 0.05 else f"{value:.1f}"
+
+
+class Numbers:
+    """The in-text numbers: \\R<name> macros, kept in order."""
+
+    def __init__(self):
+        self.values: dict[str, str] = {}
+
+    def __setitem__(self, name: str, text) -> None:
+        if not name.isalpha():
+            raise ValueError(f"macro names are letters only: {name}")
+        self.values[name] = str(text)
+
+    def tex(self) -> str:
+        lines = ["% Written by paper/make_figures.py from the committed result files. Do not edit."]
+        lines += [f"\\newcommand{{\\R{name}}}{{{text}}}" for name, text in self.values.items()]
+        return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# quality: eviction presses
+def quality(root: Path, numbers: Numbers, out: Path) -> None:
+    context = quality_rows(SOURCES["quality_context"], root)
+    dense = dense_row(SOURCES["quality_context"], root)
+    ratios = sorted({r["compression_ratio"] for r in context})  # 0.25 .. 0.75 removed
+    hardest = ratios[-1]  # the fewest tokens kept
+    books = {book: quality_rows(folder, root) for book, folder in SOURCES["quality_books"].items()}
+    every_run = {book: quality_rows(folder, root, with_repeats=True) for book, folder in SOURCES["quality_books"].items()}
+    book_dense = {book: dense_row(folder, root) for book, folder in SOURCES["quality_books"].items()}
+    budgets = sorted({r["budget"] for rows in books.values() for r in rows})
+
+    # setup
+    numbers["ctxWindows"] = dense["num_windows"]
+    numbers["ctxContext"] = thousands(dense["context_tokens"])
+    numbers["ctxEval"] = dense["eval_tokens"]
+    first_book = next(iter(book_dense.values()))
+    numbers["streamScored"] = thousands(first_book["scored_tokens"])
+    numbers["streamChunk"] = first_book["chunk_tokens"]
+    numbers["streamUnits"] = first_book["units"]
+    numbers["segmentTokens"] = thousands(first_book["scored_tokens"] // first_book["units"])
+    numbers["resamples"] = thousands(bootstrap_resamples())
+    numbers["budgetA"] = budgets[0]
+    numbers["ctxKeptB"] = kept_percent(hardest)
+    numbers["ctxDensePPL"] = f(dense["ppl"])
+    numbers["ctxDenseLo"], numbers["ctxDenseHi"] = (f(x) for x in dense["ppl_ci95"])
+    numbers["nMeasured"] = len({r["method"] for r in context}
+                               | {r["method"] for rows in books.values() for r in rows}
+                               | level_methods(root))
+
+    # context, at the fewest tokens kept: the best two and a few references
+    at_hardest = sorted((r for r in context if r["compression_ratio"] == hardest), key=lambda r: r["ppl"])
+    best, second = at_hardest[0], at_hardest[1]
+    numbers["ctxBestBName"] = TEXT_NAMES[best["method"]]
+    numbers["ctxBestBDelta"] = signed(best["delta_pct"])
+    numbers["ctxBestBLo"], numbers["ctxBestBHi"] = (signed(x) for x in best["delta_pct_ci95"])
+    numbers["ctxSecondBName"] = TEXT_NAMES[second["method"]]
+    numbers["ctxSecondBDelta"] = signed(second["delta_pct"])
+    top_two = paired(best, second)
+    numbers["ctxTopTwoDelta"] = signed(top_two["delta_pct"], 2)
+    numbers["ctxTopTwoLo"], numbers["ctxTopTwoHi"] = (signed(x, 2) for x in top_two["delta_pct_ci95"])
+    by_method = {r["method"]: r for r in at_hardest}
+    for method, name in (("streaming_llm", "Streaming"), ("knorm", "Knorm"), ("random", "Random"),
+                         ("sliding_window", "Window")):
+        numbers[f"ctx{name}BDelta"] = signed(by_method[method]["delta_pct"])
+
+    # streaming: against dense, and against StreamingLLM at the smallest budget
+    versus_streaming = {}
+    rows_total, beat_dense = 0, 0
+    for book, rows in books.items():
+        for row in rows:
+            rows_total += 1
+            beat_dense += row["delta_pct_ci95"][1] < 0
+        for row in rows:
+            reference = streaming_reference(row, every_run[book])
+            if reference is not None and row["method"] != "streaming_llm":
+                versus_streaming[(book, row["method"], row["budget"])] = paired(row, reference)
+    numbers["streamRows"] = rows_total
+    numbers["streamBeatDense"] = beat_dense
+    for letter, book in zip("AB", books):
+        candidates = [r for r in books[book] if r["budget"] == budgets[0] and r["method"] != "streaming_llm"]
+        top = min(candidates, key=lambda r: r["ppl"])
+        diff = versus_streaming[(book, top["method"], top["budget"])]
+        numbers[f"streamBest{letter}Name"] = TEXT_NAMES[top["method"]]
+        numbers[f"streamBest{letter}Delta"] = signed(diff["delta_pct"])
+        numbers[f"streamBest{letter}Lo"], numbers[f"streamBest{letter}Hi"] = (
+            signed(x) for x in diff["delta_pct_ci95"])
+
+    write_quality_table(context, ratios, books, book_dense, budgets, dense, versus_streaming, out)
+    quality_figure(context, ratios, books, versus_streaming, budgets[0], out)
+
+
+def streaming_reference(row: dict, rows: list[dict]) -> dict | None:
+    """The StreamingLLM row to pair a streaming row with: the one of its own run if that run has
+    one, else the first run's (runs of one sweep share their dense rows bit for bit)."""
+    same_budget = [r for r in rows if r["method"] == "streaming_llm" and r["budget"] == row["budget"]]
+    own = [r for r in same_budget if r["_file"] == row["_file"]]
+    candidates = own or same_budget
+    if not candidates:
+        return None
+    reference = candidates[0]
+    if reference["_dense"]["unit_nll"] != row["_dense"]["unit_nll"] and not own:
+        return None  # different dense rows: not the same text and model state, no pairing
+    return reference
+
+
+def write_quality_table(context, ratios, books, book_dense, budgets, dense, versus_streaming, out: Path) -> None:
+    """Context at the two smallest kept fractions (PPL; the smallest also as the paired difference to
+    dense), streaming at the smallest budget (PPL and the paired difference to StreamingLLM)."""
+    shown = ratios[-2:]  # e.g. 50% and 25% kept
+    hardest, budget = ratios[-1], budgets[0]
+    mark = lambda row: "$^\\dagger$" if row["_cpu"] else ""
+
+    def interval(delta, low, high):
+        return f"{signed(delta)} {{\\scriptsize[{signed(low)}, {signed(high)}]}}"
+
+    def find(rows, method, key, value):
+        return next((r for r in rows if r["method"] == method and r.get(key) == value), None)
+
+    columns = [("ctx", r) for r in shown] + [("book", b) for b in books]
+    best = {}
+    for kind, which in columns:
+        rows = [r for r in context if r["compression_ratio"] == which] if kind == "ctx" else \
+            [r for r in books[which] if r["budget"] == budget]
+        best[(kind, which)] = min(r["ppl"] for r in rows)
+
+    def ppl_cell(row, column):
+        if row is None:
+            return "---"
+        text = f(row["ppl"]) + mark(row)
+        return f"\\textbf{{{text}}}" if row["ppl"] == best[column] else text
+
+    methods = sorted({r["method"] for r in context}, key=lambda m: find(context, m, "compression_ratio", hardest)["ppl"])
+    book_short = {book: "\\emph{" + BOOK_SHORT.get(book, book) + "}" for book in books}
+    lines = [
+        "\\begin{table}[t]",
+        "\\caption{The eviction presses on SmolLM2-135M-Instruct (the quality stand-in, not Pythia), NVIDIA H200,"
+        f" fp32: perplexity, and in \\% the paired difference with its 95\\% bootstrap interval. Context: WikiText-2,"
+        f" {dense['num_windows']} windows, to dense; keeping a fraction of the tokens keeps that fraction of the KV"
+        f" bytes. Streaming: budget {budget} tokens per layer, to StreamingLLM. Best PPL per column in bold;"
+        " $^\\dagger$ 2-core CPU (same command).}",
+        "\\label{tab:quality}",
+        "\\centering\\footnotesize\\setlength{\\tabcolsep}{3pt}",
+        "\\begin{tabular}{l" + "r" * len(shown) + "r" + "rr" * len(books) + "}",
+        "\\toprule",
+        " & " + f"\\multicolumn{{{len(shown) + 1}}}{{c}}{{context, \\% of the cache kept}}"
+        + "".join(f" & \\multicolumn{{2}}{{c}}{{{book_short[b]}, streaming}}" for b in books) + " \\\\",
+        f"\\cmidrule(lr){{2-{len(shown) + 2}}}"
+        + "".join(f" \\cmidrule(lr){{{len(shown) + 3 + 2 * i}-{len(shown) + 4 + 2 * i}}}" for i in range(len(books))),
+        "method & " + " & ".join(kept_percent(r) for r in shown) + f" & vs dense at {kept_percent(hardest)}"
+        + " & PPL & vs StreamingLLM" * len(books) + " \\\\",
+        "\\midrule",
+        " & ".join([NAMES["dense"]] + [f(dense["ppl"])] * len(shown) + [""]
+                   + [x for b in books for x in (f(book_dense[b]["ppl"]), "")]) + " \\\\",
+        "\\midrule",
+    ]
+    for method in methods:
+        cells = [NAMES[method]]
+        for ratio in shown:
+            cells.append(ppl_cell(find(context, method, "compression_ratio", ratio), ("ctx", ratio)))
+        row = find(context, method, "compression_ratio", hardest)
+        cells.append(interval(row["delta_pct"], *row["delta_pct_ci95"]))
+        for book in books:
+            row = find(books[book], method, "budget", budget)
+            cells.append(ppl_cell(row, ("book", book)))
+            diff = versus_streaming.get((book, method, budget))
+            cells.append("ref." if method == "streaming_llm" else
+                         interval(diff["delta_pct"], *diff["delta_pct_ci95"]) if diff else "---")
+        lines.append(" & ".join(cells) + " \\\\")
+    lines += ["\\bottomrule", "\\end{tabular}", "\\end{table}"]
+    (out / "table_quality.tex").write_text("\n".join(lines) + "\n")
+
+
+def quality_figure(context, ratios, books, versus_streaming, budget, out: Path) -> None:
+    hardest = ratios[-1]
+    methods = sorted({r["method"] for r in context},
+                     key=lambda m: -next(r["delta_pct"] for r in context if r["method"] == m and r["compression_ratio"] == hardest))
+    figure, (left, right) = plt.subplots(1, 2, figsize=(5.5, 2.7), sharey=True)
+    y = {m: i for i, m in enumerate(methods)}
+    colors = ["#1b9e77", "#d95f02", "#7570b3", "#e7298a"]
+
+    def draw(axis, points, limit, labels):
+        """points: (method, series, value, low, high); values past limit are drawn at the edge."""
+        series_names = list(dict.fromkeys(p[1] for p in points))
+        offsets = {s: (i - (len(series_names) - 1) / 2) * 0.22 for i, s in enumerate(series_names)}
+        for method, series, value, low, high in points:
+            colour = colors[series_names.index(series) % len(colors)]
+            at = y[method] + offsets[series]
+            if value > limit[1]:
+                axis.annotate(f"{value:+.0f}%", (limit[1], at), xytext=(-2, 0), textcoords="offset points",
+                              ha="right", va="center", fontsize=5.5, color=colour)
+                axis.plot([limit[1]], [at], marker=">", color=colour, markersize=3)
+                continue
+            axis.errorbar([value], [at], xerr=[[value - low], [min(high, limit[1]) - value]], fmt="o",
+                          color=colour, markersize=2.5, elinewidth=0.8, capsize=1.2)
+        axis.axvline(0, color="black", linewidth=0.6)
+        axis.set_xlim(*limit)
+        axis.grid(axis="x", linewidth=0.3, alpha=0.5)
+        for s in series_names:
+            axis.plot([], [], "o", color=colors[series_names.index(s) % len(colors)], markersize=3, label=labels[s])
+        axis.legend(loc="lower right", fontsize=6, frameon=False, handletextpad=0.2)
+
+    points = [(r["method"], r["compression_ratio"], r["delta_pct"], *r["delta_pct_ci95"]) for r in context]
+    draw(left, points, (-1, 32), {r: f"{kept_percent(r)}% kept" for r in ratios})
+    left.set_xlabel("PPL vs dense (%), 95% paired interval")
+    left.set_title("WikiText-2, context protocol", fontsize=7)
+    points = []
+    for book in books:
+        for method in methods:
+            diff = versus_streaming.get((book, method, budget))
+            if diff is not None:
+                points.append((method, book, diff["delta_pct"], *diff["delta_pct_ci95"]))
+    draw(right, points, (-4, 20), {b: b for b in books})
+    right.set_xlabel("PPL vs StreamingLLM (%), 95% block interval")
+    right.set_title(f"PG-19-style books, streaming, budget {budget}", fontsize=7)
+    left.set_yticks(range(len(methods)))
+    left.set_yticklabels([NAMES[m].replace("H$_2$O", "H$_2$O") for m in methods])
+    left.set_ylim(-0.7, len(methods) - 0.3)
+    figure.tight_layout(pad=0.3, w_pad=0.8)
+    figure.savefig(out / "fig_quality.pdf", metadata=PDF_METADATA)
+    plt.close(figure)
+
+
+# ---------------------------------------------------------------------------------------------
+# cross-layer and attention-level
+def level_runs(root: Path) -> list[tuple[dict, list[dict]]]:
+    runs = []
+    for relative in SOURCES["levels_quality"]:
+        payload = _load(relative, root)
+        runs.append((payload, payload["rows"]))
+    return runs
+
+
+def level_methods(root: Path) -> set[str]:
+    return {r["method"] for _, rows in level_runs(root) for r in rows if r["method"] != "dense"}
+
+
+def levels(root: Path, numbers: Numbers, out: Path) -> None:
+    def removed(row, dense):
+        return 100 * (1 - row["kv_mib_after_prefill"] / dense["kv_mib_after_prefill"])
+
+    entries: dict[str, dict] = {}
+    windows = []
+    for payload, rows in level_runs(root):
+        dense = next(r for r in rows if r["method"] == "dense")
+        windows.append(dense["num_windows"])
+        for row in rows:
+            if row["method"] in ("dense", "snapkv", "streaming_llm"):
+                continue  # eviction references: from one run, below
+            entry = entries.setdefault(row["method"], {"points": [], "dense": dense["ppl"], "windows": dense["num_windows"]})
+            entry["points"].append((removed(row, dense), row["ppl"]))
+    reference_rows = _load(SOURCES["levels_reference"], root)["rows"]
+    reference_dense = next(r for r in reference_rows if r["method"] == "dense")
+    references = {r["method"]: (r, reference_dense, removed(r, reference_dense))
+                  for r in reference_rows if r["method"] in ("snapkv", "streaming_llm")}
+    numbers["levelsWinMin"], numbers["levelsWinMax"] = min(windows), max(windows)
+    snap, snap_dense, half = references["snapkv"]
+    stream, stream_dense, _ = references["streaming_llm"]
+    numbers["levelsHalf"] = percent_text(half)
+    numbers["levelsSnapDelta"] = signed(100 * (snap["ppl"] / snap_dense["ppl"] - 1))
+    numbers["levelsStreamDelta"] = signed(100 * (stream["ppl"] / stream_dense["ppl"] - 1))
+
+    svd_removed, svd_ppl = min(entries["lowrank_svd"]["points"])
+    numbers["svdRemoved"], numbers["svdPPL"] = percent_text(svd_removed), thousands(svd_ppl)
+    similarity = _load(SOURCES["levels_similarity"], root)["adjacent_cosine"]
+    values = [v for series in similarity.values() for v in series]
+    numbers["simMin"], numbers["simMax"] = f(min(values)), f(max(values))
+
+    speed = _load(SOURCES["levels_speed_attention"], root)
+    dense_speed = next(r for r in speed["rows"] if r["method"] == "dense")
+    lowrank = next(r for r in speed["rows"] if r["method"] == "lowrank" and r["compression_ratio"] == snap["compression_ratio"])
+    numbers["levelsMiBDense"] = f(dense_speed["kv_mib_final"], 1)
+    numbers["levelsMiBHalf"] = f(lowrank["kv_mib_final"], 1)
+    numbers["lowrankTpot"] = f(lowrank["tpot_ms"])
+    numbers["lowrankDenseTpot"] = f(dense_speed["tpot_ms"])
+
+    def ppl_text(value):  # about three significant digits
+        if value >= 1000:
+            return f"{value / 1000:.1f}k" if value < 10000 else f"{value / 1000:.0f}k"
+        return f(value, 0) if value >= 100 else (f(value, 1) if value >= 10 else f(value))
+
+    lines = [
+        "\\captionof{table}{Attention-level and cross-layer reductions against eviction (first block):"
+        " SmolLM2-135M-Instruct, 2-core CPU, WikiText-2, context protocol, no intervals (these runs predate"
+        " them). Removed: KV bytes held after the pressed prefill against dense in the same run; k: thousands.}",
+        "\\label{tab:levels}",
+        "\\centering\\footnotesize\\setlength{\\tabcolsep}{2.5pt}",
+        "\\begin{tabular}{lllr}",
+        "\\toprule",
+        "method & \\% removed & PPL & dense (win.) \\\\",
+        "\\midrule",
+    ]
+    for method in LEVELS_ORDER:
+        if method in references:
+            row, dense, removed_bytes = references[method]
+            entry = {"points": [(removed_bytes, row["ppl"])], "dense": dense["ppl"], "windows": dense["num_windows"]}
+        else:
+            entry = entries[method]
+        points = sorted(entry["points"])
+        lines.append(" & ".join([
+            SHORT_NAMES.get(method, NAMES[method]), "/".join(percent_text(p[0]) for p in points),
+            "/".join(ppl_text(p[1]) for p in points), f"{f(entry['dense'])} ({entry['windows']})"]) + " \\\\")
+        if method == "streaming_llm":
+            lines.append("\\midrule")
+    lines += ["\\bottomrule", "\\end{tabular}"]
+    (out / "table_levels.tex").write_text("\n".join(lines) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# speed (H200)
+def speed(root: Path, numbers: Numbers, out: Path) -> None:
+    same_run = _load(SOURCES["speed_same_run"], root)
+    rows = {r["decoder"]: r for r in same_run["rows"]}
+    neox, eager, static = rows["neox"], rows["hf_eager"], rows["hf_static"]
+    numbers["batchOne"] = neox["batch_size"]
+    numbers["promptTokens"] = neox["prompt_tokens"]
+    numbers["stepGB"] = f(neox["step_gb"], 3)
+    numbers["copyTBs"] = f(neox["copy_tb_per_s"], 3)
+    numbers["gemvTBs"] = f(neox["gemv_tb_per_s"])
+    numbers["floorMs"] = f(neox["tpot_floor_ms"], 3)
+    numbers["kvMiBPrompt"] = f(neox["kv_mib_after_prefill"], 0)
+    numbers["neoxOverFloor"] = f(neox["tpot_over_floor"])
+    numbers["neoxVsEager"] = f(eager["tpot_ms"] / neox["tpot_ms"])
+    numbers["neoxVsStatic"] = f(static["tpot_ms"] / neox["tpot_ms"])
+
+    presses = _load(SOURCES["speed_presses"], root)["rows"]
+    pressed = [r for r in presses if r["method"] != "dense"]
+    numbers["pressTpotMin"] = f(min(r["tpot_ms"] for r in pressed), 3)
+    numbers["pressTpotMax"] = f(max(r["tpot_ms"] for r in pressed), 3)
+    numbers["denseTpotPresses"] = f(next(r for r in presses if r["method"] == "dense")["tpot_ms"], 3)
+
+    batch_dense = max(_load(SOURCES["speed_batch_dense"], root)["rows"], key=lambda r: r["batch_size"])
+    batch_snap = max(_load(SOURCES["speed_batch_snapkv"], root)["rows"], key=lambda r: r["batch_size"])
+    numbers["batchDense"] = batch_dense["batch_size"]
+    numbers["batchDenseTps"] = thousands(batch_dense["decode_tokens_per_s"])
+    numbers["batchDenseGiB"] = f(batch_dense["peak_memory_gib"], 1)
+    numbers["batchSnap"] = batch_snap["batch_size"]
+    numbers["batchSnapKept"] = kept_percent(batch_snap["compression_ratio"])
+    numbers["batchSnapTps"] = thousands(batch_snap["decode_tokens_per_s"])
+    numbers["batchRatio"] = f(batch_snap["decode_tokens_per_s"] / batch_dense["decode_tokens_per_s"])
+
+    order = ["hf_eager", "hf_sdpa", "kvpress", "hf_static", "static", "neox"]
+    left = [
+        "\\begin{tabular}[t]{lrrrr}",
+        "\\toprule",
+        "decoder (dense) & TTFT & TPOT & $\\times$floor & speed-up \\\\",
+        "\\midrule",
+    ]
+    for decoder in order:
+        r = rows[decoder]
+        left.append(" & ".join([DECODERS[decoder], f(r["ttft_ms"], 1), f(r["tpot_ms"], 3),
+                                f(r["tpot_over_floor"]), f(eager["tpot_ms"] / r["tpot_ms"])]) + " \\\\")
+    left += ["\\bottomrule", "\\end{tabular}"]
+    right = [
+        "\\begin{tabular}[t]{lrrr}",
+        "\\toprule",
+        "ours + press & TPOT & floor & $\\times$floor \\\\",
+        "\\midrule",
+    ]
+    for r in sorted(presses, key=lambda r: (r["method"] != "dense", r["method"], r["compression_ratio"])):
+        label = "dense" if r["method"] == "dense" else f"{NAMES[r['method']]} {kept_percent(r['compression_ratio'])}\\%"
+        right.append(" & ".join([label, f(r["tpot_ms"], 3), f(r["tpot_floor_ms"], 3), f(r["tpot_over_floor"])]) + " \\\\")
+    right += ["\\bottomrule", "\\end{tabular}"]
+    lines = [
+        "\\begin{table}[t]",
+        "\\caption{Decoding random-init Pythia-2.8B on one NVIDIA H200 (fp16, batch "
+        f"{neox['batch_size']}, a {neox['prompt_tokens']}-token prompt, {neox['new_tokens']} forced new tokens; ms)."
+        " Left: every decoder in one process (HF: transformers' generate); speed-up of TPOT over HF eager. Right: our"
+        " path with presses (another call), floors at every layer's own kept length. Floor: the step's"
+        f" bytes over the copy bandwidth measured in the same call ({f(neox['copy_tb_per_s'], 3)} TB/s).}}",
+        "\\label{tab:speed}",
+        "\\centering\\footnotesize\\setlength{\\tabcolsep}{3.5pt}",
+        "\\begin{minipage}[t]{0.555\\linewidth}\\centering",
+        *left,
+        "\\end{minipage}\\hfill",
+        "\\begin{minipage}[t]{0.43\\linewidth}\\centering",
+        *right,
+        "\\end{minipage}",
+        "\\end{table}",
+    ]
+    (out / "table_speed.tex").write_text("\n".join(lines) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# KV quantization (H100)
+def kvquant(root: Path, numbers: Numbers, out: Path) -> None:
+    calls = {}
+    for bits, folder in SOURCES["kvquant_calls"].items():
+        calls[bits] = {(row["kv_quant"], row["method"]): row
+                       for _, payload in _folder(folder, root) for row in payload["rows"]}
+    any_row = next(iter(next(iter(calls.values())).values()))
+    pressed = next(r for call in calls.values() for r in call.values() if r["method"] != "dense")
+    lines = [
+        "\\captionof{table}{KV quantization, random-init Pythia-2.8B, NVIDIA H100, kvpress's per-token loop, batch"
+        f" {any_row['batch_size']}, {any_row['prompt_tokens']}-token prompt. A block per call, each with its fp16"
+        " reference. KV MiB after prefill, scales, zero points and fp16 window included;"
+        f" {NAMES[pressed['method']]} keeps {kept_percent(pressed['compression_ratio'])}\\%.}}",
+        "\\label{tab:kvquant}",
+        "\\centering\\footnotesize\\setlength{\\tabcolsep}{3pt}",
+        "\\begin{tabular}{llrrrr}",
+        "\\toprule",
+        "cache & method & MiB & $\\div$\\,bytes & TPOT & vs fp16 \\\\",
+    ]
+    for bits, call in calls.items():
+        lines.append("\\midrule")
+        fp16_dense = call[("none", "dense")]
+        for (quant, method), row in sorted(call.items(), key=lambda kv: (kv[0][0] != "none", kv[0][1])):
+            reference = call[("none", method)]
+            lines.append(" & ".join([
+                "fp16" if quant == "none" else quant, NAMES[method].replace("Dense", "dense"),
+                f(row["kv_mib_after_prefill"], 1),
+                f(fp16_dense["kv_mib_after_prefill"] / row["kv_mib_after_prefill"], 1),
+                f(row["tpot_ms"]), f(row["tpot_ms"] / reference["tpot_ms"]),
+            ]) + " \\\\")
+        dense_q = call[(bits, "dense")]
+        name = {"int4": "quantFour", "int2": "quantTwo"}[bits]
+        numbers[name + "Fold"] = f(fp16_dense["kv_mib_after_prefill"] / dense_q["kv_mib_after_prefill"], 1)
+        numbers[name + "Tpot"] = f(dense_q["tpot_ms"] / fp16_dense["tpot_ms"])
+        if bits == "int4":
+            snap4 = call[("int4", pressed["method"])]
+            numbers["quantSnapKept"] = kept_percent(snap4["compression_ratio"])
+            numbers["quantSnapFourFold"] = f(fp16_dense["kv_mib_after_prefill"] / snap4["kv_mib_after_prefill"], 0)
+    lines += ["\\bottomrule", "\\end{tabular}"]
+    (out / "table_kvquant.tex").write_text("\n".join(lines) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# speculative decoding
+def speculative(root: Path, numbers: Numbers) -> list[dict]:
+    costs = _load(SOURCES["spec_costs"], root)["rows"]
+    step = next(r for r in costs if r["what"] == "target decode step" and r["batch_size"] == 1)
+    verify = [r for r in costs if r["what"] == "target verify pass" and r["batch_size"] == 1]
+    draft = next(r for r in costs if r["what"] == "draft model decode step" and r["batch_size"] == 1)
+    numbers["verifyMin"] = f(min(r["ratio_to_decode_step"] for r in verify))
+    numbers["verifyMax"] = f(max(r["ratio_to_decode_step"] for r in verify))
+    numbers["kMin"] = min(r["k"] for r in verify)
+    numbers["kMax"] = max(r["k"] for r in verify)
+    numbers["decodeStepMs"] = f(step["ms"])
+    numbers["draftStepMs"] = f(draft["ms"])
+
+    self_costs = [r for r in _load(SOURCES["spec_costs_self"], root)["rows"] if r["what"].startswith("self-draft step")]
+    numbers["selfCostMin"] = f(min(r["ratio_to_decode_step"] for r in self_costs))
+    numbers["selfCostMax"] = f(max(r["ratio_to_decode_step"] for r in self_costs))
+
+    e2e = next(r for r in _load(SOURCES["spec_e2e"], root)["rows"] if r["kind"] == "model")
+    if not e2e["identical_to_plain"]:
+        raise ValueError("the end-to-end speculative run was not identical to plain decoding")
+    numbers["alphaEtoE"] = f(e2e["alpha"], 0)
+    numbers["specMs"] = f(e2e["speculative_decode_ms_per_token"])
+    numbers["plainMs"] = f(e2e["plain_decode_ms_per_token"])
+
+    points = [p for p in _load(SOURCES["spec_predicted"], root)["points"] if p["batch_size"] == 1]
+    alphas = sorted({p["alpha"] for p in points})[-3:]
+    for letter, alpha in zip("ABC", alphas):
+        numbers[f"alpha{letter}"] = f(alpha, 1)
+        numbers[f"specSpeed{letter}"] = f(max(p["predicted_speedup"] for p in points if p["alpha"] == alpha))
+
+    self_rows = {text: _load(path, root)["rows"] for text, path in SOURCES["spec_self"].items()}
+    snap = {text: next(r for r in rows if r["spec"].startswith("self=snapkv") and r["k"] == 4)
+            for text, rows in self_rows.items()}
+    numbers["selfBudget"] = snap["WikiText"]["draft_budget_tokens"]
+    numbers["selfSnapWiki"] = f(snap["WikiText"]["alpha"])
+    numbers["selfSnapPg"] = f(snap["PG-19"]["alpha"])
+    return points
+
+
+def speculative_figure(points: list[dict], out: Path) -> None:
+    figure, axis = plt.subplots(figsize=(2.25, 1.75))
+    for alpha in sorted({p["alpha"] for p in points}):
+        chosen = sorted((p for p in points if p["alpha"] == alpha), key=lambda p: p["k"])
+        axis.plot([p["k"] for p in chosen], [p["predicted_speedup"] for p in chosen], marker="o", markersize=2.5,
+                  linewidth=0.9, label=f"$\\alpha$ = {alpha:.1f}")
+    axis.axhline(1, color="black", linewidth=0.6)
+    axis.set_xlabel("drafted tokens $k$")
+    axis.set_ylabel("predicted speed-up")
+    axis.legend(fontsize=5.5, frameon=False, ncol=4, loc="lower center", bbox_to_anchor=(0.5, 1.0),
+                handlelength=1.2, columnspacing=0.8, handletextpad=0.3)
+    axis.grid(linewidth=0.3, alpha=0.5)
+    figure.tight_layout(pad=0.2)
+    figure.savefig(out / "fig_speculative.pdf", metadata=PDF_METADATA)
+    plt.close(figure)
+
+
+# ---------------------------------------------------------------------------------------------
+def model_facts(root: Path, numbers: Numbers) -> None:
+    config = _load(SOURCES["pythia_config"], root)
+    numbers["pythiaHeads"] = config["num_attention_heads"]
+    numbers["pythiaUnrotated"] = f(100 * (1 - config["rotary_pct"]), 0)
+    numbers["pythiaMaxPos"] = config["max_position_embeddings"]
+
+
+def build(out: Path, root: Path = REPO) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    numbers = Numbers()
+    quality(root, numbers, out)
+    levels(root, numbers, out)
+    speed(root, numbers, out)
+    kvquant(root, numbers, out)
+    speculative_figure(speculative(root, numbers), out)
+    model_facts(root, numbers)
+    (out / "numbers.tex").write_text(numbers.tex())
+    (out / "numbers.json").write_text(json.dumps(numbers.values, indent=1) + "\n")
+    return numbers.values
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output", type=Path, default=Path(__file__).resolve().parent / "build" / "generated")
+    parser.add_argument("--root", type=Path, default=REPO, help="repository root the SOURCES paths are relative to")
+    args = parser.parse_args(argv)
+    values = build(args.output, args.root)
+    print(f"wrote {len(values)} numbers, 4 tables and 2 figures to {args.output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""paper/make_figures.py builds the paper's tables, figures and numbers from the committed result
+files (CPU only, no LaTeX): its output holds the files' values, and every number the paper's text
+uses is defined."""
+
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PAPER = REPO / "paper"
+
+
+def _generator():
+    spec = importlib.util.spec_from_file_location("make_figures", PAPER / "make_figures.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    generator = _generator()
+    out = tmp_path_factory.mktemp("paper_generated")
+    values = generator.build(out)
+    return generator, out, values
+
+
+def _rows(folder: Path) -> list[dict]:
+    return [row for path in sorted(folder.glob("*.json")) for row in json.loads(path.read_text())["rows"]]
+
+
+def test_every_output_is_written(built):
+    _, out, _ = built
+    for name in ("numbers.tex", "numbers.json", "table_quality.tex", "table_speed.tex", "table_levels.tex",
+                 "table_kvquant.tex"):
+        assert (out / name).stat().st_size > 100, name
+    for name in ("fig_speculative.pdf", "fig_quality.pdf"):
+        data = (out / name).read_bytes()
+        assert data.startswith(b"%PDF") and len(data) > 5000, name
+
+
+def test_every_number_the_text_uses_is_generated(built):
+    _, out, values = built
+    used = set(re.findall(r"\\R([A-Za-z]+)", (PAPER / "main.tex").read_text()))
+    assert used, "the paper uses no generated number"
+    assert used <= set(values), f"used in main.tex but not generated: {sorted(used - set(values))}"
+    defined = set(re.findall(r"\\newcommand\{\\R([A-Za-z]+)\}", (out / "numbers.tex").read_text()))
+    assert defined == set(values)
+
+
+def test_quality_numbers_are_the_result_files(built):
+    generator, out, values = built
+    context = REPO / generator.SOURCES["quality_context"]
+    rows = _rows(context)
+    dense = next(r for r in rows if r["method"] == "dense")
+    assert values["ctxDensePPL"] == f"{dense['ppl']:.2f}"
+    assert values["ctxWindows"] == str(dense["num_windows"])
+    # the best press at the fewest tokens kept, and its interval, as the file holds them
+    hardest = max(r["compression_ratio"] for r in rows if r["method"] != "dense")
+    best = min((r for r in rows if r["compression_ratio"] == hardest and r["method"] != "dense"),
+               key=lambda r: r["ppl"])
+    assert values["ctxBestBDelta"] == f"{best['delta_pct']:+.1f}"
+    assert values["ctxBestBLo"] == f"{best['delta_pct_ci95'][0]:+.1f}"
+    # H2O's row of the table: its PPL at the fewest tokens kept and its paired difference to dense
+    h2o = next(r for r in rows if r["method"] == "h2o" and r["compression_ratio"] == hardest)
+    table = (out / "table_quality.tex").read_text()
+    line = next(line for line in table.splitlines() if line.startswith("H$_2$O &"))
+    assert f"{h2o['ppl']:.2f}" in line
+    low, high = h2o["delta_pct_ci95"]
+    assert f"{h2o['delta_pct']:+.1f} {{\\scriptsize[{low:+.1f}, {high:+.1f}]}}" in line
+
+
+def test_streaming_difference_is_paired_on_the_same_stretches(built):
+    generator, _, values = built
+    from evaluation.intervals import paired_difference
+
+    folder = REPO / next(iter(generator.SOURCES["quality_books"].values()))
+    rows = _rows(folder)
+    name = values["streamBestAName"]
+    method = next(m for m, text in generator.TEXT_NAMES.items() if text == name)
+    budget = int(values["budgetA"])
+    row = next(r for r in rows if r["method"] == method and r.get("budget") == budget)
+    reference = next(r for r in rows if r["method"] == "streaming_llm" and r.get("budget") == budget)
+    diff = paired_difference(row["unit_nll"], reference["unit_nll"], row["unit_tokens"])
+    assert values["streamBestADelta"] == f"{diff['delta_pct']:+.1f}"
+    assert values["streamBestAHi"] == f"{diff['delta_pct_ci95'][1]:+.1f}"
+
+
+def test_speed_numbers_are_the_h200_grid(built):
+    generator, out, values = built
+    summary = json.loads((REPO / generator.SOURCES["speed_same_run"]).read_text())
+    assert "H200" in summary["environment"]["gpu"]
+    rows = {r["decoder"]: r for r in summary["rows"]}
+    assert values["neoxOverFloor"] == f"{rows['neox']['tpot_over_floor']:.2f}"
+    assert values["floorMs"] == f"{rows['neox']['tpot_floor_ms']:.3f}"
+    assert values["neoxVsEager"] == f"{rows['hf_eager']['tpot_ms'] / rows['neox']['tpot_ms']:.2f}"
+    table = (out / "table_speed.tex").read_text()
+    assert "NVIDIA H200" in table
+    assert f"{rows['hf_static']['tpot_ms']:.3f}" in table
+
+
+def test_h100_files_are_named_h100(built):
+    generator, out, _ = built
+    for key in ("spec_costs", "spec_e2e", "levels_speed_attention"):
+        assert "h100" in generator.SOURCES[key]
+    assert "H100" in (out / "table_kvquant.tex").read_text()
