@@ -51,6 +51,8 @@ class Perplexity:
     scored_range: tuple[int, int]  # the text's token indices [first, last] whose NLL counted
     segment_ppl: list[float] | None = None  # streaming: PPL of each SEGMENT_TOKENS-token stretch of the text
     kv_bytes: float | None = None  # context: bytes the cache held after the pressed prefill (mean over windows)
+    stored_kv_bytes: float | None = None  # context: bytes that cache takes stored as the press stores it (stored_bytes)
+    dense_kv_bytes: float | None = None  # context: bytes of the context's whole cache in fp16
 
     @property
     def mean_nll(self) -> float:
@@ -63,6 +65,33 @@ class Perplexity:
 
 def _pressed(press: BasePress | None, model):
     return press(model) if press is not None else contextlib.nullcontext()
+
+
+def stored_bytes(press: BasePress | None, cache) -> float | None:
+    """Bytes one sequence's cache takes stored as the press stores it: a press that keeps
+    low-bit KV reports each layer's bytes in ``stored_bytes`` (for a ComposedPress, the last
+    part that reports a layer); any other layer holds its tokens in fp16. None when a layer
+    holds its cache in another form (the cross-layer presses: ``kv_bytes`` counts those)."""
+    reported = {}
+    for part in getattr(press, "presses", [press]):
+        reported |= getattr(part, "stored_bytes", None) or {}
+    total = 0.0
+    for index, layer in enumerate(cache.layers):
+        if index in reported:
+            total += reported[index]
+        elif getattr(layer, "keys", None) is not None and layer.keys.dim() == 4:
+            total += 2 * layer.keys[0].numel() * 2  # keys and values of one sequence, fp16
+        else:
+            return None
+    return total
+
+
+def dense_bytes(model, tokens: int) -> float:
+    """Bytes of ``tokens`` tokens' keys and values over every layer, fp16."""
+    config = model.config
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * 2 * config.num_hidden_layers * kv_heads * head_dim * tokens
 
 
 def _cache_lengths(cache) -> list[int]:
@@ -125,21 +154,24 @@ def _feed(forward, ids: torch.Tensor, cache, first_position: int, chunk_tokens: 
 @torch.no_grad()
 def context_nll(
     model, ids: torch.Tensor, press: BasePress | None, context_tokens: int, eval_tokens: int, num_windows: int = 1,
-    chunk_tokens: int = 128, kv_quant: str = "none",
+    chunk_tokens: int = 128, kv_quant: str = "none", first_window: int = 0,
 ) -> Perplexity:
     """``num_windows`` consecutive windows of ``context_tokens + eval_tokens + 1`` tokens: prefill
     the context with the press, score ``eval_tokens`` tokens against the pressed cache.
 
     A decode-time press (a DecodingPress such as InfLLM) only acts while tokens stream in: the
     context is fed in calls of ``chunk_tokens`` and the press stays on while the scored tokens
-    are fed the same way. ``kv_quant``: keep the cache quantized (decoding/kv_cache.py)."""
+    are fed the same way. ``kv_quant``: keep the cache quantized (decoding/kv_cache.py).
+    ``first_window``: skip that many windows of the text first (a tuning set apart from the
+    windows a study reports)."""
     decode_time = isinstance(press, DecodingPress)
     chunk = chunk_tokens if decode_time else None
-    check_windows(ids.numel(), model.config.max_position_embeddings, context_tokens, eval_tokens, num_windows)
+    check_windows(ids.numel(), model.config.max_position_embeddings, context_tokens, eval_tokens,
+                  first_window + num_windows)
     window = context_tokens + eval_tokens + 1
 
-    token_nll, kept, held_bytes, attended = [], [], [], AttendedKeys()
-    for index in tqdm(range(num_windows), desc="windows", disable=num_windows == 1):
+    token_nll, kept, held_bytes, stored, attended = [], [], [], [], AttendedKeys()
+    for index in tqdm(range(first_window, first_window + num_windows), desc="windows", disable=num_windows == 1):
         sample = ids[index * window : (index + 1) * window].unsqueeze(0).to(model.device)
         cache = make_cache(model, kv_quant)
         scored = sample[:, context_tokens:-1]  # positions continue from the context length, not the cache size
@@ -148,6 +180,7 @@ def context_nll(
             _feed(model.model, sample[:, :context_tokens], cache, 0, chunk)
             kept.extend(_cache_lengths(cache))
             held_bytes.append(kv_bytes(cache))
+            stored.append(stored_bytes(press, cache))
             if not decode_time:  # a prefill press acts once; a decode-time one stays on while the scored tokens stream in
                 pressing.close()
             with attended.counting(model):
@@ -157,8 +190,11 @@ def context_nll(
     window_nll = [nll.sum().item() for nll in token_nll]
     return Perplexity(sum(window_nll), eval_tokens * num_windows, sum(kept) / len(kept), torch.cat(token_nll),
                       unit_nll=window_nll, unit_tokens=[eval_tokens] * num_windows,
-                      peak_attended_keys=attended.peak, scored_range=_window_range(window, context_tokens, num_windows),
-                      kv_bytes=sum(held_bytes) / len(held_bytes))
+                      peak_attended_keys=attended.peak,
+                      scored_range=_window_range(window, context_tokens, first_window, num_windows),
+                      kv_bytes=sum(held_bytes) / len(held_bytes),
+                      stored_kv_bytes=None if None in stored else sum(stored) / len(stored),
+                      dense_kv_bytes=dense_bytes(model, context_tokens))
 
 
 def check_windows(text_tokens: int, limit: int, context_tokens: int, eval_tokens: int, num_windows: int) -> None:
@@ -181,9 +217,9 @@ def check_windows(text_tokens: int, limit: int, context_tokens: int, eval_tokens
                             f"{eval_tokens} + 1 need {window * num_windows}: lower --num_windows or give a longer text")
 
 
-def _window_range(window: int, context_tokens: int, num_windows: int) -> tuple[int, int]:
+def _window_range(window: int, context_tokens: int, first_window: int, num_windows: int) -> tuple[int, int]:
     """The first and last text token scored: window w scores tokens w*window + context + 1 ... (w+1)*window - 1."""
-    return context_tokens + 1, num_windows * window - 1
+    return first_window * window + context_tokens + 1, (first_window + num_windows) * window - 1
 
 
 @torch.no_grad()

@@ -15,13 +15,19 @@ from torch import nn
 from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
 
 
+def rotated_queries(module: nn.Module, hidden_states: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """The queries (batch, heads, q_len, head_dim) of ``hidden_states``, rotated as attention
+    sees them; ``kwargs["position_embeddings"]`` holds the (cos, sin) of exactly these positions."""
+    cos, sin = kwargs["position_embeddings"]
+    queries = get_prerope_query_states(module, hidden_states)
+    return queries * cos.unsqueeze(1) + rotate_half(queries) * sin.unsqueeze(1)
+
+
 def current_attention(module: nn.Module, hidden_states: torch.Tensor, keys: torch.Tensor, kwargs: dict) -> torch.Tensor:
     """Softmax attention (batch, heads, q_len, k_len), float32, of this call's q_len queries over
     every cached key; the queries are the last q_len cache positions (causal among themselves)."""
     q_len, k_len = hidden_states.shape[1], keys.shape[2]
-    cos, sin = kwargs["position_embeddings"]
-    queries = get_prerope_query_states(module, hidden_states)
-    queries = queries * cos.unsqueeze(1) + rotate_half(queries) * sin.unsqueeze(1)
+    queries = rotated_queries(module, hidden_states, kwargs)
     keys = repeat_kv(keys, module.config.num_attention_heads // keys.shape[1])
     logits = torch.matmul(queries.float(), keys.float().transpose(2, 3)) / math.sqrt(module.head_dim)
     future = torch.ones(q_len, k_len, dtype=torch.bool, device=keys.device).triu(k_len - q_len + 1)

@@ -1,0 +1,69 @@
+"""Simulated low-bit KV storage: round keys and values to b-bit integers with fp16 scales, then
+back, and count the bytes a real store of that form would hold.
+
+The cache keeps the dequantized tensors (the model's dtype), so attention runs unchanged and
+the error is exactly the rounding a packed store would make; speed is a separate matter (a
+packed store needs a kernel that reads it). Bytes are counted as stored: ``bits`` per element,
+an fp16 scale and an fp16 zero point per group, and whatever side data the press keeps.
+
+Two layouts:
+- per token: one group per (token, head) along the head dimension. Keys first divided by a
+  per-channel scale taken from the context (``channel_scales``), so the outlier channels keys
+  are known for (KIVI, KVQuant) do not set every token's range; the scales cost 2 bytes per
+  channel and head and are stored once per layer.
+- per channel (KIVI's keys): one group per (channel, head) over ``group_tokens`` consecutive
+  tokens; tokens past the last whole group stay in fp16 (KIVI's residual).
+"""
+
+import torch
+
+FP16_BYTES = 2
+GROUP_SIDE_BYTES = 4  # an fp16 scale and an fp16 zero point
+
+
+def fake_quantize(x: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
+    """``x`` rounded to ``bits``-bit integers along ``dim`` (asymmetric min-max, one group per
+    slice; scale and zero point rounded to fp16 as stored), returned dequantized in x's dtype."""
+    levels = 2**bits - 1
+    low = x.amin(dim, keepdim=True).half().to(x.dtype)
+    scale = ((x.amax(dim, keepdim=True) - low) / levels).clamp(min=1e-6).half().to(x.dtype)
+    return ((x - low) / scale).round().clamp(0, levels) * scale + low
+
+
+def channel_scales(keys: torch.Tensor) -> torch.Tensor:
+    """Per (batch, head, channel) absolute maximum of the keys over tokens, in fp16 as stored."""
+    return keys.abs().amax(dim=2, keepdim=True).clamp(min=1e-4).half().to(keys.dtype)
+
+
+def quantize_per_token(x: torch.Tensor, bits: int, scales: torch.Tensor | None = None) -> torch.Tensor:
+    """(batch, heads, tokens, dim): one group per token and head; ``scales`` (channel_scales)
+    divide the channels first and multiply them back after."""
+    if scales is None:
+        return fake_quantize(x, bits)
+    return fake_quantize(x / scales, bits) * scales
+
+
+def quantize_per_channel(x: torch.Tensor, bits: int, group_tokens: int) -> torch.Tensor:
+    """(batch, heads, tokens, dim): one group per channel and head over each ``group_tokens``
+    consecutive tokens; the tokens past the last whole group are left as they are (fp16)."""
+    whole = x.shape[2] // group_tokens * group_tokens
+    if whole == 0:
+        return x
+    b, h, _, d = x.shape
+    grouped = x[:, :, :whole].reshape(b, h, whole // group_tokens, group_tokens, d)
+    quantized = fake_quantize(grouped, bits, dim=3).reshape(b, h, whole, d)
+    return torch.cat([quantized, x[:, :, whole:]], dim=2)
+
+
+def token_bytes(bits: int, head_dim: int) -> float:
+    """Bytes one token's key or value of one head takes: fp16 at 16 bits, else packed integers
+    and the group's scale and zero point."""
+    if bits >= 16:
+        return FP16_BYTES * head_dim
+    return head_dim * bits / 8 + GROUP_SIDE_BYTES
+
+
+def per_channel_bytes(tokens: int, bits: int, head_dim: int, group_tokens: int) -> float:
+    """Bytes of one head's keys over ``tokens`` tokens in KIVI's per-channel layout."""
+    groups, rest = divmod(tokens, group_tokens)
+    return groups * head_dim * (group_tokens * bits / 8 + GROUP_SIDE_BYTES) + rest * FP16_BYTES * head_dim

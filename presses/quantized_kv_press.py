@@ -1,0 +1,54 @@
+"""Uniform low-bit KV after prefill: the quantization baseline at a given number of bytes."""
+
+from dataclasses import dataclass, field
+
+import torch
+from kvpress import BasePress
+from torch import nn
+
+from presses.errors import PressConfigError
+from presses.quantize import (FP16_BYTES, channel_scales, per_channel_bytes, quantize_per_channel,
+                              quantize_per_token, token_bytes)
+
+
+@dataclass
+class QuantizedKVPress(BasePress):
+    """Every cached token's key and value rounded to ``bits`` bits after prefill (simulated:
+    presses/quantize.py), the newest ``recent_tokens`` kept in fp16. Values are quantized per
+    token; keys per channel over groups of ``group_tokens`` tokens (``key_layout="channel"``,
+    KIVI, Liu et al. 2024) or per token after dividing out a per-channel scale
+    (``key_layout="token"``). It removes no token (``compression_ratio`` stays 0): composed
+    after an eviction press it quantizes what that press kept. ``stored_bytes`` holds, per
+    layer, the bytes one sequence's keys and values take in that form, scales included."""
+
+    bits: int = 4
+    key_layout: str = "channel"
+    group_tokens: int = 32
+    recent_tokens: int = 0
+    compression_ratio: float = 0.0
+    stored_bytes: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if self.bits not in (2, 3, 4, 8):
+            raise PressConfigError(f"bits must be 2, 3, 4 or 8, got {self.bits}")
+        if self.key_layout not in ("channel", "token"):
+            raise PressConfigError(f"key_layout must be 'channel' or 'token', got {self.key_layout!r}")
+        if self.group_tokens < 1 or self.recent_tokens < 0:
+            raise PressConfigError("group_tokens must be at least 1 and recent_tokens at least 0")
+
+    def compress(self, module: nn.Module, hidden_states, keys: torch.Tensor, values: torch.Tensor, attentions, kwargs):
+        batch, heads, tokens, head_dim = keys.shape
+        old = max(tokens - self.recent_tokens, 0)
+        if self.key_layout == "channel":
+            quantized_keys = quantize_per_channel(keys[:, :, :old], self.bits, self.group_tokens)
+            key_bytes = per_channel_bytes(old, self.bits, head_dim, self.group_tokens)
+        else:
+            quantized_keys = quantize_per_token(keys[:, :, :old], self.bits, channel_scales(keys[:, :, :old]))
+            key_bytes = old * token_bytes(self.bits, head_dim) + FP16_BYTES * head_dim
+        quantized_values = quantize_per_token(values[:, :, :old], self.bits)
+        value_bytes = old * token_bytes(self.bits, head_dim)
+        recent_bytes = 2 * (tokens - old) * FP16_BYTES * head_dim
+        self.stored_bytes[module.layer_idx] = heads * (key_bytes + value_bytes + recent_bytes)
+        keys = torch.cat([quantized_keys, keys[:, :, old:]], dim=2)
+        values = torch.cat([quantized_values, values[:, :, old:]], dim=2)
+        return keys, values

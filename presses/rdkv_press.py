@@ -1,0 +1,133 @@
+"""RD-KV: each cached token gets the precision its expected effect on attention pays for."""
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from kvpress import BasePress
+from torch import nn
+from transformers.models.llama.modeling_llama import repeat_kv
+
+from presses.attention import current_attention, per_kv_head, rotated_queries
+from presses.errors import PressConfigError
+from presses.quantize import FP16_BYTES, channel_scales, quantize_per_token, token_bytes
+
+TAG_BYTES = 0.25  # a 2-bit code per (token, head) saying which precision its key and value are stored in
+
+
+@dataclass
+class RDKVPress(BasePress):
+    """Rate-distortion KV compression (ours): after prefill, every (token, KV head) of a layer is
+    stored in fp16, in ``bits``-bit integers (per-token groups, keys with per-channel scales,
+    presses/quantize.py) or not at all (the token evicted from every head), whichever the
+    layer's byte budget, ``1 - compression_ratio`` of its fp16 KV bytes, pays for best.
+
+    The price of an option is its bytes; its distortion is the expected squared change of the
+    attention outputs of the last ``window_size`` queries (SnapKV's observation window), to
+    first order and with independent errors: a value error dv moves an output by p * dv, a key
+    error dk moves the logit by q.dk / sqrt(d) and the output by p * (q.dk / sqrt(d)) * (v - o),
+    evicting moves it by p * (v - o), where p is the query's attention to the token and o its
+    output. The options minimising distortion + lambda * bytes, with lambda bisected so that the
+    layer fits its budget, solve the allocation exactly on the lower convex hull of each token's
+    (bytes, distortion) options: one rule decides keep-or-drop and bits together, where
+    eviction presses only drop and quantizers give every token the same bits. The window's own
+    tokens stay in fp16 (those the budget pays for). Prefill only; one sequence per call."""
+
+    compression_ratio: float = 0.0  # fraction of the layer's fp16 KV bytes removed
+    window_size: int = 64
+    bits: tuple[int, ...] = (2, 4, 8)
+    prior: float = 1.0  # attention mass spread evenly over the tokens, added to the window's: later queries look elsewhere
+    stored_bytes: dict = field(default_factory=dict, repr=False)
+    chosen_bits: dict = field(default_factory=dict, repr=False)  # per layer: share of (token, head) entries at each precision
+
+    def __post_init__(self):
+        if not 0 <= self.compression_ratio < 1:
+            raise PressConfigError(f"compression_ratio must be in [0, 1), got {self.compression_ratio}")
+        if any(b not in (2, 3, 4, 8) for b in self.bits):
+            raise PressConfigError(f"bits must be chosen from 2, 3, 4, 8; got {self.bits}")
+
+    def compress(self, module: nn.Module, hidden_states, keys: torch.Tensor, values: torch.Tensor, attentions, kwargs):
+        batch, kv_heads, tokens, head_dim = keys.shape
+        if batch != 1:
+            raise PressConfigError(f"RDKVPress compresses one sequence per call, got a batch of {batch}")
+        dense_bytes = kv_heads * tokens * 2 * FP16_BYTES * head_dim
+        if self.compression_ratio == 0:
+            self.stored_bytes[module.layer_idx] = dense_bytes
+            return keys, values
+        scales = channel_scales(keys)
+        options = [quantize_per_token(keys, b, scales) for b in self.bits], [quantize_per_token(values, b) for b in self.bits]
+        distortion, evict = self._distortions(module, hidden_states, keys, values, *options, kwargs)
+        price = torch.tensor([2 * token_bytes(b, head_dim) + TAG_BYTES for b in self.bits]
+                             + [2 * FP16_BYTES * head_dim + TAG_BYTES], device=keys.device)
+        distortion = torch.cat([distortion, torch.zeros_like(distortion[..., :1])], dim=-1)  # fp16: no error
+        budget = (1 - self.compression_ratio) * dense_bytes - kv_heads * head_dim * FP16_BYTES  # less the key scales
+        window = min(self.window_size, tokens, int(budget // (kv_heads * price[-1].item())))
+        if window:
+            distortion[:, :, tokens - window :, :-1] = float("inf")  # the window stays in fp16 (as far as the budget goes)
+        keep, choice = _allocate(distortion[0], evict[0], price, budget)
+        self.stored_bytes[module.layer_idx] = price[choice][:, keep].sum().item() + kv_heads * head_dim * FP16_BYTES
+        self.chosen_bits[module.layer_idx] = {
+            b: (choice[:, keep] == i).float().mean().item() * keep.float().mean().item()
+            for i, b in enumerate(list(self.bits) + [16])} | {0: 1 - keep.float().mean().item()}
+        keys = _pick(keys, options[0], choice, keep)
+        values = _pick(values, options[1], choice, keep)
+        return keys, values
+
+    def _distortions(self, module, hidden_states, keys, values, key_options, value_options, kwargs):
+        """(batch, kv_heads, tokens, len(bits)) distortion of each quantized option and
+        (batch, kv_heads, tokens) of eviction, summed over the window's queries and the query
+        heads that share each KV head."""
+        window = min(self.window_size, hidden_states.shape[1])
+        cos, sin = kwargs["position_embeddings"]
+        window_kwargs = {**kwargs, "position_embeddings": (cos[:, -window:], sin[:, -window:])}
+        probs = current_attention(module, hidden_states[:, -window:], keys, window_kwargs)  # (b, h, w, n) float32
+        queries = rotated_queries(module, hidden_states[:, -window:], window_kwargs).float()
+        groups = probs.shape[1] // keys.shape[1]
+        values_per_head = repeat_kv(values, groups).float()
+        outputs = probs @ values_per_head
+        # |v - o|^2 for every (query, token): how far the output moves per unit of lost weight
+        spread = ((values_per_head**2).sum(-1).unsqueeze(2) - 2 * outputs @ values_per_head.transpose(2, 3)
+                  + (outputs**2).sum(-1, keepdim=True)).clamp(min=0)
+        weight = (probs + self.prior / keys.shape[2]) ** 2
+        evict = per_kv_head((weight * spread).sum(2), keys.shape[1])
+        per_option = []
+        for quantized_keys, quantized_values in zip(key_options, value_options):
+            value_error = ((quantized_values - values).float() ** 2).sum(-1)
+            logit_error = queries @ repeat_kv(quantized_keys - keys, groups).float().transpose(2, 3) / math.sqrt(keys.shape[-1])
+            per_option.append(per_kv_head(weight.sum(2) * repeat_kv(value_error.unsqueeze(-1), groups).squeeze(-1)
+                                          + (weight * logit_error**2 * spread).sum(2), keys.shape[1]))
+        return torch.stack(per_option, dim=-1), evict
+
+
+def _allocate(distortion: torch.Tensor, evict: torch.Tensor, price: torch.Tensor, budget: float):
+    """Per token, keep (in every head) or evict; per kept (head, token), the option to store.
+    ``distortion`` (heads, tokens, options), ``evict`` (heads, tokens), ``price`` (options,)
+    bytes. Minimises total distortion + lambda * bytes, lambda bisected (in log space) to the
+    smallest value whose choice fits ``budget``. Returns keep (tokens,) and choice (heads, tokens)."""
+    scale = (evict.mean() / price.mean()).clamp(min=1e-30).log().item()
+
+    def choose(log_lambda: float):
+        cost = distortion + math.exp(log_lambda) * price
+        best, choice = cost.min(dim=-1)
+        keep = best.sum(0) < evict.sum(0)
+        keep |= torch.isinf(distortion[..., 0]).any(0)  # forced tokens are always kept
+        return keep, choice, price[choice][:, keep].sum().item()
+
+    low, high = scale - 40.0, scale + 40.0
+    for _ in range(60):
+        middle = (low + high) / 2
+        if choose(middle)[2] > budget:
+            low = middle
+        else:
+            high = middle
+    keep, choice, _ = choose(high)
+    return keep, choice
+
+
+def _pick(full: torch.Tensor, options: list[torch.Tensor], choice: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The stored tensor: each (head, token) from its chosen option (the last, fp16, is ``full``), kept tokens only."""
+    picked = full.clone()
+    for index, option in enumerate(options):
+        chosen = (choice == index).unsqueeze(0).unsqueeze(-1)
+        picked = torch.where(chosen, option, picked)
+    return picked[:, :, keep]

@@ -1,0 +1,98 @@
+"""Low-bit KV presses: the simulated quantizer, the uniform baseline and RD-KV's allocation, on
+tiny GPT-NeoX (Pythia's partial rotary) and Llama (GQA) models."""
+
+import pytest
+import torch
+from kvpress import SnapKVPress
+from transformers import DynamicCache
+
+from evaluation.protocols import context_nll, dense_bytes, stored_bytes
+from presses.errors import PressConfigError
+from presses.quantize import fake_quantize, per_channel_bytes, quantize_per_channel, token_bytes
+from presses.quantized_kv_press import QuantizedKVPress
+from presses.rdkv_press import RDKVPress
+from tests.conftest import build, tiny_llama_config, tiny_neox_config
+
+
+def _prefill(model, press, tokens: int = 96):
+    ids = torch.randint(0, 1000, (1, tokens), generator=torch.Generator().manual_seed(1))
+    cache = DynamicCache()
+    with torch.no_grad(), press(model):
+        model.model(input_ids=ids, past_key_values=cache)
+    return cache
+
+
+def test_fake_quantize_error_shrinks_with_bits_and_keeps_the_range():
+    x = torch.randn(2, 3, 40, 16, generator=torch.Generator().manual_seed(0))
+    errors = [(fake_quantize(x, bits) - x).abs().max().item() for bits in (2, 4, 8)]
+    assert errors[0] > errors[1] > errors[2] > 0
+    step = (x.amax(-1) - x.amin(-1)) / 255
+    assert errors[2] <= step.max().item() * 0.51 + 1e-3  # at most half a step (the fp16 scale rounds a little)
+
+
+def test_per_channel_layout_leaves_the_tail_in_full_precision():
+    x = torch.randn(1, 2, 70, 8)
+    quantized = quantize_per_channel(x, 2, group_tokens=32)
+    assert torch.equal(quantized[:, :, 64:], x[:, :, 64:])
+    assert not torch.equal(quantized[:, :, :64], x[:, :, :64])
+    assert per_channel_bytes(70, 2, 8, 32) == 2 * 8 * (32 * 2 / 8 + 4) + 6 * 2 * 8
+
+
+@pytest.mark.parametrize("config", [tiny_neox_config(), tiny_llama_config()], ids=["neox", "llama"])
+def test_uniform_press_stores_the_bytes_it_reports(config):
+    model = build(config)
+    press = QuantizedKVPress(bits=4, key_layout="token", recent_tokens=16)
+    cache = _prefill(model, press)
+    layer = cache.layers[0]
+    heads, tokens, head_dim = layer.keys.shape[1:]
+    assert tokens == 96  # nothing evicted
+    expected = heads * (2 * 80 * token_bytes(4, head_dim) + 2 * head_dim + 2 * 16 * 2 * head_dim)
+    assert press.stored_bytes[0] == expected
+    assert stored_bytes(press, cache) == pytest.approx(expected * config.num_hidden_layers)
+
+
+def test_rdkv_at_ratio_zero_is_the_dense_cache_exactly():
+    model = build(tiny_llama_config())
+    dense, pressed = _prefill(model, QuantizedKVPress(bits=8)), _prefill(model, RDKVPress(0.0))
+    plain = DynamicCache()
+    ids = torch.randint(0, 1000, (1, 96), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        model.model(input_ids=ids, past_key_values=plain)
+    for index in range(len(plain.layers)):
+        assert torch.equal(pressed.layers[index].keys, plain.layers[index].keys)
+        assert torch.equal(pressed.layers[index].values, plain.layers[index].values)
+    assert not torch.equal(dense.layers[0].values, plain.layers[0].values)  # the 8-bit press does change them
+
+
+@pytest.mark.parametrize("config", [tiny_neox_config(), tiny_llama_config()], ids=["neox", "llama"])
+@pytest.mark.parametrize("ratio", [0.75, 0.875])
+def test_rdkv_fits_its_byte_budget_and_mixes_precisions(config, ratio):
+    model = build(config)
+    press = RDKVPress(ratio, window_size=8)
+    cache = _prefill(model, press)
+    budget = (1 - ratio) * dense_bytes(model, 96)
+    held = stored_bytes(press, cache)
+    assert 0.9 * budget <= held <= budget
+    shares = press.chosen_bits[0]
+    assert sum(shares.values()) == pytest.approx(1.0)
+    assert sum(share > 0 for bits, share in shares.items() if bits) >= 2  # more than one precision in use
+    layer = cache.layers[0]
+    assert layer.keys.shape[2] == round((1 - shares[0]) * 96)
+
+
+def test_rdkv_changes_the_scores_and_refuses_bad_settings(tiny_llama):
+    ids = torch.randint(0, 1000, (1 * 3 * 65,), generator=torch.Generator().manual_seed(2))
+    dense = context_nll(tiny_llama, ids, None, 48, 16, num_windows=3)
+    pressed = context_nll(tiny_llama, ids, RDKVPress(0.875, window_size=8), 48, 16, num_windows=3)
+    assert pressed.nll_sum != dense.nll_sum
+    assert pressed.stored_kv_bytes <= 0.125 * pressed.dense_kv_bytes
+    evicted = context_nll(tiny_llama, ids, SnapKVPress(0.5, window_size=8), 48, 16, num_windows=3)
+    assert evicted.stored_kv_bytes == pytest.approx(0.5 * evicted.dense_kv_bytes)  # fp16 tokens kept
+    with pytest.raises(PressConfigError, match="compression_ratio"):
+        RDKVPress(1.0)
+    with pytest.raises(PressConfigError, match="bits"):
+        RDKVPress(0.5, bits=(1, 4))
+    with pytest.raises(PressConfigError, match="one sequence"):
+        ids = torch.randint(0, 1000, (2, 64))
+        with torch.no_grad(), RDKVPress(0.5, window_size=8)(tiny_llama):
+            tiny_llama.model(input_ids=ids, past_key_values=DynamicCache())
