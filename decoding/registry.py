@@ -1,5 +1,5 @@
-"""Every decoder by name: the one list the command lines (evaluation/perplexity.py --speed,
-speed_grid.py, speculative.py) choose from, and what each name is.
+"""Every decoder by name: the one list the command lines (evaluation/speed_grid.py and
+speculative.py) choose from, and what each name is.
 
 The names are what users type (``--decoder``) and what result files record. Where each lives:
 

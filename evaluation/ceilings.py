@@ -20,7 +20,6 @@ small and a host clock times them.
 """
 
 import functools
-import re
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -194,13 +193,3 @@ def machine_ceilings(device: str | torch.device) -> Ceilings:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     return _measured_once(str(device))
-
-
-if __name__ == "__main__":  # python -m evaluation.ceilings [DEVICE]: measure and print
-    import json
-    import sys
-
-    measured = measure(sys.argv[1] if len(sys.argv) > 1 else ("cuda" if torch.cuda.is_available() else "cpu"))
-    print(json.dumps(measured.summary() | {"details": {k: {n: v for n, v in d.items() if n != "samples_s"}
-                                                        if isinstance(d, dict) else d
-                                                        for k, d in measured.details.items()}}, indent=1))

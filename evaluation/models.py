@@ -28,7 +28,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 import patches
-from evaluation.data import DataError
+from evaluation.data import DataError, load_text
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PYTHIA_CONFIGS = Path(str(importlib.resources.files("configs") / "models"))  # package data: found installed too
@@ -185,6 +185,25 @@ def load_tokenizer(name: str, model_type: str, folder: Path | None):
             f"no tokenizer for {name}: not on the Hugging Face hub from here ({error.__class__.__name__}) "
             "and no tokenizer/tokenizer.json in --data-dir / $KVPRESS_NEOX_DATA"
         ) from None
+
+
+@dataclass
+class TokenizedText:
+    ids: torch.Tensor  # (tokens,)
+    source: str  # where the text came from, for the result rows
+    tokenizer: object
+    config: object  # the model's config, read without its weights
+
+
+def tokenized_text(name: str, random_init: bool, dataset: str, folder: Path | None, sample_idx: int = 0) -> TokenizedText:
+    """``dataset``'s token ids for model ``name``, read before the weights load, so that a bad text,
+    an unsupported model or a missing tokenizer fails at once: the text first (it needs no
+    tokenizer), then the config and the tokenizer (they need no weights)."""
+    text, source = load_text(dataset, folder, sample_idx)
+    config = model_config(name, random_init)
+    require_supported_config(config)
+    tokenizer = tokenizer_for(name, config.model_type, folder)
+    return TokenizedText(tokenizer(text, return_tensors="pt").input_ids[0], source, tokenizer, config)
 
 
 def check_attn_implementation(attn_implementation: str) -> None:

@@ -1,29 +1,23 @@
 """Roofline model of a decoder step (LLM-Viewer style): per operator FLOPs, bytes moved,
 arithmetic intensity and whether it is compute- or memory-bound, for prefill or decode at any
 batch and cache length (one for every layer, or each layer's own), on the ceilings of a GPU. The
-sum of per-operator floors is the step's floor: no implementation runs much faster.
+sum of per-operator floors is the step's floor: no implementation runs much faster. The command
+line that prints it for a model is evaluation/step_floor.py; evaluation/speed.py puts the floors
+in every speed row.
 
-  python evaluation/roofline.py --model EleutherAI/pythia-2.8b --batch 1 --cache 2000 --measure
-  python evaluation/roofline.py --cache 2000 --bandwidth 4.24 --peak_tflops 790
-  python evaluation/roofline.py --cache 2000 --gpu h200                 # a datasheet, as a lead only
-
-The ceilings are measured on the machine that runs (``--measure``, evaluation/ceilings.py: a
-device-to-device copy and a matrix product) or given (``--bandwidth`` TB/s, ``--peak_tflops``);
-datasheet figures (``--gpu``) are leads. ``--model`` takes a Pythia size offline (configs/models/),
-or a hub id / local folder whose config.json is read. Bytes assume fused attention (FlashAttention / SDPA:
-scores never reach memory), weights and KV in the given dtype read once per step, activations
-read and written once per operator.
+The ceilings are measured on the machine that runs (evaluation/ceilings.py: a device-to-device
+copy, a weight-sized GEMV and a matrix product) or given; datasheet figures are leads. Bytes
+assume fused attention (FlashAttention / SDPA: scores never reach memory), weights and KV in the
+given dtype read once per step, activations read and written once per operator.
 """
 
-import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pandas as pd
 
 from evaluation import ceilings as ceilings_module
-from evaluation.ceilings import DATASHEETS, RECORDED, Ceilings
-from evaluation.cli import Parser, one_line_errors
+from evaluation.ceilings import Ceilings
 from evaluation.models import model_config
 
 
@@ -138,50 +132,3 @@ def load_config(name: str):
     """The exact Pythia config from configs/models/, else ``name``'s config.json (hub id or local
     folder); a model with neither is a one-line ModelLoadError naming the offline configs."""
     return model_config(name, random_init=True)
-
-
-def main(argv=None) -> None:
-    parser = Parser(prog="evaluation/roofline.py", description=__doc__,
-                    formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="EleutherAI/pythia-2.8b")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--cache", type=float, nargs="+", default=[2000],
-                        help="tokens already cached (after compression): one for every layer, or one per layer")
-    parser.add_argument("--new_tokens", type=int, default=1, help="1: decode step; the prompt length: prefill")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--measure", nargs="?", const="cuda", metavar="DEVICE",
-                        help="measure the ceilings on this device now (default cuda)")
-    source.add_argument("--bandwidth", type=float, help="memory bandwidth, TB/s (with --peak_tflops)")
-    source.add_argument("--gpu", choices=sorted(DATASHEETS | RECORDED), help="a datasheet's figures (leads only)")
-    parser.add_argument("--peak_tflops", type=float, help="matmul rate with --bandwidth, TFLOP/s")
-    args = parser.parse_args(argv)
-    with one_line_errors():
-        config = load_config(args.model)  # before measuring: a model without a config fails at once
-    if args.bandwidth is not None:
-        if args.peak_tflops is None:
-            parser.error("--bandwidth needs --peak_tflops")
-        ceilings = ceilings_module.given(args.bandwidth * 1e12, args.peak_tflops * 1e12)
-    elif args.gpu:
-        ceilings = ceilings_module.named(args.gpu)
-    else:
-        ceilings = ceilings_module.measure(args.measure)
-    cache = args.cache[0] if len(args.cache) == 1 else args.cache
-    print(f"{args.model}, batch {args.batch}, cache {args.cache if len(args.cache) <= 4 else 'per layer'}, "
-          f"{args.new_tokens} new token(s); {ceilings.source}: {ceilings.bandwidth / 1e12:.3f} TB/s, "
-          f"{ceilings.peak_flops / 1e12:.0f} TFLOP/s"
-          + (f", GEMV {ceilings.gemv_bandwidth / 1e12:.3f} TB/s" if ceilings.gemv_bandwidth else ""))
-    print(table(config, args.batch, args.new_tokens, cache, ceilings).to_string(
-        index=False, float_format=lambda x: f"{x:.4g}"))
-    print(f"floor: {step_floor_ms(config, args.batch, args.new_tokens, cache, ceilings):.3f} ms per step "
-          f"({step_bytes(config, args.batch, args.new_tokens, cache) / 1e9:.3f} GB)")
-    if ceilings.gemv_bandwidth:
-        print(f"floor at the GEMV bandwidth: "
-              f"{step_floor_ms(config, args.batch, args.new_tokens, cache, ceilings, ceilings.gemv_bandwidth):.3f} ms")
-    if ceilings.datasheet and args.gpu is None:
-        datasheet = ceilings_module.named(ceilings.datasheet)
-        print(f"floor at the datasheet ({ceilings.datasheet}): "
-              f"{step_floor_ms(config, args.batch, args.new_tokens, cache, datasheet):.3f} ms")
-
-
-if __name__ == "__main__":
-    main()

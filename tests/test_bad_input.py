@@ -13,7 +13,7 @@ import pytest
 from transformers import PreTrainedTokenizerFast, pipeline
 
 import evaluation.models
-from evaluation import perplexity, report, roofline
+from evaluation import cli, perplexity, report, speed_grid, step_floor
 from evaluation.models import ModelLoadError, hub_reachable, load_model, offline_unless_hub_reachable
 from patches.pipeline_bos import MissingBosTokenError
 from presses import PressConfigError, Settings, make_streaming_press
@@ -100,23 +100,30 @@ def test_data_and_length_errors_come_before_the_model_loads(tiny_pythia, tmp_pat
     def no_weights(*args, **kwargs):
         raise AssertionError("the weights loaded before the input was checked")
 
-    monkeypatch.setattr(perplexity, "load_model", no_weights)
+    monkeypatch.setattr(cli, "load_model", no_weights)
     binary = tmp_path / "binary.dat"
     binary.write_bytes(b"\xff\xfe\x00" * 100)
     assert "not UTF-8 text" in perplexity_error(capsys, tmp_path, "--dataset", str(binary), model=tiny_pythia)
     line = perplexity_error(capsys, tmp_path, "--eval_tokens", "32", "--num_windows", "5000", model=tiny_pythia)
     assert "5000 window(s) of 224 + 32 + 1 need" in line and "--num_windows" in line
-    assert "fewer than --prompt_tokens 10000000" in perplexity_error(
-        capsys, tmp_path, "--speed", "--prompt_tokens", "10000000", model=tiny_pythia)
+    line = one_line_error(capsys, lambda: speed_grid.main(["--model", str(tiny_pythia), "--prompt_tokens", "10000000",
+                                                           "--output_dir", str(tmp_path / "never")]))
+    assert "fewer than --prompt_tokens 10000000" in line and not (tmp_path / "never").exists()
 
 
-def test_roofline_with_an_unknown_model_offline_is_one_line(capsys, hub_unreachable):
-    line = one_line_error(capsys, lambda: roofline.main(["--model", "foo/bar", "--gpu", "h200"]))
+def test_a_quantized_cache_on_another_decoder_is_refused_before_loading(tmp_path, capsys):
+    line = one_line_error(capsys, lambda: speed_grid.main(["--random-init", "--kv_quant", "int4", "--decoder", "neox",
+                                                           "--output_dir", str(tmp_path / "never")]))
+    assert "--kv_quant runs on the kvpress decoder only" in line and not (tmp_path / "never").exists()
+
+
+def test_step_floor_with_an_unknown_model_offline_is_one_line(capsys, hub_unreachable):
+    line = one_line_error(capsys, lambda: step_floor.main(["--model", "foo/bar", "--gpu", "h200"]))
     assert "no config for foo/bar" in line and "pythia-2.8b" in line and "local model folder" in line
 
 
-def test_roofline_usage_errors_are_one_line(capsys):
-    assert "one of the arguments" in one_line_error(capsys, lambda: roofline.main(["--cache", "2000"]))
+def test_step_floor_usage_errors_are_one_line(capsys):
+    assert "one of the arguments" in one_line_error(capsys, lambda: step_floor.main(["--cache", "2000"]))
 
 
 def test_an_unreachable_hub_switches_to_offline_mode_and_fails_at_once(hub_unreachable):

@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from evaluation import speed_grid
+from evaluation import grid, speed_grid
+from tests.conftest import build, shared_data_dir, tiny_neox_config
 
 SMALL = ["--model", "EleutherAI/pythia-70m", "--random-init", "--device", "cpu", "--prompt_tokens", "80",
          "--new_tokens", "3", "--repeats", "1"]
@@ -32,23 +33,53 @@ def test_a_grid_writes_one_file_per_cell_a_summary_and_plots(tmp_path):
         assert (tmp_path / plot).stat().st_size > 0
 
 
+@pytest.fixture(scope="module")
+def tiny_pythia_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-pythia")
+    build(tiny_neox_config(max_position_embeddings=256)).save_pretrained(folder)
+    return folder
+
+
+def test_real_weights_are_timed_on_a_prompt_cut_from_the_text(tiny_pythia_folder, tmp_path):
+    speed_grid.main(["--model", str(tiny_pythia_folder), "--device", "cpu", "--data-dir", str(shared_data_dir()),
+                     "--decoder", "kvpress", "--press", "streaming_llm", "--compression_ratio", "0.5",
+                     "--prompt_tokens", "64", "--new_tokens", "8", "--repeats", "1", "--output_dir", str(tmp_path)])
+    payload = json.loads((tmp_path / "summary.json").read_text())
+    dense, pressed = payload["rows"]
+    assert dense["kept_tokens_layer0"] == 64 and pressed["kept_tokens_layer0"] == 32
+    assert pressed["kv_mib_final"] < dense["kv_mib_final"] and pressed["new_tokens"] == 8
+    assert "wikitext" in dense["prompt"].lower() and "tokens" not in dense  # no generated token ids stored
+    assert {"ttft_ms", "tpot_ms", "decode_tokens_per_s", "prefill_gflops"} <= dense.keys()
+    assert list(payload)[:6] == ["command", "model", "model_tier", "dtype", "protocol", "environment"]
+    assert payload["model_tier"] == "checkpoint weights" and payload["command"].startswith("python evaluation/speed_grid.py")
+
+
+def test_presses_that_calibrate_are_calibrated_first(tmp_path):
+    speed_grid.main(SMALL + ["--decoder", "kvpress", "--press", "head_merge", "--compression_ratio", "0.5",
+                             "--output_dir", str(tmp_path)])
+    dense, merged = json.loads((tmp_path / "summary.json").read_text())["rows"]
+    assert dense["prompt"] == merged["prompt"] == "random token ids" and "error" not in merged
+    assert merged["calibration_text"].startswith("random token ids") and "calibration_text" not in dense
+    assert merged["kv_mib_final"] < dense["kv_mib_final"]
+
+
 def test_no_dense_leaves_the_dense_cells_out():
     args = speed_grid.parse_args(["--decoder", "hf_eager", "neox", "--press", "snapkv", "--compression_ratio", "0.75",
                                   "--batch_size", "256", "384", "--no-dense", "--output_dir", "x"])
-    assert [(c["decoder"], c["method"], c["batch_size"]) for c in speed_grid.cells(args)] == [
+    assert [(c["decoder"], c["method"], c["batch_size"]) for c in grid.cells(args)] == [
         ("neox", "snapkv", 256), ("neox", "snapkv", 384)]
-    assert {c["method"] for c in speed_grid.cells(speed_grid.parse_args(["--output_dir", "x"]))} == {"dense", "snapkv"}
+    assert {c["method"] for c in grid.cells(speed_grid.parse_args(["--output_dir", "x"]))} == {"dense", "snapkv"}
 
 
 def test_out_of_memory_stops_larger_batches_of_the_same_method(tmp_path, monkeypatch):
-    real_measure = speed_grid.measure
+    real_measure = grid.measure
 
     def measure_fitting_one_sequence(model, prompt, *args, **kwargs):
         if prompt.shape[0] > 1:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real_measure(model, prompt, *args, **kwargs)
 
-    monkeypatch.setattr(speed_grid, "measure", measure_fitting_one_sequence)
+    monkeypatch.setattr(grid, "measure", measure_fitting_one_sequence)
     speed_grid.main(SMALL + ["--decoder", "neox", "--press", "--batch_size", "1", "2", "4",
                              "--output_dir", str(tmp_path)])
     rows = {r["batch_size"]: r for r in json.loads((tmp_path / "summary.json").read_text())["rows"]}

@@ -5,8 +5,8 @@
 # The committed result (H100): results/pythia-2.8b_random_speed_static_h100/, with its README.md (command, commit).
 set -e
 out=${OUT:-results}
-python3 evaluation/perplexity.py --model EleutherAI/pythia-2.8b --random-init --speed --dtype float16 \
+python3 evaluation/speed_grid.py --model EleutherAI/pythia-2.8b --random-init --dtype float16 \
   --attn_implementation sdpa --press snapkv --compression_ratio 0.5 0.75 --decoder kvpress static \
   --prompt_tokens 2000 --new_tokens 256 --batch_size 1 --repeats 3 \
-  --output "$out/pythia-2.8b_random_speed_static_h100.json"
-python3 evaluation/roofline.py --model EleutherAI/pythia-2.8b --batch 1 --cache 2128 | tail -1
+  --output_dir "$out/pythia-2.8b_random_speed_static_h100"
+python3 evaluation/step_floor.py --model EleutherAI/pythia-2.8b --batch 1 --cache 2128 --measure | tail -1

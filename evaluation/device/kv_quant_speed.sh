@@ -1,6 +1,6 @@
 # Issue 6, KV quantization on the GPU: random-init Pythia-2.8B, fp16, SDPA, prompt 2000, 256 forced
 # tokens, batch 1, kvpress decoder (QuantizedCache needs it); dense and SnapKV 25% kept, with the
-# cache in fp16, int4 and int2 (optimum-quanto 0.2.7 carried in .whl/). One file per setting.
+# cache in fp16, int4 and int2 (optimum-quanto 0.2.7 carried in .whl/). One folder per setting.
 #   export KVPRESS_NEOX_COMMIT=<hash>; source evaluation/device/setup_env.sh && bash evaluation/device/kv_quant_speed.sh
 # quanto compiles its CUDA extension (unpack, AWQ and Marlin kernels) with nvcc on first use, which
 # took longer than one run's time limit once. Build it first, timed on its own; it is rebuilt after
@@ -16,8 +16,8 @@ if [ "$1" = build ]; then
   exit
 fi
 for quant in none int4 int2; do
-  timeout 170 python3 evaluation/perplexity.py --model EleutherAI/pythia-2.8b --random-init --speed --dtype float16 \
+  timeout 170 python3 evaluation/speed_grid.py --model EleutherAI/pythia-2.8b --random-init --dtype float16 \
     --attn_implementation sdpa --decoder kvpress --kv_quant $quant --press snapkv --compression_ratio 0.75 \
-    --prompt_tokens 2000 --new_tokens 256 --repeats 2 --output "$out/pythia-2.8b_random_kv_${quant}_h100.json" 2>&1 \
+    --prompt_tokens 2000 --new_tokens 256 --repeats 2 --output_dir "$out/pythia-2.8b_random_kv_${quant}_h100" 2>&1 \
     | grep -E "kvpress|rror" | tail -3
 done

@@ -72,7 +72,7 @@ case "$part" in
     python3 evaluation/speed_grid.py $common --decoder neox --press snapkv --compression_ratio 0.75 \
       --batch_size 64 --repeats 1 --no-keep_buffer --output_dir "$work" ;;
   h200_smoke)
-    python3 -m evaluation.ceilings
+    python3 evaluation/step_floor.py --measure
     python3 evaluation/speed_grid.py $common --decoder neox hf_static --press --batch_size 1 --repeats 2 \
       --output_dir "$work" ;;
   h200)

@@ -1,0 +1,79 @@
+"""The rows of a quality run (evaluation/perplexity.py): dense first, then every press at every
+setting, under the context or the streaming protocol (evaluation/protocols.py), each row with its
+PPL, its 95% interval and its paired difference to dense."""
+
+import argparse
+import sys
+
+import torch
+
+from evaluation.calibration import calibration_facts
+from evaluation.intervals import paired_difference, ppl_interval
+from evaluation.methods import DENSE, press_settings, ready
+from evaluation.models import LoadedModel
+from evaluation.protocols import SEGMENT_TOKENS, context_nll, streaming_nll
+from presses import Settings, make_press, make_streaming_press
+from presses.registry import check_compression_ratio, method_for
+
+
+def settings_from(args: argparse.Namespace, ratio: float = 0.0, budget: int | None = None) -> Settings:
+    return press_settings(args, compression_ratio=ratio, budget=budget or args.budget[0],
+                          compress_every=args.compress_every, chunk_tokens=args.chunk_tokens)
+
+
+def context_tokens(args: argparse.Namespace, config) -> int:
+    """N, the tokens prefilled with the press: --context_tokens, else the model's context less M."""
+    return args.context_tokens or config.max_position_embeddings - args.eval_tokens
+
+
+def context_press(name: str, ratio: float, args: argparse.Namespace, context_tokens: int):
+    """The press for the context protocol: the method's prefill form, or, for a decode-time
+    method (InfLLM), its streaming form holding the kept fraction of the context."""
+    if method_for(name).prefill:
+        return make_press(name, ratio, settings_from(args))
+    check_compression_ratio(ratio)
+    return make_streaming_press(name, settings_from(args, budget=max(1, int(context_tokens * (1 - ratio)))))
+
+
+def quality_rows(args: argparse.Namespace, loaded: LoadedModel, presses: list[str], ids: torch.Tensor,
+                 source: str) -> list[dict]:
+    model = loaded.model
+    rows = []
+    if args.protocol == "context":
+        context = context_tokens(args, model.config)
+        settings = [(DENSE, 0.0)] + [(name, ratio) for name in presses for ratio in args.compression_ratio]
+        for name, ratio in settings:
+            press = None if name == DENSE else context_press(name, ratio, args, context)
+            press, attn = ready(loaded, name, press, args)
+            result = context_nll(model, ids, press, context, args.eval_tokens, args.num_windows, args.chunk_tokens,
+                                 args.kv_quant)
+            rows.append({"method": name, "compression_ratio": ratio, "attn_implementation": attn,
+                         "kv_quant": args.kv_quant, "context_tokens": context,
+                         "eval_tokens": args.eval_tokens, "num_windows": args.num_windows})
+            rows[-1] |= quality_facts(result) | {"kv_mib_after_prefill": result.kv_bytes / 2**20}
+            rows[-1] |= calibration_facts(press)
+            print(f"{name} @ {ratio}: ppl {result.ppl:.4f}", file=sys.stderr, flush=True)
+    else:
+        settings = [(DENSE, None)] + [(name, budget) for name in presses for budget in args.budget]
+        for name, budget in settings:
+            press = None if name == DENSE else make_streaming_press(name, settings_from(args, budget=budget))
+            press, attn = ready(loaded, name, press, args)
+            result = streaming_nll(model, ids, press, args.chunk_tokens, args.max_tokens)
+            rows.append({"method": name, "attn_implementation": attn, "budget": budget,
+                         "chunk_tokens": args.chunk_tokens, "max_tokens": args.max_tokens}
+                        | quality_facts(result) | {f"ppl_per_{SEGMENT_TOKENS}_tokens": result.segment_ppl})
+            print(f"{name} @ budget {budget}: ppl {result.ppl:.4f}", file=sys.stderr, flush=True)
+    for row in rows:
+        row["data"] = source
+        row |= paired_difference(row["unit_nll"], rows[0]["unit_nll"], row["unit_tokens"])  # rows[0]: dense
+    return rows
+
+
+def quality_facts(result) -> dict:
+    """What a quality row records of a protocol's result: PPL with its 95% interval over the
+    units (windows, or SEGMENT_TOKENS-token stretches), the cache actually held and attended,
+    the tokens scored, and each unit's NLL sum so later reports can pair methods again."""
+    return ppl_interval(result.unit_nll, result.unit_tokens) | {
+        "mean_nll": result.mean_nll, "scored_tokens": result.tokens, "scored_token_range": list(result.scored_range),
+        "mean_cache_tokens": result.cache_tokens, "peak_attended_keys": result.peak_attended_keys,
+        "unit_nll": result.unit_nll, "unit_tokens": result.unit_tokens}
