@@ -24,9 +24,8 @@ import torch
 
 from decoding import neox_cuda_graphs, neox_decode, static_cache
 from decoding.reference import kvpress_generate, record_margin
-from evaluation.cli import one_line_errors
-from evaluation.models import DTYPES, load_model
-from evaluation.results import environment, table, write_json_atomic
+from evaluation import cli
+from evaluation.results import table, write_json_atomic
 from evaluation.speed import prompt_ids
 from presses import make_press
 
@@ -61,12 +60,10 @@ def at_first_differences(gaps: torch.Tensor, first_difference: list) -> list:
     return [None if step is None else float(gaps[row, step]) for row, step in enumerate(first_difference)]
 
 
-def check(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="EleutherAI/pythia-2.8b")
-    parser.add_argument("--random-init", action="store_true")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: float16 on CUDA, float32 on CPU")
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = cli.Parser(__file__, __doc__)
+    model = cli.add_model_options(parser)
+    model.add_argument("--seed", type=int, default=0, help="of the sampling noise")
     parser.add_argument("--press", nargs="*", default=["snapkv", "streaming_llm", "pyramidkv"])
     parser.add_argument("--compression_ratio", type=float, default=0.5)
     parser.add_argument("--batch_size", type=int, default=2)
@@ -76,13 +73,14 @@ def check(argv=None) -> None:
                         help="above 0: sampled decoding, checked against the uncompiled neox step drawing the "
                              "same noise (the kvpress loop and the StaticCache path decode greedily only)")
     parser.add_argument("--top_k", type=int)
-    parser.add_argument("--seed", type=int, default=0, help="of the sampling noise")
     parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS,
                         help="the fast paths to check (neox_two_stream: the neox step in a two-stream graph)")
     parser.add_argument("--output", type=Path, default=Path("results/check_decoders.json"))
-    args = parser.parse_args(argv)
-    dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
-    loaded = load_model(args.model, args.random_init, dtype, args.device)
+    return parser.parse_args(argv)
+
+
+def check(args) -> None:
+    loaded = cli.load(args)
     model = loaded.model
     compile = model.device.type == "cuda"
     prompt = prompt_ids(model.config.vocab_size, args.batch_size, args.prompt_tokens, 0).to(model.device)
@@ -100,7 +98,7 @@ def check(argv=None) -> None:
         for path, mode in (("neox", "reduce-overhead"), ("neox_two_stream", "two-stream")):
             paths[path] = neox_path(neox_cuda_graphs.compiled_step(compile, mode))
     elif sampled:
-        raise SystemExit("error: --temperature checks the neox paths: use a GPT-NeoX model")
+        cli.fail("--temperature checks the neox paths: use a GPT-NeoX model")
     if sampled:
         paths.pop("static")
     paths = {path: run for path, run in paths.items() if path in args.paths}
@@ -126,22 +124,19 @@ def check(argv=None) -> None:
                 row = {"error": str(error)}
             rows.append({"method": name or "dense", "path": path} | row)
             print(rows[-1], file=sys.stderr, flush=True)
-    write_json_atomic(args.output, {
-        "command": "python evaluation/check_decoders.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "model": args.model, "model_tier": loaded.tier, "dtype": dtype, "compiled": compile,
-        "compression_ratio": args.compression_ratio, "batch_size": args.batch_size,
-        "temperature": args.temperature, "top_k": args.top_k, "seed": args.seed,
-        "reference": "the uncompiled neox step, same noise" if sampled else "the kvpress loop, greedy",
-        "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
-        "environment": environment(args.device), "rows": rows,
-    })
+    write_json_atomic(args.output, cli.result_header(
+        args, loaded, compiled=compile, compression_ratio=args.compression_ratio, batch_size=args.batch_size,
+        temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+        reference="the uncompiled neox step, same noise" if sampled else "the kvpress loop, greedy",
+        prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens) | {"rows": rows})
     print(table(rows, ["method", "path", "identical", "agreement", "first_difference", "reference_margin_there",
                        "reference_top_k_gap_there", "error"]))
 
 
 def main(argv=None) -> None:
-    with one_line_errors():  # an unknown model or press: one line, exit code 2
-        check(argv)
+    args = parse_args(argv)
+    with cli.one_line_errors():  # an unknown model or press: one line, exit code 2
+        check(args)
 
 
 if __name__ == "__main__":

@@ -3,11 +3,13 @@
 - ``Parser``: argparse with the program's docstring as its help, whose own errors (an option's
   value that is not a number, a missing choice) are one line, not the whole usage text; it keeps
   the command line, which opens every result file.
-- ``add_model_options`` / ``add_data_options`` / ``add_press_settings``: the options naming the
-  model (and its precision and device), the text, and the settings a press is built with
-  (evaluation/methods.py's ``press_settings`` reads those); ``dtype_of`` and ``load`` read the model's.
+- ``add_model_options`` / ``add_data_options`` / ``add_kv_quant`` / ``add_press_settings``: the
+  options naming the model (and its precision and device), the text, a quantized cache, and the
+  settings a press is built with (evaluation/methods.py's ``press_settings`` reads those);
+  ``dtype_of`` and ``load`` read the model's.
 - ``result_header``: what every result file starts with (command, model and its tier, dtype, the
-  program's own settings, the machine and software versions).
+  program's own settings, the machine and software versions); ``print_summary``: what a run
+  prints at its end.
 - ``one_line_errors()``: the errors that mean "the input cannot be used" become one line,
   ``error: ...`` on stderr, exit code 2, no traceback and no result file.
 """
@@ -20,10 +22,11 @@ from pathlib import Path
 import torch
 import transformers
 
+from decoding.kv_cache import KV_QUANT
 from evaluation.data import DataError
 from evaluation.models import DTYPES, SMOLLM2_ALIAS, LoadedModel, ModelLoadError, load_model
 from evaluation.protocols import ProtocolError
-from evaluation.results import environment
+from evaluation.results import environment, table
 from patches import UnsupportedModelError
 from presses.registry import PressConfigError
 
@@ -84,6 +87,12 @@ def add_data_options(parser: argparse.ArgumentParser, several: bool = False, wha
     return group
 
 
+def add_kv_quant(group, where: str) -> None:
+    """--kv_quant, the cache kept quantized; ``where``: which runs of the program can."""
+    group.add_argument("--kv_quant", default="none", choices=sorted(KV_QUANT),
+                       help=f"KV cache kept quantized (optimum-quanto int4/int2, transformers QuantizedCache): {where}")
+
+
 def add_press_settings(group) -> None:
     """The settings a method's prefill press is built with, beside its compression ratio."""
     group.add_argument("--n_sink", type=int, default=4, help="first tokens kept by methods with attention sinks")
@@ -106,6 +115,15 @@ def result_header(args: argparse.Namespace, loaded: LoadedModel, **settings) -> 
     DESIGN.md section 3) and dtype, the program's ``settings``, then the machine and versions."""
     return {"command": args.command, "model": args.model, "model_tier": loaded.tier, "dtype": dtype_of(args),
             **settings, "environment": environment(args.device)}
+
+
+def print_summary(args: argparse.Namespace, loaded: LoadedModel, rows: list[dict], columns: list[str], output: Path,
+                  measured: str | None = None) -> None:
+    """What a run prints at its end: the model, its tier and dtype (and what it ``measured``), the
+    table of its rows, and the result file it wrote."""
+    print(f"\n{loaded.name} ({loaded.tier}), {dtype_of(args)}" + (f", {measured}" if measured else ""))
+    print(table(rows, columns))
+    print(f"\nwrote {output}")
 
 
 @contextlib.contextmanager

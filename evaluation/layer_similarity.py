@@ -8,17 +8,15 @@ both layers rotate a token by the same angle, so the rotation does not change th
   python evaluation/layer_similarity.py --model smollm2-135m --tokens 1536 --output results/X.json
 """
 
-import argparse
-import sys
 from pathlib import Path
 
 import torch
 from torch.nn import functional as F
 from transformers import DynamicCache
 
-from evaluation.data import load_text
-from evaluation.models import load_model
-from evaluation.results import environment, write_json_atomic
+from evaluation import cli
+from evaluation.models import SMOLLM2_ALIAS, data_dir, tokenized_text
+from evaluation.results import write_json_atomic
 
 
 @torch.no_grad()
@@ -32,21 +30,19 @@ def adjacent_similarity(model, ids: torch.Tensor) -> dict:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--dataset", default="wikitext")
+    parser = cli.Parser(__file__, __doc__)
+    cli.add_model_options(parser, default_model=SMOLLM2_ALIAS, default_device="cpu")
+    cli.add_data_options(parser)
     parser.add_argument("--tokens", type=int, default=1536)
-    parser.add_argument("--data-dir", dest="data_dir")
     parser.add_argument("--output", type=Path, required=True)
     args = parser.parse_args(argv)
-    loaded = load_model(args.model, False, "float32", "cpu", "sdpa", args.data_dir)
-    text, source = load_text(args.dataset, loaded.data_folder)
-    ids = loaded.tokenizer()(text, return_tensors="pt").input_ids[:, : args.tokens]
+    with cli.one_line_errors():  # the text, the config and the tokenizer before the weights
+        text = tokenized_text(args.model, args.random_init, args.dataset, data_dir(args.data_dir), args.sample_idx)
+        loaded = cli.load(args, data_dir=args.data_dir)
+    ids = text.ids[None, : args.tokens]
     similarity = adjacent_similarity(loaded.model, ids)
-    write_json_atomic(args.output, {"command": "python evaluation/layer_similarity.py " + " ".join(sys.argv[1:]),
-                                    "model": args.model, "model_tier": loaded.tier, "data": source,
-                                    "tokens": ids.shape[1], "environment": environment("cpu"),
-                                    "adjacent_cosine": similarity})
+    write_json_atomic(args.output, cli.result_header(args, loaded, data=text.source, tokens=ids.shape[1])
+                      | {"adjacent_cosine": similarity})
     for part, values in similarity.items():
         print(part, " ".join(f"{value:.2f}" for value in values))
 

@@ -21,12 +21,11 @@ from pathlib import Path
 
 import torch
 
-from decoding.kv_cache import KV_QUANT
 from evaluation import cli
 from evaluation.models import REPO_ROOT, check_attn_implementation, data_dir, tokenized_text
 from evaluation.protocols import ProtocolError, check_windows
 from evaluation.quality import context_tokens, quality_rows, settings_from
-from evaluation.results import table, write_json_atomic
+from evaluation.results import write_json_atomic
 from presses import make_press, make_streaming_press, press_names
 from presses.registry import check_compression_ratio, method_for
 
@@ -38,9 +37,7 @@ def parse_args(argv=None):
     parser = cli.Parser(__file__, __doc__)
     model = cli.add_model_options(parser, attention=cli.ATTENTION)
     model.add_argument("--seed", type=int, default=0, help="torch's seed for the run")
-    model.add_argument("--kv_quant", default="none", choices=sorted(KV_QUANT),
-                       help="KV cache kept quantized (optimum-quanto int4/int2, transformers QuantizedCache): "
-                            "context protocol")
+    cli.add_kv_quant(model, "context protocol")
 
     press = parser.add_argument_group("press")
     press.add_argument("--press", nargs="+", default=["snapkv"],
@@ -134,9 +131,7 @@ def run(args) -> Path:
     rows = quality_rows(args, loaded, presses, text.ids, text.source)
     output = args.output or default_output(args, presses)
     write_json_atomic(output, cli.result_header(args, loaded, protocol=args.protocol) | {"rows": rows})
-    print(f"\n{loaded.name} ({loaded.tier}), {cli.dtype_of(args)}, {args.protocol} protocol")
-    print(table(rows, COLUMNS))
-    print(f"\nwrote {output}")
+    cli.print_summary(args, loaded, rows, COLUMNS, output, f"{args.protocol} protocol")
     return output
 
 

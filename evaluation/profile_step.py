@@ -11,8 +11,6 @@ printed and written as JSON (``--output``). Launch overhead is what CUDA graphs 
 kernel time is what remains, to hold against the roofline floor.
 """
 
-import argparse
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -20,10 +18,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from decoding import neox_cuda_graphs, neox_decode
-from evaluation import roofline
+from evaluation import cli, roofline
 from evaluation.ceilings import machine_ceilings
-from evaluation.models import load_model
-from evaluation.results import environment, write_json_atomic
+from evaluation.results import write_json_atomic
 from evaluation.speed import prompt_ids
 from presses import make_press
 
@@ -37,9 +34,8 @@ def kernel_table(events, steps: int) -> pd.DataFrame:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="EleutherAI/pythia-2.8b")
-    parser.add_argument("--random-init", action="store_true")
+    parser = cli.Parser(__file__, __doc__)
+    cli.add_model_options(parser, default_device="cuda")
     parser.add_argument("--press", help="a registry press applied at prefill (default: dense)")
     parser.add_argument("--compression_ratio", type=float, default=0.5)
     parser.add_argument("--prompt_tokens", type=int, default=2000)
@@ -51,12 +47,14 @@ def main(argv=None) -> None:
     parser.add_argument("--graph_steps", type=int, default=100)
     parser.add_argument("--output", type=Path, default=Path("results/profile_step.json"))
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        sys.exit("error: profiling kernels needs a CUDA device")
-
-    model = load_model(args.model, args.random_init, "float16", "cuda").model
+    if not (args.device.startswith("cuda") and torch.cuda.is_available()):
+        cli.fail("profiling kernels needs a CUDA device")
+    with cli.one_line_errors():  # an unknown press or model: one line, before the weights load
+        press = make_press(args.press, args.compression_ratio) if args.press else None
+        loaded = cli.load(args)
+    model = loaded.model
+    torch.cuda.set_device(model.device)  # "cuda" below (tensors, events, ceilings) is the model's GPU
     prompts = list(prompt_ids(model.config.vocab_size, args.batch_size, args.prompt_tokens, 0).cuda().split(1))
-    press = make_press(args.press, args.compression_ratio) if args.press else None
     _, groups = neox_decode.prefill(model, prompts, press)
     buffer = neox_decode.load_buffer(groups, 8 + args.steps + 8 + args.graph_steps)
     token = torch.full((args.batch_size, 1), 2, device="cuda")
@@ -95,18 +93,15 @@ def main(argv=None) -> None:
     print(f"kernel time per step {total_ms:.3f} ms over {frame.launches_per_step.sum():.0f} launches; "
           f"CUDA-graph step {graph_ms:.3f} ms; roofline floor {floor:.3f} ms "
           f"(kernels {total_ms / floor:.2f}x, graph step {graph_ms / floor:.2f}x)")
-    write_json_atomic(args.output, {
-        "command": "python evaluation/profile_step.py " + " ".join(sys.argv[1:]),
-        "model": args.model, "press": args.press, "compression_ratio": args.compression_ratio if args.press else 0.0,
-        "batch_size": args.batch_size, "prompt_tokens": args.prompt_tokens, "backend": args.backend,
-        "compile_mode": args.compile_mode, "kernel_ms_per_step": total_ms,
-        "launches_per_step": frame.launches_per_step.sum(), "graph_step_ms": graph_ms, "graph_steps": args.graph_steps, "floor_ms": floor,
-        "ceilings": measured.to_json(),
+    write_json_atomic(args.output, cli.result_header(
+        args, loaded, press=args.press, compression_ratio=args.compression_ratio if args.press else 0.0,
+        batch_size=args.batch_size, prompt_tokens=args.prompt_tokens, backend=args.backend,
+        compile_mode=args.compile_mode, kernel_ms_per_step=total_ms,
+        launches_per_step=frame.launches_per_step.sum(), graph_step_ms=graph_ms, graph_steps=args.graph_steps,
+        floor_ms=floor, ceilings=measured.to_json(),
         # set by TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1
-        "coordinate_descent_tuning": torch._inductor.config.coordinate_descent_tuning,
-        "environment": environment("cuda"), "kernels": frame.to_dict("records"),
-    })
-
+        coordinate_descent_tuning=torch._inductor.config.coordinate_descent_tuning,
+    ) | {"kernels": frame.to_dict("records")})
 
 if __name__ == "__main__":
     main()

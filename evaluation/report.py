@@ -17,7 +17,6 @@ prints the README's summary table of the files' rows instead (method, compressio
 budget, PPL to 3 decimals, mean NLL, scored tokens, cache tokens per layer) and writes nothing.
 """
 
-import argparse
 import json
 import re
 import sys
@@ -29,6 +28,7 @@ matplotlib.use("Agg")  # files only; no display on the machines this runs on
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from evaluation.cli import Parser  # noqa: E402
 from evaluation.intervals import paired_difference  # noqa: E402
 from evaluation.results import save_figure_atomic  # noqa: E402
 
@@ -174,7 +174,7 @@ def _cell(row) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(__file__, __doc__)
     parser.add_argument("results", nargs="+", type=Path)
     parser.add_argument("--output", type=Path, help="path without suffix (default: the first file's)")
     parser.add_argument("--position_budget", type=int, default=1024,

@@ -16,7 +16,8 @@ A --speculative spec is comma-separated key=value pairs:
   self=layer_skip      the target skipping skip=N layers chosen on the calibration text, or layers=A+B+C
   k=N | k=adaptive     drafts per verify pass (adaptive: starts at 4, +2 after a full acceptance,
                        -1 otherwise, at most k_max=N, default 8)
-Errors in the arguments exit with code 2 and one line, writing no file.
+--model is the target; --random-init gives a draft model random weights too (timings only: their
+acceptance means nothing). Errors in the arguments exit with code 2 and one line, writing no file.
 """
 
 import argparse
@@ -27,7 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import transformers
 
 from decoding import neox_cuda_graphs, neox_decode
 from decoding import static_cache
@@ -35,10 +35,10 @@ from decoding.reference import END, FIRST_TOKEN, START, kvpress_generate, no_mar
 from decoding.layer_skip import choose_skip_layers
 from decoding.registry import ALIASES, SPECULATIVE_DECODERS, decoder
 from decoding.speculative import LayerSkipDraft, ModelDraft, Stats, speculative_generate
-from evaluation.cli import one_line_errors
+from evaluation import cli
 from evaluation.data import DataError, load_text
-from evaluation.models import DTYPES, REPO_ROOT, SMOLLM2_ALIAS, load_model
-from evaluation.results import environment, table, write_json_atomic
+from evaluation.models import REPO_ROOT, load_model
+from evaluation.results import write_json_atomic
 from evaluation.speculative_costs import measure_costs
 from evaluation.speed import Clock, timed
 from presses import PressConfigError, Settings, make_press, press_names
@@ -117,17 +117,9 @@ def parse_spec(text: str) -> Spec:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="evaluation/speculative.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="EleutherAI/pythia-2.8b",
-                        help=f"target: hub id, local folder or '{SMOLLM2_ALIAS}'. Default: %(default)s")
-    parser.add_argument("--random-init", action="store_true",
-                        help="exact Pythia configs, random weights (target and draft): timings only, "
-                             "their acceptance means nothing")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: float16 on CUDA, float32 on CPU")
-    parser.add_argument("--attn_implementation", default="sdpa", choices=["eager", "sdpa"])
-    parser.add_argument("--seed", type=int, default=0)
+    parser = cli.Parser(__file__, __doc__)
+    model = cli.add_model_options(parser, attention=("eager", "sdpa"))
+    model.add_argument("--seed", type=int, default=0)
     parser.add_argument("--speculative", nargs="+", default=[], metavar="SPEC", help="draft spec(s), see above")
     parser.add_argument("--press", help="press on the target's cache at prefill (any registered prefill press)")
     parser.add_argument("--compression_ratio", type=float, default=0.5, help="the target press's ratio")
@@ -137,9 +129,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="dynamic (or kvpress): DynamicCache, eager steps; static: StaticCache, steps compiled to "
                              "CUDA graphs on a GPU (decoding/static_cache.py); neox: GPT-NeoX's own step on its buffer, compiled "
                              "to CUDA graphs on a GPU (decoding/neox_decode.py)")
-    parser.add_argument("--dataset", nargs="+", default=["wikitext"], help="wikitext, pg19 or text files")
-    parser.add_argument("--sample_idx", type=int, default=0, help="which PG-19 book (local files in name order)")
-    parser.add_argument("--data-dir", dest="data_dir", help="offline data folder (default: $KVPRESS_NEOX_DATA)")
+    cli.add_data_options(parser, several=True, what="the prompts' texts")
     parser.add_argument("--num_prompts", type=int, default=2, help="prompts per dataset, spread over the text")
     parser.add_argument("--prompt_tokens", type=int, default=512)
     parser.add_argument("--new_tokens", type=int, default=64)
@@ -320,16 +310,13 @@ def default_output(args, label: str) -> Path:
 
 def run(args) -> Path:
     specs = check_args(args)
-    dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
+    dtype = cli.dtype_of(args)
     torch.manual_seed(args.seed)
-    loaded = load_model(args.model, args.random_init, dtype, args.device, args.attn_implementation, args.data_dir)
-    header = {
-        "command": "python evaluation/speculative.py " + " ".join(sys.argv[1:]),
-        "model": args.model, "model_tier": loaded.tier, "dtype": dtype, "decoder": args.decoder,
-        "target_press": args.press, "target_compression_ratio": args.compression_ratio if args.press else None,
-        "temperature": args.temperature, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
-        "environment": environment(args.device),
-    }
+    loaded = cli.load(args, args.attn_implementation, args.data_dir)
+    header = cli.result_header(
+        args, loaded, decoder=args.decoder, target_press=args.press,
+        target_compression_ratio=args.compression_ratio if args.press else None, temperature=args.temperature,
+        prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens)
     if args.verify_costs:
         output = args.output or default_output(args, "costs")
         header |= {"decoder": "neox", "temperature": None, "target_press": None}
@@ -341,16 +328,13 @@ def run(args) -> Path:
                                 save=lambda rows: write_json_atomic(output, header | {"rows": rows}))
         columns = ["spec", "acceptance_rate", "alpha", "tokens_per_verify_pass", "decode_speedup",
                    "end_to_end_speedup", "identical_to_plain"]
-    print(f"\n{loaded.name} ({loaded.tier}), {dtype}")
-    print(table(rows, columns))
-    print(f"\nwrote {output}")
+    cli.print_summary(args, loaded, rows, columns, output)
     return output
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    transformers.utils.logging.disable_progress_bar()
-    with one_line_errors(SpecError):
+    with cli.one_line_errors(SpecError):
         run(args)
 
 

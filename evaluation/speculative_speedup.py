@@ -14,10 +14,10 @@ result files of ``evaluation/speculative.py`` (their ``alpha``) or given by hand
 writes NAME.json (every predicted point) and NAME.png (one panel per batch size).
 """
 
-import argparse
 import json
 from pathlib import Path
 
+from evaluation.cli import Parser
 from evaluation.results import write_json_atomic
 
 FORMULA = "speedup = (1 - alpha^(k+1)) / (1 - alpha) * decode_ms / (k * draft_ms + verify_ms)"
@@ -135,8 +135,7 @@ def plot(points: list[dict], title: str, output: Path) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="evaluation/speculative_speedup.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(__file__, __doc__)
     parser.add_argument("costs", type=Path, help="JSON of evaluation/speculative.py --verify_costs")
     parser.add_argument("--acceptance", type=Path, nargs="*", default=[], help="speculative result JSON files")
     parser.add_argument("--alpha", type=float, nargs="*", default=[0.6, 0.7, 0.8, 0.9],

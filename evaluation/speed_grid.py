@@ -33,7 +33,6 @@ import sys
 from pathlib import Path
 
 from decoding import registry
-from decoding.kv_cache import KV_QUANT
 from decoding.neox_cuda_graphs import COMPILE_MODES
 from decoding.neox_decode import ATTENTION_BACKENDS
 from decoding.registry import DECODER_NAMES
@@ -62,9 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--keep_buffer", action=argparse.BooleanOptionalAction, default=True,
                         help="two-stream: keep the KV buffer (and so the graph) from one generation to the next "
                              "of the same shape; --no-keep_buffer where the next prefill needs that memory")
-    parser.add_argument("--kv_quant", default="none", choices=sorted(KV_QUANT),
-                        help="KV cache kept quantized (optimum-quanto int4/int2, transformers QuantizedCache): "
-                             "the kvpress decoder only")
+    cli.add_kv_quant(parser, "the kvpress decoder only")
     press = parser.add_argument_group("press")
     press.add_argument("--press", nargs="*", default=["snapkv"], help="methods beside dense (registry names)")
     press.add_argument("--compression_ratio", type=float, nargs="+", default=[0.5, 0.75])

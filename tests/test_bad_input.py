@@ -10,10 +10,11 @@ import subprocess
 
 import huggingface_hub
 import pytest
+import torch
 from transformers import PreTrainedTokenizerFast, pipeline
 
 import evaluation.models
-from evaluation import cli, perplexity, report, speed_grid, step_floor
+from evaluation import cli, perplexity, profile_step, report, speed_grid, step_floor
 from evaluation.models import ModelLoadError, hub_reachable, load_model, offline_unless_hub_reachable
 from patches.pipeline_bos import MissingBosTokenError
 from presses import PressConfigError, Settings, make_streaming_press
@@ -124,6 +125,11 @@ def test_step_floor_with_an_unknown_model_offline_is_one_line(capsys, hub_unreac
 
 def test_step_floor_usage_errors_are_one_line(capsys):
     assert "one of the arguments" in one_line_error(capsys, lambda: step_floor.main(["--cache", "2000"]))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal on a machine without CUDA")
+def test_profiling_kernels_without_cuda_is_one_line(capsys):
+    assert "needs a CUDA device" in one_line_error(capsys, lambda: profile_step.main(["--random-init"]))
 
 
 def test_an_unreachable_hub_switches_to_offline_mode_and_fails_at_once(hub_unreachable):
