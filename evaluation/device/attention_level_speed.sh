@@ -8,7 +8,6 @@
 # The committed result (H100): results/pythia-2.8b_random_attention_level_h100/, with its README.md (command, commit).
 set -e
 out=${OUT:-results}
-python3 evaluation/speed_grid.py --model EleutherAI/pythia-2.8b --random-init --dtype float16 \
-  --attn_implementation sdpa --decoder kvpress --press lowrank head_merge snapkv_lowrank --compression_ratio 0.5 0.75 \
-  --prompt_tokens 2000 --new_tokens 256 --batch_size 1 --repeats 3 \
+source evaluation/device/kvpress_loop_speed.sh
+kvpress_loop_speed --press lowrank head_merge snapkv_lowrank --compression_ratio 0.5 0.75 --repeats 3 \
   --output_dir "$out/pythia-2.8b_random_attention_level_h100"

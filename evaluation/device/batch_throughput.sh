@@ -8,7 +8,8 @@ out=${OUT:-results}
 run() {  # batch, press arguments, output folder; a batch that does not fit fails alone
   timeout 285 python3 evaluation/speed_grid.py --model EleutherAI/pythia-2.8b --random-init --dtype float16 \
     --attn_implementation sdpa --decoder static --prompt_tokens 2000 --new_tokens 256 --repeats 2 \
-    --batch_size "$1" $2 --output_dir "$out/$3" 2>&1 | grep -E "static|error|Error" | tail -4
+    --batch_size "$1" $2 --output_dir "$out/pythia-2.8b_random_batch_static_h100/$3" 2>&1 \
+    | grep -E "static|error|Error" | tail -4
 }
-run 64 "--press snapkv --compression_ratio 0.75" pythia-2.8b_random_batch64_h100
-run 128 "--press snapkv --compression_ratio 0.75" pythia-2.8b_random_batch128_h100
+run 64 "--press snapkv --compression_ratio 0.75" batch64
+run 128 "--press snapkv --compression_ratio 0.75" batch128

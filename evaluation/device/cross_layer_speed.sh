@@ -11,8 +11,6 @@
 # The committed result (H100): results/pythia-2.8b_random_cross_layer_h100/, with its README.md (command, commit).
 set -e
 out=${OUT:-results}
-python3 evaluation/speed_grid.py --model EleutherAI/pythia-2.8b --random-init --dtype float16 \
-  --attn_implementation sdpa --decoder kvpress \
-  --press minicache kvsharer kvsharer_snapkv streaming_llm_minicache --compression_ratio 0.25 0.5 \
-  --prompt_tokens 2000 --new_tokens 256 --batch_size 1 --repeats 2 \
-  --output_dir "$out/pythia-2.8b_random_cross_layer_h100"
+source evaluation/device/kvpress_loop_speed.sh
+kvpress_loop_speed --press minicache kvsharer kvsharer_snapkv streaming_llm_minicache --compression_ratio 0.25 0.5 \
+  --repeats 2 --output_dir "$out/pythia-2.8b_random_cross_layer_h100"

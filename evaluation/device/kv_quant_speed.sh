@@ -18,6 +18,6 @@ fi
 for quant in none int4 int2; do
   timeout 170 python3 evaluation/speed_grid.py --model EleutherAI/pythia-2.8b --random-init --dtype float16 \
     --attn_implementation sdpa --decoder kvpress --kv_quant $quant --press snapkv --compression_ratio 0.75 \
-    --prompt_tokens 2000 --new_tokens 256 --repeats 2 --output_dir "$out/pythia-2.8b_random_kv_${quant}_h100" 2>&1 \
+    --prompt_tokens 2000 --new_tokens 256 --repeats 2 --output_dir "$out/pythia-2.8b_random_kv_quant_h100/$quant" 2>&1 \
     | grep -E "kvpress|rror" | tail -3
 done

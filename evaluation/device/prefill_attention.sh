@@ -8,6 +8,6 @@ out=${OUT:-results}
 for attention in sdpa eager flex_attention; do
   timeout 150 python3 evaluation/speed_grid.py --model EleutherAI/pythia-2.8b --random-init --dtype float16 \
     --attn_implementation $attention --decoder kvpress --press snapkv --compression_ratio 0.75 \
-    --prompt_tokens 2000 --new_tokens 2 --repeats 3 --output_dir "$out/pythia-2.8b_random_prefill_${attention}_h100" 2>&1 \
+    --prompt_tokens 2000 --new_tokens 2 --repeats 3 --output_dir "$out/pythia-2.8b_random_prefill_h100/$attention" 2>&1 \
     | grep -E "^decoder=kvpress|rror" | tail -3
 done
