@@ -8,7 +8,7 @@ Writes into the output folder:
   table_quality.tex    eviction presses, both protocols (SmolLM2-135M-Instruct, H200)
   table_speed.tex      decoders and presses against the roofline floor (H200)
   table_kvquant.tex    KV quantization, bytes and time (H100)
-  table_levels.tex     cross-layer and attention-level reductions (SmolLM2, CPU)
+  table_levels.tex     cross-layer and attention-level reductions (SmolLM2, H200)
   fig_quality.pdf      paired differences with their 95% intervals
   fig_speculative.pdf  predicted speculative speed-ups from the measured step costs
 
@@ -63,19 +63,9 @@ SOURCES = {
         "WikiText": "results/smollm2-135m_speculative_cpu/smollm2-135m_speculative_self_wikitext.json",
         "PG-19": "results/smollm2-135m_speculative_cpu/smollm2-135m_speculative_self_pg19.json",
     },
-    # cross-layer and attention-level: SmolLM2 quality (CPU), Pythia bytes and time (H100)
-    "levels_quality": [
-        "results/smollm2-135m_attention_level_cpu/smollm2-135m_context_wikitext_lowrank_cpu.json",
-        "results/smollm2-135m_attention_level_cpu/smollm2-135m_context_wikitext_lowrank_svd_cpu.json",
-        "results/smollm2-135m_attention_level_cpu/smollm2-135m_context_wikitext_head_merge_cpu.json",
-        "results/smollm2-135m_attention_level_cpu/smollm2-135m_context_wikitext_snapkv_lowrank_cpu.json",
-        "results/smollm2-135m_cross_layer_cpu/smollm2-135m_context_wikitext_minicache_cpu.json",
-        "results/smollm2-135m_cross_layer_cpu/smollm2-135m_context_wikitext_kvsharer_cpu.json",
-        "results/smollm2-135m_cross_layer_cpu/smollm2-135m_context_wikitext_kvsharer_similar_cpu.json",
-        "results/smollm2-135m_cross_layer_cpu/smollm2-135m_context_wikitext_cross_layer_combos_cpu.json",
-    ],
-    # the eviction references for that table: SnapKV and StreamingLLM in one run beside the combinations
-    "levels_reference": "results/smollm2-135m_cross_layer_cpu/smollm2-135m_context_wikitext_cross_layer_combos_cpu.json",
+    # cross-layer and attention-level: SmolLM2 quality (H200, the context protocol's windows), the
+    # adjacent-layer similarity (CPU), Pythia bytes and time (H100)
+    "levels_quality": "results/smollm2-135m_quality_h200/levels",
     "levels_similarity": "results/smollm2-135m_cross_layer_cpu/smollm2-135m_adjacent_layer_kv_similarity.json",
     "levels_speed_attention": "results/pythia-2.8b_random_attention_level_h100/pythia-2.8b_random_attention_level_h100.json",
     # the model's own configuration (heads, rotary fraction, training length)
@@ -96,8 +86,8 @@ NAMES = {
 }
 SHORT_NAMES = {"lowrank": "Low rank", "lowrank_svd": "Low rank, SVD", "kvsharer_similar": "KVSharer, similar",
                "head_merge": "KV-head merge", "streaming_llm_minicache": "StreamingLLM + MiniC."}
-# Rows of the attention-level / cross-layer table (the eviction references first). Left out: the
-# controls lowrank_svd and kvsharer_similar (worse still; in their result files).
+# Rows of the attention-level / cross-layer table (the eviction references first). Left out for
+# space: the controls lowrank_svd (given in the text) and kvsharer_similar (in its result file).
 LEVELS_ORDER = ["snapkv", "streaming_llm", "lowrank", "head_merge", "minicache", "kvsharer",
                 "snapkv_lowrank", "kvsharer_snapkv", "streaming_llm_minicache"]
 BOOK_SHORT = {"Pride and Prejudice": "P\\&P"}
@@ -418,45 +408,44 @@ def quality_figure(context, ratios, books, versus_streaming, budget, out: Path) 
 
 # ---------------------------------------------------------------------------------------------
 # cross-layer and attention-level
-def level_runs(root: Path) -> list[tuple[dict, list[dict]]]:
-    runs = []
-    for relative in SOURCES["levels_quality"]:
-        payload = _load(relative, root)
-        runs.append((payload, payload["rows"]))
-    return runs
+def level_rows(root: Path) -> list[dict]:
+    return quality_rows(SOURCES["levels_quality"], root)
 
 
 def level_methods(root: Path) -> set[str]:
-    return {r["method"] for _, rows in level_runs(root) for r in rows if r["method"] != "dense"}
+    return {r["method"] for r in level_rows(root)}
 
 
 def levels(root: Path, numbers: Numbers, out: Path) -> None:
-    def removed(row, dense):
+    rows = level_rows(root)
+    dense = dense_row(SOURCES["levels_quality"], root)
+    if any(r["_dense"]["unit_nll"] != dense["unit_nll"] for r in rows):
+        raise ValueError("the attention-level / cross-layer runs were not scored on the same windows")
+
+    def removed(row):
         return 100 * (1 - row["kv_mib_after_prefill"] / dense["kv_mib_after_prefill"])
 
-    entries: dict[str, dict] = {}
-    windows = []
-    for payload, rows in level_runs(root):
-        dense = next(r for r in rows if r["method"] == "dense")
-        windows.append(dense["num_windows"])
-        for row in rows:
-            if row["method"] in ("dense", "snapkv", "streaming_llm"):
-                continue  # eviction references: from one run, below
-            entry = entries.setdefault(row["method"], {"points": [], "dense": dense["ppl"], "windows": dense["num_windows"]})
-            entry["points"].append((removed(row, dense), row["ppl"]))
-    reference_rows = _load(SOURCES["levels_reference"], root)["rows"]
-    reference_dense = next(r for r in reference_rows if r["method"] == "dense")
-    references = {r["method"]: (r, reference_dense, removed(r, reference_dense))
-                  for r in reference_rows if r["method"] in ("snapkv", "streaming_llm")}
-    numbers["levelsWinMin"], numbers["levelsWinMax"] = min(windows), max(windows)
-    snap, snap_dense, half = references["snapkv"]
-    stream, stream_dense, _ = references["streaming_llm"]
-    numbers["levelsHalf"] = percent_text(half)
-    numbers["levelsSnapDelta"] = signed(100 * (snap["ppl"] / snap_dense["ppl"] - 1))
-    numbers["levelsStreamDelta"] = signed(100 * (stream["ppl"] / stream_dense["ppl"] - 1))
+    by_method: dict[str, list[dict]] = {}
+    for row in rows:
+        by_method.setdefault(row["method"], []).append(row)
+    for method_rows in by_method.values():
+        method_rows.sort(key=removed)
+    numbers["levelsWindows"] = dense["num_windows"]
+    snap, stream = by_method["snapkv"][0], by_method["streaming_llm"][0]
+    numbers["levelsHalf"] = percent_text(removed(snap))
+    numbers["levelsSnapDelta"] = signed(snap["delta_pct"])
+    numbers["levelsStreamDelta"] = signed(stream["delta_pct"])
+    others = [r for r in rows if r["method"] not in ("snapkv", "streaming_llm")]
+    if not all(r["delta_pct_ci95"][0] > 0 for r in others):
+        raise ValueError("an attention-level or cross-layer row does not cost more than dense: the text says all do")
+    cheapest = min(others, key=lambda r: r["delta_pct"])
+    numbers["levelsBestName"] = TEXT_NAMES[cheapest["method"]]
+    numbers["levelsBestRemoved"] = percent_text(removed(cheapest))
+    numbers["levelsBestDelta"] = signed(cheapest["delta_pct"])
+    numbers["levelsBestLo"], numbers["levelsBestHi"] = (signed(x) for x in cheapest["delta_pct_ci95"])
+    svd = by_method["lowrank_svd"][0]
+    numbers["svdRemoved"], numbers["svdPPL"] = percent_text(removed(svd)), thousands(svd["ppl"])
 
-    svd_removed, svd_ppl = min(entries["lowrank_svd"]["points"])
-    numbers["svdRemoved"], numbers["svdPPL"] = percent_text(svd_removed), thousands(svd_ppl)
     similarity = _load(SOURCES["levels_similarity"], root)["adjacent_cosine"]
     values = [v for series in similarity.values() for v in series]
     numbers["simMin"], numbers["simMax"] = f(min(values)), f(max(values))
@@ -474,27 +463,30 @@ def levels(root: Path, numbers: Numbers, out: Path) -> None:
             return f"{value / 1000:.1f}k" if value < 10000 else f"{value / 1000:.0f}k"
         return f(value, 0) if value >= 100 else (f(value, 1) if value >= 10 else f(value))
 
+    def delta_text(value):
+        if abs(value) >= 1000:
+            return f"{value / 1000:+.1f}k" if abs(value) < 10000 else f"{value / 1000:+.0f}k"
+        return signed(value, 1) if abs(value) < 100 else f"{value:+.0f}"
+
     lines = [
         "\\captionof{table}{Attention-level and cross-layer reductions against eviction (first block):"
-        " SmolLM2-135M-Instruct, 2-core CPU, WikiText-2, context protocol, no intervals (these runs predate"
-        " them). Removed: KV bytes held after the pressed prefill against dense in the same run; k: thousands.}",
+        f" SmolLM2-135M-Instruct, NVIDIA H200, the {dense['num_windows']} WikiText-2 windows of Table~\\ref{{tab:quality}}"
+        f" (dense {f(dense['ppl'])}). Removed: KV bytes held after the pressed prefill against dense; PPL and its"
+        " paired difference to dense at each setting (every 95\\% interval excludes zero); k: thousands.}",
         "\\label{tab:levels}",
         "\\centering\\footnotesize\\setlength{\\tabcolsep}{2.5pt}",
-        "\\begin{tabular}{lllr}",
+        "\\begin{tabular}{llll}",
         "\\toprule",
-        "method & \\% removed & PPL & dense (win.) \\\\",
+        "method & \\% removed & PPL & vs dense (\\%) \\\\",
         "\\midrule",
     ]
     for method in LEVELS_ORDER:
-        if method in references:
-            row, dense, removed_bytes = references[method]
-            entry = {"points": [(removed_bytes, row["ppl"])], "dense": dense["ppl"], "windows": dense["num_windows"]}
-        else:
-            entry = entries[method]
-        points = sorted(entry["points"])
+        if method not in by_method:
+            continue
+        points = by_method[method]
         lines.append(" & ".join([
-            SHORT_NAMES.get(method, NAMES[method]), "/".join(percent_text(p[0]) for p in points),
-            "/".join(ppl_text(p[1]) for p in points), f"{f(entry['dense'])} ({entry['windows']})"]) + " \\\\")
+            SHORT_NAMES.get(method, NAMES[method]), "/".join(percent_text(removed(r)) for r in points),
+            "/".join(ppl_text(r["ppl"]) for r in points), "/".join(delta_text(r["delta_pct"]) for r in points)]) + " \\\\")
         if method == "streaming_llm":
             lines.append("\\midrule")
     lines += ["\\bottomrule", "\\end{tabular}"]
