@@ -15,7 +15,7 @@ from evaluation.calibration import calibration_facts
 from evaluation.ceilings import Ceilings, datasheet_for, machine_ceilings
 from evaluation.methods import DENSE, press_settings, ready
 from evaluation.models import LoadedModel
-from evaluation.results import write_json_atomic
+from evaluation.results import token_digest, write_json_atomic
 from evaluation.speed import measure, neox_settings, prompt_ids
 from presses import make_press
 
@@ -92,7 +92,8 @@ def run_cell(loaded: LoadedModel, cell: dict, args, ceilings: Ceilings, text_ids
         torch.cuda.empty_cache()
         row |= failed(cell, args,
                       "CUDA out of memory" if out_of_memory else f"{type(error).__name__}: {str(error)[:500]}")
-    row.pop("tokens", None)
+    if "tokens" in row:
+        row |= token_digest(row.pop("tokens"))
     return row
 
 

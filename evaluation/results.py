@@ -1,5 +1,6 @@
 """Result files: one JSON per run, written atomically, with the environment that produced it."""
 
+import hashlib
 import json
 import os
 import platform
@@ -42,6 +43,14 @@ def _git_commit() -> str:
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def token_digest(tokens: list[list[int]]) -> dict:
+    """What a result row keeps of generated token ids (one list per sequence): their SHA-256 (of
+    ``json.dumps``) and shape. Ids of random weights mean nothing, but equal digests show that two
+    runs decoded the same tokens."""
+    return {"tokens_sha256": hashlib.sha256(json.dumps(tokens).encode()).hexdigest(),
+            "tokens_shape": [len(tokens), len(tokens[0]) if tokens else 0]}
 
 
 def _write_atomic(path: Path, write) -> None:

@@ -49,6 +49,7 @@ def test_real_weights_are_timed_on_a_prompt_cut_from_the_text(tiny_pythia_folder
     assert dense["kept_tokens_layer0"] == 64 and pressed["kept_tokens_layer0"] == 32
     assert pressed["kv_mib_final"] < dense["kv_mib_final"] and pressed["new_tokens"] == 8
     assert "wikitext" in dense["prompt"].lower() and "tokens" not in dense  # no generated token ids stored
+    assert dense["tokens_shape"] == [1, 8] and len(dense["tokens_sha256"]) == 64
     assert {"ttft_ms", "tpot_ms", "decode_tokens_per_s", "prefill_gflops"} <= dense.keys()
     assert list(payload)[:6] == ["command", "model", "model_tier", "dtype", "protocol", "environment"]
     assert payload["model_tier"] == "checkpoint weights" and payload["command"].startswith("python evaluation/speed_grid.py")
@@ -97,6 +98,8 @@ def test_merge_combines_the_cells_of_several_calls(tmp_path):
     speed_grid.main(["--merge", str(first), str(second), "--baseline", "kvpress", "--output_dir", str(merged)])
     payload = json.loads((merged / "summary.json").read_text())
     assert [r["decoder"] for r in payload["rows"]] == ["kvpress", "neox"]
+    # The same prompt decoded greedily by two decoders: the same tokens on the CPU, so the same digest.
+    assert payload["rows"][0]["tokens_sha256"] == payload["rows"][1]["tokens_sha256"]
     assert len(payload["command"]) == 2
     assert payload["rows"][1]["tpot_speedup"] == pytest.approx(payload["rows"][0]["tpot_ms"] / payload["rows"][1]["tpot_ms"])
 
