@@ -3,15 +3,15 @@ with the bytes its cache takes stored as the method stores it (scales and side d
 as a fraction of the fp16 cache.
 
   python evaluation/equal_bytes.py --model smollm2-135m --targets 0.25 0.125 0.0625 \
-      --first_window 32 --num_windows 16 --part baselines --output tune_baselines.json
+      --part eviction --output eviction.json
   python evaluation/equal_bytes.py ... --part rdkv --rdkv prior=8 "prior=1 bits=2,4" ...
   python evaluation/equal_bytes.py ... --part selected --select_from tune_rdkv.json
 
 Baselines: ``--part uniform`` quantizes every token (KIVI's layout, per-channel keys in groups of
 32 tokens and per-token values; and per-token keys after per-channel scales) at 2, 3, 4 and 8
-bits, at the bytes that makes; ``--part baselines``, at each byte target, eviction presses
-keeping that fraction of the tokens in fp16, and SnapKV keeping as many tokens as fit the target
-(rounded up) then quantizing them to 2, 3, 4 or 8 bits. ``--part rdkv`` runs RD-KV at each target with each ``--rdkv`` setting;
+bits, at the bytes that makes; at each byte target, ``--part eviction``: eviction presses keeping
+that fraction of the tokens in fp16; ``--part composites``: SnapKV or H2O keeping as many tokens
+as fit the target (rounded up) then quantizing them to 2, 3, 4 or 8 bits in either layout. ``--part rdkv`` runs RD-KV at each target with each ``--rdkv`` setting;
 ``--part selected`` runs, at each target, the setting with the lowest PPL in a tuning file (run
 on other windows), so the windows reported were never used to choose it. Every part runs its
 own dense row on its windows first; rows pair with it (and across files of the same windows).
@@ -31,18 +31,28 @@ from evaluation.models import SMOLLM2_ALIAS, data_dir, tokenized_text
 from evaluation.protocols import context_nll
 from evaluation.results import write_json_atomic
 from presses import Settings, make_press
-from presses.quantize import FP16_BYTES, GROUP_SIDE_BYTES
+from presses.quantize import CHANNEL_STATS_BYTES, FP16_BYTES, per_channel_bytes, token_bytes
 from presses.quantized_kv_press import QuantizedKVPress
 from presses.rdkv_press import RDKVPress
 
 EVICTION = ("snapkv", "h2o", "expected_attention", "tova", "streaming_llm", "knorm")
 UNIFORM_BITS = (2, 3, 4, 8)
 COMPOSED_BITS = (2, 3, 4, 8)
+KIVI_GROUP = 32  # QuantizedKVPress's default group_tokens
+COMPOSED_WITH = ("snapkv", "h2o")  # eviction presses whose kept tokens are then quantized
 
 
-def per_token_fraction(bits: int, head_dim: int) -> float:
-    """Bytes of a token's per-token-quantized key and value over their fp16 bytes."""
-    return (head_dim * bits / 8 + GROUP_SIDE_BYTES) / (FP16_BYTES * head_dim)
+def kept_for(target: float, layout: str, bits: int, head_dim: int, tokens: int) -> int:
+    """The fewest tokens, of a ``tokens``-token context, whose quantized keys and values take at
+    least ``target`` of the context's fp16 bytes: a composite baseline never gets fewer bytes
+    than the target. KIVI's layout keeps the tokens past its last whole 32-token group in fp16."""
+    def stored(kept: int) -> float:
+        values = kept * token_bytes(bits, head_dim)
+        if layout == "kivi":
+            return values + per_channel_bytes(kept, bits, head_dim, KIVI_GROUP)
+        return values + kept * token_bytes(bits, head_dim) + CHANNEL_STATS_BYTES * head_dim
+    budget = target * tokens * 2 * FP16_BYTES * head_dim
+    return next((kept for kept in range(1, tokens + 1) if stored(kept) >= budget), tokens)
 
 
 def rdkv_setting(text: str) -> dict:
@@ -67,19 +77,26 @@ def uniform() -> list[tuple[str, None, object]]:
             for bits in UNIFORM_BITS for layout in ("kivi", "token")]
 
 
-def baselines(targets: list[float], head_dim: int) -> list[tuple[str, float, object]]:
-    """(name, target, press) of every baseline held at a byte target."""
+def eviction(targets: list[float]) -> list[tuple[str, float, object]]:
+    """(name, target, press): eviction presses keeping the target's fraction of the tokens in fp16."""
+    return [(name, target, make_press(name, 1 - target, Settings(compression_ratio=1 - target)))
+            for target in targets for name in EVICTION]
+
+
+def composites(targets: list[float], head_dim: int, tokens: int, presses=COMPOSED_WITH) -> list[tuple[str, float, object]]:
+    """(name, target, press): SnapKV or H2O keeping as many tokens of the ``tokens``-token
+    context as the target pays for at each bit width (``kept_for``), then quantizing them."""
     configs = []
     for target in targets:
-        for name in EVICTION:
-            configs.append((name, target, make_press(name, 1 - target, Settings(compression_ratio=1 - target))))
-        for bits in COMPOSED_BITS:
-            keep = target / per_token_fraction(bits, head_dim)
-            if keep < 1:  # the tokens that fit the target at these bits (ceil: never fewer bytes than the target)
-                keep = math.ceil(keep * 1000) / 1000
-                configs.append((f"snapkv+token{bits}", target, ComposedPress(
-                    [make_press("snapkv", 1 - keep, Settings(compression_ratio=1 - keep)),
-                     QuantizedKVPress(bits=bits, key_layout="token")])))
+        for press_name in presses:
+            for layout in ("kivi", "token"):
+                for bits in COMPOSED_BITS:
+                    kept = kept_for(target, layout, bits, head_dim, tokens)
+                    if kept < tokens:
+                        keep = kept / tokens + 0.5 / tokens  # kvpress keeps int(tokens * (1 - ratio)) tokens
+                        configs.append((f"{press_name}+{layout}{bits}", target, ComposedPress(
+                            [make_press(press_name, 1 - keep, Settings(compression_ratio=1 - keep)),
+                             QuantizedKVPress(bits=bits, key_layout="channel" if layout == "kivi" else "token")])))
     return configs
 
 
@@ -119,7 +136,9 @@ def main(argv=None) -> None:
     study = parser.add_argument_group("study")
     study.add_argument("--targets", type=float, nargs="+", default=[0.25, 0.125, 0.0625],
                        help="fractions of the fp16 KV bytes")
-    study.add_argument("--part", choices=["uniform", "baselines", "rdkv", "selected"], required=True)
+    study.add_argument("--part", choices=["uniform", "eviction", "composites", "rdkv", "selected"], required=True)
+    study.add_argument("--composed_with", nargs="+", choices=COMPOSED_WITH, default=COMPOSED_WITH,
+                       help="--part composites: the eviction presses whose kept tokens are quantized")
     study.add_argument("--rdkv", nargs="+", default=[""], help="RD-KV settings, e.g. 'prior=8 bits=2,4,8'")
     study.add_argument("--select_from", type=Path, nargs="+", help="--part selected: the tuning files of --part rdkv")
     study.add_argument("--context_tokens", type=int, default=1536)
@@ -138,7 +157,8 @@ def main(argv=None) -> None:
     loaded = load(args, data_dir=args.data_dir)
     config = loaded.model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    configs = {"uniform": uniform, "baselines": lambda: baselines(args.targets, head_dim),
+    configs = {"uniform": uniform, "eviction": lambda: eviction(args.targets),
+               "composites": lambda: composites(args.targets, head_dim, args.context_tokens, args.composed_with),
                "rdkv": lambda: rdkv_configs(args.targets, args.rdkv),
                "selected": lambda: selected(args.targets, args.select_from)}[args.part]()
 
@@ -146,16 +166,15 @@ def main(argv=None) -> None:
         return context_nll(loaded.model, text.ids, press, args.context_tokens, args.eval_tokens, args.num_windows,
                            first_window=args.first_window)
 
-    dense = measure(None)
-    rows = [row_for("dense", 1.0, dense, dense)]
-    for name, target, press in configs:
-        rows.append(row_for(name, target, measure(press), dense))
-        print(f"{name} @ {target}: ppl {rows[-1]['ppl']:.4f}, {rows[-1]['kv_bytes_fraction']:.4f} of the bytes",
-              file=sys.stderr, flush=True)
-    for row in rows:
-        row["data"] = text.source
     header = result_header(args, loaded, protocol="context", context_tokens=args.context_tokens,
                            eval_tokens=args.eval_tokens, first_window=args.first_window, num_windows=args.num_windows)
+    dense = measure(None)
+    rows = [row_for("dense", 1.0, dense, dense) | {"data": text.source}]
+    for name, target, press in configs:
+        rows.append(row_for(name, target, measure(press), dense) | {"data": text.source})
+        print(f"{name} @ {target}: ppl {rows[-1]['ppl']:.4f}, {rows[-1]['kv_bytes_fraction']:.4f} of the bytes",
+              file=sys.stderr, flush=True)
+        write_json_atomic(args.output, header | {"rows": rows})  # after every row: a run cut short keeps what it measured
     write_json_atomic(args.output, header | {"rows": rows})
     print(f"wrote {args.output}", file=sys.stderr)
 

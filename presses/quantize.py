@@ -7,10 +7,10 @@ packed store needs a kernel that reads it). Bytes are counted as stored: ``bits`
 an fp16 scale and an fp16 zero point per group, and whatever side data the press keeps.
 
 Two layouts:
-- per token: one group per (token, head) along the head dimension. Keys first divided by a
-  per-channel scale taken from the context (``channel_scales``), so the outlier channels keys
-  are known for (KIVI, KVQuant) do not set every token's range; the scales cost 2 bytes per
-  channel and head and are stored once per layer.
+- per token: one group per (token, head) along the head dimension. Keys are first centred and
+  scaled per channel with statistics of the context (``channel_stats``), so the outlier
+  channels keys are known for (KIVI, KVQuant) do not set every token's range; the statistics
+  cost 4 bytes per channel and head, stored once per layer.
 - per channel (KIVI's keys): one group per (channel, head) over ``group_tokens`` consecutive
   tokens; tokens past the last whole group stay in fp16 (KIVI's residual).
 """
@@ -30,17 +30,25 @@ def fake_quantize(x: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
     return ((x - low) / scale).round().clamp(0, levels) * scale + low
 
 
-def channel_scales(keys: torch.Tensor) -> torch.Tensor:
-    """Per (batch, head, channel) absolute maximum of the keys over tokens, in fp16 as stored."""
-    return keys.abs().amax(dim=2, keepdim=True).clamp(min=1e-4).half().to(keys.dtype)
+def channel_stats(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (batch, head, channel) mean of the keys over tokens and the absolute maximum around
+    it, in fp16 as stored. Keys carry large per-channel offsets (outlier channels of one sign):
+    with them removed, every channel of a token shares one range."""
+    mean = keys.mean(dim=2, keepdim=True).half().to(keys.dtype)
+    scale = (keys - mean).abs().amax(dim=2, keepdim=True).clamp(min=1e-4).half().to(keys.dtype)
+    return mean, scale
 
 
-def quantize_per_token(x: torch.Tensor, bits: int, scales: torch.Tensor | None = None) -> torch.Tensor:
-    """(batch, heads, tokens, dim): one group per token and head; ``scales`` (channel_scales)
-    divide the channels first and multiply them back after."""
-    if scales is None:
+CHANNEL_STATS_BYTES = 2 * FP16_BYTES  # per channel and head: the mean and the scale
+
+
+def quantize_per_token(x: torch.Tensor, bits: int, stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """(batch, heads, tokens, dim): one group per token and head; with ``stats``
+    (channel_stats) each channel is centred and scaled first, and restored after."""
+    if stats is None:
         return fake_quantize(x, bits)
-    return fake_quantize(x / scales, bits) * scales
+    mean, scale = stats
+    return fake_quantize((x - mean) / scale, bits) * scale + mean
 
 
 def quantize_per_channel(x: torch.Tensor, bits: int, group_tokens: int) -> torch.Tensor:

@@ -7,7 +7,8 @@ from kvpress import BasePress
 from torch import nn
 
 from presses.errors import PressConfigError
-from presses.quantize import (FP16_BYTES, channel_scales, per_channel_bytes, quantize_per_channel,
+from presses.quantize import (CHANNEL_STATS_BYTES, FP16_BYTES, channel_stats, per_channel_bytes,
+                              quantize_per_channel,
                               quantize_per_token, token_bytes)
 
 
@@ -16,8 +17,8 @@ class QuantizedKVPress(BasePress):
     """Every cached token's key and value rounded to ``bits`` bits after prefill (simulated:
     presses/quantize.py), the newest ``recent_tokens`` kept in fp16. Values are quantized per
     token; keys per channel over groups of ``group_tokens`` tokens (``key_layout="channel"``,
-    KIVI, Liu et al. 2024) or per token after dividing out a per-channel scale
-    (``key_layout="token"``). It removes no token (``compression_ratio`` stays 0): composed
+    KIVI, Liu et al. 2024) or per token after centring and scaling each channel
+    (``key_layout="token"``, presses/quantize.py). It removes no token (``compression_ratio`` stays 0): composed
     after an eviction press it quantizes what that press kept. ``stored_bytes`` holds, per
     layer, the bytes one sequence's keys and values take in that form, scales included."""
 
@@ -43,8 +44,8 @@ class QuantizedKVPress(BasePress):
             quantized_keys = quantize_per_channel(keys[:, :, :old], self.bits, self.group_tokens)
             key_bytes = per_channel_bytes(old, self.bits, head_dim, self.group_tokens)
         else:
-            quantized_keys = quantize_per_token(keys[:, :, :old], self.bits, channel_scales(keys[:, :, :old]))
-            key_bytes = old * token_bytes(self.bits, head_dim) + FP16_BYTES * head_dim
+            quantized_keys = quantize_per_token(keys[:, :, :old], self.bits, channel_stats(keys[:, :, :old]))
+            key_bytes = old * token_bytes(self.bits, head_dim) + CHANNEL_STATS_BYTES * head_dim
         quantized_values = quantize_per_token(values[:, :, :old], self.bits)
         value_bytes = old * token_bytes(self.bits, head_dim)
         recent_bytes = 2 * (tokens - old) * FP16_BYTES * head_dim

@@ -10,8 +10,9 @@ from transformers.models.llama.modeling_llama import repeat_kv
 
 from presses.attention import current_attention, per_kv_head, rotated_queries
 from presses.errors import PressConfigError
-from presses.quantize import FP16_BYTES, channel_scales, quantize_per_token, token_bytes
+from presses.quantize import CHANNEL_STATS_BYTES, FP16_BYTES, channel_stats, quantize_per_token, token_bytes
 
+GRID = 64  # lambdas tried at once
 TAG_BYTES = 0.25  # a 2-bit code per (token, head) saying which precision its key and value are stored in
 
 
@@ -54,18 +55,19 @@ class RDKVPress(BasePress):
         if self.compression_ratio == 0:
             self.stored_bytes[module.layer_idx] = dense_bytes
             return keys, values
-        scales = channel_scales(keys)
-        options = [quantize_per_token(keys, b, scales) for b in self.bits], [quantize_per_token(values, b) for b in self.bits]
+        stats = channel_stats(keys)
+        options = [quantize_per_token(keys, b, stats) for b in self.bits], [quantize_per_token(values, b) for b in self.bits]
         distortion, evict = self._distortions(module, hidden_states, keys, values, *options, kwargs)
         price = torch.tensor([2 * token_bytes(b, head_dim) + TAG_BYTES for b in self.bits]
                              + [2 * FP16_BYTES * head_dim + TAG_BYTES], device=keys.device)
         distortion = torch.cat([distortion, torch.zeros_like(distortion[..., :1])], dim=-1)  # fp16: no error
-        budget = (1 - self.compression_ratio) * dense_bytes - kv_heads * head_dim * FP16_BYTES  # less the key scales
+        side_bytes = kv_heads * head_dim * CHANNEL_STATS_BYTES  # the keys' channel statistics
+        budget = (1 - self.compression_ratio) * dense_bytes - side_bytes
         window = min(self.window_size, tokens, int(budget // (kv_heads * price[-1].item())))
         if window:
             distortion[:, :, tokens - window :, :-1] = float("inf")  # the window stays in fp16 (as far as the budget goes)
         keep, choice = _allocate(distortion[0], evict[0], price, budget)
-        self.stored_bytes[module.layer_idx] = price[choice][:, keep].sum().item() + kv_heads * head_dim * FP16_BYTES
+        self.stored_bytes[module.layer_idx] = price[choice][:, keep].sum().item() + side_bytes
         self.chosen_bits[module.layer_idx] = {
             b: (choice[:, keep] == i).float().mean().item() * keep.float().mean().item()
             for i, b in enumerate(list(self.bits) + [16])} | {0: 1 - keep.float().mean().item()}
@@ -102,26 +104,27 @@ class RDKVPress(BasePress):
 def _allocate(distortion: torch.Tensor, evict: torch.Tensor, price: torch.Tensor, budget: float):
     """Per token, keep (in every head) or evict; per kept (head, token), the option to store.
     ``distortion`` (heads, tokens, options), ``evict`` (heads, tokens), ``price`` (options,)
-    bytes. Minimises total distortion + lambda * bytes, lambda bisected (in log space) to the
-    smallest value whose choice fits ``budget``. Returns keep (tokens,) and choice (heads, tokens)."""
+    bytes. Minimises total distortion + lambda * bytes for the smallest lambda whose choice fits
+    ``budget``, found on a log grid of ``GRID`` values at once, then on a finer grid between
+    the two around it (two host syncs per layer, not one per bisection step).
+    Returns keep (tokens,) and choice (heads, tokens)."""
     scale = (evict.mean() / price.mean()).clamp(min=1e-30).log().item()
+    forced = torch.isinf(distortion[..., 0]).any(0)  # forced tokens are always kept
 
-    def choose(log_lambda: float):
-        cost = distortion + math.exp(log_lambda) * price
+    def choose(log_lambdas: torch.Tensor):
+        cost = distortion + log_lambdas.exp().view(-1, 1, 1, 1) * price  # (grid, heads, tokens, options)
         best, choice = cost.min(dim=-1)
-        keep = best.sum(0) < evict.sum(0)
-        keep |= torch.isinf(distortion[..., 0]).any(0)  # forced tokens are always kept
-        return keep, choice, price[choice][:, keep].sum().item()
+        keep = (best.sum(1) < evict.sum(0)) | forced
+        return keep, choice, (price[choice].sum(1) * keep).sum(-1)
 
     low, high = scale - 40.0, scale + 40.0
-    for _ in range(60):
-        middle = (low + high) / 2
-        if choose(middle)[2] > budget:
-            low = middle
-        else:
-            high = middle
-    keep, choice, _ = choose(high)
-    return keep, choice
+    for _ in range(2):
+        grid = torch.linspace(low, high, GRID, device=distortion.device)
+        fits = choose(grid)[2] <= budget
+        first = int(fits.float().argmax()) if bool(fits.any()) else GRID - 1
+        low, high = grid[max(first - 1, 0)].item(), grid[first].item()
+    keep, choice, _ = choose(torch.tensor([high], device=distortion.device))
+    return keep[0], choice[0]
 
 
 def _pick(full: torch.Tensor, options: list[torch.Tensor], choice: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,7 @@
 # (Q4_1 GGUF, real weights; the offline quality stand-in, Llama architecture, not Pythia), fp32,
 # WikiText-2 test, windows of 1536 prefilled + 512 scored tokens, byte targets 25 / 12.5 / 6.25%
 # of the fp16 cache.
-#   1. RD-KV's settings are tuned on windows 32-47 (never reported); the baselines run on windows
+#   1. RD-KV's settings are tuned on windows 32-39 (never reported); the baselines run on windows
 #      0-31 (the reported ones; choosing the best baseline there favours the baselines).
 #   2. At each target, the tuning setting of lowest PPL runs on windows 0-31 (selected.json).
 # Each part is its own process (one small model is launch-bound: one GPU serves several); each
@@ -10,7 +10,7 @@
 # $OUT/equal_bytes.tgz, made on exit (also when cut short).
 # Same two calls as quality_sweep_smollm2.sh (the GGUF in two halves, evaluation/device/smollm2_gguf.sh):
 # Call 2 (carry .gguf_b .sweepdata): export KVPRESS_NEOX_COMMIT=<hash> PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-#                                    bash evaluation/device/equal_bytes_smollm2.sh
+#                                    bash evaluation/device/equal_bytes_smollm2.sh [tune] [uniform] [eviction] [composites] [selected]
 set -e
 out=${OUT:-results}
 work=/tmp/equal_bytes
@@ -23,22 +23,32 @@ run() {  # run NAME ARGS...: one equal_bytes.py process in the background
   python3 evaluation/equal_bytes.py $common "$@" --output "$work/$name.json" > "$work/logs/$name.log" 2>&1 \
     || echo "$name failed" >> "$work/logs/failed" &
 }
-tune="--first_window 32 --num_windows 16"
+tune="--first_window 32 --num_windows 8"
 report="--first_window 0 --num_windows 32"
+parts=" ${*:-tune uniform eviction composites selected} "
 date
-for prior in 2 8 32 128; do
-  run tune_prior$prior $tune --part rdkv --rdkv "prior=$prior bits=2,3,4,8" "prior=$prior bits=2,4,8" \
-    "prior=$prior bits=3,4,8" "prior=$prior bits=2,3,4"
-done
-run tune_window $tune --part rdkv --rdkv "prior=8 bits=2,3,4,8 window_size=16" "prior=8 bits=2,3,4,8 window_size=128" \
-  "prior=32 bits=2,3,4,8 window_size=16" "prior=32 bits=2,3,4,8 window_size=128"
-run uniform $report --part uniform
-for target in 0.25 0.125 0.0625; do
-  run baselines_$target $report --part baselines --targets $target
-done
+if [[ $parts == *" tune "* ]]; then
+  for prior in 2 8 32; do
+    for window in 16 64; do
+      run tune_prior${prior}_window$window $tune --part rdkv --rdkv "prior=$prior bits=2,3,4,8 window_size=$window" \
+        "prior=$prior bits=2,4,8 window_size=$window" "prior=$prior bits=3,4,8 window_size=$window"
+    done
+  done
+fi
+[[ $parts == *" uniform "* ]] && run uniform $report --part uniform
+[[ $parts == *" eviction "* ]] && run eviction $report --part eviction
+if [[ $parts == *" composites "* ]]; then
+  for target in 0.25 0.125 0.0625; do
+    for press in snapkv h2o; do
+      run composites_${press}_$target $report --part composites --targets $target --composed_with $press
+    done
+  done
+fi
 wait
 date
-run selected $report --part selected --select_from "$work"/tune_*.json
-wait
+if [[ $parts == *" selected "* ]]; then
+  run selected $report --part selected --select_from "$work"/tune_*.json
+  wait
+fi
 date
 cat "$work/logs/failed" 2>/dev/null || echo "no part failed"
