@@ -64,7 +64,7 @@ def rdkv_setting(text: str) -> dict:
             setting[key] = tuple(int(b) for b in value.split(","))
         elif key == "prior":
             setting[key] = float(value)
-        elif key == "window_size":
+        elif key in ("window_size", "recent_tokens"):
             setting[key] = int(value)
         else:
             raise ValueError(f"unknown RD-KV setting {key!r} in {text!r}")

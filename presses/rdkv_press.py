@@ -31,11 +31,13 @@ class RDKVPress(BasePress):
     output. The options minimising distortion + lambda * bytes, with lambda bisected so that the
     layer fits its budget, solve the allocation exactly on the lower convex hull of each token's
     (bytes, distortion) options: one rule decides keep-or-drop and bits together, where
-    eviction presses only drop and quantizers give every token the same bits. The window's own
-    tokens stay in fp16 (those the budget pays for). Prefill only; one sequence per call."""
+    eviction presses only drop and quantizers give every token the same bits. The newest
+    ``recent_tokens`` (default: the window's) stay in fp16, as far as the budget pays for them.
+    Prefill only; one sequence per call."""
 
     compression_ratio: float = 0.0  # fraction of the layer's fp16 KV bytes removed
-    window_size: int = 64
+    window_size: int = 64  # the last queries whose attention predicts the distortion (the whole call: H2O's evidence)
+    recent_tokens: int | None = None  # the newest tokens held in fp16 (None: the window's own tokens)
     bits: tuple[int, ...] = (2, 4, 8)
     prior: float = 1.0  # attention mass spread evenly over the tokens, added to the window's: later queries look elsewhere
     stored_bytes: dict = field(default_factory=dict, repr=False)
@@ -63,9 +65,10 @@ class RDKVPress(BasePress):
         distortion = torch.cat([distortion, torch.zeros_like(distortion[..., :1])], dim=-1)  # fp16: no error
         side_bytes = kv_heads * head_dim * CHANNEL_STATS_BYTES  # the keys' channel statistics
         budget = (1 - self.compression_ratio) * dense_bytes - side_bytes
-        window = min(self.window_size, tokens, int(budget // (kv_heads * price[-1].item())))
-        if window:
-            distortion[:, :, tokens - window :, :-1] = float("inf")  # the window stays in fp16 (as far as the budget goes)
+        recent = self.window_size if self.recent_tokens is None else self.recent_tokens
+        recent = min(recent, tokens, int(budget // (kv_heads * price[-1].item())))
+        if recent:
+            distortion[:, :, tokens - recent :, :-1] = float("inf")  # the newest stay in fp16 (as far as the budget goes)
         keep, choice = _allocate(distortion[0], evict[0], price, budget)
         self.stored_bytes[module.layer_idx] = price[choice][:, keep].sum().item() + side_bytes
         self.chosen_bits[module.layer_idx] = {
