@@ -25,6 +25,7 @@ from presses.kvsharer_press import KVSharerPress
 from presses.lm_infinite_press import LMInfinitePress
 from presses.lowrank_press import LowRankPress
 from presses.minicache_press import MiniCachePress
+from presses.rdkv_press import RDKVPress
 from presses.scissorhands_press import ScissorhandsPress
 from presses.treekv_press import TreeKVPress
 
@@ -110,6 +111,8 @@ PRESSES: dict[str, Method] = {
     "snapkv_lowrank": Method(lambda s: kvpress.ComposedPress([
         kvpress.SnapKVPress(_each_of_two(s.compression_ratio), window_size=s.window),
         LowRankPress(_each_of_two(s.compression_ratio))]), stream=_prefill_only("snapkv_lowrank")),
+    # this package: ours (ratio: fraction of the fp16 KV bytes removed; tokens kept at 16, 8, 4, 3 or 2 bits or dropped)
+    "rdkv": Method(lambda s: RDKVPress(s.compression_ratio), stream=_prefill_only("rdkv")),
 }
 
 # Presses whose scores need the attention weights: the model must run with eager attention.
