@@ -1,0 +1,60 @@
+"""The equal-bytes study's choices: how many tokens a composite baseline keeps, which RD-KV setting
+the tuning file selects, and which baseline the report calls the best at a target."""
+
+import json
+
+import pytest
+
+from evaluation.equal_bytes import kept_for, rdkv_setting, selected
+from evaluation.equal_bytes_report import best_baselines, markdown
+from presses.quantize import per_channel_bytes, token_bytes
+
+
+@pytest.mark.parametrize("layout", ["kivi", "token"])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_a_composite_keeps_the_fewest_tokens_that_reach_the_target(layout, bits):
+    head_dim, tokens, target = 64, 1536, 0.125
+    kept = kept_for(target, layout, bits, head_dim, tokens)
+
+    def stored(n):
+        keys = per_channel_bytes(n, bits, head_dim, 32) if layout == "kivi" else n * token_bytes(bits, head_dim) + 4 * head_dim
+        return keys + n * token_bytes(bits, head_dim)
+
+    budget = target * tokens * 2 * 2 * head_dim
+    assert stored(kept) >= budget > stored(kept - 1)
+
+
+def test_rdkv_settings_parse_and_bad_ones_are_named():
+    assert rdkv_setting("prior=8 bits=2,4,8 window_size=16") == {"prior": 8.0, "bits": (2, 4, 8), "window_size": 16}
+    with pytest.raises(ValueError, match="unknown RD-KV setting 'windows'"):
+        rdkv_setting("windows=3")
+
+
+def _row(method, target, fraction, ppl, units):
+    return {"method": method, "target": target, "kv_bytes_fraction": fraction, "ppl": ppl,
+            "ppl_ci95": [ppl - 1, ppl + 1], "delta_pct": ppl - 10, "delta_pct_ci95": [ppl - 11, ppl - 9],
+            "unit_nll": units, "unit_tokens": [10] * len(units)}
+
+
+def test_the_tuning_file_selects_the_lowest_ppl_setting_per_target(tmp_path):
+    rows = [_row("dense", 1.0, 1.0, 10.0, [1.0]), _row("rdkv[prior=2]", 0.25, 0.25, 11.0, [1.0]),
+            _row("rdkv[prior=8]", 0.25, 0.25, 10.5, [1.0]), _row("rdkv[prior=2]", 0.125, 0.125, 12.0, [1.0])]
+    path = tmp_path / "tune.json"
+    path.write_text(json.dumps({"rows": rows}))
+    chosen = selected([0.25, 0.125], [path])
+    assert [(name, target, press.prior) for name, target, press in chosen] == [
+        ("rdkv[prior=8]", 0.25, 8.0), ("rdkv[prior=2]", 0.125, 2.0)]
+    with pytest.raises(ValueError, match="no RD-KV row at target 0.0625"):
+        selected([0.0625], [path])
+
+
+def test_the_best_baseline_holds_no_more_bytes_than_the_target_allows():
+    rows = [_row("dense", 1.0, 1.0, 10.0, [20.0, 20.0]),
+            _row("kivi4", None, 0.297, 10.1, [20.1, 20.1]),  # better, but more bytes than 25% allows
+            _row("h2o+kivi4", 0.25, 0.2504, 10.3, [20.3, 20.3]),
+            _row("h2o", 0.25, 0.25, 11.0, [21.0, 21.0]),
+            _row("rdkv[prior=2]", 0.25, 0.2499, 10.2, [20.2, 20.2])]
+    assert best_baselines(rows)[0.25]["method"] == "h2o+kivi4"
+    table = markdown(rows)
+    assert "| 0.25 | h2o+kivi4 (10.300) | 0.2504 |" in table
+    assert "rdkv[prior=2] (10.200)" in table
