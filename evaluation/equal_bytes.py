@@ -64,8 +64,10 @@ def rdkv_setting(text: str) -> dict:
             setting[key] = tuple(int(b) for b in value.split(","))
         elif key == "prior":
             setting[key] = float(value)
-        elif key in ("window_size", "recent_tokens"):
+        elif key in ("window_size", "recent_tokens", "group_tokens"):
             setting[key] = int(value)
+        elif key == "key_layout":
+            setting[key] = value
         else:
             raise ValueError(f"unknown RD-KV setting {key!r} in {text!r}")
     return setting

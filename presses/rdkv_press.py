@@ -10,7 +10,8 @@ from transformers.models.llama.modeling_llama import repeat_kv
 
 from presses.attention import current_attention, per_kv_head, rotated_queries
 from presses.errors import PressConfigError
-from presses.quantize import CHANNEL_STATS_BYTES, FP16_BYTES, channel_stats, quantize_per_token, token_bytes
+from presses.quantize import (CHANNEL_STATS_BYTES, FP16_BYTES, GROUP_SIDE_BYTES, channel_stats, per_channel_bytes,
+                              quantize_per_channel, quantize_per_token, token_bytes)
 
 GRID = 64  # lambdas tried at once
 TAG_BYTES = 0.25  # a 2-bit code per (token, head) saying which precision its key and value are stored in
@@ -41,6 +42,8 @@ class RDKVPress(BasePress):
     window_size: int = 16  # the last queries whose attention predicts the distortion (the whole call: H2O's evidence)
     recent_tokens: int | None = None  # the newest tokens held in fp16 (None: the window's own tokens)
     bits: tuple[int, ...] = (2, 3, 4, 8)
+    key_layout: str = "token"  # "channel": KIVI's per-channel key groups among the tokens stored at one width
+    group_tokens: int = 32
     prior: float = 2.0  # attention mass spread evenly over the tokens, added to the window's: later queries look elsewhere
     stored_bytes: dict = field(default_factory=dict, repr=False)
     chosen_bits: dict = field(default_factory=dict, repr=False)  # per layer: share of (token, head) entries at each precision
@@ -50,6 +53,8 @@ class RDKVPress(BasePress):
             raise PressConfigError(f"compression_ratio must be in [0, 1), got {self.compression_ratio}")
         if any(b not in (2, 3, 4, 8) for b in self.bits):
             raise PressConfigError(f"bits must be chosen from 2, 3, 4, 8; got {self.bits}")
+        if self.key_layout not in ("token", "channel"):
+            raise PressConfigError(f"key_layout must be 'token' or 'channel', got {self.key_layout!r}")
 
     def compress(self, module: nn.Module, hidden_states, keys: torch.Tensor, values: torch.Tensor, attentions, kwargs):
         batch, kv_heads, tokens, head_dim = keys.shape
@@ -60,9 +65,15 @@ class RDKVPress(BasePress):
             self.stored_bytes[module.layer_idx] = dense_bytes
             return keys, values
         stats = channel_stats(keys)
-        options = [quantize_per_token(keys, b, stats) for b in self.bits], [quantize_per_token(values, b) for b in self.bits]
+        if self.key_layout == "channel":  # the error of KIVI's layout over the whole context, as the proxy
+            key_options = [quantize_per_channel(keys, b, self.group_tokens) for b in self.bits]
+            key_price = [head_dim * (b / 8 + GROUP_SIDE_BYTES / self.group_tokens) for b in self.bits]
+        else:
+            key_options = [quantize_per_token(keys, b, stats) for b in self.bits]
+            key_price = [token_bytes(b, head_dim) for b in self.bits]
+        options = key_options, [quantize_per_token(values, b) for b in self.bits]
         distortion, evict = self._distortions(module, hidden_states, keys, values, *options, kwargs)
-        price = torch.tensor([2 * token_bytes(b, head_dim) + TAG_BYTES for b in self.bits]
+        price = torch.tensor([k + token_bytes(b, head_dim) + TAG_BYTES for k, b in zip(key_price, self.bits)]
                              + [2 * FP16_BYTES * head_dim + TAG_BYTES], device=keys.device)
         distortion = torch.cat([distortion, torch.zeros_like(distortion[..., :1])], dim=-1)  # fp16: no error
         side_bytes = kv_heads * head_dim * CHANNEL_STATS_BYTES  # the keys' channel statistics
@@ -72,12 +83,18 @@ class RDKVPress(BasePress):
         if recent:
             distortion[:, :, tokens - recent :, :-1] = float("inf")  # the newest stay in fp16 (as far as the budget goes)
         keep, choice = _allocate(distortion[0], evict[0], price, budget)
-        self.stored_bytes[module.layer_idx] = price[choice][:, keep].sum().item() + side_bytes
         self.chosen_bits[module.layer_idx] = {
             b: (choice[:, keep] == i).float().mean().item() * keep.float().mean().item()
             for i, b in enumerate(list(self.bits) + [16])} | {0: 1 - keep.float().mean().item()}
-        keys = _pick(keys, options[0], choice, keep)
         values = _pick(values, options[1], choice, keep)
+        if self.key_layout == "channel":
+            keys, key_bytes = _keys_by_precision(keys[:, :, keep], stats, choice[:, keep], self.bits, self.group_tokens)
+            value_bytes = (price[choice][:, keep] - torch.tensor(key_price + [FP16_BYTES * head_dim],
+                                                                  device=keys.device)[choice][:, keep]).sum().item()
+            self.stored_bytes[module.layer_idx] = key_bytes + value_bytes + side_bytes
+        else:
+            self.stored_bytes[module.layer_idx] = price[choice][:, keep].sum().item() + side_bytes
+            keys = _pick(keys, options[0], choice, keep)
         return keys, values
 
     def _distortions(self, module, hidden_states, keys, values, key_options, value_options, kwargs):
@@ -130,6 +147,30 @@ def _allocate(distortion: torch.Tensor, evict: torch.Tensor, price: torch.Tensor
         low, high = grid[max(first - 1, 0)].item(), grid[first].item()
     keep, choice, _ = choose(torch.tensor([high], device=distortion.device))
     return keep[0], choice[0]
+
+
+def _keys_by_precision(keys: torch.Tensor, stats, choice: torch.Tensor, bits: tuple[int, ...], group_tokens: int):
+    """Kept keys (1, heads, kept, dim) stored in KIVI's layout: per head, the tokens given one
+    width form groups of ``group_tokens`` in cache order, each channel quantized over its group;
+    the last partial group of a width is quantized per token (centred and scaled per channel).
+    Returns the stored keys and their bytes (packed integers and group scales; fp16 ones as they are)."""
+    stored, head_dim, total = keys.clone(), keys.shape[-1], 0.0
+    for head in range(keys.shape[1]):
+        for index, b in enumerate(list(bits) + [16]):
+            members = (choice[head] == index).nonzero().squeeze(1)
+            if members.numel() == 0:
+                continue
+            if b == 16:
+                total += members.numel() * FP16_BYTES * head_dim
+                continue
+            part = keys[:, head : head + 1, members]
+            whole = members.numel() // group_tokens * group_tokens
+            quantized = quantize_per_channel(part, b, group_tokens)
+            head_stats = tuple(stat[:, head : head + 1] for stat in stats)
+            quantized[:, :, whole:] = quantize_per_token(part[:, :, whole:], b, head_stats)
+            stored[:, head : head + 1, members] = quantized
+            total += per_channel_bytes(whole, b, head_dim, group_tokens) + (members.numel() - whole) * token_bytes(b, head_dim)
+    return stored, total
 
 
 def _pick(full: torch.Tensor, options: list[torch.Tensor], choice: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

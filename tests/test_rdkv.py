@@ -97,3 +97,14 @@ def test_rdkv_changes_the_scores_and_refuses_bad_settings():
         ids = torch.randint(0, 1000, (2, 64))
         with torch.no_grad(), RDKVPress(0.5, window_size=8)(tiny_llama):
             tiny_llama.model(input_ids=ids, past_key_values=DynamicCache())
+
+
+@pytest.mark.parametrize("config", [tiny_neox_config(), tiny_llama_config()], ids=["neox", "llama"])
+def test_rdkv_with_kivi_keys_fits_its_budget_and_groups_keys_per_channel(config):
+    model = build(config, attn_implementation="sdpa")
+    press = RDKVPress(0.75, window_size=8, key_layout="channel", group_tokens=8)
+    cache = _prefill(model, press, tokens=128)
+    budget = 0.25 * dense_bytes(model, 128)
+    assert 0.85 * budget <= stored_bytes(press, cache) <= budget
+    token_layout = _prefill(model, RDKVPress(0.75, window_size=8), tokens=128)
+    assert not torch.equal(cache.layers[0].keys, token_layout.layers[0].keys)
