@@ -8,21 +8,11 @@
 # Each part is its own process (one small model is launch-bound: one GPU serves several); each
 # runs its own dense row on its windows. Logs in logs/; the files come back as
 # $OUT/equal_bytes.tgz, made on exit (also when cut short).
-# Same two calls as quality_sweep_smollm2.sh (the GGUF in two halves, evaluation/device/smollm2_gguf.sh):
+# Same two calls as quality_sweep_smollm2.sh (the GGUF in two halves, evaluation/device/smollm2_sweep.sh):
 # Call 2 (carry .gguf_b .sweepdata): export KVPRESS_NEOX_COMMIT=<hash> PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 #                                    bash evaluation/device/equal_bytes_smollm2.sh [tune] [uniform] [eviction] [composites] [selected]
-set -e
-out=${OUT:-results}
-work=/tmp/equal_bytes
-mkdir -p "$work/logs"
-trap 'tar czf "$out/equal_bytes.tgz" -C "$work" .' EXIT
-source evaluation/device/smollm2_gguf.sh
-common="--model smollm2-135m --dtype float32 --device cuda --data-dir .sweepdata"
-run() {  # run NAME ARGS...: one equal_bytes.py process in the background
-  name=$1; shift
-  python3 evaluation/equal_bytes.py $common "$@" --output "$work/$name.json" > "$work/logs/$name.log" 2>&1 \
-    || echo "$name failed" >> "$work/logs/failed" &
-}
+sweep=equal_bytes program=evaluation/equal_bytes.py MAX_JOBS=${MAX_JOBS:-16}
+source evaluation/device/smollm2_sweep.sh
 tune="--first_window 32 --num_windows 8"
 report="--first_window 0 --num_windows 32"
 parts=" ${*:-tune uniform eviction composites selected} "

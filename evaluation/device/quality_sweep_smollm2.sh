@@ -25,19 +25,8 @@
 # Call 2 (carry .gguf_b .sweepdata): export KVPRESS_NEOX_COMMIT=<hash> PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 #                                    bash evaluation/device/quality_sweep_smollm2.sh [PART...]   (default: context streaming chunk)
 # Then, here: tar xzf quality_sweep.tgz -C results/smollm2-135m_quality_h200, and evaluation/report.py per part.
-set -e
-out=${OUT:-results}
-work=/tmp/quality_sweep
-mkdir -p "$work/logs"
-trap 'tar czf "$out/quality_sweep.tgz" -C "$work" .' EXIT
-source evaluation/device/smollm2_gguf.sh
-common="--model smollm2-135m --dtype float32 --device cuda --data-dir .sweepdata"
-run() {  # run NAME ARGS...: one perplexity.py process in the background, at most MAX_JOBS at a time
-  name=$1; shift
-  while [ "$(jobs -rp | wc -l)" -ge "${MAX_JOBS:-8}" ]; do sleep 1; done
-  python3 evaluation/perplexity.py $common "$@" --output "$work/$name.json" > "$work/logs/$name.log" 2>&1 \
-    || echo "$name failed" >> "$work/logs/failed" &
-}
+sweep=quality_sweep program=evaluation/perplexity.py
+source evaluation/device/smollm2_sweep.sh
 parts=${*:-context streaming chunk}
 date
 for part in $parts; do

