@@ -13,15 +13,17 @@
 #                                    bash evaluation/device/equal_bytes_smollm2.sh [tune] [uniform] [eviction] [composites] [selected]
 sweep=equal_bytes program=evaluation/equal_bytes.py MAX_JOBS=${MAX_JOBS:-16}
 source evaluation/device/smollm2_sweep.sh
-tune="--first_window 32 --num_windows 8"
+tune="--first_window 32 --num_windows 8"  # windows 32-39: never reported
 report="--first_window 0 --num_windows 32"
 parts=" ${*:-tune uniform eviction composites selected} "
 date
 if [[ $parts == *" tune "* ]]; then
-  for prior in 2 8 32; do
-    for window in 16 64; do
-      run tune_prior${prior}_window$window $tune --part rdkv --rdkv "prior=$prior bits=2,3,4,8 window_size=$window" \
-        "prior=$prior bits=2,4,8 window_size=$window" "prior=$prior bits=3,4,8 window_size=$window"
+  # window_size=1536: every query of the 1536-token prefill (H2O's evidence); recent_tokens: fp16 newest
+  for prior in 1 2 4; do
+    for window in "window_size=16" "window_size=1536 recent_tokens=16"; do
+      run "tune_prior${prior}_${window%% *}" $tune --part rdkv --rdkv \
+        "prior=$prior bits=2,3,4,8 key_layout=channel $window" "prior=$prior bits=3,4,8 key_layout=channel $window" \
+        "prior=$prior bits=2,3,4,8 $window"
     done
   done
 fi
