@@ -37,7 +37,7 @@ def test_every_output_is_written(built):
     for name in ("numbers.tex", "numbers.json", "table_quality.tex", "table_speed.tex", "table_levels.tex",
                  "table_kvquant.tex"):
         assert (out / name).stat().st_size > 100, name
-    for name in ("fig_speculative.pdf", "fig_quality.pdf"):
+    for name in ("fig_speculative.pdf", "fig_quality.pdf", "fig_equal_bytes.pdf"):
         data = (out / name).read_bytes()
         assert data.startswith(b"%PDF") and len(data) > 5000, name
 
@@ -107,3 +107,31 @@ def test_h100_files_are_named_h100(built):
     for key in ("spec_costs", "spec_e2e", "levels_speed_attention"):
         assert "h100" in generator.SOURCES[key]
     assert "H100" in (out / "table_kvquant.tex").read_text()
+
+
+def test_equal_bytes_numbers_are_the_result_files(built):
+    """The best baseline per byte target is the one evaluation/equal_bytes_report.py picks from the
+    same files (call4's superseded '+' rows left out), with its own file's interval; RD-KV's number
+    is the best tuning-window row, and no RD-KV row is on the reported windows."""
+    from evaluation.equal_bytes_report import best_baselines, grouped_rows
+
+    generator, _, values = built
+    paths = sorted((REPO / generator.SOURCES["equal_bytes"]).glob("*.json"))
+    groups = grouped_rows(paths)
+    eviction = [row for path in generator.SOURCES["equal_bytes_eviction"]
+                for row in json.loads((REPO / path).read_text())["rows"]
+                if row["method"] != "dense" and "+" not in row["method"]]
+    reported = groups[(0, 32)] + eviction
+    assert not any(row["method"].startswith("rdkv") for row in reported)
+    best = best_baselines(reported)
+    quarter = best[0.25]
+    assert quarter["method"] == "h2o+kivi4"
+    assert values["ebBestA"] == f"{quarter['delta_pct']:+.2f}"
+    assert values["ebBestALo"] == f"{quarter['delta_pct_ci95'][0]:+.2f}"
+    assert values["ebBestC"] == f"{best[0.0625]['delta_pct']:+.2f}"
+    h2o = next(row for row in eviction if row["method"] == "h2o" and row["target"] == 0.25)
+    assert values["ebEvictA"] == f"{h2o['delta_pct']:+.1f}"
+    tuning = [row for row in groups[(32, 8)] if row["method"].startswith("rdkv") and row["target"] == 0.25]
+    top = min(tuning, key=lambda row: row["ppl"])
+    assert values["ebTuneA"] == f"{top['delta_pct']:+.2f}"
+    assert values["ebTuneDense"] == f"{groups[(32, 8)][0]['ppl']:.2f}"
