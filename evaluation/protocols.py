@@ -79,6 +79,8 @@ def stored_bytes(press: BasePress | None, cache) -> float | None:
     for index, layer in enumerate(cache.layers):
         if index in reported:
             total += reported[index]
+        elif hasattr(layer, "held_tensors"):  # rebuilt or shared storage: only kv_bytes counts it
+            return None
         elif getattr(layer, "keys", None) is not None and layer.keys.dim() == 4:
             total += 2 * layer.keys[0].numel() * 2  # keys and values of one sequence, fp16
         else:

@@ -50,7 +50,7 @@ def quality_rows(args: argparse.Namespace, loaded: LoadedModel, presses: list[st
             rows.append({"method": name, "compression_ratio": ratio, "attn_implementation": attn,
                          "kv_quant": args.kv_quant, "context_tokens": context,
                          "eval_tokens": args.eval_tokens, "num_windows": args.num_windows})
-            rows[-1] |= quality_facts(result) | {"kv_mib_after_prefill": result.kv_bytes / 2**20}
+            rows[-1] |= quality_facts(result) | {"kv_mib_after_prefill": result.kv_bytes / 2**20} | stored_facts(result)
             rows[-1] |= calibration_facts(press)
             print(f"{name} @ {ratio}: ppl {result.ppl:.4f}", file=sys.stderr, flush=True)
     else:
@@ -67,6 +67,15 @@ def quality_rows(args: argparse.Namespace, loaded: LoadedModel, presses: list[st
         row["data"] = source
         row |= paired_difference(row["unit_nll"], rows[0]["unit_nll"], row["unit_tokens"])  # rows[0]: dense
     return rows
+
+
+def stored_facts(result) -> dict:
+    """Context protocol: the bytes the pressed cache takes stored as the press stores it (low-bit
+    presses count packed integers and scales; others their tokens in fp16), and that over the
+    context's fp16 cache. Absent for caches held in another form (cross-layer, low rank)."""
+    if result.stored_kv_bytes is None:
+        return {}
+    return {"stored_kv_bytes": result.stored_kv_bytes, "kv_bytes_fraction": result.stored_kv_bytes / result.dense_kv_bytes}
 
 
 def quality_facts(result) -> dict:
