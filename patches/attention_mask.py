@@ -12,6 +12,7 @@ import functools
 
 import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama import modeling_llama
 
 _WRAPPED = "_kvpress_neox_fits_mask"
 
@@ -43,7 +44,11 @@ def _fitting_mask(attention_function):
 
 
 def apply() -> None:
-    """Wrap every registered attention function (SDPA, flash, flex, ...) once."""
+    """Wrap every registered attention function (SDPA, flash, flex, ...) once, and Llama's eager
+    one (the quality stand-in's architecture), which Llama calls by module name, not through
+    the registry. GPT-NeoX's eager path goes through gpt_neox.py's attention."""
     for name, function in list(ALL_ATTENTION_FUNCTIONS.items()):
         if not getattr(function, _WRAPPED, False):
             ALL_ATTENTION_FUNCTIONS[name] = _fitting_mask(function)
+    if not getattr(modeling_llama.eager_attention_forward, _WRAPPED, False):
+        modeling_llama.eager_attention_forward = _fitting_mask(modeling_llama.eager_attention_forward)

@@ -25,8 +25,9 @@ def pyramid_cache(model, ids):
 
 @pytest.mark.parametrize(
     "config, attn_implementation",
-    [(tiny_neox_config(), "eager"), (tiny_neox_config(), "sdpa"), (tiny_llama_config(), "sdpa")],
-    ids=["neox-eager", "neox-sdpa", "llama-sdpa"],
+    [(tiny_neox_config(), "eager"), (tiny_neox_config(), "sdpa"), (tiny_llama_config(), "eager"),
+     (tiny_llama_config(), "sdpa")],
+    ids=["neox-eager", "neox-sdpa", "llama-eager", "llama-sdpa"],
 )
 def test_continuation_over_uneven_layers_matches_token_by_token(config, attn_implementation):
     ids = torch.randint(0, 1000, (1, CONTEXT + CONTINUATION), generator=torch.Generator().manual_seed(0))
