@@ -31,7 +31,7 @@ from evaluation.models import SMOLLM2_ALIAS, data_dir, tokenized_text
 from evaluation.protocols import context_nll
 from evaluation.results import write_json_atomic
 from presses import Settings, make_press
-from presses.quantize import CHANNEL_STATS_BYTES, FP16_BYTES, per_channel_bytes, token_bytes
+from presses.quantize import FP16_BYTES, quantized_head_bytes
 from presses.quantized_kv_press import QuantizedKVPress
 from presses.rdkv_press import RDKVPress
 
@@ -46,13 +46,10 @@ def kept_for(target: float, layout: str, bits: int, head_dim: int, tokens: int) 
     """The fewest tokens, of a ``tokens``-token context, whose quantized keys and values take at
     least ``target`` of the context's fp16 bytes: a composite baseline never gets fewer bytes
     than the target. KIVI's layout keeps the tokens past its last whole 32-token group in fp16."""
-    def stored(kept: int) -> float:
-        values = kept * token_bytes(bits, head_dim)
-        if layout == "kivi":
-            return values + per_channel_bytes(kept, bits, head_dim, KIVI_GROUP)
-        return values + kept * token_bytes(bits, head_dim) + CHANNEL_STATS_BYTES * head_dim
+    key_layout = "channel" if layout == "kivi" else "token"
     budget = target * tokens * 2 * FP16_BYTES * head_dim
-    return next((kept for kept in range(1, tokens + 1) if stored(kept) >= budget), tokens)
+    return next((kept for kept in range(1, tokens + 1)
+                 if quantized_head_bytes(kept, bits, head_dim, key_layout, KIVI_GROUP) >= budget), tokens)
 
 
 def rdkv_setting(text: str) -> dict:

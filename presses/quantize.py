@@ -75,3 +75,14 @@ def per_channel_bytes(tokens: int, bits: int, head_dim: int, group_tokens: int) 
     """Bytes of one head's keys over ``tokens`` tokens in KIVI's per-channel layout."""
     groups, rest = divmod(tokens, group_tokens)
     return groups * head_dim * (group_tokens * bits / 8 + GROUP_SIDE_BYTES) + rest * FP16_BYTES * head_dim
+
+
+def quantized_head_bytes(tokens: int, bits: int, head_dim: int, key_layout: str, group_tokens: int) -> float:
+    """Bytes of one head's keys and values over ``tokens`` tokens, every one quantized to
+    ``bits``: values per token; keys per channel in groups of ``group_tokens`` (``"channel"``,
+    KIVI) or per token with their channel statistics (``"token"``)."""
+    if key_layout == "channel":
+        key_bytes = per_channel_bytes(tokens, bits, head_dim, group_tokens)
+    else:
+        key_bytes = tokens * token_bytes(bits, head_dim) + CHANNEL_STATS_BYTES * head_dim
+    return key_bytes + tokens * token_bytes(bits, head_dim)

@@ -7,9 +7,8 @@ from kvpress import BasePress
 from torch import nn
 
 from presses.errors import PressConfigError
-from presses.quantize import (CHANNEL_STATS_BYTES, FP16_BYTES, channel_stats, per_channel_bytes,
-                              quantize_per_channel,
-                              quantize_per_token, token_bytes)
+from presses.quantize import (FP16_BYTES, channel_stats, quantize_per_channel, quantize_per_token,
+                              quantized_head_bytes)
 
 
 @dataclass
@@ -42,14 +41,12 @@ class QuantizedKVPress(BasePress):
         old = max(tokens - self.recent_tokens, 0)
         if self.key_layout == "channel":
             quantized_keys = quantize_per_channel(keys[:, :, :old], self.bits, self.group_tokens)
-            key_bytes = per_channel_bytes(old, self.bits, head_dim, self.group_tokens)
         else:
             quantized_keys = quantize_per_token(keys[:, :, :old], self.bits, channel_stats(keys[:, :, :old]))
-            key_bytes = old * token_bytes(self.bits, head_dim) + CHANNEL_STATS_BYTES * head_dim
         quantized_values = quantize_per_token(values[:, :, :old], self.bits)
-        value_bytes = old * token_bytes(self.bits, head_dim)
         recent_bytes = 2 * (tokens - old) * FP16_BYTES * head_dim
-        self.stored_bytes[module.layer_idx] = heads * (key_bytes + value_bytes + recent_bytes)
+        self.stored_bytes[module.layer_idx] = heads * (
+            quantized_head_bytes(old, self.bits, head_dim, self.key_layout, self.group_tokens) + recent_bytes)
         keys = torch.cat([quantized_keys, keys[:, :, old:]], dim=2)
         values = torch.cat([quantized_values, values[:, :, old:]], dim=2)
         return keys, values

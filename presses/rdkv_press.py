@@ -20,8 +20,9 @@ TAG_BYTES = 0.25  # a 2-bit code per (token, head) saying which precision its ke
 @dataclass
 class RDKVPress(BasePress):
     """Rate-distortion KV compression (ours): after prefill, every (token, KV head) of a layer is
-    stored in fp16, in ``bits``-bit integers (per-token groups, keys with per-channel scales,
-    presses/quantize.py) or not at all (the token evicted from every head), whichever the
+    stored in fp16, in ``bits``-bit integers (values per token; keys per token after per-channel
+    centring and scaling, or with ``key_layout="channel"`` in KIVI's per-channel groups among the
+    tokens of one width; presses/quantize.py) or not at all (the token evicted from every head), whichever the
     layer's byte budget, ``1 - compression_ratio`` of its fp16 KV bytes, pays for best.
 
     The price of an option is its bytes; its distortion is the expected squared change of the
@@ -29,8 +30,9 @@ class RDKVPress(BasePress):
     first order and with independent errors: a value error dv moves an output by p * dv, a key
     error dk moves the logit by q.dk / sqrt(d) and the output by p * (q.dk / sqrt(d)) * (v - o),
     evicting moves it by p * (v - o), where p is the query's attention to the token and o its
-    output. The options minimising distortion + lambda * bytes, with lambda bisected so that the
-    layer fits its budget, solve the allocation exactly on the lower convex hull of each token's
+    output; p is widened by ``prior`` / n (later queries look elsewhere than the window). The
+    options minimising distortion + lambda * bytes, with the smallest lambda that fits the layer's
+    budget (``_allocate``), solve the allocation exactly on the lower convex hull of each token's
     (bytes, distortion) options: one rule decides keep-or-drop and bits together, where
     eviction presses only drop and quantizers give every token the same bits. The newest
     ``recent_tokens`` (default: the window's) stay in fp16, as far as the budget pays for them.
@@ -73,8 +75,10 @@ class RDKVPress(BasePress):
             key_price = [token_bytes(b, head_dim) for b in self.bits]
         options = key_options, [quantize_per_token(values, b) for b in self.bits]
         distortion, evict = self._distortions(module, hidden_states, keys, values, *options, kwargs)
-        price = torch.tensor([k + token_bytes(b, head_dim) + TAG_BYTES for k, b in zip(key_price, self.bits)]
-                             + [2 * FP16_BYTES * head_dim + TAG_BYTES], device=keys.device)
+        fp16 = FP16_BYTES * head_dim
+        key_price = torch.tensor(key_price + [fp16], device=keys.device)
+        value_price = torch.tensor([token_bytes(b, head_dim) for b in self.bits] + [fp16], device=keys.device) + TAG_BYTES
+        price = key_price + value_price  # per option, the last fp16
         distortion = torch.cat([distortion, torch.zeros_like(distortion[..., :1])], dim=-1)  # fp16: no error
         side_bytes = kv_heads * head_dim * CHANNEL_STATS_BYTES  # the keys' channel statistics
         budget = (1 - self.compression_ratio) * dense_bytes - side_bytes
@@ -87,14 +91,12 @@ class RDKVPress(BasePress):
             b: (choice[:, keep] == i).float().mean().item() * keep.float().mean().item()
             for i, b in enumerate(list(self.bits) + [16])} | {0: 1 - keep.float().mean().item()}
         values = _pick(values, options[1], choice, keep)
-        if self.key_layout == "channel":
+        value_bytes = value_price[choice][:, keep].sum().item()  # the precision tags ride with the values
+        if self.key_layout == "channel":  # the key bytes as the width groups really fall
             keys, key_bytes = _keys_by_precision(keys[:, :, keep], stats, choice[:, keep], self.bits, self.group_tokens)
-            value_bytes = (price[choice][:, keep] - torch.tensor(key_price + [FP16_BYTES * head_dim],
-                                                                  device=keys.device)[choice][:, keep]).sum().item()
-            self.stored_bytes[module.layer_idx] = key_bytes + value_bytes + side_bytes
         else:
-            self.stored_bytes[module.layer_idx] = price[choice][:, keep].sum().item() + side_bytes
-            keys = _pick(keys, options[0], choice, keep)
+            keys, key_bytes = _pick(keys, options[0], choice, keep), key_price[choice][:, keep].sum().item()
+        self.stored_bytes[module.layer_idx] = key_bytes + value_bytes + side_bytes
         return keys, values
 
     def _distortions(self, module, hidden_states, keys, values, key_options, value_options, kwargs):
