@@ -17,6 +17,18 @@ def make_cache(model, kv_quant: str = "none", q_group_size: int = 64, residual_l
                           q_group_size=q_group_size, residual_length=residual_length)
 
 
+def head_shape(config) -> tuple[int, int]:
+    """(KV heads, head dim) of a model config (GQA configs name their KV heads; MHA ones do not)."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads, head_dim
+
+
+def fp16_kv_bytes(config, tokens: int) -> int:
+    """Bytes of ``tokens`` tokens' keys and values over every layer, in fp16."""
+    kv_heads, head_dim = head_shape(config)
+    return 2 * 2 * config.num_hidden_layers * kv_heads * head_dim * tokens
+
+
 def tensor_bytes(tensor) -> int:
     """Bytes a tensor really holds; quanto's quantized tensors are summed over their parts
     (packed data, scales, shifts), not counted at their nominal dtype."""

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from kvpress import ComposedPress
 
+from decoding.kv_cache import head_shape
 from evaluation.cli import Parser, add_data_options, add_model_options, load, one_line_errors, result_header
 from evaluation.intervals import paired_difference, ppl_interval
 from evaluation.models import SMOLLM2_ALIAS, data_dir, tokenized_text
@@ -154,8 +155,7 @@ def main(argv=None) -> None:
     rdkv_settings = [rdkv_setting(text) for text in args.rdkv]  # bad settings fail before the model loads
     text = tokenized_text(args.model, args.random_init, args.dataset, data_dir(args.data_dir), args.sample_idx)
     loaded = load(args, data_dir=args.data_dir)
-    config = loaded.model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head_dim = head_shape(loaded.model.config)[1]
     configs = {"uniform": uniform, "eviction": lambda: eviction(args.targets),
                "composites": lambda: composites(args.targets, head_dim, args.context_tokens, args.composed_with),
                "rdkv": lambda: rdkv_configs(args.targets, args.rdkv),

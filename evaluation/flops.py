@@ -7,10 +7,11 @@ Checked against ``torch.utils.flop_counter.FlopCounterMode`` in tests/test_flops
 
 from collections.abc import Sequence
 
+from decoding.kv_cache import head_shape
+
 
 def _dims(config) -> tuple[int, int, int]:
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    kv_heads, head_dim = head_shape(config)
     return head_dim * config.num_attention_heads, head_dim * kv_heads, config.hidden_size
 
 

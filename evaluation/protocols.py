@@ -29,7 +29,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 from transformers import DynamicCache
 
-from decoding.kv_cache import kv_bytes, make_cache
+from decoding.kv_cache import fp16_kv_bytes, kv_bytes, make_cache
 
 
 SEGMENT_TOKENS = 1024  # streaming: PPL is also reported per stretch, to see where a method breaks
@@ -86,14 +86,6 @@ def stored_bytes(press: BasePress | None, cache) -> float | None:
         else:
             return None
     return total
-
-
-def dense_bytes(model, tokens: int) -> float:
-    """Bytes of ``tokens`` tokens' keys and values over every layer, fp16."""
-    config = model.config
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return 2 * 2 * config.num_hidden_layers * kv_heads * head_dim * tokens
 
 
 def _cache_lengths(cache) -> list[int]:
@@ -196,7 +188,7 @@ def context_nll(
                       scored_range=_window_range(window, context_tokens, first_window, num_windows),
                       kv_bytes=sum(held_bytes) / len(held_bytes),
                       stored_kv_bytes=None if None in stored else sum(stored) / len(stored),
-                      dense_kv_bytes=dense_bytes(model, context_tokens))
+                      dense_kv_bytes=fp16_kv_bytes(model.config, context_tokens))
 
 
 def check_windows(text_tokens: int, limit: int, context_tokens: int, eval_tokens: int, num_windows: int) -> None:

@@ -6,7 +6,8 @@ import torch
 from kvpress import SnapKVPress
 from transformers import DynamicCache
 
-from evaluation.protocols import context_nll, dense_bytes, stored_bytes
+from decoding.kv_cache import fp16_kv_bytes
+from evaluation.protocols import context_nll, stored_bytes
 from presses.errors import PressConfigError
 from presses.quantize import fake_quantize, per_channel_bytes, quantize_per_channel, token_bytes
 from presses.quantized_kv_press import QuantizedKVPress
@@ -70,7 +71,7 @@ def test_rdkv_fits_its_byte_budget_and_mixes_precisions(config, ratio):
     model = build(config)
     press = RDKVPress(ratio, window_size=8)
     cache = _prefill(model, press)
-    budget = (1 - ratio) * dense_bytes(model, 96)
+    budget = (1 - ratio) * fp16_kv_bytes(model.config, 96)
     held = stored_bytes(press, cache)
     assert 0.9 * budget <= held <= budget
     shares = press.chosen_bits[0]
@@ -104,7 +105,7 @@ def test_rdkv_with_kivi_keys_fits_its_budget_and_groups_keys_per_channel(config)
     model = build(config, attn_implementation="sdpa")
     press = RDKVPress(0.75, window_size=8, key_layout="channel", group_tokens=8)
     cache = _prefill(model, press, tokens=128)
-    budget = 0.25 * dense_bytes(model, 128)
+    budget = 0.25 * fp16_kv_bytes(model.config, 128)
     assert 0.85 * budget <= stored_bytes(press, cache) <= budget
     token_layout = _prefill(model, RDKVPress(0.75, window_size=8), tokens=128)
     assert not torch.equal(cache.layers[0].keys, token_layout.layers[0].keys)
