@@ -60,8 +60,12 @@ def rdkv_setting(text: str) -> dict:
         key, _, value = item.partition("=")
         if key == "bits":
             setting[key] = tuple(int(b) for b in value.split(","))
-        elif key == "prior":
+        elif key in ("prior", "evict_weight"):
             setting[key] = float(value)
+        elif key == "separate_widths":
+            if value not in ("0", "1"):
+                raise ValueError(f"separate_widths is 0 or 1, got {value!r} in {text!r}")
+            setting[key] = value == "1"
         elif key in ("window_size", "recent_tokens", "group_tokens"):
             setting[key] = int(value)
         elif key == "key_layout":

@@ -36,6 +36,11 @@ class RDKVPress(BasePress):
     (bytes, distortion) options: one rule decides keep-or-drop and bits together, where
     eviction presses only drop and quantizers give every token the same bits. The newest
     ``recent_tokens`` (default: the window's) stay in fp16, as far as the budget pays for them.
+    With ``separate_widths`` keys and values choose their widths apart (their distortions add,
+    so the pair is the best key option plus the best value option at the same lambda): keys, whose
+    errors move every logit, may then stay wider than values. ``evict_weight`` scales the
+    eviction distortion: the first-order model prices each eviction alone, while evicting many
+    tokens also renormalises the attention over the rest.
     Prefill only; one sequence per call."""
 
     compression_ratio: float = 0.0  # fraction of the layer's fp16 KV bytes removed
@@ -47,8 +52,10 @@ class RDKVPress(BasePress):
     key_layout: str = "token"  # "channel": KIVI's per-channel key groups among the tokens stored at one width
     group_tokens: int = 32
     prior: float = 2.0  # attention mass spread evenly over the tokens, added to the window's: later queries look elsewhere
+    separate_widths: bool = False  # keys and values choose their widths apart
+    evict_weight: float = 1.0  # multiplies the eviction distortion
     stored_bytes: dict = field(default_factory=dict, repr=False)
-    chosen_bits: dict = field(default_factory=dict, repr=False)  # per layer: share of (token, head) entries at each precision
+    chosen_bits: dict = field(default_factory=dict, repr=False)  # per layer, keys and values: share of (token, head) entries at each width (0: evicted)
 
     def __post_init__(self):
         if not 0 <= self.compression_ratio < 1:
@@ -57,6 +64,8 @@ class RDKVPress(BasePress):
             raise PressConfigError(f"bits must be chosen from 2, 3, 4, 8; got {self.bits}")
         if self.key_layout not in ("token", "channel"):
             raise PressConfigError(f"key_layout must be 'token' or 'channel', got {self.key_layout!r}")
+        if self.evict_weight <= 0:
+            raise PressConfigError(f"evict_weight must be positive, got {self.evict_weight}")
 
     def compress(self, module: nn.Module, hidden_states, keys: torch.Tensor, values: torch.Tensor, attentions, kwargs):
         batch, kv_heads, tokens, head_dim = keys.shape
@@ -73,36 +82,42 @@ class RDKVPress(BasePress):
         else:
             key_options = [quantize_per_token(keys, b, stats) for b in self.bits]
             key_price = [token_bytes(b, head_dim) for b in self.bits]
-        options = key_options, [quantize_per_token(values, b) for b in self.bits]
-        distortion, evict = self._distortions(module, hidden_states, keys, values, *options, kwargs)
+        value_options = [quantize_per_token(values, b) for b in self.bits]
+        key_error, value_error, evict = self._distortions(module, hidden_states, keys, values, key_options, value_options, kwargs)
         fp16 = FP16_BYTES * head_dim
         key_price = torch.tensor(key_price + [fp16], device=keys.device)
         value_price = torch.tensor([token_bytes(b, head_dim) for b in self.bits] + [fp16], device=keys.device) + TAG_BYTES
-        price = key_price + value_price  # per option, the last fp16
-        distortion = torch.cat([distortion, torch.zeros_like(distortion[..., :1])], dim=-1)  # fp16: no error
+        widths = len(self.bits) + 1  # the last: fp16, no error
+        pairs = [(k, v) for k in range(widths) for v in range(widths)] if self.separate_widths else [(w, w) for w in range(widths)]
+        key_of, value_of = (torch.tensor(side, device=keys.device) for side in zip(*pairs))  # per option: its key and value width
+        no_error = torch.zeros_like(key_error[..., :1])
+        distortion = torch.cat([key_error, no_error], -1)[..., key_of] + torch.cat([value_error, no_error], -1)[..., value_of]
+        price = key_price[key_of] + value_price[value_of]  # the last option: fp16 keys and values
         side_bytes = kv_heads * head_dim * CHANNEL_STATS_BYTES  # the keys' channel statistics
         budget = (1 - self.compression_ratio) * dense_bytes - side_bytes
         recent = self.window_size if self.recent_tokens is None else self.recent_tokens
         recent = min(recent, tokens, int(budget // (kv_heads * price[-1].item())))
         if recent:
             distortion[:, :, tokens - recent :, :-1] = float("inf")  # the newest stay in fp16 (as far as the budget goes)
-        keep, choice = _allocate(distortion[0], evict[0], price, budget)
+        keep, choice = _allocate(distortion[0], self.evict_weight * evict[0], price, budget)
+        key_choice, value_choice = key_of[choice], value_of[choice]
+        kept = keep.float().mean().item()
         self.chosen_bits[module.layer_idx] = {
-            b: (choice[:, keep] == i).float().mean().item() * keep.float().mean().item()
-            for i, b in enumerate(list(self.bits) + [16])} | {0: 1 - keep.float().mean().item()}
-        values = _pick(values, options[1], choice, keep)
-        value_bytes = value_price[choice][:, keep].sum().item()  # the precision tags ride with the values
+            side: {b: (chosen[:, keep] == i).float().mean().item() * kept for i, b in enumerate(list(self.bits) + [16])} | {0: 1 - kept}
+            for side, chosen in (("keys", key_choice), ("values", value_choice))}
+        values = _pick(values, value_options, value_choice, keep)
+        value_bytes = value_price[value_choice][:, keep].sum().item()  # the precision tags ride with the values
         if self.key_layout == "channel":  # the key bytes as the width groups really fall
-            keys, key_bytes = _keys_by_precision(keys[:, :, keep], stats, choice[:, keep], self.bits, self.group_tokens)
+            keys, key_bytes = _keys_by_precision(keys[:, :, keep], stats, key_choice[:, keep], self.bits, self.group_tokens)
         else:
-            keys, key_bytes = _pick(keys, options[0], choice, keep), key_price[choice][:, keep].sum().item()
+            keys, key_bytes = _pick(keys, key_options, key_choice, keep), key_price[key_choice][:, keep].sum().item()
         self.stored_bytes[module.layer_idx] = key_bytes + value_bytes + side_bytes
         return keys, values
 
     def _distortions(self, module, hidden_states, keys, values, key_options, value_options, kwargs):
-        """(batch, kv_heads, tokens, len(bits)) distortion of each quantized option and
-        (batch, kv_heads, tokens) of eviction, summed over the window's queries and the query
-        heads that share each KV head."""
+        """(batch, kv_heads, tokens, len(bits)) distortions of each quantized key and of each
+        quantized value, and (batch, kv_heads, tokens) of eviction, summed over the window's
+        queries and the query heads that share each KV head."""
         window = min(self.window_size, hidden_states.shape[1])
         cos, sin = kwargs["position_embeddings"]
         window_kwargs = {**kwargs, "position_embeddings": (cos[:, -window:], sin[:, -window:])}
@@ -116,13 +131,13 @@ class RDKVPress(BasePress):
                   + (outputs**2).sum(-1, keepdim=True)).clamp(min=0)
         weight = (probs + self.prior / keys.shape[2]) ** 2
         evict = per_kv_head((weight * spread).sum(2), keys.shape[1])
-        per_option = []
+        key_error, value_error = [], []
         for quantized_keys, quantized_values in zip(key_options, value_options):
-            value_error = ((quantized_values - values).float() ** 2).sum(-1)
+            value_sq = ((quantized_values - values).float() ** 2).sum(-1)
             logit_error = queries @ repeat_kv(quantized_keys - keys, groups).float().transpose(2, 3) / math.sqrt(keys.shape[-1])
-            per_option.append(per_kv_head(weight.sum(2) * repeat_kv(value_error.unsqueeze(-1), groups).squeeze(-1)
-                                          + (weight * logit_error**2 * spread).sum(2), keys.shape[1]))
-        return torch.stack(per_option, dim=-1), evict
+            value_error.append(per_kv_head(weight.sum(2) * repeat_kv(value_sq.unsqueeze(-1), groups).squeeze(-1), keys.shape[1]))
+            key_error.append(per_kv_head((weight * logit_error**2 * spread).sum(2), keys.shape[1]))
+        return torch.stack(key_error, dim=-1), torch.stack(value_error, dim=-1), evict
 
 
 def _allocate(distortion: torch.Tensor, evict: torch.Tensor, price: torch.Tensor, budget: float):

@@ -67,18 +67,20 @@ def test_rdkv_at_ratio_zero_is_the_dense_cache_exactly():
 
 @pytest.mark.parametrize("config", [tiny_neox_config(), tiny_llama_config()], ids=["neox", "llama"])
 @pytest.mark.parametrize("ratio", [0.75, 0.875])
-def test_rdkv_fits_its_byte_budget_and_mixes_precisions(config, ratio):
+@pytest.mark.parametrize("separate", [False, True], ids=["joint", "separate"])
+def test_rdkv_fits_its_byte_budget_and_mixes_precisions(config, ratio, separate):
     model = build(config)
-    press = RDKVPress(ratio, window_size=8)
+    press = RDKVPress(ratio, window_size=8, separate_widths=separate)
     cache = _prefill(model, press)
     budget = (1 - ratio) * fp16_kv_bytes(model.config, 96)
     held = stored_bytes(press, cache)
     assert 0.9 * budget <= held <= budget
-    shares = press.chosen_bits[0]
-    assert sum(shares.values()) == pytest.approx(1.0)
-    assert sum(share > 0 for bits, share in shares.items() if bits) >= 2  # more than one precision in use
+    keys, values = press.chosen_bits[0]["keys"], press.chosen_bits[0]["values"]
+    assert sum(keys.values()) == pytest.approx(1.0) and keys[0] == values[0]  # eviction drops both
+    assert sum(share > 0 for bits, share in keys.items() if bits) >= 2  # more than one precision in use
+    assert (keys != values) == separate  # joint: one width per (token, head) for both
     layer = cache.layers[0]
-    assert layer.keys.shape[2] == round((1 - shares[0]) * 96)
+    assert layer.keys.shape[2] == round((1 - keys[0]) * 96)
 
 
 def test_rdkv_changes_the_scores_and_refuses_bad_settings():
@@ -94,6 +96,8 @@ def test_rdkv_changes_the_scores_and_refuses_bad_settings():
         RDKVPress(1.0)
     with pytest.raises(PressConfigError, match="bits"):
         RDKVPress(0.5, bits=(1, 4))
+    with pytest.raises(PressConfigError, match="evict_weight"):
+        RDKVPress(0.5, evict_weight=0)
     with pytest.raises(PressConfigError, match="one sequence"):
         ids = torch.randint(0, 1000, (2, 64))
         with torch.no_grad(), RDKVPress(0.5, window_size=8)(tiny_llama):
