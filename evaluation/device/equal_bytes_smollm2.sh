@@ -2,8 +2,9 @@
 # (Q4_1 GGUF, real weights; the offline quality stand-in, Llama architecture, not Pythia), fp32,
 # WikiText-2 test, windows of 1536 prefilled + 512 scored tokens, byte targets 25 / 12.5 / 6.25%
 # of the fp16 cache.
-#   1. RD-KV's settings are tuned on windows 32-39 (never reported); the baselines run on windows
-#      0-31 (the reported ones; choosing the best baseline there favours the baselines).
+#   1. RD-KV's settings are tuned on windows 32-39 (never reported; H2O + quantization runs there
+#      too, to compare); the baselines run on windows 0-31 (the reported ones; choosing the best
+#      baseline there favours the baselines).
 #   2. At each target, the tuning setting of lowest PPL runs on windows 0-31 (selected.json).
 # Each part is its own process (one small model is launch-bound: one GPU serves several); each
 # runs its own dense row on its windows. Logs in logs/; the files come back as
@@ -18,13 +19,19 @@ report="--first_window 0 --num_windows 32"
 parts=" ${*:-tune uniform eviction composites selected} "
 date
 if [[ $parts == *" tune "* ]]; then
-  # window_size=1536: every query of the 1536-token prefill (H2O's evidence); recent_tokens: fp16 newest
-  for prior in 1 2 4; do
-    for window in "window_size=16" "window_size=1536 recent_tokens=16"; do
-      run "tune_prior${prior}_${window%% *}" $tune --part rdkv --rdkv \
-        "prior=$prior bits=2,3,4,8 key_layout=channel $window" "prior=$prior bits=3,4,8 key_layout=channel $window" \
-        "prior=$prior bits=2,3,4,8 $window"
+  # prior 2, the 16-query window and KIVI keys won call8's grid; here: how eviction is priced
+  # against narrower widths (evict_weight), keys and values apart, and the widths on offer
+  for weight in 0.125 0.25 0.5 1 2 4; do
+    settings=()
+    for widths in 2,3,4,8 3,4,8 4,8; do
+      settings+=("evict_weight=$weight bits=$widths key_layout=channel")
+      [[ $widths == 4,8 ]] || settings+=("evict_weight=$weight bits=$widths key_layout=channel separate_widths=1")
     done
+    run "tune_evict$weight" $tune --part rdkv --rdkv "${settings[@]}"
+  done
+  # the best baseline of windows 0-31 on the tuning windows too, to see the tuning gap
+  for target in 0.25 0.125 0.0625; do
+    run tuning_h2o_$target $tune --part composites --targets $target --composed_with h2o
   done
 fi
 [[ $parts == *" uniform "* ]] && run uniform $report --part uniform
