@@ -182,8 +182,14 @@ def attention_branch(layer, parts, cos, sin, layer_kv: LayerKV, new_index, backe
     compiled branch serves every layer. Writes the new tokens' keys and values; returns (the
     layer's input, the attention output)."""
     hidden = sum_in_order(parts)
-    attention = layer.attention
-    query, key, value = split_qkv(attention, layer.input_layernorm(hidden))
+    query, key, value = split_qkv(layer.attention, layer.input_layernorm(hidden))
+    return hidden, attention_output(layer.attention, query, key, value, cos, sin, layer_kv, new_index, backend)
+
+
+def attention_output(attention, query, key, value, cos, sin, layer_kv: LayerKV, new_index, backend: str):
+    """The new tokens' pre-RoPE queries, keys and values (batch, heads, new, head_dim) through
+    rotary, the buffer (their keys and values written) and attention, to the output projection
+    (batch, new, hidden). Shared by ``attention_branch`` and decoding/fused_projections.py."""
     query, key = apply_rotary_pos_emb(query, key, cos, sin)
     keys, values = layer_kv.keys, layer_kv.values
     slot = layer_kv.kept + new_index
@@ -193,7 +199,7 @@ def attention_branch(layer, parts, cos, sin, layer_kv: LayerKV, new_index, backe
     # (batch, new, slots): a real token (not padding in front of a shorter sequence) already written
     visible = (slots <= slot[:, None]) & (slots >= layer_kv.first_valid[:, None, None])
     attended = attend(query, keys, values, visible, attention.scaling, backend)
-    return hidden, attention.dense(attended.transpose(1, 2).reshape(hidden.shape))
+    return attention.dense(attended.transpose(1, 2).flatten(2))
 
 
 def mlp_branch(layer, parts):

@@ -61,8 +61,14 @@ def _order_index(head_dim: int, rotary_ndims: int, device: torch.device) -> torc
 def split_qkv(module: nn.Module, hidden_states: torch.Tensor):
     """Pre-RoPE queries, keys and values of a GPT-NeoX attention module, each (batch, heads,
     seq, head_dim); queries and keys in the reordered basis, values in NeoX's own order."""
-    batch, seq, _ = hidden_states.shape
-    qkv = module.query_key_value(hidden_states).view(batch, seq, -1, 3, module.head_size).transpose(1, 2)
+    return qkv_heads(module, module.query_key_value(hidden_states))
+
+
+def qkv_heads(module: nn.Module, qkv: torch.Tensor):
+    """``split_qkv`` from the output of the module's ``query_key_value`` projection (batch, seq,
+    3 * hidden), however it was computed (decoding/fused_projections.py: one GEMM with the MLP's)."""
+    batch, seq, _ = qkv.shape
+    qkv = qkv.view(batch, seq, -1, 3, module.head_size).transpose(1, 2)
     order = _order_index(module.head_size, module.rotary_ndims, qkv.device)
     query_key = qkv[..., :2, :].index_select(-1, order)
     return query_key[..., 0, :], query_key[..., 1, :], qkv[..., 2, :]
