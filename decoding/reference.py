@@ -5,6 +5,8 @@
   quantized, cache. The reference whose tokens the fast paths are tested to give.
 - ``hf_generate`` (``hf_eager``, ``hf_sdpa``, ``hf_static``): transformers' own ``generate``,
   greedy, dense only (what a user would run without this project).
+- ``budget_generate``: the same loop with a decode-time press (``presses.BudgetPress``) held on
+  through every step, positions as the press counts them: the reference of decoding/ring_cache.py.
 
 ``prefill`` is the pressed prefill every decoder of this package starts from; ``Generation`` is
 what every decoder returns, and ``mark`` how it says where its phases begin and end (decoders do
@@ -115,3 +117,35 @@ def hf_generate(model, prompt: torch.Tensor, new_tokens: int, cache: Cache, mark
                             pad_token_id=model.config.eos_token_id)
     mark(END)
     return Generation(output[:, prompt_len:], [prompt_len] * model.config.num_hidden_layers, None, kv_bytes(cache))
+
+
+@torch.no_grad()
+def budget_generate(model, prompt: torch.Tensor, press, new_tokens: int, margins: list | None = None,
+                    mark: PhaseMarker = no_mark) -> Generation:
+    """Greedy generation of exactly ``new_tokens`` tokens with a decode-time press (a
+    ``BudgetPress``) active through the prefill and every step, so that each layer's cache is cut
+    back to its budget after every forward call, as the streaming protocol does
+    (evaluation/protocols.py). With ``positions_in_cache`` (StreamingLLM) a new token's position
+    is the number of tokens its cache holds, the press having re-rotated the kept keys to
+    0..n-1; otherwise its text position. ``margins``: as ``kvpress_generate``'s."""
+    batch, prompt_len = prompt.shape
+    in_cache = getattr(press, "positions_in_cache", False)
+    cache = DynamicCache()
+    with press(model):
+        mark(START)
+        hidden = model.model(input_ids=prompt, past_key_values=cache).last_hidden_state
+        logits = model.get_output_embeddings()(hidden[:, -1:])
+        token = logits.argmax(-1)
+        mark(FIRST_TOKEN)
+        kept, kv_after_prefill = layer_lengths(cache), kv_bytes(cache)
+        generated = [token]
+        record_margin(logits, margins)
+        for step in range(new_tokens - 1):
+            first = cache.get_seq_length() if in_cache else prompt_len + step
+            position = torch.full((batch, 1), first, device=model.device)
+            logits = model(input_ids=token, past_key_values=cache, position_ids=position).logits
+            token = logits[:, -1:].argmax(-1)
+            generated.append(token)
+            record_margin(logits, margins)
+        mark(END)
+    return Generation(torch.cat(generated, dim=1), kept, kv_after_prefill, kv_bytes(cache))
