@@ -152,12 +152,17 @@ def attention_branch(layer, parts, cos, sin, ring: RingLayer, new_index, backend
     span, budget = slots - n_sink, slots - 1
     frame = ring.held[:, None] + new_index  # (batch, 1): the new token's frame position
     query, key = apply_rotary_pos_emb(query, key, *rotation(ring.inv_freq, frame, query.dtype))
-    slot = (n_sink + (frame - n_sink) % span)[:, None, :, None].expand_as(key)
-    keys.scatter_(2, slot, key)
-    values.scatter_(2, slot, value)
+    # The sinks, rotated on from their stored copy, and the new key at its row's slot, in one
+    # index_put: the compiler keeps it in place (a slice assignment beside it made it copy the ring).
     cos, sin = rotation(ring.inv_freq, (frame - budget).clamp(min=0), torch.float32)
     stored = sinks.float()
-    keys[:, :, :n_sink] = (stored * cos[:, None] + rotate_half(stored) * sin[:, None]).to(keys.dtype)
+    sinks_now = (stored * cos[:, None] + rotate_half(stored) * sin[:, None]).to(keys.dtype)
+    slot = n_sink + (frame - n_sink) % span  # (batch, 1)
+    sink_slots = torch.arange(n_sink, device=keys.device).expand(slot.shape[0], -1)
+    rows = torch.arange(key.shape[0], device=keys.device)[:, None, None]
+    heads = torch.arange(key.shape[1], device=keys.device)[None, :, None]
+    keys[rows, heads, torch.cat([sink_slots, slot], dim=1)[:, None]] = torch.cat([sinks_now, key], dim=2)
+    values[rows, heads, slot[:, None]] = value
     # (batch, 1, slots): a sink, or a ring slot whose latest frame position so far is past the sinks
     slot_index = torch.arange(slots, device=keys.device)
     latest = frame[..., None] - (frame[..., None] - slot_index) % span
