@@ -8,7 +8,9 @@ in every speed row.
 The ceilings are measured on the machine that runs (evaluation/ceilings.py: a device-to-device
 copy, a weight-sized GEMV and a matrix product) or given; datasheet figures are leads. Bytes
 assume fused attention (FlashAttention / SDPA: scores never reach memory), weights and KV in the
-given dtype read once per step, activations read and written once per operator.
+given dtype read once per step (or, weight-only quantized, at the bytes of
+decoding/weight_quant.py: 1 byte a weight plus its channel's scale), activations read and written
+once per operator.
 """
 
 from collections.abc import Sequence
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from decoding.weight_quant import linear_weight_bytes
 from evaluation import ceilings as ceilings_module
 from evaluation.ceilings import Ceilings
 from evaluation.models import model_config
@@ -42,11 +45,12 @@ def per_layer_cache(config, cache) -> list:
 
 
 def operators(config, batch: int, new_tokens: int, cache: float | Sequence[float],
-              bytes_per_value: int = 2) -> list[Operator]:
+              bytes_per_value: int = 2, weight_quant: str = "none") -> list[Operator]:
     """One forward step of ``new_tokens`` per sequence (1 for decode, the prompt for prefill)
     after ``cache`` cached tokens, for ``batch`` sequences. ``cache``: one length for every layer,
     or a sequence of each layer's own (ragged caches: PyramidKV keeps more in the lower layers);
-    the attention and KV-write operators are summed over the layers' own lengths."""
+    the attention and KV-write operators are summed over the layers' own lengths. ``weight_quant``:
+    the weights' scheme (decoding/weight_quant.py), activations and KV staying at ``bytes_per_value``."""
     hidden, layers = config.hidden_size, config.num_hidden_layers
     heads = config.num_attention_heads
     head_dim = hidden // heads
@@ -56,7 +60,8 @@ def operators(config, batch: int, new_tokens: int, cache: float | Sequence[float
     mlp_matrices = 2 if config.model_type == "gpt_neox" else 3
 
     def linear(name: str, n_in: int, n_out: int) -> Operator:
-        return Operator(name, 2 * tokens * n_in * n_out, b * (n_in * n_out + tokens * (n_in + n_out)))
+        weight = linear_weight_bytes(n_in, n_out, weight_quant, b)
+        return Operator(name, 2 * tokens * n_in * n_out, weight + b * tokens * (n_in + n_out))
 
     def attention(layer_cache: float) -> Operator:
         keys = layer_cache + new_tokens  # keys each query may attend (causal prefill: the mean is half of this)
@@ -86,10 +91,10 @@ def operators(config, batch: int, new_tokens: int, cache: float | Sequence[float
     return ops
 
 
-def table(config, batch: int, new_tokens: int, cache, ceilings: Ceilings) -> pd.DataFrame:
+def table(config, batch: int, new_tokens: int, cache, ceilings: Ceilings, weight_quant: str = "none") -> pd.DataFrame:
     peak, bandwidth = ceilings.peak_flops, ceilings.bandwidth
     rows = []
-    for op in operators(config, batch, new_tokens, cache):
+    for op in operators(config, batch, new_tokens, cache, weight_quant=weight_quant):
         intensity = op.flops / op.bytes if op.bytes else float("inf")
         rows.append({"operator": op.name, "GFLOPs": op.flops / 1e9, "MB": op.bytes / 1e6, "FLOP/byte": intensity,
                      "bound": "compute" if op.flops / peak > op.bytes / bandwidth else "memory",
@@ -97,34 +102,38 @@ def table(config, batch: int, new_tokens: int, cache, ceilings: Ceilings) -> pd.
     return pd.DataFrame(rows)
 
 
-def step_bytes(config, batch: int, new_tokens: int, cache) -> float:
+def step_bytes(config, batch: int, new_tokens: int, cache, weight_quant: str = "none") -> float:
     """Bytes one step moves (weights, KV at each layer's length, activations)."""
-    return sum(op.bytes for op in operators(config, batch, new_tokens, cache))
+    return sum(op.bytes for op in operators(config, batch, new_tokens, cache, weight_quant=weight_quant))
 
 
 def step_floor_ms(config, batch: int, new_tokens: int, cache, ceilings: Ceilings,
-                  bandwidth: float | None = None) -> float:
+                  bandwidth: float | None = None, weight_quant: str = "none") -> float:
     """The step's floor: the sum of per-operator floors (TPOT floor for new_tokens=1), each the
     larger of FLOPs / ``ceilings.peak_flops`` and bytes / ``bandwidth`` (default
     ``ceilings.bandwidth``; pass ``ceilings.gemv_bandwidth`` for the GEMV floor)."""
     bandwidth = bandwidth or ceilings.bandwidth
-    return 1e3 * sum(op.time(ceilings.peak_flops, bandwidth) for op in operators(config, batch, new_tokens, cache))
+    return 1e3 * sum(op.time(ceilings.peak_flops, bandwidth)
+                     for op in operators(config, batch, new_tokens, cache, weight_quant=weight_quant))
 
 
-def decode_floors(config, batch: int, kept_per_layer: Sequence[int], new_tokens: int, ceilings: Ceilings) -> dict:
+def decode_floors(config, batch: int, kept_per_layer: Sequence[int], new_tokens: int, ceilings: Ceilings,
+                  weight_quant: str = "none") -> dict:
     """The TPOT floors of a generation of ``new_tokens`` after a cache of ``kept_per_layer``
     tokens in each layer: one decode step at every layer's mean cache length over the generation
     (kept + new_tokens / 2), from the measured copy bandwidth (``tpot_floor_ms``, the one ratios
-    use), from the measured GEMV bandwidth, and from the datasheet when the GPU has one."""
+    use), from the measured GEMV bandwidth, and from the datasheet when the GPU has one; the
+    weights at the bytes of ``weight_quant``."""
     cache = [kept + new_tokens / 2 for kept in kept_per_layer]
-    floors = {"step_gb": step_bytes(config, batch, 1, cache) / 1e9,
-              "tpot_floor_ms": step_floor_ms(config, batch, 1, cache, ceilings),
-              "tpot_floor_gemv_ms": (step_floor_ms(config, batch, 1, cache, ceilings, ceilings.gemv_bandwidth)
-                                     if ceilings.gemv_bandwidth else None),
+    floors = {"step_gb": step_bytes(config, batch, 1, cache, weight_quant) / 1e9,
+              "tpot_floor_ms": step_floor_ms(config, batch, 1, cache, ceilings, weight_quant=weight_quant),
+              "tpot_floor_gemv_ms": (step_floor_ms(config, batch, 1, cache, ceilings, ceilings.gemv_bandwidth,
+                                                   weight_quant) if ceilings.gemv_bandwidth else None),
               "tpot_floor_datasheet_ms": None}
     if ceilings.datasheet:
         floors["tpot_floor_datasheet_ms"] = step_floor_ms(config, batch, 1, cache,
-                                                          ceilings_module.named(ceilings.datasheet))
+                                                          ceilings_module.named(ceilings.datasheet),
+                                                          weight_quant=weight_quant)
     return floors
 
 

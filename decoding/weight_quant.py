@@ -1,0 +1,74 @@
+"""Weight-only quantization of a model's Linear layers, training-free (no calibration data):
+int8 or fp8 (e4m3) weights with one scale per output channel, activations and the KV cache in
+the model's dtype. Through one of two maintained libraries, which one chosen by measured speed
+(evaluation/speed_frontier.py times both where both run):
+
+- ``torchao`` (``Int8WeightOnlyConfig`` / ``Float8WeightOnlyConfig``): each weight becomes a
+  tensor subclass whose ``F.linear`` is ``mm(x, weight.to(dtype)) * scale``. Compiled with
+  inductor's coordinate-descent tuning (``compile_settings``), a batch-1 mm is decomposed into a
+  multiply-and-sum reduction, so the conversion fuses into the kernel that reads the 1-byte weight
+  (gpt-fast's int8 path); without it the fp16 copy of the weight is written and read again.
+- ``quanto`` (optimum-quanto ``qint8`` / ``qfloat8``): QLinear modules; on CUDA an int8 weight
+  times fp16 activations is its custom op, which rescales the whole weight and calls matmul.
+
+``quantize_weights`` works in place on every ``nn.Linear`` the model reaches, the output head
+included (the input embedding is gathered, not read, and stays). A view sharing modules with
+the model (decoding/fused_projections.py's) quantizes the shared ones for both: fold first, then
+quantize, and quantize a copy to keep the original.
+"""
+
+import contextlib
+
+import torch
+
+SCHEMES = ("none", "int8", "fp8")
+LIBRARIES = ("torchao", "quanto")
+# Bytes a decode step reads per weight and per output channel (its scale: torchao keeps fp32 scales).
+WEIGHT_BYTES = {"int8": (1, 4), "fp8": (1, 4)}
+
+
+def check(scheme: str, library: str) -> None:
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown weight quantization {scheme!r}; choose from {', '.join(SCHEMES)}")
+    if library not in LIBRARIES:
+        raise ValueError(f"unknown weight quantization library {library!r}; choose from {', '.join(LIBRARIES)}")
+
+
+def quantize_weights(model, scheme: str, library: str = "torchao"):
+    """``model`` with every Linear's weight quantized to ``scheme`` by ``library`` (in place)."""
+    check(scheme, library)
+    if scheme == "none":
+        return model
+    if library == "torchao":
+        try:
+            from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+        except ImportError:
+            raise ImportError("weight quantization with torchao needs it installed: pip install torchao==0.18.0") from None
+        # set_inductor_config=False: torchao would switch inductor's tuning on for the whole
+        # process; compile_settings scopes it to the quantized step's compilation instead.
+        config = (Int8WeightOnlyConfig(set_inductor_config=False) if scheme == "int8"
+                  else Float8WeightOnlyConfig(set_inductor_config=False))
+        quantize_(model, config)
+        return model
+    from optimum.quanto import freeze, qfloat8, qint8, quantize
+    quantize(model, weights=qint8 if scheme == "int8" else qfloat8)
+    freeze(model)  # the quantized weights replace the float ones
+    return model
+
+
+def compile_settings(scheme: str, inductor_gemv: bool = False):
+    """Inductor's settings for compiling a step over weights of ``scheme``, as a context manager
+    around the first (compiling) call: coordinate-descent tuning for quantized weights (see the
+    module docstring), and for fp16 ones with ``inductor_gemv`` (Triton GEMVs with tuned,
+    possibly split, reductions in place of cuBLAS's)."""
+    if scheme == "none" and not inductor_gemv:
+        return contextlib.nullcontext()
+    return torch._inductor.config.patch(coordinate_descent_tuning=True)
+
+
+def linear_weight_bytes(n_in: int, n_out: int, scheme: str, bytes_per_value: int) -> int:
+    """Bytes of one (n_out, n_in) weight as a decode step reads it under ``scheme``."""
+    if scheme == "none":
+        return bytes_per_value * n_in * n_out
+    per_weight, per_channel = WEIGHT_BYTES[scheme]
+    return per_weight * n_in * n_out + per_channel * n_out

@@ -1,0 +1,114 @@
+"""Weight-only quantization (decoding/weight_quant.py): every Linear holds int8 / fp8 weights, the
+decode paths compute the function of the de-quantized weights, and the roofline counts 1 byte a weight."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from decoding import fused_projections, neox_decode, weight_quant
+from decoding.neox_decode import StepState
+from decoding.reference import kvpress_generate
+from evaluation import roofline
+from presses import make_press
+from tests.conftest import build, tiny_neox_config
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build(tiny_neox_config(), attn_implementation="sdpa")
+
+
+def prompt(length: int = 80, seed: int = 3) -> torch.Tensor:
+    return torch.randint(2, 1000, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+def linears(model) -> dict[str, nn.Module]:
+    return {name: module for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) or type(module).__name__ == "QLinear"}
+
+
+@torch.no_grad()
+def effective_weight(module) -> torch.Tensor:
+    """The (out, in) matrix a quantized Linear applies, whichever library holds it: its output on
+    the identity, less the bias."""
+    identity = torch.eye(module.in_features)
+    bias = 0 if module.bias is None else module.bias
+    return (module(identity) - bias).T
+
+
+def dequantized_copy(model, quantized):
+    """``model`` with every Linear's weight replaced by what ``quantized``'s applies."""
+    reference = copy.deepcopy(model)
+    targets = linears(reference)
+    with torch.no_grad():
+        for name, module in linears(quantized).items():
+            targets[name].weight.copy_(effective_weight(module))
+    return reference
+
+
+def logits_of(model, step_logits, press=None):
+    _, groups = neox_decode.prefill(model, [prompt()], press)
+    state = StepState(neox_decode.load_buffer(groups, 2), torch.full((1, 1), 17), torch.full((1, 1), 80),
+                      torch.zeros(1, dtype=torch.long))
+    return step_logits(model, state)
+
+
+@pytest.mark.parametrize("library", weight_quant.LIBRARIES)
+@pytest.mark.parametrize("scheme", ["int8", "fp8"])
+def test_quantized_step_computes_the_dequantized_weights_function(model, library, scheme):
+    quantized = weight_quant.quantize_weights(copy.deepcopy(model), scheme, library)
+    assert set(linears(quantized)) == set(linears(model))  # every Linear, the output head included
+    reference = dequantized_copy(model, quantized)
+    original = dict(model.named_parameters())
+    for name, parameter in reference.named_parameters():
+        if name.endswith("query_key_value.weight"):
+            error = (parameter - original[name]).abs()
+            row_max = original[name].abs().amax(dim=1, keepdim=True)
+            assert error.max() > 0, "the weights were not quantized"
+            if scheme == "int8":  # symmetric per-row int8: half a step of max|row| / 127 at most
+                assert (error <= row_max / 127 / 2 * 1.001).all()
+    torch.testing.assert_close(logits_of(quantized, neox_decode.forward_logits),
+                               logits_of(reference, neox_decode.forward_logits), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("library", weight_quant.LIBRARIES)
+def test_int8_fast_path_gives_the_kvpress_loops_tokens_on_the_same_weights(model, library):
+    quantized = weight_quant.quantize_weights(copy.deepcopy(model), "int8", library)
+    press = make_press("snapkv", 0.5)
+    expected = kvpress_generate(quantized, prompt(), press, new_tokens=8).tokens
+    assert torch.equal(neox_decode.generate(quantized, [prompt()], press, 8).tokens, expected)
+
+
+def test_a_folded_view_quantizes_its_fused_projection_too(model):
+    view = weight_quant.quantize_weights(fused_projections.fold_projections(copy.deepcopy(model)), "int8")
+    fused = view.gpt_neox.layers[0].fused_in
+    assert type(fused.weight).__name__ == "Int8Tensor"
+    reference = fused_projections.fold_projections(copy.deepcopy(model))
+    with torch.no_grad():
+        for layer, folded in zip(reference.gpt_neox.layers, view.gpt_neox.layers):
+            layer.fused_in.weight.copy_(effective_weight(folded.fused_in))
+        for name, module in linears(view).items():
+            if not name.endswith("fused_in"):
+                dict(reference.named_modules())[name].weight.copy_(effective_weight(module))
+    torch.testing.assert_close(logits_of(view, fused_projections.forward_logits),
+                               logits_of(reference, fused_projections.forward_logits), rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_schemes_and_libraries_are_refused(model):
+    with pytest.raises(ValueError, match="int4"):
+        weight_quant.quantize_weights(model, "int4")
+    with pytest.raises(ValueError, match="bnb"):
+        weight_quant.quantize_weights(model, "int8", "bnb")
+
+
+def test_roofline_counts_a_byte_a_weight_plus_its_channels_scale():
+    config = roofline.load_config("EleutherAI/pythia-2.8b")
+    by_name = {scheme: {op.name: op.bytes for op in roofline.operators(config, 1, 1, 2000, weight_quant=scheme)}
+               for scheme in ("none", "int8")}
+    hidden, inner = config.hidden_size, config.intermediate_size
+    vectors = 2 * (hidden + inner)  # the fp16 input and output of one token
+    assert by_name["int8"]["mlp_up"] == config.num_hidden_layers * (hidden * inner + 4 * inner + vectors)
+    assert by_name["none"]["mlp_up"] == config.num_hidden_layers * (2 * hidden * inner + vectors)
+    assert by_name["int8"]["attention"] == by_name["none"]["attention"]  # the KV cache stays fp16
