@@ -1,7 +1,11 @@
 """Tensor-parallel decoding (decoding/neox_tensor_parallel.py) on two CPU processes (gloo) gives the
-tokens of one process, dense and with presses, each rank holding half the heads' KV."""
+tokens of one process, dense and with presses, each rank holding half the heads' KV; its benchmark
+(evaluation/tensor_parallel.py, run on two GPUs by evaluation/device/tensor_parallel_speed.sh) runs
+through on the CPU."""
 
+import json
 import os
+import socket
 
 import pytest
 import torch
@@ -9,6 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing
 
 from decoding import neox_decode, neox_tensor_parallel
+from evaluation import tensor_parallel
 from presses import make_press
 from tests.conftest import build, tiny_neox_config
 
@@ -58,6 +63,30 @@ def test_two_ranks_decode_the_tokens_of_one_process(model, tmp_path):
         assert results["kv_heads"] == model.config.num_attention_heads // WORLD_SIZE
         for name, _ in CASES:
             assert torch.equal(results[name], expected[name]), (rank, name)
+
+
+def _cli_rank(rank: int, port: int, argv: list[str]) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))  # as torchrun sets them
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    tensor_parallel.main(argv)
+
+
+def test_the_benchmark_compares_two_ranks_with_one(tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    output = tmp_path / "tp.json"
+    argv = ["--model", "EleutherAI/pythia-70m", "--random-init", "--device", "cpu", "--press", "tova",
+            "--prompt_tokens", "80", "--new_tokens", "4", "--repeats", "1", "--output", str(output)]
+    torch.multiprocessing.start_processes(_cli_rank, (port, argv), nprocs=WORLD_SIZE, start_method="fork")
+    rows = json.loads(output.read_text())["rows"]
+    assert [(row["method"], row["batch_size"]) for row in rows] == [("dense", 1), ("tova", 1)]
+    for row in rows:
+        assert row["tp2"]["ranks_agree"] and row["tp2_vs_tp1"]["identical"] and row["tp2_vs_reference"]["identical"]
+        assert row["tp2"]["tokens_sha256"] == row["tp1"]["tokens_sha256"] == row["reference_tokens"]["tokens_sha256"]
+        assert row["tp2"]["kv_mib_final_per_rank"] == row["tp1"]["kv_mib_final_per_rank"] / WORLD_SIZE
 
 
 def test_a_model_that_does_not_split_evenly_is_refused():
