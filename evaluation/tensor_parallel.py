@@ -10,8 +10,8 @@ the model and takes rank 0's weights, so that random init gives every rank the s
    graph of decoding/neox_cuda_graphs.py), timed as evaluation/speed.py times it (warm-up runs,
    then the median of the timed runs' TTFT and decode time; TPOT = decode time / (new tokens - 1));
    then once with the uncompiled step, recording the gap between its two largest logits at every
-   step: the reference of the token check. A batch that does not fit one GPU is recorded as out
-   of memory and left out of phase 2.
+   step: the reference of the token check. A cell that fails here (a batch that does not fit one
+   GPU) is recorded with its error and left out of phase 2.
 2. TPN, on every rank: the model split by decoding/neox_tensor_parallel.py, the same cells timed
    the same way (rank 0's clock; the ranks meet at every layer's all-reduce).
 Each row holds both timings, ``tpot_ratio`` (TPN / TP1), whether every rank decoded the same tokens
@@ -20,13 +20,14 @@ TPN each against the reference (identical or not, the first step where a row dif
 equal steps, and the reference's top-two logit gap there, ``reference_margin_there``: a gap near
 fp16 rounding is a tie that another order of summation may flip), and TPN against TP1 directly.
 The result file is written after phase 1 and after every TPN cell, so a run cut short keeps what it
-measured. Random weights: timings only.
+measured; a TPN cell that fails on every rank is recorded with its error. Random weights: timings only.
 """
 
 import gc
 import os
 import statistics
 import sys
+import traceback
 from pathlib import Path
 
 import torch
@@ -120,10 +121,12 @@ def one_gpu_cells(args, model, prompts) -> list[dict]:
     for batch, name in cells(args):
         try:
             rows.append(one_gpu_cell(args, model, prompts, batch, name))
-        except torch.OutOfMemoryError:
-            rows.append({"method": name or "dense", "batch_size": batch, "tp1": {"error": "out of memory"}})
+        except Exception as error:  # out of memory, say: recorded (rank 0 alone here: no rank waits on it)
+            traceback.print_exc()
+            rows.append({"method": name or "dense", "batch_size": batch,
+                         "tp1": {"error": f"{type(error).__name__}: {error}"}})
         free_memory()
-        print(f"TP1 {name or 'dense'} batch {batch}: TPOT {rows[-1]['tp1'].get('tpot_ms', 'out of memory')} ms",
+        print(f"TP1 {name or 'dense'} batch {batch}: {rows[-1]['tp1'].get('tpot_ms', rows[-1]['tp1'].get('error'))}",
               file=sys.stderr, flush=True)
     return rows
 
@@ -144,9 +147,12 @@ def tensor_parallel_run(args, model, prompts, group, waiting, batch: int, name: 
 
 
 def with_tensor_parallel(row: dict, run: dict, world_size: int) -> None:
-    """Add a cell's TPN run to its TP1 row, with the ratio and the token comparisons."""
+    """Add a cell's TPN run (or its error) to its TP1 row, with the ratio and the token comparisons."""
     tpn = f"tp{world_size}"
     row[tpn] = run
+    if "error" in run:
+        print(f"TP{world_size} {row['method']} batch {row['batch_size']}: {run['error']}", file=sys.stderr, flush=True)
+        return
     row["tpot_ratio"] = run["tpot_ms"] / row["tp1"]["tpot_ms"]
     row["tp1_vs_reference"] = compared(row["tp1"]["tokens"], row["reference"], row["reference_margins"])
     row[f"{tpn}_vs_reference"] = compared(run["tokens"], row["reference"], row["reference_margins"])
@@ -225,7 +231,11 @@ def run(args) -> None:
     free_memory()
     for index in fitted[0]:
         batch, name = cells(args)[index]
-        run = tensor_parallel_run(args, model, prompts, group, waiting, batch, name)
+        try:
+            run = tensor_parallel_run(args, model, prompts, group, waiting, batch, name)
+        except Exception as error:  # recorded, the next cells tried: every rank fails alike or the run times out
+            traceback.print_exc()
+            run = {"error": f"{type(error).__name__}: {error}"}
         if rank == 0:
             with_tensor_parallel(rows[index], run, world_size)
             write()
