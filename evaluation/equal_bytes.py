@@ -68,7 +68,7 @@ def rdkv_setting(text: str) -> dict:
             setting[key] = value == "1"
         elif key in ("window_size", "recent_tokens", "group_tokens"):
             setting[key] = int(value)
-        elif key == "key_layout":
+        elif key in ("key_layout", "prior_shape"):
             setting[key] = value
         else:
             raise ValueError(f"unknown RD-KV setting {key!r} in {text!r}")

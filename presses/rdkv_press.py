@@ -30,7 +30,10 @@ class RDKVPress(BasePress):
     first order and with independent errors: a value error dv moves an output by p * dv, a key
     error dk moves the logit by q.dk / sqrt(d) and the output by p * (q.dk / sqrt(d)) * (v - o),
     evicting moves it by p * (v - o), where p is the query's attention to the token and o its
-    output; p is widened by ``prior`` / n (later queries look elsewhere than the window). The
+    output; p is widened by a prior of total mass ``prior`` (later queries look elsewhere than the
+    window), spread evenly over the n tokens or, with ``prior_shape="recency"``, as 1 / distance
+    from the newest token (attention is local: the next queries favour the nearest tokens, the
+    rule behind H2O's and StreamingLLM's recent windows). The
     options minimising distortion + lambda * bytes, with the smallest lambda that fits the layer's
     budget (``_allocate``), solve the allocation exactly on the lower convex hull of each token's
     (bytes, distortion) options: one rule decides keep-or-drop and bits together, where
@@ -52,6 +55,7 @@ class RDKVPress(BasePress):
     key_layout: str = "token"  # "channel": KIVI's per-channel key groups among the tokens stored at one width
     group_tokens: int = 32
     prior: float = 2.0  # attention mass spread evenly over the tokens, added to the window's: later queries look elsewhere
+    prior_shape: str = "uniform"  # "recency": the prior's mass falls as 1 / distance from the newest token
     separate_widths: bool = False  # keys and values choose their widths apart
     evict_weight: float = 1.0  # multiplies the eviction distortion
     stored_bytes: dict = field(default_factory=dict, repr=False)
@@ -64,6 +68,8 @@ class RDKVPress(BasePress):
             raise PressConfigError(f"bits must be chosen from 2, 3, 4, 8; got {self.bits}")
         if self.key_layout not in ("token", "channel"):
             raise PressConfigError(f"key_layout must be 'token' or 'channel', got {self.key_layout!r}")
+        if self.prior_shape not in ("uniform", "recency"):
+            raise PressConfigError(f"prior_shape must be 'uniform' or 'recency', got {self.prior_shape!r}")
         if self.evict_weight <= 0:
             raise PressConfigError(f"evict_weight must be positive, got {self.evict_weight}")
 
@@ -129,7 +135,7 @@ class RDKVPress(BasePress):
         # |v - o|^2 for every (query, token): how far the output moves per unit of lost weight
         spread = ((values_per_head**2).sum(-1).unsqueeze(2) - 2 * outputs @ values_per_head.transpose(2, 3)
                   + (outputs**2).sum(-1, keepdim=True)).clamp(min=0)
-        weight = (probs + self.prior / keys.shape[2]) ** 2
+        weight = (probs + self._prior(keys.shape[2], probs.device)) ** 2
         evict = per_kv_head((weight * spread).sum(2), keys.shape[1])
         key_error, value_error = [], []
         for quantized_keys, quantized_values in zip(key_options, value_options):
@@ -138,6 +144,14 @@ class RDKVPress(BasePress):
             value_error.append(per_kv_head(weight.sum(2) * repeat_kv(value_sq.unsqueeze(-1), groups).squeeze(-1), keys.shape[1]))
             key_error.append(per_kv_head((weight * logit_error**2 * spread).sum(2), keys.shape[1]))
         return torch.stack(key_error, dim=-1), torch.stack(value_error, dim=-1), evict
+
+
+    def _prior(self, tokens: int, device) -> torch.Tensor:
+        """(tokens,) the prior's attention mass per token, oldest first."""
+        if self.prior_shape == "uniform":
+            return torch.full((tokens,), self.prior / tokens, device=device)
+        closeness = 1 / torch.arange(tokens, 0, -1, device=device, dtype=torch.float32)
+        return self.prior * closeness / closeness.sum()
 
 
 def _allocate(distortion: torch.Tensor, evict: torch.Tensor, price: torch.Tensor, budget: float):
