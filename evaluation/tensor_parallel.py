@@ -101,9 +101,10 @@ def free_memory() -> None:
 def one_gpu_cell(args, model, prompts, batch: int, name: str | None) -> dict:
     """A phase-1 cell: TP1's timed runs, then the reference with its margins."""
     press = make_press(name, args.compression_ratio) if name else None
-    step = neox_cuda_graphs.compiled_step(model.device.type == "cuda", "two-stream", batch <= args.keep_buffer_max_batch)
-    run = measure(lambda mark: neox_decode.generate(model, prompts[batch], press, args.new_tokens, step=step, mark=mark),
-                  model.device, args.warmup, args.repeats)
+    step = neox_cuda_graphs.compiled_step(model.device.type == "cuda", "two-stream",
+                                          batch <= args.keep_buffer_max_batch)
+    run = measure(lambda mark: neox_decode.generate(model, prompts[batch], press, args.new_tokens, step=step,
+                                                    mark=mark), model.device, args.warmup, args.repeats)
     del step
     free_memory()
     margins = []
@@ -126,8 +127,9 @@ def one_gpu_cells(args, model, prompts) -> list[dict]:
             rows.append({"method": name or "dense", "batch_size": batch,
                          "tp1": {"error": f"{type(error).__name__}: {error}"}})
         free_memory()
-        print(f"TP1 {name or 'dense'} batch {batch}: {rows[-1]['tp1'].get('tpot_ms', rows[-1]['tp1'].get('error'))}",
-              file=sys.stderr, flush=True)
+        tp1 = rows[-1]["tp1"]
+        outcome = tp1["error"] if "error" in tp1 else f"TPOT {tp1['tpot_ms']:.3f} ms"
+        print(f"TP1 {name or 'dense'} batch {batch}: {outcome}", file=sys.stderr, flush=True)
     return rows
 
 
@@ -241,8 +243,9 @@ def run(args) -> None:
             write()
     if rank == 0:
         tpn = f"tp{world_size}"
-        print(table([{"method": row["method"], "batch_size": row["batch_size"], "tp1_tpot_ms": row["tp1"].get("tpot_ms"),
-                      f"{tpn}_tpot_ms": row.get(tpn, {}).get("tpot_ms"), "tpot_ratio": row.get("tpot_ratio"),
+        print(table([{"method": row["method"], "batch_size": row["batch_size"],
+                      "tp1_tpot_ms": row["tp1"].get("tpot_ms"), f"{tpn}_tpot_ms": row.get(tpn, {}).get("tpot_ms"),
+                      "tpot_ratio": row.get("tpot_ratio"),
                       "identical_to_tp1": row.get(f"{tpn}_vs_tp1", {}).get("identical"),
                       "first_difference": row.get(f"{tpn}_vs_tp1", {}).get("first_difference")} for row in rows],
                     ["method", "batch_size", "tp1_tpot_ms", f"{tpn}_tpot_ms", "tpot_ratio", "identical_to_tp1",
