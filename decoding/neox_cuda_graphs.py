@@ -111,6 +111,13 @@ class TwoStreamStep:
         # would keep a finished generation's KV alive while the next one prefills.
         self.captured_for, self.settings = weakref.ref(state.buffer), settings(state)
 
+    def uncaptured(self, model, state: StepState):
+        """The step's compiled branches launched one by one on the two streams, no graph: the
+        kernels a profiler sees here are the ones the graph replays (evaluation/profile_step.py)."""
+        if not hasattr(self, "side_stream"):
+            self.side_stream = torch.cuda.Stream()
+        return self._step(model, state)
+
     def __call__(self, model, state: StepState):
         captured = self.captured_for is not None and self.captured_for() is state.buffer
         if not captured or settings(state) != self.settings:

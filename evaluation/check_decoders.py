@@ -39,13 +39,14 @@ def agreement(tokens: torch.Tensor, reference: torch.Tensor) -> dict:
     return {"identical": bool(equal.all()), "first_difference": first, "agreement": float(equal.float().mean())}
 
 
-def margin_recording_step(margins: list, top_k_gaps: list):
+def margin_recording_step(margins: list, top_k_gaps: list, forward_logits=neox_decode.forward_logits):
     """The uncompiled neox step, also appending at each step the gap between its two best choice
     scores (batch,) to ``margins`` (how near a tie each draw was) and, with top-k, the gap between
     the k-th and (k+1)-th tempered logits to ``top_k_gaps`` (how near a tie the cut was: a token
-    let in or left out by rounding can win the draw however clear the top two were)."""
+    let in or left out by rounding can win the draw however clear the top two were).
+    ``forward_logits``: the step's forward (decoding/fused_projections.py's on a folded view)."""
     def step(model, state):
-        logits = neox_decode.forward_logits(model, state)
+        logits = forward_logits(model, state)
         scores = neox_decode.choice_scores(logits, state.temperature, state.top_k, state.noise)
         record_margin(scores, margins)
         if state.top_k is not None:

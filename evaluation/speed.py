@@ -113,8 +113,10 @@ def neox_settings(decoder: str, compile_mode: str, keep_buffer: bool) -> dict:
 
 
 def run_once_for(model, prompt: torch.Tensor, press, new_tokens: int, decoder: str, kv_quant: str = "none",
-                 backend: str = "sdpa", compile_mode: str = "two-stream", keep_buffer: bool = True):
-    """A no-argument function generating once with ``decoder`` (see the module docstring)."""
+                 backend: str = "sdpa", compile_mode: str = "two-stream", keep_buffer: bool = True, step=None):
+    """A no-argument function generating once with ``decoder`` (see the module docstring).
+    ``step``: the neox decoder's step, instead of ``compiled_step(compile_mode, keep_buffer)``
+    (evaluation/speed_frontier.py: the folded step)."""
     compile = model.device.type == "cuda"  # CUDA graphs need CUDA; on CPU the same steps run eagerly
     if decoder not in DECODERS:
         raise ValueError(f"unknown decoder {decoder!r}; choose from {', '.join(DECODERS)}")
@@ -133,7 +135,7 @@ def run_once_for(model, prompt: torch.Tensor, press, new_tokens: int, decoder: s
         step = static_cache.compiled_step(compile)
         return functools.partial(timed, static_cache.generate, device, model, prompt, press, new_tokens, step=step)
     if decoder == "neox":
-        step = neox_cuda_graphs.compiled_step(compile, compile_mode, keep_buffer)
+        step = step or neox_cuda_graphs.compiled_step(compile, compile_mode, keep_buffer)
         return functools.partial(timed, neox_decode.generate, device, model, list(prompt.split(1)), press, new_tokens,
                                  step=step, backend=backend)
     return functools.partial(timed, kvpress_generate, device, model, prompt, press, new_tokens, kv_quant)
@@ -141,11 +143,13 @@ def run_once_for(model, prompt: torch.Tensor, press, new_tokens: int, decoder: s
 
 def measure(model, prompt: torch.Tensor, press, new_tokens: int, repeats: int = 3, warmup: int = 1,
             decoder: str = "kvpress", kv_quant: str = "none", backend: str = "sdpa",
-            compile_mode: str = "two-stream", keep_buffer: bool = True, ceilings: Ceilings | None = None) -> dict:
+            compile_mode: str = "two-stream", keep_buffer: bool = True, ceilings: Ceilings | None = None,
+            step=None, weight_quant: str = "none") -> dict:
     """Median timings over ``repeats`` runs after ``warmup`` runs (compilation happens there),
     peak memory of the last run, and the TPOT floors (evaluation/roofline.py) at every layer's own
     kept length over ``ceilings`` (default: measured on the model's device once per process,
-    evaluation/ceilings.py).
+    evaluation/ceilings.py). ``step``: see ``run_once_for``; ``weight_quant``: the scheme the
+    model's weights are in (decoding/weight_quant.py), for the floors' bytes.
 
     The cost of the first call, for every decoder alike: ``first_call_s`` is the wall time (host
     clock, CUDA-synchronised) of the first warm-up run, one whole generation as the timed runs
@@ -160,7 +164,8 @@ def measure(model, prompt: torch.Tensor, press, new_tokens: int, repeats: int = 
     if new_tokens < 2:
         raise ValueError("--new_tokens must be at least 2 to time decode steps")
     device = model.device
-    run_once = run_once_for(model, prompt, press, new_tokens, decoder, kv_quant, backend, compile_mode, keep_buffer)
+    run_once = run_once_for(model, prompt, press, new_tokens, decoder, kv_quant, backend, compile_mode, keep_buffer,
+                            step)
     ceilings = ceilings or machine_ceilings(device)
     warmup_s = []
     for _ in range(warmup):
@@ -181,7 +186,7 @@ def measure(model, prompt: torch.Tensor, press, new_tokens: int, repeats: int = 
     kept = last["kept_tokens_per_layer"]
     decode_work = flops.decode_flops(config, kept, new_tokens - 1)
     tpot_ms = 1e3 * decode / (new_tokens - 1)
-    floors = roofline.decode_floors(config, batch, kept, new_tokens, ceilings)
+    floors = roofline.decode_floors(config, batch, kept, new_tokens, ceilings, weight_quant)
     first_call_s = warmup_s[0] if warmup_s else None
     median_run_s = statistics.median(run_s)
     return {
@@ -189,6 +194,7 @@ def measure(model, prompt: torch.Tensor, press, new_tokens: int, repeats: int = 
         "decode_attention": backend if decoder == "neox" else model.config._attn_implementation,
         **neox_settings(decoder, compile_mode, keep_buffer),
         "kv_quant": kv_quant,
+        "weight_quant": weight_quant,
         "batch_size": batch,
         "prompt_tokens": prompt_len,
         "new_tokens": new_tokens,

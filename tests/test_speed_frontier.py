@@ -1,0 +1,38 @@
+"""evaluation/speed_frontier.py on the CPU: every cell's tokens equal its reference's, quantized
+cells' floors count quantized bytes, and a bad cell is refused before anything loads."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from evaluation import ceilings, speed_frontier
+from presses import make_press
+from tests.conftest import build, tiny_neox_config
+from tests.test_fused_projections import with_random_layer_norms
+
+
+def test_every_cell_decodes_its_references_tokens():
+    model = with_random_layer_norms(build(tiny_neox_config(), attn_implementation="sdpa"))
+    args = SimpleNamespace(new_tokens=5, repeats=1, check_tokens=5)
+    prompt = torch.randint(2, 1000, (1, 90), generator=torch.Generator().manual_seed(3))
+    presses = [("dense", None), ("snapkv", make_press("snapkv", 0.5))]
+    measured = ceilings.given(1e11, 1e12)
+    rows = []
+    for cell in ("plain:fp16", "folded:fp16", "plain:int8_torchao", "folded:int8_torchao", "plain:int8_quanto"):
+        speed_frontier.measure_cell(args, model, speed_frontier.parse_cell(cell), prompt, presses, measured, rows)
+    assert [row["identical"] for row in rows] == [True] * 10
+    for row in rows:
+        quantized = row["weights"] != "fp16"
+        assert row["weight_quant"] == ("int8" if quantized else "none")
+        assert (row["tpot_floor_ms"] < row["fp16_floor_ms"]) == quantized
+    assert {row["reference"] for row in rows if row["cell"] == "folded:int8_torchao"} == {
+        "the uncompiled folded step, same weights"}
+
+
+@pytest.mark.parametrize("cell", ["plain", "fused:fp16", "plain:int4_torchao"])
+def test_a_bad_cell_is_one_line_before_loading(cell, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        speed_frontier.parse_args(["--cells", cell])
+    assert exit_info.value.code == 2
+    assert "STEP:WEIGHTS" in capsys.readouterr().err
