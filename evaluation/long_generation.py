@@ -66,7 +66,8 @@ class BinTimer:
             event = torch.cuda.Event(enable_timing=True)
             event.record()  # in stream order: the GPU's time, however far ahead of it the host runs
             self.points.append(event)
-            # The allocator's counters are the host's; graph replays allocate nothing.
+            # The allocator's counters are the host's (graph replays allocate nothing). Each point's
+            # peak is the one since the point before (the first point's: since the run began).
             self.memory.append(torch.cuda.memory_allocated(self.device))
             self.peaks.append(torch.cuda.max_memory_allocated(self.device))
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -115,7 +116,7 @@ def parse_args(argv=None):
                         help="tokens each layer's ring holds (sinks included); one run each")
     parser.add_argument("--n_sink", type=int, default=4)
     parser.add_argument("--dense_tokens", type=int,
-                        help="tokens dense generates (default: up to the model's max_position_embeddings; 0: no dense run)")
+                        help="tokens dense generates (default: up to max_position_embeddings; 0: no dense run)")
     parser.add_argument("--bin_tokens", type=int, default=512)
     parser.add_argument("--check_tokens", type=int, default=0,
                         help="new tokens of the token check against the slow path (0: none)")
@@ -160,11 +161,13 @@ def timed_run(model, prompt: torch.Tensor, budget: int | None, new_tokens: int, 
             "n_sink": None if budget is None else args.n_sink, "new_tokens": new_tokens,
             "positions_reached": prompt.shape[1] + new_tokens, "kept_after_prefill": kept,
             "kv_bytes_final": generation.kv_bytes_final,
-            "peak_memory_gib": torch.cuda.max_memory_allocated(model.device) / GIB if compile else None,
-            "first_step_s": timer.first_step_s, "decode_s": timer.at[END] - timer.at[FIRST_TOKEN],
+            # the peak from the prefill on: the bins' peaks, the first one's reaching back to the run's start
+            "peak_memory_gib": max(timer.peaks) / GIB if timer.peaks else None,
+            "first_step_s": timer.first_step_s,
+            "decode_s": timer.at[END] - timer.at[FIRST_TOKEN],  # wall clock, the first step included
             "tpot_ms_mean": sum(r["tpot_ms"] * r["steps"] for r in bins) / sum(r["steps"] for r in bins),
             "tpot_last_over_first_bin": steady[-1] / steady[0], "bins": bins,
-            "token_digest": generation.tokens[0, -8:].tolist()}
+            "last_tokens": generation.tokens[0, -8:].tolist()}
 
 
 def token_check(model, prompt: torch.Tensor, args) -> list[dict]:
