@@ -4,11 +4,12 @@ its share of the attention heads (their weights and their KV cache) and of the M
   torchrun --nproc_per_node 2 evaluation/tensor_parallel.py --model EleutherAI/pythia-12b --random-init
 
 How a model is split: by transformers' plan for GPT-NeoX (``model.tp_plan``, from
-``GPTNeoXConfig.base_model_tp_plan``): ``query_key_value`` and ``dense_h_to_4h`` column-wise (each
-rank computes its share of the outputs), ``dense`` and ``dense_4h_to_h`` row-wise (each rank
-multiplies its share of the inputs; the ranks' partial sums add up to the output). Everything else
-is replicated; transformers 5.2 drops the causal LM's own entry for ``embed_out`` from the plan it
-returns, so every rank computes the whole logits and picks the same token. The fused
+``GPTNeoXConfig.base_model_tp_plan``, and the causal LM's own entry, which transformers 5.2's
+``tp_plan`` leaves out): ``query_key_value`` and ``dense_h_to_4h`` column-wise (each rank computes
+its share of the outputs), ``dense`` and ``dense_4h_to_h`` row-wise (each rank multiplies its share
+of the inputs; the ranks' partial sums add up to the output), ``embed_out`` column-wise with its
+output gathered (every rank gets the whole logits and picks the same token); the rest is
+replicated. The fused
 ``query_key_value`` weight is laid out per head ([head][q, k, v][head_dim]: ``patches/gpt_neox.py``'s
 ``split_qkv`` views its output as (..., heads, 3, head_dim)), so a column-wise shard of it is whole
 heads, and the row-wise ``dense`` takes exactly those heads' outputs.
@@ -37,6 +38,7 @@ Every rank runs the same calls in the same order; to sample, give each rank a ge
 """
 
 import contextlib
+import fnmatch
 import functools
 from dataclasses import dataclass
 
@@ -48,10 +50,12 @@ from torch import nn
 from decoding import neox_cuda_graphs, neox_decode
 from decoding.neox_decode import StepState, attention_branch, final_logits, mlp_branch, next_token
 
-# What the step is written for: transformers' GPT-NeoX plan, by module name inside a layer. The
-# single reduction per layer sits after the two row-wise modules.
-LAYER_PLAN = {"attention.query_key_value": "colwise", "attention.dense": "rowwise",
-              "mlp.dense_h_to_4h": "colwise", "mlp.dense_4h_to_h": "rowwise"}
+# transformers' plan for GPTNeoXForCausalLM, the one this step is written for: its single
+# reduction per layer sits after the two row-wise modules; the logits are gathered from the ranks'
+# shares of the vocabulary.
+PLAN = {"gpt_neox.layers.*.attention.query_key_value": "colwise", "gpt_neox.layers.*.attention.dense": "rowwise",
+        "gpt_neox.layers.*.mlp.dense_h_to_4h": "colwise", "gpt_neox.layers.*.mlp.dense_4h_to_h": "rowwise",
+        "embed_out": "colwise_gather_output"}
 # Presses whose score of a key is its mean over every head of the layer: averaged over the ranks.
 HEAD_MEAN_SCORES = (kvpress.TOVAPress,)
 # Presses that choose across the heads of a layer in other ways (a budget shared by all heads,
@@ -65,18 +69,21 @@ def check_shardable(config, world_size: int) -> None:
         raise ValueError(f"tensor-parallel decoding is written for GPT-NeoX, not {config.model_type}")
     if not config.use_parallel_residual:
         raise ValueError("tensor-parallel decoding reduces once per layer: it needs GPT-NeoX's parallel residual")
-    for what, size in (("attention heads", config.num_attention_heads), ("MLP width", config.intermediate_size)):
+    for what, size in (("attention heads", config.num_attention_heads), ("MLP width", config.intermediate_size),
+                       ("vocabulary entries", config.vocab_size)):
         if size % world_size:
             raise ValueError(f"{size} {what} do not split evenly over {world_size} ranks")
 
 
-def layer_plan(model) -> dict[str, str]:
-    """transformers' plan of ``model``, by module name inside a layer; ValueError if it is not the one
-    this step is written for (``LAYER_PLAN``)."""
-    plan = {pattern.split(".layers.*.", 1)[-1]: style for pattern, style in model.tp_plan.items()}
-    if plan != LAYER_PLAN:
-        raise ValueError(f"tensor-parallel decoding is written for the plan {LAYER_PLAN}; the model's is {plan}")
-    return plan
+def planned_modules(model) -> list[tuple[nn.Module, str]]:
+    """(module, style) for every module transformers' plan of ``model`` splits; ValueError if the
+    plan is not the one this step is written for (``PLAN``)."""
+    # transformers 5.2's model.tp_plan leaves out the causal LM's own entry, which its class declares.
+    plan = (getattr(type(model), "_tp_plan", None) or {}) | model.tp_plan
+    if plan != PLAN:
+        raise ValueError(f"tensor-parallel decoding is written for the plan {PLAN}; the model's is {plan}")
+    return [(module, style) for name, module in model.named_modules() for pattern, style in PLAN.items()
+            if fnmatch.fnmatchcase(name, pattern)]
 
 
 class RankAttentionConfig:
@@ -102,31 +109,33 @@ def _share(tensor: torch.Tensor, dim: int, rank: int, world_size: int) -> torch.
 
 @torch.no_grad()
 def shard(model, group) -> None:
-    """Split ``model`` in place over the ranks of ``group`` by its plan (``layer_plan``): column-wise
-    modules keep the rank's output rows and biases, row-wise modules its input columns; a row-wise
-    bias stays on rank 0 only (zero on the others), so that the reduction adds it once."""
+    """Split ``model`` in place over the ranks of ``group`` by its plan (``planned_modules``):
+    column-wise modules keep the rank's output rows and biases, row-wise modules its input columns;
+    a row-wise bias stays on rank 0 only (zero on the others), so that the reduction adds it once.
+    The head's outputs are gathered from every rank by a hook of its own, in prefill and decode
+    alike; the row-wise outputs are reduced by ``ShardedPress`` (prefill) or the step (decode)."""
     rank, world_size = dist.get_rank(group), dist.get_world_size(group)
     check_shardable(model.config, world_size)
-    plan = layer_plan(model)
+    for module, style in planned_modules(model):
+        dim = 1 if style == "rowwise" else 0
+        module.weight = nn.Parameter(_share(module.weight, dim, rank, world_size), requires_grad=False)
+        if module.bias is not None and style != "rowwise":
+            module.bias = nn.Parameter(_share(module.bias, 0, rank, world_size), requires_grad=False)
+        elif module.bias is not None and rank != 0:
+            module.bias.zero_()
+        module.in_features, module.out_features = module.weight.shape[1], module.weight.shape[0]
+        if style == "colwise_gather_output":
+            module.register_forward_hook(lambda module, args, output: _gathered(output, group))
     for layer in model.gpt_neox.layers:
-        for name, style in plan.items():
-            module = layer.get_submodule(name)
-            if style == "colwise":
-                module.weight = nn.Parameter(_share(module.weight, 0, rank, world_size), requires_grad=False)
-                if module.bias is not None:
-                    module.bias = nn.Parameter(_share(module.bias, 0, rank, world_size), requires_grad=False)
-                module.out_features = module.weight.shape[0]
-            else:
-                module.weight = nn.Parameter(_share(module.weight, 1, rank, world_size), requires_grad=False)
-                if module.bias is not None and rank != 0:
-                    module.bias.zero_()
-                module.in_features = module.weight.shape[1]
         layer.attention.config = RankAttentionConfig(model.config, model.config.num_attention_heads // world_size)
 
 
-def row_wise_modules(model) -> list[nn.Module]:
-    return [layer.get_submodule(name) for layer in model.gpt_neox.layers
-            for name, style in LAYER_PLAN.items() if style == "rowwise"]
+def _gathered(tensor: torch.Tensor, group) -> torch.Tensor:
+    """Every rank's ``tensor`` side by side along the last dim (a column-wise module's whole output)."""
+    world_size = dist.get_world_size(group)
+    every = tensor.new_empty((world_size * tensor.shape[0], *tensor.shape[1:]))
+    dist.all_gather_into_tensor(every, tensor.contiguous(), group=group)
+    return torch.cat(every.chunk(world_size), dim=-1)
 
 
 def _presses_in(press):
@@ -165,7 +174,7 @@ class ShardedPress:
     @contextlib.contextmanager
     def __call__(self, model):
         with contextlib.ExitStack() as stack:
-            for module in row_wise_modules(model):
+            for module in [module for module, style in planned_modules(model) if style == "rowwise"]:
                 # The output is a new tensor of the module's own: reduced in place.
                 handle = module.register_forward_hook(lambda module, args, output: _all_reduced(output, self.group))
                 stack.callback(handle.remove)
