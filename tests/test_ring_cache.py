@@ -46,8 +46,13 @@ def test_ring_without_sinks_is_the_sliding_window(model):
     assert torch.equal(ring_cache.generate(model, [prompt(30, 6)], press, NEW_TOKENS).tokens, expected)
 
 
-def test_ring_branch_compiles_whole_and_gives_the_same_tokens(model):
+def test_ring_branch_compiles_whole_once_for_all_layers_and_gives_the_same_tokens():
     # What the two-stream graph compiles on CUDA, traced here without graph breaks (fullgraph).
+    from torch._dynamo.utils import counters
+
+    model = build(tiny_neox_config(initializer_range=0.1, num_hidden_layers=4), attn_implementation="sdpa")
+    torch._dynamo.reset()
+    counters.clear()
     attention_fn = torch.compile(ring_cache.attention_branch, fullgraph=True, backend="aot_eager")
 
     def step(model, state):
@@ -57,6 +62,8 @@ def test_ring_branch_compiles_whole_and_gives_the_same_tokens(model):
     press = make_streaming_press("streaming_llm", Settings(budget=8))
     expected = budget_generate(model, prompt(20, 7), press, 24).tokens
     assert torch.equal(ring_cache.generate(model, [prompt(20, 7)], press, 24, step=step).tokens, expected)
+    # the first layer's one input part and the later layers' three: no recompile per layer
+    assert counters["stats"]["unique_graphs"] == 2
 
 
 @pytest.mark.parametrize("press, message", [
