@@ -9,17 +9,16 @@ How a model is split: by transformers' plan for GPT-NeoX (``model.tp_plan``, fro
 its share of the outputs), ``dense`` and ``dense_4h_to_h`` row-wise (each rank multiplies its share
 of the inputs; the ranks' partial sums add up to the output), ``embed_out`` column-wise with its
 output gathered (every rank gets the whole logits and picks the same token); the rest is
-replicated. The fused
-``query_key_value`` weight is laid out per head ([head][q, k, v][head_dim]: ``patches/gpt_neox.py``'s
-``split_qkv`` views its output as (..., heads, 3, head_dim)), so a column-wise shard of it is whole
-heads, and the row-wise ``dense`` takes exactly those heads' outputs.
+replicated. The fused ``query_key_value`` weight is laid out per head ([head][q, k, v][head_dim]:
+``patches/gpt_neox.py``'s ``split_qkv`` views its output as (..., heads, 3, head_dim)), so a
+column-wise shard of it is whole heads, and the row-wise ``dense`` takes exactly those heads' outputs.
 
 Why this file splits the weights and places the collectives itself, instead of loading through
 transformers' ``from_pretrained(tp_plan=...)`` or PyTorch's DTensor ``parallelize_module``: both
 reduce after every row-wise module, twice per layer. With GPT-NeoX's parallel residual the
 attention and MLP outputs are summed anyway, so here each rank adds its two partial sums and the
-step reduces once per layer: half the collectives, which at batch 1 cost about as much as a layer's
-matrix-vector products. One reduction on the main stream also keeps every rank's collectives in one
+step reduces once per layer: half the collectives, each of which waits for every rank on the
+step's critical path. One reduction on the main stream also keeps every rank's collectives in one
 order, which NCCL needs and which the two-stream step (the MLP on a second stream) would not give
 with one reduction per branch. And the step wants plain local tensors to compile and capture:
 transformers' row-wise hook reduces in place inside an autograd Function and moves the bias off the
@@ -151,7 +150,7 @@ def _mean_over_ranks(score, group):
 
     @functools.wraps(score)
     def averaged(*args, **kwargs):
-        scores = score(*args, **kwargs)
+        scores = score(*args, **kwargs).contiguous()  # the collective needs it
         dist.all_reduce(scores, group=group)
         return scores / world_size
     return averaged

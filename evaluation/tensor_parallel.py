@@ -234,12 +234,12 @@ def run(args) -> None:
     for index in fitted[0]:
         batch, name = cells(args)[index]
         try:
-            run = tensor_parallel_run(args, model, prompts, group, waiting, batch, name)
+            measured = tensor_parallel_run(args, model, prompts, group, waiting, batch, name)
         except Exception as error:  # recorded, the next cells tried: every rank fails alike or the run times out
             traceback.print_exc()
-            run = {"error": f"{type(error).__name__}: {error}"}
+            measured = {"error": f"{type(error).__name__}: {error}"}
         if rank == 0:
-            with_tensor_parallel(rows[index], run, world_size)
+            with_tensor_parallel(rows[index], measured, world_size)
             write()
     if rank == 0:
         tpn = f"tp{world_size}"
