@@ -6,14 +6,16 @@
 Started by torchrun on N ranks, one GPU each (on a CPU: gloo, uncompiled steps). Every rank builds
 the model and takes rank 0's weights, so that random init gives every rank the same. Then:
 1. TP1, on rank 0 alone while the others wait: each cell (batch size x method) on the whole
-   model with the project's fast path (decoding/neox_decode.py; on CUDA the two-stream CUDA
-   graph of decoding/neox_cuda_graphs.py), timed as evaluation/speed.py times it (warm-up runs,
-   then the median of the timed runs' TTFT and decode time; TPOT = decode time / (new tokens - 1));
-   then once with the uncompiled step, recording the gap between its two largest logits at every
-   step: the reference of the token check. A cell that fails here (a batch that does not fit one
-   GPU) is recorded with its error and left out of phase 2.
-2. TPN, on every rank: the model split by decoding/neox_tensor_parallel.py, the same cells timed
-   the same way (rank 0's clock; the ranks meet at every layer's all-reduce).
+   model, measured by evaluation/speed.py's ``measure`` with its ``neox`` decoder (the project's
+   fast path; on CUDA the two-stream CUDA graph): warm-up runs, then the median of the timed runs'
+   TTFT and decode time, TPOT = decode time / (new tokens - 1); then once with the uncompiled
+   step, recording the gap between its two largest logits at every step: the reference of the
+   token check. A cell that fails here (a batch that does not fit one GPU) is recorded with its
+   error and left out of phase 2.
+2. TPN, on every rank: the model split by decoding/neox_tensor_parallel.py, the same cells measured
+   the same way with its step and ``ShardedPress`` (rank 0's clock; the ranks meet at every
+   layer's all-reduce). KV bytes are the rank's own; the floors, in both rows, are the whole
+   model's on one GPU (over the bandwidth measured on each rank's GPU at the start).
 Each row holds both timings, ``tpot_ratio`` (TPN / TP1), whether every rank decoded the same tokens
 (``ranks_agree``), and the tokens compared as evaluation/check_decoders.py compares them: TP1 and
 TPN each against the reference (identical or not, the first step where a row differs, the share of
@@ -25,7 +27,6 @@ measured; a TPN cell that fails on every rank is recorded with its error. Random
 
 import gc
 import os
-import statistics
 import sys
 import traceback
 from pathlib import Path
@@ -33,11 +34,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from decoding import neox_cuda_graphs, neox_decode, neox_tensor_parallel
-from evaluation import cli
+from decoding import neox_decode, neox_tensor_parallel
+from evaluation import cli, speed
+from evaluation.ceilings import machine_ceilings
 from evaluation.check_decoders import agreement, at_first_differences, margin_recording_step
 from evaluation.results import table, token_digest, write_json_atomic
-from evaluation.speed import prompt_ids, timed
 from presses import make_press
 
 # NVLink multicast stays off (the GPU host's rule: it can take the shared GPUs down), in this
@@ -71,44 +72,21 @@ def cells(args) -> list[tuple[int, str | None]]:
             for name in [None] + (args.press if batch in press_batches else [])]
 
 
-def measure(generate, device, warmup: int, repeats: int) -> dict:
-    """``generate(mark=...)`` timed as evaluation/speed.py's ``measure`` times a decoder."""
-    for _ in range(warmup):
-        generate(mark=neox_decode.no_mark)
-    runs = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
-        runs.append(timed(generate, device))
-    last = runs[-1]
-    decode_s = statistics.median(run["decode_s"] for run in runs)
-    return {"ttft_ms": 1e3 * statistics.median(run["ttft_s"] for run in runs),
-            "tpot_ms": 1e3 * decode_s / (last["tokens"].shape[1] - 1),
-            "decode_runs_s": [run["decode_s"] for run in runs],
-            "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-            "kv_mib_final_per_rank": last["kv_bytes_final"] / 2**20,
-            "kept_tokens_layer0": last["kept_tokens_layer0"],
-            "tokens": last["tokens"].cpu()}
-
-
 def free_memory() -> None:
     gc.collect()  # the last cell's step, with its CUDA graph and its buffer
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 
-def one_gpu_cell(args, model, prompts, batch: int, name: str | None) -> dict:
-    """A phase-1 cell: TP1's timed runs, then the reference with its margins."""
+def one_gpu_cell(args, model, prompts, ceilings, batch: int, name: str | None) -> dict:
+    """A phase-1 cell: TP1's timed runs (evaluation/speed.py's neox decoder), then the reference
+    with its margins."""
     press = make_press(name, args.compression_ratio) if name else None
-    step = neox_cuda_graphs.compiled_step(model.device.type == "cuda", "two-stream",
-                                          batch <= args.keep_buffer_max_batch)
-    run = measure(lambda mark: neox_decode.generate(model, prompts[batch], press, args.new_tokens, step=step,
-                                                    mark=mark), model.device, args.warmup, args.repeats)
-    del step
+    run = speed.measure(model, prompts[batch], press, args.new_tokens, args.repeats, args.warmup, decoder="neox",
+                        keep_buffer=batch <= args.keep_buffer_max_batch, ceilings=ceilings)
     free_memory()
     margins = []
-    reference = neox_decode.generate(model, prompts[batch], press, args.new_tokens,
+    reference = neox_decode.generate(model, list(prompts[batch].split(1)), press, args.new_tokens,
                                      step=margin_recording_step(margins, [])).tokens.cpu()
     # (batch, steps); the first token comes from the prefill, whose margin is not recorded
     margins = torch.stack([torch.full_like(margins[0], float("nan"))] + margins, dim=1).cpu()
@@ -116,12 +94,12 @@ def one_gpu_cell(args, model, prompts, batch: int, name: str | None) -> dict:
             "reference_margins": margins}
 
 
-def one_gpu_cells(args, model, prompts) -> list[dict]:
+def one_gpu_cells(args, model, prompts, ceilings) -> list[dict]:
     """Phase 1 (see the module docstring), on rank 0."""
     rows = []
     for batch, name in cells(args):
         try:
-            rows.append(one_gpu_cell(args, model, prompts, batch, name))
+            rows.append(one_gpu_cell(args, model, prompts, ceilings, batch, name))
         except Exception as error:  # out of memory, say: recorded (rank 0 alone here: no rank waits on it)
             traceback.print_exc()
             rows.append({"method": name or "dense", "batch_size": batch,
@@ -133,19 +111,19 @@ def one_gpu_cells(args, model, prompts) -> list[dict]:
     return rows
 
 
-def tensor_parallel_run(args, model, prompts, group, waiting, batch: int, name: str | None) -> dict:
+def tensor_parallel_run(args, model, prompts, ceilings, group, waiting, batch: int, name: str | None) -> dict:
     """A phase-2 cell on every rank: the timed runs, and whether every rank decoded the same tokens."""
     press = make_press(name, args.compression_ratio) if name else None
-    step = neox_tensor_parallel.tensor_parallel_step(group, model.device.type == "cuda",
-                                                     batch <= args.keep_buffer_max_batch)
-    run = measure(lambda mark: neox_tensor_parallel.generate(model, prompts[batch], press, args.new_tokens, group,
-                                                             step=step, mark=mark),
-                  model.device, args.warmup, args.repeats)
+    keep_buffer = batch <= args.keep_buffer_max_batch
+    step = neox_tensor_parallel.tensor_parallel_step(group, model.device.type == "cuda", keep_buffer)
+    run = speed.measure(model, prompts[batch], neox_tensor_parallel.ShardedPress(press, group), args.new_tokens,
+                        args.repeats, args.warmup, decoder="neox", keep_buffer=keep_buffer, ceilings=ceilings,
+                        step=step)
     del step
     free_memory()
     every_rank = [None] * dist.get_world_size(group)
     dist.all_gather_object(every_rank, run["tokens"], group=waiting)
-    return run | {"ranks_agree": all(torch.equal(tokens, run["tokens"]) for tokens in every_rank)}
+    return run | {"ranks_agree": all(tokens == run["tokens"] for tokens in every_rank)}
 
 
 def with_tensor_parallel(row: dict, run: dict, world_size: int) -> None:
@@ -156,9 +134,10 @@ def with_tensor_parallel(row: dict, run: dict, world_size: int) -> None:
         print(f"TP{world_size} {row['method']} batch {row['batch_size']}: {run['error']}", file=sys.stderr, flush=True)
         return
     row["tpot_ratio"] = run["tpot_ms"] / row["tp1"]["tpot_ms"]
-    row["tp1_vs_reference"] = compared(row["tp1"]["tokens"], row["reference"], row["reference_margins"])
-    row[f"{tpn}_vs_reference"] = compared(run["tokens"], row["reference"], row["reference_margins"])
-    row[f"{tpn}_vs_tp1"] = agreement(run["tokens"], row["tp1"]["tokens"])
+    tp1_tokens, tpn_tokens = torch.tensor(row["tp1"]["tokens"]), torch.tensor(run["tokens"])
+    row["tp1_vs_reference"] = compared(tp1_tokens, row["reference"], row["reference_margins"])
+    row[f"{tpn}_vs_reference"] = compared(tpn_tokens, row["reference"], row["reference_margins"])
+    row[f"{tpn}_vs_tp1"] = agreement(tpn_tokens, tp1_tokens)
     print(f"TP{world_size} {row['method']} batch {row['batch_size']}: TPOT {run['tpot_ms']:.3f} ms "
           f"({row['tpot_ratio']:.3f} x TP1), tokens identical to TP1: {row[f'{tpn}_vs_tp1']['identical']}",
           file=sys.stderr, flush=True)
@@ -177,7 +156,7 @@ def stored(row: dict) -> dict:
         if key == "reference":
             kept["reference_tokens"] = token_digest(value.tolist())
         elif isinstance(value, dict) and "tokens" in value:
-            kept[key] = {k: v for k, v in value.items() if k != "tokens"} | token_digest(value["tokens"].tolist())
+            kept[key] = {k: v for k, v in value.items() if k != "tokens"} | token_digest(value["tokens"])
         elif key != "reference_margins":
             kept[key] = value
     return kept
@@ -209,8 +188,9 @@ def run(args) -> None:
             make_press(name, args.compression_ratio)
     for tensor in list(model.parameters()) + list(model.buffers()):
         dist.broadcast(tensor.data, src=0, group=group)
-    prompts = {batch: list(prompt_ids(model.config.vocab_size, batch, args.prompt_tokens, 0).to(model.device).split(1))
+    prompts = {batch: speed.prompt_ids(model.config.vocab_size, batch, args.prompt_tokens, 0).to(model.device)
                for batch in args.batch_size}
+    ceilings = machine_ceilings(model.device)  # this rank's GPU, before any cell
     cuda = model.device.type == "cuda"
     header = cli.result_header(
         args, loaded, world_size=world_size, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
@@ -222,7 +202,7 @@ def run(args) -> None:
     def write():
         write_json_atomic(args.output, header | {"rows": [stored(row) for row in rows]})
 
-    rows = one_gpu_cells(args, model, prompts) if rank == 0 else None
+    rows = one_gpu_cells(args, model, prompts, ceilings) if rank == 0 else None
     if rank == 0:
         write()
     # The others wait here, on the CPU, while rank 0 runs phase 1; then learn which cells fitted.
@@ -234,7 +214,7 @@ def run(args) -> None:
     for index in fitted[0]:
         batch, name = cells(args)[index]
         try:
-            measured = tensor_parallel_run(args, model, prompts, group, waiting, batch, name)
+            measured = tensor_parallel_run(args, model, prompts, ceilings, group, waiting, batch, name)
         except Exception as error:  # recorded, the next cells tried: every rank fails alike or the run times out
             traceback.print_exc()
             measured = {"error": f"{type(error).__name__}: {error}"}

@@ -86,7 +86,7 @@ def test_the_benchmark_compares_two_ranks_with_one(tmp_path):
     for row in rows:
         assert row["tp2"]["ranks_agree"] and row["tp2_vs_tp1"]["identical"] and row["tp2_vs_reference"]["identical"]
         assert row["tp2"]["tokens_sha256"] == row["tp1"]["tokens_sha256"] == row["reference_tokens"]["tokens_sha256"]
-        assert row["tp2"]["kv_mib_final_per_rank"] == row["tp1"]["kv_mib_final_per_rank"] / WORLD_SIZE
+        assert row["tp2"]["kv_mib_final"] == row["tp1"]["kv_mib_final"] / WORLD_SIZE  # each rank: its heads' KV
 
 
 def test_a_model_that_does_not_split_evenly_is_refused():
