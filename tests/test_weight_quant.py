@@ -112,3 +112,20 @@ def test_roofline_counts_a_byte_a_weight_plus_its_channels_scale():
     assert by_name["int8"]["mlp_up"] == config.num_hidden_layers * (hidden * inner + 4 * inner + vectors)
     assert by_name["none"]["mlp_up"] == config.num_hidden_layers * (2 * hidden * inner + vectors)
     assert by_name["int8"]["attention"] == by_name["none"]["attention"]  # the KV cache stays fp16
+
+
+def test_int8_folded_branches_compile_whole(model):
+    # On CUDA the two-stream step compiles each branch with fullgraph=True: an int8 weight's
+    # linear must trace without a graph break.
+    view = weight_quant.quantize_weights(fused_projections.fold_projections(copy.deepcopy(model)), "int8")
+    torch._dynamo.reset()
+    branches = [torch.compile(fn, fullgraph=True) for fn in (
+        fused_projections.projections, fused_projections.attention_from_qkv, fused_projections.mlp_from_input)]
+
+    def step(view, state):
+        logits = neox_decode.final_logits(view, fused_projections.layer_outputs(view, state, *branches))
+        return neox_decode.next_token(logits, state.temperature, state.top_k, state.noise)
+
+    expected = neox_decode.generate(view, [prompt()], None, 4, step=fused_projections.decode_step).tokens
+    with weight_quant.compile_settings("int8"):
+        assert torch.equal(neox_decode.generate(view, [prompt()], None, 4, step=step).tokens, expected)
