@@ -1,0 +1,61 @@
+# Issue 16, items 1-3, on the H200: random-init Pythia-2.8B, fp16, prompt 2000, 256 forced new tokens.
+#   source evaluation/device/setup_env.sh && bash evaluation/device/speed_frontier.sh frontier|batch
+# Needs torchao 0.18.0 and optimum-quanto 0.2.7 in .whl/ (the command: docs/speed.md, "Speed frontier").
+# One part per device call; each under 9 minutes including compiles, each stage under its own time
+# limit (a stage cut short loses itself, not the rest), every stage's stderr kept as its log.txt. The
+# results come back as one tarball, $OUT/speed_frontier_PART.tgz, made on exit (also after a failure).
+#   frontier: batch 1. (1) evaluation/speed_frontier.py, fp16: the plain two-stream step against the
+#             folded one (LayerNorms folded, one QKV + MLP-in GEMM), dense and SnapKV keeping 25%, the
+#             copy bandwidth measured at the process's start, tokens checked; (2) evaluation/profile_step.py,
+#             the two-stream kernels of both steps grouped against their bytes; (3) int8 weights: torchao
+#             folded and plain, quanto plain, dense and SnapKV 25%; (4) the int8 folded step's profile;
+#             (5) fp8 (torchao, folded) and fp16 weights through inductor's tuned Triton GEMVs (folded).
+#   batch:    the largest batch at a 2k context, dense and SnapKV keeping 25% (evaluation/speed_grid.py,
+#             two-stream, --no-keep_buffer: a batch that does not fit is recorded as out of memory and
+#             larger ones are not tried), then decode attention's kernels at batch 64 and 128 against
+#             the KV bytes over the copy bandwidth (profile_step.py).
+set -u
+part=${1:-frontier}
+work=/tmp/speed_frontier_$part
+mkdir -p "$work"
+trap 'tar czf "${OUT:-results}/speed_frontier_$part.tgz" -C "$work" .' EXIT
+common="--model EleutherAI/pythia-2.8b --random-init --dtype float16 --prompt_tokens 2000"
+budget=${FRONTIER_BUDGET_S:-500}  # seconds for all stages of the part, the environment's setup not counted
+start=$SECONDS
+stage() {  # stage SECONDS NAME PROGRAM ARGS...: under min(SECONDS, what is left of the budget)
+  local limit=$1 name=$2; shift 2
+  local left=$((budget - (SECONDS - start)))
+  ((limit > left)) && limit=$left
+  if ((limit < 20)); then echo "== $name skipped: ${left}s of the budget left" >&2; return; fi
+  mkdir -p "$work/$name"
+  echo "== $name (limit ${limit}s) at $((SECONDS - start))s" >&2
+  timeout "$limit" python3 "$@" 2> >(grep -vE "Warning|warn|Failed to load" | tee "$work/$name/log.txt" >&2) \
+    || echo "== $name ended with status $? at $((SECONDS - start))s" >&2
+}
+frontier="evaluation/speed_frontier.py $common --new_tokens 256 --repeats 3 --check_tokens 64"
+profile="evaluation/profile_step.py $common --compile_mode two-stream --steps 20 --graph_steps 100"
+case "$part" in
+  frontier)
+    stage 110 fp16 $frontier --cells plain:fp16 folded:fp16 --press snapkv --compression_ratio 0.75 \
+      --output "$work/fp16/frontier_fp16.json"
+    for cell in plain:fp16 folded:fp16; do
+      stage 70 "profile_${cell/:/_}" $profile --cell $cell --output "$work/profile_${cell/:/_}/profile.json"
+    done
+    stage 170 int8 $frontier --cells folded:int8_torchao plain:int8_torchao plain:int8_quanto --press snapkv \
+      --compression_ratio 0.75 --time_limit_s 120 --output "$work/int8/frontier_int8.json"
+    stage 70 profile_folded_int8_torchao $profile --cell folded:int8_torchao \
+      --output "$work/profile_folded_int8_torchao/profile.json"
+    stage 150 fp8_triton $frontier --cells folded:fp8_torchao folded:fp16_triton --press snapkv \
+      --compression_ratio 0.75 --time_limit_s 90 --output "$work/fp8_triton/frontier_fp8_triton.json" ;;
+  batch)
+    grid="evaluation/speed_grid.py $common --new_tokens 256 --decoder neox --repeats 1 --no-keep_buffer"
+    stage 150 batch_dense $grid --press --batch_size 160 176 192 --output_dir "$work/batch_dense"
+    stage 200 batch_snapkv $grid --press snapkv --compression_ratio 0.75 --no-dense --batch_size 448 512 576 \
+      --output_dir "$work/batch_snapkv"
+    for batch in 64 128; do
+      stage 80 "attention_b$batch" $profile --cell plain:fp16 --batch_size $batch --steps 10 --graph_steps 20 \
+        --output "$work/attention_b$batch/profile.json"
+    done ;;
+  *) echo "usage: speed_frontier.sh frontier|batch" >&2; exit 2 ;;
+esac
+echo "== done at $((SECONDS - start))s" >&2
