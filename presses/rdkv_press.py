@@ -48,16 +48,16 @@ class RDKVPress(BasePress):
 
     compression_ratio: float = 0.0  # fraction of the layer's fp16 KV bytes removed
     # Defaults: the best setting at 25% of the bytes on WikiText-2 windows 32-39 (SmolLM2), a
-    # tuning set apart from the reported windows (results/smollm2-135m_equal_bytes_h200/).
+    # tuning set apart from the reported windows (results/smollm2-135m_equal_bytes_h200/call9/).
     window_size: int = 16  # the last queries whose attention predicts the distortion (the whole call: H2O's evidence)
     recent_tokens: int | None = None  # the newest tokens held in fp16 (None: the window's own tokens)
-    bits: tuple[int, ...] = (2, 3, 4, 8)
-    key_layout: str = "token"  # "channel": KIVI's per-channel key groups among the tokens stored at one width
+    bits: tuple[int, ...] = (3, 4, 8)
+    key_layout: str = "channel"  # "channel": KIVI's per-channel key groups among the tokens stored at one width
     group_tokens: int = 32
     prior: float = 2.0  # attention mass spread evenly over the tokens, added to the window's: later queries look elsewhere
     prior_shape: str = "uniform"  # "recency": the prior's mass falls as 1 / distance from the newest token
-    separate_widths: bool = False  # keys and values choose their widths apart
-    evict_weight: float = 1.0  # multiplies the eviction distortion
+    separate_widths: bool = True  # keys and values choose their widths apart
+    evict_weight: float = 4.0  # multiplies the eviction distortion
     stored_bytes: dict = field(default_factory=dict, repr=False)
     chosen_bits: dict = field(default_factory=dict, repr=False)  # per layer, keys and values: share of (token, head) entries at each width (0: evicted)
 
@@ -84,7 +84,8 @@ class RDKVPress(BasePress):
         stats = channel_stats(keys)
         if self.key_layout == "channel":  # the error of KIVI's layout over the whole context, as the proxy
             key_options = [quantize_per_channel(keys, b, self.group_tokens) for b in self.bits]
-            key_price = [head_dim * (b / 8 + GROUP_SIDE_BYTES / self.group_tokens) for b in self.bits]
+            # a width's last partial group is stored per token: the dearer of the two prices keeps the budget
+            key_price = [max(head_dim * (b / 8 + GROUP_SIDE_BYTES / self.group_tokens), token_bytes(b, head_dim)) for b in self.bits]
         else:
             key_options = [quantize_per_token(keys, b, stats) for b in self.bits]
             key_price = [token_bytes(b, head_dim) for b in self.bits]

@@ -70,7 +70,7 @@ def test_rdkv_at_ratio_zero_is_the_dense_cache_exactly():
 @pytest.mark.parametrize("separate", [False, True], ids=["joint", "separate"])
 def test_rdkv_fits_its_byte_budget_and_mixes_precisions(config, ratio, separate):
     model = build(config)
-    press = RDKVPress(ratio, window_size=8, separate_widths=separate)
+    press = RDKVPress(ratio, window_size=8, bits=(2, 3, 4, 8), key_layout="token", evict_weight=1, separate_widths=separate)
     cache = _prefill(model, press)
     budget = (1 - ratio) * fp16_kv_bytes(model.config, 96)
     held = stored_bytes(press, cache)
@@ -111,5 +111,5 @@ def test_rdkv_with_kivi_keys_fits_its_budget_and_groups_keys_per_channel(config)
     cache = _prefill(model, press, tokens=128)
     budget = 0.25 * fp16_kv_bytes(model.config, 128)
     assert 0.85 * budget <= stored_bytes(press, cache) <= budget
-    token_layout = _prefill(model, RDKVPress(0.75, window_size=8), tokens=128)
+    token_layout = _prefill(model, RDKVPress(0.75, window_size=8, key_layout="token"), tokens=128)
     assert not torch.equal(cache.layers[0].keys, token_layout.layers[0].keys)
