@@ -20,6 +20,8 @@ from evaluation.speed import measure, neox_settings, prompt_ids
 from presses import make_press
 
 RANDOM_PROMPT = "random token ids"
+OUT_OF_MEMORY = "CUDA out of memory"
+NOT_RUN = "not run: a smaller batch was already out of memory"
 # What a cell prints when it is done (and summary.md's columns, evaluation/grid_summary.py).
 COLUMNS = ["decoder", "decode_attention", "compile_mode", "keep_buffer", "method", "compression_ratio", "batch_size", "prompt_tokens",
            "new_tokens", "kept_tokens_mean", "ttft_ms", "tpot_ms", "tpot_floor_ms", "tpot_over_floor",
@@ -45,6 +47,25 @@ def cells(args) -> list[dict]:
                             grid.append(dict(decoder=decoder, backend=backend, method=name, compression_ratio=ratio,
                                              batch_size=batch, prompt_tokens=prompt, new_tokens=new))
     return grid
+
+
+def family(cell: dict) -> tuple:
+    """What a cell shares with the cells of other batch sizes that the out-of-memory rule skips."""
+    return tuple(cell[k] for k in ("decoder", "backend", "method", "compression_ratio", "prompt_tokens", "new_tokens"))
+
+
+def families(grid: list[dict]) -> list[list[dict]]:
+    """The grid's cells by family, each family's batch sizes ascending (the unit a sweep over
+    several processes gives one process: evaluation/sweep.py)."""
+    grouped = {}
+    for cell in grid:
+        grouped.setdefault(family(cell), []).append(cell)
+    return list(grouped.values())
+
+
+def measured(row: dict) -> bool:
+    """Whether a row is a result: measured, or out of memory (at its batch size or a smaller one)."""
+    return row.get("error") in (None, OUT_OF_MEMORY, NOT_RUN)
 
 
 def cell_name(cell: dict) -> str:
@@ -91,7 +112,7 @@ def run_cell(loaded: LoadedModel, cell: dict, args, ceilings: Ceilings, text_ids
         out_of_memory = "out of memory" in str(error).lower()
         torch.cuda.empty_cache()
         row |= failed(cell, args,
-                      "CUDA out of memory" if out_of_memory else f"{type(error).__name__}: {str(error)[:500]}")
+                      OUT_OF_MEMORY if out_of_memory else f"{type(error).__name__}: {str(error)[:500]}")
     if "tokens" in row:
         row |= token_digest(row.pop("tokens"))
     return row
@@ -104,20 +125,19 @@ def failed(cell: dict, args, error: str) -> dict:
 
 
 def measure_cells(args, loaded: LoadedModel, header: dict, ceilings: Ceilings, text_ids: torch.Tensor | None,
-                  source: str) -> list[dict]:
-    """Every cell in order, each written to its own file in --output_dir (``header`` and its row) as
-    soon as it is done, so a grid cut short keeps what it measured."""
+                  source: str, grid: list[dict]) -> list[dict]:
+    """The ``grid``'s cells in order (whole families), each written to its own file in
+    --output_dir (``header`` and its row) as soon as it is done, so a grid cut short keeps what it
+    measured."""
     rows, out_of_memory = [], set()
-    for cell in cells(args):
-        family = tuple(cell[k] for k in ("decoder", "backend", "method", "compression_ratio", "prompt_tokens",
-                                         "new_tokens"))
-        if family in out_of_memory:
+    for cell in grid:
+        if family(cell) in out_of_memory:
             row = {"method": cell["method"], "compression_ratio": cell["compression_ratio"]}
-            row |= failed(cell, args, "not run: a smaller batch was already out of memory")
+            row |= failed(cell, args, NOT_RUN)
         else:
             row = run_cell(loaded, cell, args, ceilings, text_ids, source)
-            if row.get("error") == "CUDA out of memory":
-                out_of_memory.add(family)
+            if row.get("error") == OUT_OF_MEMORY:
+                out_of_memory.add(family(cell))
         rows.append(row)
         write_json_atomic(args.output_dir / cell_name(cell), header | {"rows": [row]})
         print(" ".join(f"{k}={row[k]:.4g}" if isinstance(row.get(k), float) else f"{k}={row.get(k)}"
@@ -141,14 +161,22 @@ def merge(folders: list[Path]) -> tuple[dict, list[dict]]:
     if not files:
         raise SystemExit(f"error: no cell files under {', '.join(map(str, folders))}")
     payloads = [json.loads(path.read_text()) for path in files]
-    header = {k: v for k, v in payloads[0].items() if k != "rows"}
-    header["command"] = sorted({payload["command"] for payload in payloads})
-    # Each call measured its own ceilings: keep one per command (files of one call share it), with its command.
-    measured = {payload["command"]: payload["ceilings"] for payload in payloads if payload.get("ceilings")}
-    header.pop("ceilings", None)
-    if measured:
-        header["ceilings"] = [{"command": command} | measured[command] for command in sorted(measured)]
     rows = [payload["rows"][0] for payload in payloads]
     rows.sort(key=lambda r: (DECODER_NAMES.index(r["decoder"]), str(r.get("decode_attention")), r["method"] != DENSE,
                              r["method"], r["compression_ratio"], r["prompt_tokens"], r["new_tokens"], r["batch_size"]))
-    return header, rows
+    return merged_header(payloads), rows
+
+
+def merged_header(payloads: list[dict]) -> dict:
+    """One header for cell files of several calls (or of the processes of one sweep): the first
+    file's, with every command, and the ceilings each call measured on each of its devices."""
+    header = {k: v for k, v in payloads[0].items() if k != "rows"}
+    header["command"] = sorted({payload["command"] for payload in payloads})
+    # Files of one call on one device share their ceilings: keep one per (command, device), naming both.
+    measured = {(payload["command"], payload["environment"]["device"]): payload["ceilings"]
+                for payload in payloads if payload.get("ceilings")}
+    header.pop("ceilings", None)
+    if measured:
+        header["ceilings"] = [{"command": command, "device": device} | measured[command, device]
+                              for command, device in sorted(measured)]
+    return header

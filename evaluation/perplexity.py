@@ -13,6 +13,12 @@ With the Hugging Face hub (or a local folder as --model), the default model Eleu
 Protocols (see evaluation/protocols.py): ``context`` prefills N tokens with the press and scores
 the next M against the pressed cache; ``streaming`` feeds the text in chunks and holds the cache
 at --budget tokens. Errors in the arguments exit with code 2 and one line, writing no file.
+
+Over the GPUs of a host (evaluation/sweep.py), the same result file:
+  accelerate launch --num_processes 2 evaluation/perplexity.py --press all --compression_ratio 0.25 0.5 0.75
+Each process takes a share of the cells (a method at one ratio or budget); each cell is written to
+<output>_cells/ as it finishes, and rerunning the same command skips the cells already there. A
+cell that fails records its error in its row, the others finish, and the run exits with code 1.
 """
 
 import re
@@ -21,16 +27,16 @@ from pathlib import Path
 
 import torch
 
-from evaluation import cli
+from evaluation import cli, sweep
 from evaluation.models import REPO_ROOT, check_attn_implementation, data_dir, tokenized_text
 from evaluation.protocols import ProtocolError, check_windows
-from evaluation.quality import context_tokens, quality_rows, settings_from
+from evaluation.quality import cell_row, cells, context_tokens, finished_rows, quality_rows, settings_from
 from evaluation.results import write_json_atomic
 from presses import make_press, make_streaming_press, press_names
 from presses.registry import check_compression_ratio, method_for
 
 COLUMNS = ["method", "compression_ratio", "kv_quant", "attn_implementation", "budget", "chunk_tokens", "ppl", "ppl_ci95",
-           "delta_pct", "delta_pct_ci95", "scored_tokens", "mean_cache_tokens", "peak_attended_keys"]
+           "delta_pct", "delta_pct_ci95", "scored_tokens", "mean_cache_tokens", "peak_attended_keys", "error"]
 
 
 def parse_args(argv=None):
@@ -112,6 +118,30 @@ def checked_text(args):
     return text
 
 
+def cell_file(name: str, setting: float | int | None) -> str:
+    """A cell's file name: its method and ratio (context) or budget (streaming; dense has none)."""
+    if setting is None:
+        return f"{name}.json"
+    return f"{name}_r{setting:g}.json" if isinstance(setting, float) else f"{name}_b{setting}.json"
+
+
+def swept_rows(state, args, loaded, presses: list[str], text, output: Path) -> list[dict] | None:
+    """This process's share of the cells, each written to <output>_cells/ as it finishes; then, on
+    the main process, every cell's row in the one-process order (on the others None)."""
+    folder = output.with_name(f"{output.stem}_cells")
+    header = cli.result_header(args, loaded, protocol=args.protocol)
+    grid = cells(args, presses)
+    paths = [folder / cell_file(name, setting) for name, setting in grid]
+    setting_key = "compression_ratio" if args.protocol == "context" else "budget"
+    for index in sweep.share(state, list(range(len(grid))), lambda index: sweep.done(paths[index], args.command)):
+        name, setting = grid[index]
+        row = sweep.guarded(lambda: cell_row(args, loaded, text.ids, name, setting),
+                            {"method": name, setting_key: setting})
+        sweep.write_cell(paths[index], header, row)
+    payloads = sweep.gathered(state, paths)
+    return None if payloads is None else finished_rows([payload["rows"][0] for payload in payloads], text.source)
+
+
 def run(args) -> Path:
     check_counts(args)
     presses = requested_presses(args)
@@ -123,15 +153,29 @@ def run(args) -> Path:
         raise ProtocolError("--random-init has random weights: its perplexity means nothing; time it with "
                             "evaluation/speed_grid.py")
     check_attn_implementation(args.attn_implementation)
+    state = sweep.launched(args)  # None: one process
     text = checked_text(args)  # data and length errors before the weights load
     torch.manual_seed(args.seed)
     loaded = cli.load(args, args.attn_implementation, args.data_dir)
     loaded.cached_tokenizer = text.tokenizer
 
-    rows = quality_rows(args, loaded, presses, text.ids, text.source)
     output = args.output or default_output(args, presses)
-    write_json_atomic(output, cli.result_header(args, loaded, protocol=args.protocol) | {"rows": rows})
+    if state is None:
+        rows = quality_rows(args, loaded, presses, text.ids, text.source)
+    else:
+        rows = swept_rows(state, args, loaded, presses, text, output)
+        if rows is None:  # not the main process: it wrote its cells
+            return output
+    header = cli.result_header(args, loaded, protocol=args.protocol)
+    if state is not None:
+        header["environment"]["processes"] = state.num_processes
+    write_json_atomic(output, header | {"rows": rows})
     cli.print_summary(args, loaded, rows, COLUMNS, output, f"{args.protocol} protocol")
+    failed = sum("error" in row for row in rows)
+    if failed:
+        print(f"error: {failed} cell(s) failed (their rows say why); the same command again retries them",
+              file=sys.stderr)
+        sys.exit(1)
     return output
 
 

@@ -35,38 +35,57 @@ def context_press(name: str, ratio: float, args: argparse.Namespace, context_tok
     return make_streaming_press(name, settings_from(args, budget=max(1, int(context_tokens * (1 - ratio)))))
 
 
-def quality_rows(args: argparse.Namespace, loaded: LoadedModel, presses: list[str], ids: torch.Tensor,
-                 source: str) -> list[dict]:
+def cells(args: argparse.Namespace, presses: list[str]) -> list[tuple[str, float | int | None]]:
+    """The run's cells in the order they run, dense first: (method, compression ratio) under the
+    context protocol, (method, budget) under the streaming one (dense has no budget)."""
+    if args.protocol == "context":
+        return [(DENSE, 0.0)] + [(name, ratio) for name in presses for ratio in args.compression_ratio]
+    return [(DENSE, None)] + [(name, budget) for name in presses for budget in args.budget]
+
+
+def cell_row(args: argparse.Namespace, loaded: LoadedModel, ids: torch.Tensor, name: str,
+             setting: float | int | None) -> dict:
+    """One cell's row (``setting``: its ratio or budget), over all the windows or the whole text."""
     model = loaded.model
-    rows = []
+    # A cell's row must not depend on the cells run before it (a sweep split over processes runs
+    # each cell in another order): a press that draws from torch's generator draws the same numbers.
+    torch.manual_seed(args.seed)
     if args.protocol == "context":
         context = context_tokens(args, model.config)
-        settings = [(DENSE, 0.0)] + [(name, ratio) for name in presses for ratio in args.compression_ratio]
-        for name, ratio in settings:
-            press = None if name == DENSE else context_press(name, ratio, args, context)
-            press, attn = ready(loaded, name, press, args)
-            result = context_nll(model, ids, press, context, args.eval_tokens, args.num_windows, args.chunk_tokens,
-                                 args.kv_quant)
-            rows.append({"method": name, "compression_ratio": ratio, "attn_implementation": attn,
-                         "kv_quant": args.kv_quant, "context_tokens": context,
-                         "eval_tokens": args.eval_tokens, "num_windows": args.num_windows})
-            rows[-1] |= quality_facts(result) | {"kv_mib_after_prefill": result.kv_bytes / 2**20} | stored_facts(result)
-            rows[-1] |= calibration_facts(press)
-            print(f"{name} @ {ratio}: ppl {result.ppl:.4f}", file=sys.stderr, flush=True)
-    else:
-        settings = [(DENSE, None)] + [(name, budget) for name in presses for budget in args.budget]
-        for name, budget in settings:
-            press = None if name == DENSE else make_streaming_press(name, settings_from(args, budget=budget))
-            press, attn = ready(loaded, name, press, args)
-            result = streaming_nll(model, ids, press, args.chunk_tokens, args.max_tokens)
-            rows.append({"method": name, "attn_implementation": attn, "budget": budget,
-                         "chunk_tokens": args.chunk_tokens, "max_tokens": args.max_tokens}
-                        | quality_facts(result) | {f"ppl_per_{SEGMENT_TOKENS}_tokens": result.segment_ppl})
-            print(f"{name} @ budget {budget}: ppl {result.ppl:.4f}", file=sys.stderr, flush=True)
+        press = None if name == DENSE else context_press(name, setting, args, context)
+        press, attn = ready(loaded, name, press, args)
+        result = context_nll(model, ids, press, context, args.eval_tokens, args.num_windows, args.chunk_tokens,
+                             args.kv_quant)
+        row = {"method": name, "compression_ratio": setting, "attn_implementation": attn, "kv_quant": args.kv_quant,
+               "context_tokens": context, "eval_tokens": args.eval_tokens, "num_windows": args.num_windows}
+        row |= quality_facts(result) | {"kv_mib_after_prefill": result.kv_bytes / 2**20} | stored_facts(result)
+        row |= calibration_facts(press)
+        print(f"{name} @ {setting}: ppl {result.ppl:.4f}", file=sys.stderr, flush=True)
+        return row
+    press = None if name == DENSE else make_streaming_press(name, settings_from(args, budget=setting))
+    press, attn = ready(loaded, name, press, args)
+    result = streaming_nll(model, ids, press, args.chunk_tokens, args.max_tokens)
+    print(f"{name} @ budget {setting}: ppl {result.ppl:.4f}", file=sys.stderr, flush=True)
+    return ({"method": name, "attn_implementation": attn, "budget": setting, "chunk_tokens": args.chunk_tokens,
+             "max_tokens": args.max_tokens}
+            | quality_facts(result) | {f"ppl_per_{SEGMENT_TOKENS}_tokens": result.segment_ppl})
+
+
+def finished_rows(rows: list[dict], source: str) -> list[dict]:
+    """``rows`` (dense first) with the text they scored and each one's paired difference to dense;
+    a row that records an error (a failed cell of a sweep, evaluation/sweep.py) has none."""
+    dense = rows[0]
     for row in rows:
         row["data"] = source
-        row |= paired_difference(row["unit_nll"], rows[0]["unit_nll"], row["unit_tokens"])  # rows[0]: dense
+        if "error" not in row and "error" not in dense:
+            row |= paired_difference(row["unit_nll"], dense["unit_nll"], row["unit_tokens"])
     return rows
+
+
+def quality_rows(args: argparse.Namespace, loaded: LoadedModel, presses: list[str], ids: torch.Tensor,
+                 source: str) -> list[dict]:
+    rows = [cell_row(args, loaded, ids, name, setting) for name, setting in cells(args, presses)]
+    return finished_rows(rows, source)
 
 
 def stored_facts(result) -> dict:

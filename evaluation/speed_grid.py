@@ -26,6 +26,11 @@ first call cost (``first_call_s``, ``compile_s``: evaluation/speed.py's ``measur
 Once a (decoder, method, ratio, prompt, new tokens) runs out of GPU memory at some batch size,
 its larger batch sizes are recorded as out of memory without trying: the largest batch that fits
 is the last one measured. Errors in the arguments exit with code 2 and one line, writing no file.
+
+Over the GPUs of a host (evaluation/sweep.py): ``accelerate launch --num_processes N
+evaluation/speed_grid.py ...`` gives each process whole families of cells (one method's batch
+sizes); the main process writes the summary once all are done (every process's ceilings in its
+header), and a rerun of the same command measures only the cells it has no result for.
 """
 
 import argparse
@@ -36,8 +41,9 @@ from decoding import registry
 from decoding.neox_cuda_graphs import COMPILE_MODES
 from decoding.neox_decode import ATTENTION_BACKENDS
 from decoding.registry import DECODER_NAMES
-from evaluation import cli
-from evaluation.grid import RANDOM_PROMPT, measure_cells, merge, run_ceilings
+from evaluation import cli, sweep
+from evaluation.grid import (RANDOM_PROMPT, cell_name, cells, families, measure_cells, measured, merge, merged_header,
+                             run_ceilings)
 from evaluation.grid_summary import summarize
 from evaluation.methods import press_settings
 from evaluation.models import TokenizedText, check_attn_implementation, data_dir, tokenized_text
@@ -118,8 +124,20 @@ def prompt_text(args) -> TokenizedText | None:
     return text
 
 
-def measure_grid(args) -> tuple[dict, list[dict]]:
+def share(state, args, grid: list[dict]) -> list[dict]:
+    """This process's cells of a sweep over several processes: whole families (the out-of-memory
+    rule runs within one), leaving out the families this command already has every result of."""
+    def finished(family: list[dict]) -> bool:
+        return all(sweep.done(args.output_dir / cell_name(cell), args.command, measured) for cell in family)
+
+    return [cell for family in sweep.share(state, families(grid), finished) for cell in family]
+
+
+def measure_grid(args) -> tuple[dict, list[dict]] | None:
+    """The header and rows of the grid; launched with several processes, this process's share,
+    then on the main process every cell's (on the others None)."""
     check_args(args)
+    state = sweep.launched(args)  # None: one process
     text = prompt_text(args)
     loaded = cli.load(args, args.attn_implementation, args.data_dir)
     if text is not None:
@@ -129,16 +147,27 @@ def measure_grid(args) -> tuple[dict, list[dict]]:
           f"{(ceilings.gemv_bandwidth or 0) / 1e12:.3f} TB/s, matmul {ceilings.peak_flops / 1e12:.0f} TFLOP/s",
           file=sys.stderr, flush=True)
     header = cli.result_header(args, loaded, protocol="speed") | {"ceilings": ceilings.to_json()}
-    if text is None:
-        return header, measure_cells(args, loaded, header, ceilings, None, RANDOM_PROMPT)
-    return header, measure_cells(args, loaded, header, ceilings, text.ids, text.source)
+    ids, source = (None, RANDOM_PROMPT) if text is None else (text.ids, text.source)
+    grid = cells(args)
+    mine = grid if state is None else share(state, args, grid)
+    rows = measure_cells(args, loaded, header, ceilings, ids, source, mine)
+    if state is None:
+        return header, rows
+    payloads = sweep.gathered(state, [args.output_dir / cell_name(cell) for cell in grid])
+    if payloads is None:
+        return None
+    header = merged_header(payloads)
+    header["environment"] = header["environment"] | {"processes": state.num_processes}
+    return header, [payload["rows"][0] for payload in payloads]
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     with cli.one_line_errors():
-        header, rows = merge(args.merge) if args.merge else measure_grid(args)
-    print(summarize(header, rows, args.output_dir, args.baseline or args.decoder[0]))
+        result = merge(args.merge) if args.merge else measure_grid(args)
+    if result is not None:  # None: a process of a sweep that is not the main one
+        header, rows = result
+        print(summarize(header, rows, args.output_dir, args.baseline or args.decoder[0]))
 
 
 if __name__ == "__main__":
