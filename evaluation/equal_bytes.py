@@ -62,9 +62,9 @@ def rdkv_setting(text: str) -> dict:
             setting[key] = tuple(int(b) for b in value.split(","))
         elif key in ("prior", "evict_weight"):
             setting[key] = float(value)
-        elif key == "separate_widths":
+        elif key in ("separate_widths", "evict_per_head"):
             if value not in ("0", "1"):
-                raise ValueError(f"separate_widths is 0 or 1, got {value!r} in {text!r}")
+                raise ValueError(f"{key} is 0 or 1, got {value!r} in {text!r}")
             setting[key] = value == "1"
         elif key in ("window_size", "recent_tokens", "group_tokens"):
             setting[key] = int(value)

@@ -41,7 +41,10 @@ class RDKVPress(BasePress):
     ``recent_tokens`` (default: the window's) stay in fp16, as far as the budget pays for them.
     With ``separate_widths`` keys and values choose their widths apart (their distortions add,
     so the pair is the best key option plus the best value option at the same lambda): keys, whose
-    errors move every logit, may then stay wider than values. ``evict_weight`` scales the
+    errors move every logit, may then stay wider than values. With ``evict_per_head`` each KV head
+    keeps its own tokens (the same number in every head, as a cache holds), as score-based
+    eviction presses do, instead of a token being kept or dropped in every head at once.
+    ``evict_weight`` scales the
     eviction distortion: the first-order model prices each eviction alone, while evicting many
     tokens also renormalises the attention over the rest.
     Prefill only; one sequence per call."""
@@ -58,6 +61,7 @@ class RDKVPress(BasePress):
     prior_shape: str = "uniform"  # "recency": the prior's mass falls as 1 / distance from the newest token
     separate_widths: bool = True  # keys and values choose their widths apart
     evict_weight: float = 4.0  # multiplies the eviction distortion
+    evict_per_head: bool = False  # each head evicts its own tokens (as many per head), not every head the same
     stored_bytes: dict = field(default_factory=dict, repr=False)
     chosen_bits: dict = field(default_factory=dict, repr=False)  # per layer, keys and values: share of (token, head) entries at each width (0: evicted)
 
@@ -106,18 +110,18 @@ class RDKVPress(BasePress):
         recent = min(recent, tokens, int(budget // (kv_heads * price[-1].item())))
         if recent:
             distortion[:, :, tokens - recent :, :-1] = float("inf")  # the newest stay in fp16 (as far as the budget goes)
-        keep, choice = _allocate(distortion[0], self.evict_weight * evict[0], price, budget)
+        keep, choice = _allocate(distortion[0], self.evict_weight * evict[0], price, budget, self.evict_per_head)
         key_choice, value_choice = key_of[choice], value_of[choice]
-        kept = keep.float().mean().item()
         self.chosen_bits[module.layer_idx] = {
-            side: {b: (chosen[:, keep] == i).float().mean().item() * kept for i, b in enumerate(list(self.bits) + [16])} | {0: 1 - kept}
-            for side, chosen in (("keys", key_choice), ("values", value_choice))}
-        values = _pick(values, value_options, value_choice, keep)
-        value_bytes = value_price[value_choice][:, keep].sum().item()  # the precision tags ride with the values
+            side: {b: ((chosen == i) & keep).float().mean().item() for i, b in enumerate(list(self.bits) + [16])}
+            | {0: 1 - keep.float().mean().item()} for side, chosen in (("keys", key_choice), ("values", value_choice))}
+        kept = keep.nonzero()[:, 1].view(kv_heads, -1)  # (heads, kept) token indices, in cache order: as many per head
+        values = _pick(values, value_options, value_choice, kept)
+        value_bytes = value_price[value_choice].gather(1, kept).sum().item()  # the precision tags ride with the values
         if self.key_layout == "channel":  # the key bytes as the width groups really fall
-            keys, key_bytes = _keys_by_precision(keys[:, :, keep], stats, key_choice[:, keep], self.bits, self.group_tokens)
+            keys, key_bytes = _keys_by_precision(_gather(keys, kept), stats, key_choice.gather(1, kept), self.bits, self.group_tokens)
         else:
-            keys, key_bytes = _pick(keys, key_options, key_choice, keep), key_price[key_choice][:, keep].sum().item()
+            keys, key_bytes = _pick(keys, key_options, key_choice, kept), key_price[key_choice].gather(1, kept).sum().item()
         self.stored_bytes[module.layer_idx] = key_bytes + value_bytes + side_bytes
         return keys, values
 
@@ -155,21 +159,30 @@ class RDKVPress(BasePress):
         return self.prior * closeness / closeness.sum()
 
 
-def _allocate(distortion: torch.Tensor, evict: torch.Tensor, price: torch.Tensor, budget: float):
-    """Per token, keep (in every head) or evict; per kept (head, token), the option to store.
+def _allocate(distortion: torch.Tensor, evict: torch.Tensor, price: torch.Tensor, budget: float, per_head: bool = False):
+    """Per token, keep (in every head) or evict, or with ``per_head`` the same number of tokens
+    in every head, each head keeping the ones it gains most from; per kept (head, token), the
+    option to store.
     ``distortion`` (heads, tokens, options), ``evict`` (heads, tokens), ``price`` (options,)
     bytes. Minimises total distortion + lambda * bytes for the smallest lambda whose choice fits
     ``budget``, found on a log grid of ``GRID`` values at once, then on a finer grid between
     the two around it (two host syncs per layer, not one per bisection step).
-    Returns keep (tokens,) and choice (heads, tokens)."""
+    Returns keep (heads, tokens) and choice (heads, tokens)."""
     scale = (evict.mean() / price.mean()).clamp(min=1e-30).log().item()
     forced = torch.isinf(distortion[..., 0]).any(0)  # forced tokens are always kept
+    heads = distortion.shape[0]
 
     def choose(log_lambdas: torch.Tensor):
         cost = distortion + log_lambdas.exp().view(-1, 1, 1, 1) * price  # (grid, heads, tokens, options)
-        best, choice = cost.min(dim=-1)
-        keep = (best.sum(1) < evict.sum(0)) | forced
-        return keep, choice, (price[choice].sum(1) * keep).sum(-1)
+        best, choice = cost.min(dim=-1)  # (grid, heads, tokens)
+        if per_head:  # a cache holds as many tokens per head: each keeps its count's most gainful ones
+            gain = (evict - best).masked_fill(forced, float("inf"))
+            count = ((gain > 0).sum((1, 2)) / heads).round().clamp(min=int(forced.sum()))
+            rank = gain.argsort(-1, descending=True).argsort(-1)
+            keep = rank < count.view(-1, 1, 1)
+        else:
+            keep = ((best.sum(1) < evict.sum(0)) | forced).unsqueeze(1).expand_as(best)
+        return keep, choice, (price[choice] * keep).sum((1, 2))
 
     low, high = scale - 40.0, scale + 40.0
     for _ in range(2):
@@ -205,10 +218,15 @@ def _keys_by_precision(keys: torch.Tensor, stats, choice: torch.Tensor, bits: tu
     return stored, total
 
 
-def _pick(full: torch.Tensor, options: list[torch.Tensor], choice: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+def _gather(x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """(1, heads, tokens, dim) -> (1, heads, kept, dim): each head's kept tokens (``kept`` (heads, kept) indices)."""
+    return x.gather(2, kept[None, :, :, None].expand(-1, -1, -1, x.shape[-1]))
+
+
+def _pick(full: torch.Tensor, options: list[torch.Tensor], choice: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     """The stored tensor: each (head, token) from its chosen option (the last, fp16, is ``full``), kept tokens only."""
     picked = full.clone()
     for index, option in enumerate(options):
         chosen = (choice == index).unsqueeze(0).unsqueeze(-1)
         picked = torch.where(chosen, option, picked)
-    return picked[:, :, keep]
+    return _gather(picked, kept)

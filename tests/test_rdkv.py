@@ -11,7 +11,7 @@ from evaluation.protocols import context_nll, stored_bytes
 from presses.errors import PressConfigError
 from presses.quantize import fake_quantize, per_channel_bytes, quantize_per_channel, token_bytes
 from presses.quantized_kv_press import QuantizedKVPress
-from presses.rdkv_press import RDKVPress
+from presses.rdkv_press import RDKVPress, _allocate
 from tests.conftest import build, tiny_llama_config, tiny_neox_config
 
 
@@ -68,9 +68,11 @@ def test_rdkv_at_ratio_zero_is_the_dense_cache_exactly():
 @pytest.mark.parametrize("config", [tiny_neox_config(), tiny_llama_config()], ids=["neox", "llama"])
 @pytest.mark.parametrize("ratio", [0.75, 0.875])
 @pytest.mark.parametrize("separate", [False, True], ids=["joint", "separate"])
-def test_rdkv_fits_its_byte_budget_and_mixes_precisions(config, ratio, separate):
+@pytest.mark.parametrize("per_head", [False, True], ids=["every-head", "per-head"])
+def test_rdkv_fits_its_byte_budget_and_mixes_precisions(config, ratio, separate, per_head):
     model = build(config)
-    press = RDKVPress(ratio, window_size=8, bits=(2, 3, 4, 8), key_layout="token", evict_weight=1, separate_widths=separate)
+    press = RDKVPress(ratio, window_size=8, bits=(2, 3, 4, 8), key_layout="token", evict_weight=1,
+                      separate_widths=separate, evict_per_head=per_head)
     cache = _prefill(model, press)
     budget = (1 - ratio) * fp16_kv_bytes(model.config, 96)
     held = stored_bytes(press, cache)
@@ -81,6 +83,17 @@ def test_rdkv_fits_its_byte_budget_and_mixes_precisions(config, ratio, separate)
     assert (keys != values) == separate  # joint: one width per (token, head) for both
     layer = cache.layers[0]
     assert layer.keys.shape[2] == round((1 - keys[0]) * 96)
+
+
+def test_per_head_eviction_keeps_each_heads_own_tokens():
+    # head 0 loses most by evicting tokens 0-3, head 1 by evicting tokens 4-7; one option (fp16, 1 byte)
+    evict = torch.full((2, 8), 0.01)
+    evict[0, :4], evict[1, 4:] = 10.0, 10.0
+    distortion, price = torch.zeros(2, 8, 1), torch.ones(1)
+    keep, _ = _allocate(distortion, evict, price, budget=8.0, per_head=True)
+    assert keep[0].tolist() == [True] * 4 + [False] * 4 and keep[1].tolist() == [False] * 4 + [True] * 4
+    keep, _ = _allocate(distortion, evict, price, budget=8.0)  # every head alike, within the 8 bytes
+    assert torch.equal(keep[0], keep[1]) and 2 * int(keep[0].sum()) <= 8
 
 
 def test_rdkv_changes_the_scores_and_refuses_bad_settings():
