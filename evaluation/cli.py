@@ -3,10 +3,10 @@
 - ``Parser``: argparse with the program's docstring as its help, whose own errors (an option's
   value that is not a number, a missing choice) are one line, not the whole usage text; it keeps
   the command line, which opens every result file.
-- ``add_model_options`` / ``add_data_options`` / ``add_kv_quant`` / ``add_press_settings``: the
-  options naming the model (and its precision and device), the text, a quantized cache, and the
-  settings a press is built with (evaluation/methods.py's ``press_settings`` reads those);
-  ``dtype_of`` and ``load`` read the model's.
+- ``add_model_options`` / ``add_data_options`` / ``add_kv_quant`` / ``add_weight_quant`` /
+  ``add_press_settings``: the options naming the model (and its precision and device), the text, a
+  quantized cache, quantized weights, and the settings a press is built with
+  (evaluation/methods.py's ``press_settings`` reads those); ``dtype_of`` and ``load`` read the model's.
 - ``result_header``: what every result file starts with (command, model and its tier, dtype, the
   program's own settings, the machine and software versions); ``print_summary``: what a run
   prints at its end.
@@ -23,6 +23,7 @@ import torch
 import transformers
 
 from decoding.kv_cache import KV_QUANT
+from decoding.weight_quant import LIBRARIES, SCHEMES, quantize_weights
 from evaluation.data import DataError
 from evaluation.models import DTYPES, SMOLLM2_ALIAS, LoadedModel, ModelLoadError, load_model
 from evaluation.protocols import ProtocolError
@@ -87,6 +88,15 @@ def add_data_options(parser: argparse.ArgumentParser, several: bool = False, wha
     return group
 
 
+def add_weight_quant(group, where: str) -> None:
+    """--weight_quant and --weight_quant_library (decoding/weight_quant.py); ``where``: which runs
+    of the program it applies to."""
+    group.add_argument("--weight_quant", default="none", choices=SCHEMES,
+                       help=f"every Linear's weights quantized (per output channel, no calibration; {where}); "
+                            "activations and the KV cache stay in --dtype")
+    group.add_argument("--weight_quant_library", default="torchao", choices=LIBRARIES)
+
+
 def add_kv_quant(group, where: str) -> None:
     """--kv_quant, the cache kept quantized; ``where``: which runs of the program can."""
     group.add_argument("--kv_quant", default="none", choices=sorted(KV_QUANT),
@@ -105,16 +115,21 @@ def dtype_of(args: argparse.Namespace) -> str:
 
 
 def load(args: argparse.Namespace, attn_implementation: str = "sdpa", data_dir: str | None = None) -> LoadedModel:
-    """The model the model options name, on their device, in ``dtype_of(args)``."""
+    """The model the model options name, on their device, in ``dtype_of(args)``, its weights
+    quantized as ``--weight_quant`` says where the program has it."""
     transformers.utils.logging.disable_progress_bar()  # per-tensor loading bars drown the results
-    return load_model(args.model, args.random_init, dtype_of(args), args.device, attn_implementation, data_dir)
+    loaded = load_model(args.model, args.random_init, dtype_of(args), args.device, attn_implementation, data_dir)
+    if getattr(args, "weight_quant", "none") != "none":
+        quantize_weights(loaded.model, args.weight_quant, args.weight_quant_library)
+    return loaded
 
 
 def result_header(args: argparse.Namespace, loaded: LoadedModel, **settings) -> dict:
     """The start of a result file: the command, the model with its tier (which numbers it may give,
     DESIGN.md section 3) and dtype, the program's ``settings``, then the machine and versions."""
+    weights = {key: getattr(args, key) for key in ("weight_quant", "weight_quant_library") if hasattr(args, key)}
     return {"command": args.command, "model": args.model, "model_tier": loaded.tier, "dtype": dtype_of(args),
-            **settings, "environment": environment(args.device)}
+            **weights, **settings, "environment": environment(args.device)}
 
 
 def print_summary(args: argparse.Namespace, loaded: LoadedModel, rows: list[dict], columns: list[str], output: Path,

@@ -129,3 +129,12 @@ def test_int8_folded_branches_compile_whole(model):
     expected = neox_decode.generate(view, [prompt()], None, 4, step=fused_projections.decode_step).tokens
     with weight_quant.compile_settings("int8"):
         assert torch.equal(neox_decode.generate(view, [prompt()], None, 4, step=step).tokens, expected)
+
+
+def test_weight_quant_quality_refuses_random_weights(capsys):
+    from evaluation import weight_quant_quality
+
+    with pytest.raises(SystemExit) as exit_info:
+        weight_quant_quality.main(["--model", "EleutherAI/pythia-70m", "--random-init"])
+    assert exit_info.value.code == 2
+    assert "random weights" in capsys.readouterr().err
