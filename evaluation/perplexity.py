@@ -44,6 +44,7 @@ def parse_args(argv=None):
     model = cli.add_model_options(parser, attention=cli.ATTENTION)
     model.add_argument("--seed", type=int, default=0, help="torch's seed for the run")
     cli.add_kv_quant(model, "context protocol")
+    cli.add_weight_quant(model, "both protocols; evaluation/weight_quant_quality.py holds them against the model's")
 
     press = parser.add_argument_group("press")
     press.add_argument("--press", nargs="+", default=["snapkv"],
@@ -137,7 +138,7 @@ def swept_rows(state, args, loaded, presses: list[str], text, output: Path) -> l
         name, setting = grid[index]
         row = sweep.guarded(lambda: cell_row(args, loaded, text.ids, name, setting),
                             {"method": name, setting_key: setting})
-        sweep.write_cell(paths[index], header, row)
+        write_json_atomic(paths[index], header | {"rows": [row]})
     payloads = sweep.gathered(state, paths)
     return None if payloads is None else finished_rows([payload["rows"][0] for payload in payloads], text.source)
 

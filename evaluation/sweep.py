@@ -1,6 +1,6 @@
 """Sweeps spread over the GPUs of a host: evaluation/perplexity.py and evaluation/speed_grid.py
-under ``accelerate launch --num_processes N`` (one process per GPU). Nothing here is used when a
-program runs as one process.
+under ``accelerate launch --num_processes N`` (one process per GPU). A program run as one process
+goes on as it always did.
 
 Launched with several processes, a program cuts its sweep into units (perplexity: one method at
 one ratio or budget, over every window or the whole book; speed: one method's batch sizes, which
@@ -8,8 +8,8 @@ the out-of-memory rule keeps together) and accelerate's ``split_between_processe
 process its share. Each process writes every cell to its own file as soon as it is done; the main
 process then reads them back in the order the one-process run measures them and writes the same
 result file. A rerun of the same command skips the cells whose file that command already wrote
-without an error, so a sweep cut short resumes; a cell that fails records its error in its row
-and the others go on.
+without an error (speed: out of memory is a result), so a sweep cut short resumes; a cell that
+fails records its error in its row and the others go on.
 """
 
 import json
@@ -19,8 +19,6 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
-
-from evaluation.results import write_json_atomic
 
 # The processes meet again after their last cell: the wait lasts as long as the slowest share takes
 # beyond the others, far past torch's default timeout (10 minutes with NCCL).
@@ -68,10 +66,6 @@ def guarded(measure, identity: dict) -> dict:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         return identity | {"error": f"{type(error).__name__}: {str(error)[:500]}"}
-
-
-def write_cell(path: Path, header: dict, row: dict) -> None:
-    write_json_atomic(path, header | {"rows": [row]})
 
 
 def gathered(state: PartialState, paths: list[Path]) -> list[dict] | None:
