@@ -42,6 +42,15 @@ def tiny_pythia_folder(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    """WikiText-2's first 12,000 characters (about 3,000 tokens): every run here tokenizes it, so
+    the short text saves each process the whole text's second of tokenizing."""
+    path = tmp_path_factory.mktemp("text") / "wikitext_start.txt"
+    path.write_text((shared_data_dir() / "wikitext-2-raw-v1" / "test.raw").read_text()[:12_000])
+    return str(path)
+
+
 @pytest.fixture
 def one_thread():
     """The launched processes run one thread each (torchrun sets OMP_NUM_THREADS=1); the reference
@@ -76,9 +85,10 @@ def without_run_facts(header: dict) -> dict:
     return {k: v for k, v in header.items() if k != "rows"} | {"environment": environment}
 
 
-def test_two_processes_write_the_one_process_results(tiny_pythia_folder, tmp_path, one_thread):
-    quality = ["--model", str(tiny_pythia_folder), *QUALITY, "--output", str(tmp_path / "ppl.json")]
-    speed = ["--model", str(tiny_pythia_folder), *SPEED, "--output_dir", str(tmp_path / "speed")]
+def test_two_processes_write_the_one_process_results(tiny_pythia_folder, text_file, tmp_path, one_thread):
+    model = ["--model", str(tiny_pythia_folder), "--dataset", text_file]
+    quality = [*model, *QUALITY, "--output", str(tmp_path / "ppl.json")]
+    speed = [*model, *SPEED, "--output_dir", str(tmp_path / "speed")]
     perplexity.main(quality)
     speed_grid.main(speed)
     alone = json.loads((tmp_path / "ppl.json").read_text())
@@ -114,9 +124,10 @@ def sweep_in_this_process(monkeypatch) -> None:
     monkeypatch.setattr(sweep, "launched", lambda args: PartialState(cpu=True))
 
 
-def test_a_failed_cell_records_its_error_and_a_rerun_measures_only_that(tiny_pythia_folder, tmp_path, monkeypatch,
-                                                                         one_thread):
-    args = ["--model", str(tiny_pythia_folder), *STREAMING, "--output", str(tmp_path / "stream.json")]
+def test_a_failed_cell_records_its_error_and_a_rerun_measures_only_that(tiny_pythia_folder, text_file, tmp_path,
+                                                                         monkeypatch, one_thread):
+    args = ["--model", str(tiny_pythia_folder), "--dataset", text_file, *STREAMING, "--output",
+            str(tmp_path / "stream.json")]
     perplexity.main(args)
     alone = json.loads((tmp_path / "stream.json").read_text())["rows"]
     (tmp_path / "stream.json").unlink()
@@ -148,8 +159,8 @@ def test_a_failed_cell_records_its_error_and_a_rerun_measures_only_that(tiny_pyt
     assert json.dumps(json.loads((tmp_path / "stream.json").read_text())["rows"]) == json.dumps(alone)
 
 
-def test_a_speed_rerun_skips_the_families_already_measured(tiny_pythia_folder, tmp_path, monkeypatch):
-    args = ["--model", str(tiny_pythia_folder), *SPEED, "--output_dir", str(tmp_path)]
+def test_a_speed_rerun_skips_the_families_already_measured(tiny_pythia_folder, text_file, tmp_path, monkeypatch):
+    args = ["--model", str(tiny_pythia_folder), "--dataset", text_file, *SPEED, "--output_dir", str(tmp_path)]
     sweep_in_this_process(monkeypatch)
     speed_grid.main(args)
     batches, real_measure = [], grid.measure
