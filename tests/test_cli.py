@@ -10,7 +10,8 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from evaluation.models import load_model
+from evaluation.models import data_dir, load_model, tokenized_text
+from evaluation.protocols import context_nll
 from tests.conftest import REPO_ROOT, build, shared_data_dir, tiny_neox_config
 
 SCRIPT = str(REPO_ROOT / "evaluation" / "perplexity.py")
@@ -43,8 +44,23 @@ def test_a_context_run_writes_its_result(tiny_pythia_folder, tmp_path):
     assert rows[1]["ppl"] == rows[0]["ppl"] and rows[2]["ppl"] != rows[0]["ppl"]
     assert rows[2]["context_tokens"] == 256 - 32 and rows[2]["mean_cache_tokens"] == 112
     assert "snapkv" in result.stdout and "wrote" in result.stdout
-    assert list(payload) == ["command", "model", "model_tier", "dtype", "protocol", "environment", "rows"]
+    assert list(payload) == ["command", "model", "model_tier", "dtype", "weight_quant", "weight_quant_library",
+                             "protocol", "environment", "rows"]
     assert payload["environment"]["torch"] and payload["command"].startswith("python evaluation/perplexity.py")
+
+
+def test_int8_weights_are_scored_as_such(tiny_pythia_folder, tmp_path):
+    output = tmp_path / "int8.json"
+    result = run_cli("--model", str(tiny_pythia_folder), "--press", "knorm", "--compression_ratio", "0",
+                     "--eval_tokens", "32", "--num_windows", "2", "--weight_quant", "int8", "--output", str(output))
+    assert result.returncode == 0, result.stderr
+    payload = json.loads(output.read_text())
+    assert (payload["weight_quant"], payload["weight_quant_library"]) == ("int8", "torchao")
+    int8 = torch.tensor(payload["rows"][0]["unit_nll"])  # each window's NLL sum, dense, int8 weights
+    model = load_model(str(tiny_pythia_folder), device="cpu").model
+    text = tokenized_text(str(tiny_pythia_folder), False, "wikitext", data_dir(shared_data_dir()))
+    own = torch.tensor(context_nll(model, text.ids, None, 256 - 32, 32, 2).unit_nll)
+    assert not torch.equal(int8, own) and torch.allclose(int8, own, rtol=0.05)
 
 
 @pytest.mark.parametrize("protocol_args", [["--eval_tokens", "32"], ["--protocol", "streaming", "--budget", "128",
