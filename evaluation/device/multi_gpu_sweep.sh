@@ -38,7 +38,7 @@ two="python3 -m accelerate.commands.launch --multi_gpu --num_processes 2 --num_m
 # is noted and the script goes on; the tarball is remade.
 stage() {
   name=$1 limit=$2; shift 2
-  timeout "$limit" "$@" > "$work/logs/$name.log" 2>&1 || echo "$name: exit $?" | tee -a "$work/compare.txt"
+  timeout "$limit" "$@" > "$work/logs/$name.log" 2>&1 || echo "$name: exit $?" | tee -a "$out/compare.txt"
   tar czf "$out/multi_gpu_sweep.tgz" -C "$work" .
 }
 
@@ -90,9 +90,9 @@ same = found["split"]["answer"] == found["one GPU"]["answer"] and found["split"]
 print("split across 2 GPUs:", "same tokens and NLL as on one GPU" if same else "DIFFERENT from one GPU",
       "| devices:", found["split"]["devices"])
 EOF
-tail -1 "$work/logs/split.log" | tee -a "$work/compare.txt"
+tail -1 "$work/logs/split.log" | tee -a "$out/compare.txt"
 
-python3 - "$work" <<'EOF' | tee -a "$work/compare.txt"
+python3 - "$work" <<'EOF' | tee -a "$out/compare.txt"
 import json, sys
 from pathlib import Path
 
