@@ -11,6 +11,10 @@ the model's dtype. Through one of two maintained libraries, which one chosen by 
 - ``quanto`` (optimum-quanto ``qint8`` / ``qfloat8``): QLinear modules; on CUDA an int8 weight
   times fp16 activations is its custom op, which rescales the whole weight and calls matmul.
 
+``as_matmuls`` keeps fp16 weights but computes each Linear as ``matmul`` + bias: F.linear is an
+addmm, which inductor leaves to cuBLAS, while an mm it decomposes under coordinate-descent tuning
+as above, so the GEMVs become tuned Triton reductions (split where the tuning finds it pays).
+
 ``quantize_weights`` works in place on every ``nn.Linear`` the model reaches, the output head
 included (the input embedding is gathered, not read, and stays). A view sharing modules with
 the model (decoding/fused_projections.py's) quantizes the shared ones for both: fold first, then
@@ -20,6 +24,7 @@ quantize, and quantize a copy to keep the original.
 import contextlib
 
 import torch
+from torch import nn
 
 SCHEMES = ("none", "int8", "fp8")
 LIBRARIES = ("torchao", "quanto")
@@ -53,6 +58,22 @@ def quantize_weights(model, scheme: str, library: str = "torchao"):
     from optimum.quanto import freeze, qfloat8, qint8, quantize
     quantize(model, weights=qint8 if scheme == "int8" else qfloat8)
     freeze(model)  # the quantized weights replace the float ones
+    return model
+
+
+class MatmulLinear(nn.Linear):
+    """nn.Linear computed as matmul + bias (see ``as_matmuls``)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        output = torch.matmul(input, self.weight.t())
+        return output if self.bias is None else output + self.bias
+
+
+def as_matmuls(model):
+    """``model`` with every (unquantized) nn.Linear computed as ``MatmulLinear`` (in place)."""
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.__class__ = MatmulLinear  # the same parameters, another forward
     return model
 
 

@@ -7,8 +7,9 @@ through torchao and optimum-quanto, dense and with a press, each cell's tokens c
 
 A cell is STEP:WEIGHTS. STEP: ``plain`` (decoding/neox_cuda_graphs.py's two-stream graph) or
 ``folded`` (each layer's LayerNorms folded into one QKV + MLP-in GEMM, two-stream). WEIGHTS:
-``fp16`` (the model's own), ``fp16_triton`` (the same, compiled with inductor's coordinate-descent
-tuning: Triton GEMVs with tuned reductions instead of cuBLAS), ``int8_torchao``, ``int8_quanto``,
+``fp16`` (the model's own), ``fp16_triton`` (the same, each Linear as matmul + bias compiled with
+inductor's coordinate-descent tuning: Triton GEMVs with tuned reductions instead of cuBLAS's;
+decoding/weight_quant.py's ``as_matmuls``), ``int8_torchao``, ``int8_quanto``,
 ``fp8_torchao``, ``fp8_quanto``.
 
 Every cell runs dense and, with ``--press``, the press: TPOT, TTFT and the floors from
@@ -87,10 +88,12 @@ def parse_cell(text: str) -> Cell:
 
 def cell_model(model, cell: Cell):
     """The model ``cell`` decodes: a folded view, then a quantized copy (``model`` stays as it is)."""
-    if cell.scheme != "none":
+    if cell.scheme != "none" or cell.inductor_gemv:
         model = copy.deepcopy(model)
     if cell.step == "folded":
         model = fused_projections.fold_projections(model)
+    if cell.inductor_gemv:
+        return weight_quant.as_matmuls(model)
     return weight_quant.quantize_weights(model, cell.scheme, cell.library or "torchao")
 
 

@@ -19,11 +19,13 @@ def test_every_cell_decodes_its_references_tokens():
     presses = [("dense", None), ("snapkv", make_press("snapkv", 0.5))]
     measured = ceilings.given(1e11, 1e12)
     rows = []
-    for cell in ("plain:fp16", "folded:fp16", "plain:int8_torchao", "folded:int8_torchao", "plain:int8_quanto"):
+    cells = ("plain:fp16", "folded:fp16", "folded:fp16_triton", "plain:int8_torchao", "folded:int8_torchao",
+             "plain:int8_quanto")
+    for cell in cells:
         speed_frontier.measure_cell(args, model, speed_frontier.parse_cell(cell), prompt, presses, measured, rows)
-    assert [row["identical"] for row in rows] == [True] * 10
+    assert [row["identical"] for row in rows] == [True] * 2 * len(cells)
     for row in rows:
-        quantized = row["weights"] != "fp16"
+        quantized = row["weights"] not in ("fp16", "fp16_triton")
         assert row["weight_quant"] == ("int8" if quantized else "none")
         assert (row["tpot_floor_ms"] < row["fp16_floor_ms"]) == quantized
     assert {row["reference"] for row in rows if row["cell"] == "folded:int8_torchao"} == {

@@ -138,3 +138,10 @@ def test_weight_quant_quality_refuses_random_weights(capsys):
         weight_quant_quality.main(["--model", "EleutherAI/pythia-70m", "--random-init"])
     assert exit_info.value.code == 2
     assert "random weights" in capsys.readouterr().err
+
+
+def test_linears_as_matmuls_compute_the_same_function(model):
+    matmuls = weight_quant.as_matmuls(copy.deepcopy(model))
+    assert {type(module) for module in linears(matmuls).values()} == {weight_quant.MatmulLinear}
+    torch.testing.assert_close(logits_of(matmuls, neox_decode.forward_logits),
+                               logits_of(model, neox_decode.forward_logits), rtol=1e-5, atol=1e-5)

@@ -4,12 +4,13 @@
 # One part per device call; each under 9 minutes including compiles, each stage under its own time
 # limit (a stage cut short loses itself, not the rest), every stage's stderr kept as its log.txt. The
 # results come back as one tarball, $OUT/speed_frontier_PART.tgz, made on exit (also after a failure).
-#   frontier: batch 1. (1) evaluation/speed_frontier.py, fp16: the plain two-stream step against the
-#             folded one (LayerNorms folded, one QKV + MLP-in GEMM), dense and SnapKV keeping 25%, the
-#             copy bandwidth measured at the process's start, tokens checked; (2) evaluation/profile_step.py,
-#             the two-stream kernels of both steps grouped against their bytes; (3) int8 weights: torchao
-#             folded and plain, quanto plain, dense and SnapKV 25%; (4) the int8 folded step's profile;
-#             (5) fp8 (torchao, folded) and fp16 weights through inductor's tuned Triton GEMVs (folded).
+#   frontier: batch 1. (1) evaluation/speed_frontier.py, fp16 weights: the plain two-stream step, the
+#             folded one (LayerNorms folded, one QKV + MLP-in GEMM) and the folded one with Triton GEMVs
+#             (inductor's tuned reductions instead of cuBLAS), dense and SnapKV keeping 25%, the copy
+#             bandwidth measured at the process's start, tokens checked; (2) evaluation/profile_step.py, the
+#             two-stream kernels of the plain and the folded Triton step grouped against their bytes;
+#             (3) int8 weights: torchao folded and plain, quanto plain, dense and SnapKV 25%; (4) the int8
+#             folded step's profile; (5) fp8 weights (torchao, folded), dense and SnapKV 25%.
 #   batch:    the largest batch at a 2k context, dense and SnapKV keeping 25% (evaluation/speed_grid.py,
 #             two-stream, --no-keep_buffer: a batch that does not fit is recorded as out of memory and
 #             larger ones are not tried), then decode attention's kernels at batch 64 and 128 against
@@ -36,17 +37,16 @@ frontier="evaluation/speed_frontier.py $common --new_tokens 256 --repeats 3 --ch
 profile="evaluation/profile_step.py $common --compile_mode two-stream --steps 20 --graph_steps 100"
 case "$part" in
   frontier)
-    stage 110 fp16 $frontier --cells plain:fp16 folded:fp16 --press snapkv --compression_ratio 0.75 \
-      --output "$work/fp16/frontier_fp16.json"
-    for cell in plain:fp16 folded:fp16; do
-      stage 70 "profile_${cell/:/_}" $profile --cell $cell --output "$work/profile_${cell/:/_}/profile.json"
-    done
+    stage 200 fp16 $frontier --cells plain:fp16 folded:fp16 folded:fp16_triton --press snapkv \
+      --compression_ratio 0.75 --time_limit_s 100 --output "$work/fp16/frontier_fp16.json"
+    stage 60 profile_plain $profile --cell plain:fp16 --output "$work/profile_plain/profile.json"
+    stage 60 profile_folded_triton $profile --cell folded:fp16_triton \
+      --output "$work/profile_folded_triton/profile.json"
     stage 170 int8 $frontier --cells folded:int8_torchao plain:int8_torchao plain:int8_quanto --press snapkv \
-      --compression_ratio 0.75 --time_limit_s 120 --output "$work/int8/frontier_int8.json"
-    stage 70 profile_folded_int8_torchao $profile --cell folded:int8_torchao \
-      --output "$work/profile_folded_int8_torchao/profile.json"
-    stage 150 fp8_triton $frontier --cells folded:fp8_torchao folded:fp16_triton --press snapkv \
-      --compression_ratio 0.75 --time_limit_s 90 --output "$work/fp8_triton/frontier_fp8_triton.json" ;;
+      --compression_ratio 0.75 --time_limit_s 100 --output "$work/int8/frontier_int8.json"
+    stage 60 profile_folded_int8 $profile --cell folded:int8_torchao --output "$work/profile_folded_int8/profile.json"
+    stage 120 fp8 $frontier --cells folded:fp8_torchao --press snapkv --compression_ratio 0.75 \
+      --output "$work/fp8/frontier_fp8.json" ;;
   batch)
     grid="evaluation/speed_grid.py $common --new_tokens 256 --decoder neox --repeats 1 --no-keep_buffer"
     stage 150 batch_dense $grid --press --batch_size 160 176 192 --output_dir "$work/batch_dense"
