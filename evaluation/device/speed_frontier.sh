@@ -1,5 +1,5 @@
 # Issue 16, items 1-3, on the H200: random-init Pythia-2.8B, fp16, prompt 2000, 256 forced new tokens.
-#   source evaluation/device/setup_env.sh && bash evaluation/device/speed_frontier.sh frontier|batch
+#   source evaluation/device/setup_env.sh && bash evaluation/device/speed_frontier.sh frontier|fp16|quant|batch
 # Needs torchao 0.18.0 and optimum-quanto 0.2.7 in .whl/ (the command: docs/speed.md, "Speed frontier").
 # One part per device call; each under 9 minutes including compiles, each stage under its own time
 # limit (a stage cut short loses itself, not the rest), every stage's stderr kept as its log.txt. The
@@ -11,6 +11,7 @@
 #             two-stream kernels of the plain and the folded Triton step grouped against their bytes;
 #             (3) int8 weights: torchao folded and plain, quanto plain, dense and SnapKV 25%; (4) the int8
 #             folded step's profile; (5) fp8 weights (torchao, folded), dense and SnapKV 25%.
+#             fp16 runs (1)-(2) alone, quant (3)-(5) alone (when frontier's budget cuts the last stages).
 #   batch:    the largest batch at a 2k context, dense and SnapKV keeping 25% (evaluation/speed_grid.py,
 #             two-stream, --no-keep_buffer: a batch that does not fit is recorded as out of memory and
 #             larger ones are not tried), then decode attention's kernels at batch 64 and 128 against
@@ -35,18 +36,24 @@ stage() {  # stage SECONDS NAME PROGRAM ARGS...: under min(SECONDS, what is left
 }
 frontier="evaluation/speed_frontier.py $common --new_tokens 256 --repeats 3 --check_tokens 64"
 profile="evaluation/profile_step.py $common --compile_mode two-stream --steps 20 --graph_steps 100"
+fp16() {
+  stage 200 fp16 $frontier --cells plain:fp16 folded:fp16 folded:fp16_triton --press snapkv \
+    --compression_ratio 0.75 --time_limit_s 100 --output "$work/fp16/frontier_fp16.json"
+  stage 60 profile_plain $profile --cell plain:fp16 --output "$work/profile_plain/profile.json"
+  stage 60 profile_folded_triton $profile --cell folded:fp16_triton \
+    --output "$work/profile_folded_triton/profile.json"
+}
+quant() {
+  stage 170 int8 $frontier --cells folded:int8_torchao plain:int8_torchao plain:int8_quanto --press snapkv \
+    --compression_ratio 0.75 --time_limit_s 100 --output "$work/int8/frontier_int8.json"
+  stage 60 profile_folded_int8 $profile --cell folded:int8_torchao --output "$work/profile_folded_int8/profile.json"
+  stage 120 fp8 $frontier --cells folded:fp8_torchao --press snapkv --compression_ratio 0.75 \
+    --output "$work/fp8/frontier_fp8.json"
+}
 case "$part" in
-  frontier)
-    stage 200 fp16 $frontier --cells plain:fp16 folded:fp16 folded:fp16_triton --press snapkv \
-      --compression_ratio 0.75 --time_limit_s 100 --output "$work/fp16/frontier_fp16.json"
-    stage 60 profile_plain $profile --cell plain:fp16 --output "$work/profile_plain/profile.json"
-    stage 60 profile_folded_triton $profile --cell folded:fp16_triton \
-      --output "$work/profile_folded_triton/profile.json"
-    stage 170 int8 $frontier --cells folded:int8_torchao plain:int8_torchao plain:int8_quanto --press snapkv \
-      --compression_ratio 0.75 --time_limit_s 100 --output "$work/int8/frontier_int8.json"
-    stage 60 profile_folded_int8 $profile --cell folded:int8_torchao --output "$work/profile_folded_int8/profile.json"
-    stage 120 fp8 $frontier --cells folded:fp8_torchao --press snapkv --compression_ratio 0.75 \
-      --output "$work/fp8/frontier_fp8.json" ;;
+  frontier) fp16; quant ;;
+  fp16) fp16 ;;
+  quant) quant ;;
   batch)
     grid="evaluation/speed_grid.py $common --new_tokens 256 --decoder neox --repeats 1 --no-keep_buffer"
     stage 150 batch_dense $grid --press --batch_size 160 176 192 --output_dir "$work/batch_dense"
@@ -56,6 +63,6 @@ case "$part" in
       stage 80 "attention_b$batch" $profile --cell plain:fp16 --batch_size $batch --steps 10 --graph_steps 20 \
         --output "$work/attention_b$batch/profile.json"
     done ;;
-  *) echo "usage: speed_frontier.sh frontier|batch" >&2; exit 2 ;;
+  *) echo "usage: speed_frontier.sh frontier|fp16|quant|batch" >&2; exit 2 ;;
 esac
 echo "== done at $((SECONDS - start))s" >&2
