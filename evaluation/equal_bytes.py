@@ -60,7 +60,7 @@ def rdkv_setting(text: str) -> dict:
         key, _, value = item.partition("=")
         if key == "bits":
             setting[key] = tuple(int(b) for b in value.split(","))
-        elif key in ("prior", "evict_weight"):
+        elif key in ("prior", "evict_weight", "after_h2o"):
             setting[key] = float(value)
         elif key in ("separate_widths", "evict_per_head"):
             if value not in ("0", "1"):
@@ -104,12 +104,27 @@ def composites(targets: list[float], head_dim: int, tokens: int, presses=COMPOSE
     return configs
 
 
-def rdkv_configs(targets: list[float], settings: list[str]) -> list[tuple[str, float, object]]:
-    return [(f"rdkv[{text}]", target, RDKVPress(1 - target, **rdkv_setting(text)))
+def rdkv_press(target: float, setting: dict, tokens: int):
+    """RD-KV at ``target`` of the fp16 bytes; with ``after_h2o=f``, after H2O has kept the
+    fraction f of the ``tokens`` (H2O's evidence picks the tokens, RD-KV their widths in the
+    rest of the budget, and may still evict)."""
+    setting = dict(setting)
+    kept = setting.pop("after_h2o", None)
+    if kept is None:
+        return RDKVPress(1 - target, **setting)
+    if not target < kept <= 1:
+        raise ValueError(f"after_h2o must be in ({target}, 1], got {kept}")
+    keep = kept + 0.5 / tokens  # kvpress keeps int(tokens * (1 - ratio)) tokens
+    return ComposedPress([make_press("h2o", 1 - keep, Settings(compression_ratio=1 - keep)),
+                          RDKVPress(1 - target / kept, **setting)])
+
+
+def rdkv_configs(targets: list[float], settings: list[str], tokens: int) -> list[tuple[str, float, object]]:
+    return [(f"rdkv[{text}]", target, rdkv_press(target, rdkv_setting(text), tokens))
             for target in targets for text in settings]
 
 
-def selected(targets: list[float], tuning: list[Path]) -> list[tuple[str, float, object]]:
+def selected(targets: list[float], tuning: list[Path], tokens: int) -> list[tuple[str, float, object]]:
     """At each target, the RD-KV setting of lowest PPL in the tuning files (the same windows)."""
     rows = [row for path in tuning for row in json.loads(path.read_text())["rows"] if row["method"].startswith("rdkv[")]
     configs = []
@@ -119,7 +134,7 @@ def selected(targets: list[float], tuning: list[Path]) -> list[tuple[str, float,
             raise ValueError(f"the tuning files hold no RD-KV row at target {target}")
         best = min(candidates, key=lambda row: row["ppl"])
         text = best["method"][len("rdkv["):-1]
-        configs.append((best["method"], target, RDKVPress(1 - target, **rdkv_setting(text))))
+        configs.append((best["method"], target, rdkv_press(target, rdkv_setting(text), tokens)))
     return configs
 
 
@@ -156,14 +171,14 @@ def main(argv=None) -> None:
             parser.error(f"--targets are fractions of the fp16 bytes in (0, 1], got {target}")
     if args.part == "selected" and args.select_from is None:
         parser.error("--part selected needs --select_from TUNING.json")
-    rdkv_settings = [rdkv_setting(text) for text in args.rdkv]  # bad settings fail before the model loads
+    rdkv_configs(args.targets, args.rdkv, args.context_tokens)  # bad settings fail before the model loads
     text = tokenized_text(args.model, args.random_init, args.dataset, data_dir(args.data_dir), args.sample_idx)
     loaded = load(args, data_dir=args.data_dir)
     head_dim = head_shape(loaded.model.config)[1]
     configs = {"uniform": uniform, "eviction": lambda: eviction(args.targets),
                "composites": lambda: composites(args.targets, head_dim, args.context_tokens, args.composed_with),
-               "rdkv": lambda: rdkv_configs(args.targets, args.rdkv),
-               "selected": lambda: selected(args.targets, args.select_from)}[args.part]()
+               "rdkv": lambda: rdkv_configs(args.targets, args.rdkv, args.context_tokens),
+               "selected": lambda: selected(args.targets, args.select_from, args.context_tokens)}[args.part]()
 
     def measure(press):
         return context_nll(loaded.model, text.ids, press, args.context_tokens, args.eval_tokens, args.num_windows,

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from evaluation.equal_bytes import kept_for, rdkv_setting, selected
+from evaluation.equal_bytes import kept_for, rdkv_press, rdkv_setting, selected
 from evaluation.equal_bytes_report import best_baselines, markdown
 from presses.quantize import per_channel_bytes, token_bytes
 
@@ -30,6 +30,15 @@ def test_rdkv_settings_parse_and_bad_ones_are_named():
         rdkv_setting("windows=3")
 
 
+def test_rdkv_after_h2o_gives_h2o_the_tokens_and_rdkv_the_rest_of_the_bytes():
+    press = rdkv_press(0.125, rdkv_setting("after_h2o=0.5 evict_weight=2"), tokens=1536)
+    h2o, rdkv = press.presses
+    assert int(1536 * (1 - h2o.compression_ratio)) == 768  # kvpress's rounding: half the tokens
+    assert rdkv.compression_ratio == pytest.approx(0.75) and rdkv.evict_weight == 2.0  # 12.5% of all = 25% of the kept
+    with pytest.raises(ValueError, match="after_h2o"):
+        rdkv_press(0.25, {"after_h2o": 0.2}, tokens=1536)
+
+
 def _row(method, target, fraction, ppl, units):
     return {"method": method, "target": target, "kv_bytes_fraction": fraction, "ppl": ppl,
             "ppl_ci95": [ppl - 1, ppl + 1], "delta_pct": ppl - 10, "delta_pct_ci95": [ppl - 11, ppl - 9],
@@ -41,11 +50,11 @@ def test_the_tuning_file_selects_the_lowest_ppl_setting_per_target(tmp_path):
             _row("rdkv[prior=8]", 0.25, 0.25, 10.5, [1.0]), _row("rdkv[prior=2]", 0.125, 0.125, 12.0, [1.0])]
     path = tmp_path / "tune.json"
     path.write_text(json.dumps({"rows": rows}))
-    chosen = selected([0.25, 0.125], [path])
+    chosen = selected([0.25, 0.125], [path], 1536)
     assert [(name, target, press.prior) for name, target, press in chosen] == [
         ("rdkv[prior=8]", 0.25, 8.0), ("rdkv[prior=2]", 0.125, 2.0)]
     with pytest.raises(ValueError, match="no RD-KV row at target 0.0625"):
-        selected([0.0625], [path])
+        selected([0.0625], [path], 1536)
 
 
 def test_the_best_baseline_holds_no_more_bytes_than_the_target_allows():
