@@ -11,7 +11,7 @@
 # $OUT/equal_bytes.tgz, made on exit (also when cut short).
 # Same two calls as quality_sweep_smollm2.sh (the GGUF in two halves, evaluation/device/smollm2_sweep.sh):
 # Call 2 (carry .gguf_b .sweepdata): export KVPRESS_NEOX_COMMIT=<hash> PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-#                                    bash evaluation/device/equal_bytes_smollm2.sh [tune] [uniform] [eviction] [composites] [selected]
+#                                    bash evaluation/device/equal_bytes_smollm2.sh [tune] [tune_baselines] [uniform] [eviction] [composites] [selected]
 sweep=equal_bytes program=evaluation/equal_bytes.py MAX_JOBS=${MAX_JOBS:-16}
 source evaluation/device/smollm2_sweep.sh
 tune="--first_window 32 --num_windows 8"  # windows 32-39: never reported
@@ -19,17 +19,16 @@ report="--first_window 0 --num_windows 32"
 parts=" ${*:-tune uniform eviction composites selected} "
 date
 if [[ $parts == *" tune "* ]]; then
-  # prior 2, the 16-query window and KIVI keys won call8's grid; here: how eviction is priced
-  # against narrower widths (evict_weight), keys and values apart, and the widths on offer
-  for weight in 0.125 0.25 0.5 1 2 4; do
-    settings=()
-    for widths in 2,3,4,8 3,4,8 4,8; do
-      settings+=("evict_weight=$weight bits=$widths key_layout=channel")
-      [[ $widths == 4,8 ]] || settings+=("evict_weight=$weight bits=$widths key_layout=channel separate_widths=1")
-    done
-    run "tune_evict$weight" $tune --part rdkv --rdkv "${settings[@]}"
+  # call9's best at 25% is RDKVPress's defaults; at 12.5% and 6.25% H2O's tokens beat RD-KV's:
+  # here H2O keeps the fraction f of the tokens and RD-KV chooses their widths (after_h2o=f), and
+  # RD-KV alone with each head evicting its own tokens
+  for kept in 0.3 0.4 0.5 0.6 0.75; do
+    run "tune_after_h2o$kept" $tune --part rdkv --rdkv "after_h2o=$kept" "after_h2o=$kept evict_weight=16" \
+      "after_h2o=$kept bits=2,3,4,8"
   done
-  # the best baseline of windows 0-31 on the tuning windows too, to see the tuning gap
+  run tune_per_head $tune --part rdkv --rdkv "" "evict_per_head=1" "evict_per_head=1 evict_weight=8" "evict_weight=8"
+fi
+if [[ $parts == *" tune_baselines "* ]]; then  # the best baseline of windows 0-31 on the tuning windows (call9/)
   for target in 0.25 0.125 0.0625; do
     run tuning_h2o_$target $tune --part composites --targets $target --composed_with h2o
   done
