@@ -9,7 +9,7 @@ Writes into the output folder:
   table_speed.tex      decoders against the roofline floor (H200; the presses' range is in the text)
   table_kvquant.tex    KV quantization, bytes and time (H100)             [not in the 4-page paper]
   table_levels.tex     cross-layer and attention-level reductions (SmolLM2, H200)
-  fig_equal_bytes.pdf  perplexity against the KV bytes stored: baselines, and RD-KV's tuning runs
+  fig_equal_bytes.pdf  perplexity against the KV bytes stored: baselines and RD-KV; RD-KV's tuning runs
   fig_quality.pdf      paired differences with their 95% intervals       [not in the 4-page paper]
   fig_speculative.pdf  predicted speculative speed-ups from the measured step costs  [not in it either]
 
@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 # ---------------------------------------------------------------------------------------------
 # The result files this paper is built from (relative to the repository root). A folder means
-# every *.json directly in it.
+# every *.json directly in it; a path with * the files it matches.
 SOURCES = {
     # quality: SmolLM2-135M-Instruct, H200 (the *_cpu files in these folders: the 2-core CPU)
     "quality_context": "results/smollm2-135m_quality_h200/context",
@@ -71,15 +71,23 @@ SOURCES = {
     "levels_quality": "results/smollm2-135m_quality_h200/levels",
     "levels_similarity": "results/smollm2-135m_cross_layer_cpu/smollm2-135m_adjacent_layer_kv_similarity.json",
     "levels_speed_attention": "results/pythia-2.8b_random_attention_level_h100/pythia-2.8b_random_attention_level_h100.json",
-    # KV compression at equal bytes: SmolLM2, H200. call7: uniform quantization, eviction then
-    # quantization (windows 0-31) and RD-KV's tuning runs (windows 32-39); call4: eviction alone
-    # (its rows with a "+" are superseded by call7 and not read)
-    "equal_bytes": "results/smollm2-135m_equal_bytes_h200/call7",
+    # KV compression at equal bytes: SmolLM2, H200, the reported windows (0-31). call7: uniform
+    # quantization and eviction then quantization; call4: eviction alone (its rows with a "+" are
+    # superseded by call7's and not read)
+    "equal_bytes": [
+        "results/smollm2-135m_equal_bytes_h200/call7/uniform.json",
+        "results/smollm2-135m_equal_bytes_h200/call7/composites_*.json",
+    ],
     "equal_bytes_eviction": [
         "results/smollm2-135m_equal_bytes_h200/call4/baselines_0.25.json",
         "results/smollm2-135m_equal_bytes_h200/call4/baselines_0.125.json",
         "results/smollm2-135m_equal_bytes_h200/call4/baselines_0.0625.json",
     ],
+    # RD-KV's call, every *.json in it: its settings on the tuning windows (tune_*.json), the baselines
+    # run on the same windows (tuning_*.json) and the best setting per target run on the reported
+    # windows (selected.json); told apart by windows and method (equal_bytes_runs). A newer call:
+    # change this line.
+    "equal_bytes_rdkv": "results/smollm2-135m_equal_bytes_h200/call9",
     # the model's own configuration (heads, rotary fraction, training length)
     "pythia_config": "configs/models/pythia-2.8b.json",
 }
@@ -702,15 +710,27 @@ def equal_bytes_name(method: str, text: bool = False) -> str:
     return f"{(TEXT_NAMES if text else NAMES)[press]}{' then ' if text else ' + '}{quantized}"
 
 
-def equal_bytes_groups(root: Path) -> dict[tuple[int, int], list[dict]]:
+def result_files(entry, root: Path) -> list[Path]:
+    """The result files a SOURCES entry names: a file, a folder (every *.json directly in it), a
+    pattern with * (the files it matches) or a list of these."""
+    if isinstance(entry, list):
+        return [path for item in entry for path in result_files(item, root)]
+    path = _path(entry, root)
+    files = sorted(path.parent.glob(path.name)) if "*" in entry else sorted(path.glob("*.json")) if path.is_dir() else [path]
+    if not files or not all(p.is_file() for p in files):
+        raise FileNotFoundError(f"no result files at {entry}")
+    return files
+
+
+def is_rdkv(row: dict) -> bool:
+    return row["method"].startswith("rdkv")
+
+
+def equal_bytes_groups(payloads: list[dict]) -> dict[tuple[int, int], list[dict]]:
     """Rows by (first_window, num_windows), the dense row first; every file's dense row of a group
     must be the same (the rows pair across files)."""
-    files = [payload for _, payload in _folder(SOURCES["equal_bytes"], root)]
-    eviction = [_load(path, root) for path in SOURCES["equal_bytes_eviction"]]
-    for payload in eviction:
-        payload["rows"] = [r for r in payload["rows"] if "+" not in r["method"]]
     groups: dict[tuple[int, int], list[dict]] = {}
-    for payload in files + eviction:
+    for payload in payloads:
         rows = groups.setdefault((payload["first_window"], payload["num_windows"]), [])
         dense = next(r for r in payload["rows"] if r["method"] == "dense")
         if rows and rows[0]["unit_nll"] != dense["unit_nll"]:
@@ -719,13 +739,37 @@ def equal_bytes_groups(root: Path) -> dict[tuple[int, int], list[dict]]:
     return groups
 
 
+def equal_bytes_runs(root: Path) -> dict:
+    """Every equal-bytes row the paper uses, by role; the one place that reads the result files.
+      reported: the baselines on the reported windows (SOURCES equal_bytes, equal_bytes_eviction)
+                and RD-KV's selected settings on the same windows, the dense row first;
+      tuning:   RD-KV's settings and the baselines run on the tuning windows, the dense row first;
+    both from the call SOURCES["equal_bytes_rdkv"] names, whose files are told apart by their
+    windows and methods (not their names): a newer call is a change of that one line."""
+    baseline_files = [json.loads(path.read_text()) for path in result_files(SOURCES["equal_bytes"], root)]
+    for path in SOURCES["equal_bytes_eviction"]:
+        payload = _load(path, root)
+        payload["rows"] = [r for r in payload["rows"] if "+" not in r["method"]]  # superseded by call7's
+        baseline_files.append(payload)
+    rdkv_files = [json.loads(path.read_text()) for path in result_files(SOURCES["equal_bytes_rdkv"], root)]
+    (reported_key,) = {(p["first_window"], p["num_windows"]) for p in baseline_files}
+    if any(is_rdkv(r) for p in baseline_files for r in p["rows"]):
+        raise ValueError("an RD-KV row among the baselines' files: RD-KV's rows come from SOURCES['equal_bytes_rdkv']")
+    groups = equal_bytes_groups(baseline_files + rdkv_files)  # the selected rows' dense row is the baselines'
+    (tuning_key,) = set(groups) - {reported_key}
+    if reported_key[0] <= tuning_key[0] < sum(reported_key) or tuning_key[0] <= reported_key[0] < sum(tuning_key):
+        raise ValueError(f"the tuning windows {tuning_key} overlap the reported ones {reported_key}")
+    return {"reported": groups[reported_key], "tuning": groups[tuning_key], "reported_key": reported_key,
+            "tuning_key": tuning_key, "call": Path(SOURCES["equal_bytes_rdkv"]).name}
+
+
 def equal_bytes_best(rows: list[dict]) -> dict[float, dict]:
     """Per byte target, the baseline of lowest PPL holding at most the target's bytes (plus the
     slack): evaluation/equal_bytes_report.py's rule."""
     targets = sorted({r["target"] for r in rows if r["target"] is not None and r["target"] < 1}, reverse=True)
     best = {}
     for target in targets:
-        fitting = [r for r in rows if r["method"] != "dense" and not r["method"].startswith("rdkv")
+        fitting = [r for r in rows if r["method"] != "dense" and not is_rdkv(r)
                    and r["kv_bytes_fraction"] <= target + EQUAL_BYTES_SLACK]
         if fitting:
             best[target] = min(fitting, key=lambda r: r["ppl"])
@@ -733,25 +777,71 @@ def equal_bytes_best(rows: list[dict]) -> dict[float, dict]:
 
 
 def rdkv_setting_text(method: str) -> dict:
-    """'rdkv[prior=2 bits=2,3,4,8 window_size=16]' -> {'prior': '2', 'bits': '2,3,4,8', 'window_size': '16'}."""
+    """'rdkv[evict_weight=4 bits=3,4,8 key_layout=channel]' -> {'evict_weight': '4', 'bits': '3,4,8', 'key_layout': 'channel'}."""
     inside = method[method.index("[") + 1:method.rindex("]")]
     return dict(item.split("=") for item in inside.split())
 
 
+def rdkv_defaults(root: Path) -> dict[str, str]:
+    """RDKVPress's dataclass defaults as written in presses/rdkv_press.py (read, not imported), every
+    field with a plain default: {'bits': '3,4,8', 'key_layout': 'channel', 'separate_widths': 'True', ...}."""
+    import re
+
+    source = _path("presses/rdkv_press.py", root).read_text()
+    body = source[source.index("class RDKVPress"):]
+    defaults = {name: value.strip().strip("\"'")
+                for name, value in re.findall(r"^    ([a-z_]+): [^=\n]+= ([^#\n]+)", body, re.MULTILINE)
+                if not value.strip().startswith("field(")}
+    for name in ("window_size", "bits", "key_layout", "prior", "separate_widths", "evict_weight", "recent_tokens"):
+        if name not in defaults:
+            raise ValueError(f"no default for RDKVPress.{name} in presses/rdkv_press.py")
+    defaults["bits"] = defaults["bits"].strip("()").replace(" ", "").rstrip(",")
+    return defaults
+
+
+def check_rdkv_defaults(setting: dict[str, str], defaults: dict[str, str]) -> None:
+    """Every setting the run names equals RDKVPress's default (settings it does not name ran at
+    its commit's defaults). The text calls the setting RDKVPress's defaults."""
+    def same(ran: str, default: str) -> bool:
+        if default in ("True", "False"):
+            return {"1": True, "true": True, "0": False, "false": False}[ran.lower()] == (default == "True")
+        if default == "None" or ran == "None":
+            return ran == default
+        try:
+            return float(ran) == float(default)
+        except ValueError:
+            return ran == default  # bits ('3,4,8'), key_layout, prior_shape
+
+    for name, ran in setting.items():
+        if name not in defaults:
+            raise ValueError(f"the selected setting names {name}, not a field of RDKVPress: the text calls it the defaults")
+        if not same(ran, defaults[name]):
+            raise ValueError(f"RDKVPress's default {name}={defaults[name]} is not the selected setting's {name}={ran}")
+
+
+# The text's claims on RD-KV against the best baseline per target, the largest target first: "win",
+# the paired 95% interval wholly below zero; "loss", wholly above (a tie would need other words).
+RDKV_CLAIMS = ("win", "loss", "loss")
+
+
+def verdict(diff: dict) -> str:
+    low, high = diff["delta_pct_ci95"]
+    return "win" if high < 0 else "loss" if low > 0 else "tie"
+
+
 def equal_bytes(root: Path, numbers: Numbers, out: Path) -> None:
-    groups = equal_bytes_groups(root)
-    (reported_key,) = [k for k, rows in groups.items() if not any(r["method"].startswith("rdkv") for r in rows)]
-    (tuning_key,) = [k for k, rows in groups.items() if any(r["method"].startswith("rdkv") for r in rows)]
-    reported, tuning = groups[reported_key], groups[tuning_key]
-    if any(r["method"].startswith("rdkv") for r in reported):
-        raise ValueError("RD-KV ran on the reported windows: the text says it did not")
-    if any(not r["method"].startswith("rdkv") and r["method"] != "dense" for r in tuning):
-        raise ValueError("a baseline ran on the tuning windows: the text says none did")
-    dense, tuning_dense = reported[0], tuning[0]
+    runs = equal_bytes_runs(root)
+    reported_key, tuning_key = runs["reported_key"], runs["tuning_key"]
+    dense, tuning_dense = runs["reported"][0], runs["tuning"][0]
+    reported = [r for r in runs["reported"] if not is_rdkv(r)]  # the baselines, dense first
+    selected = [r for r in runs["reported"] if is_rdkv(r)]
+    ours = [r for r in runs["tuning"] if is_rdkv(r)]
+    tuning_baselines = [r for r in runs["tuning"] if not is_rdkv(r)]
     numbers["ebFirst"], numbers["ebLast"] = reported_key[0], sum(reported_key) - 1
     numbers["ebTuneFirst"], numbers["ebTuneLast"] = tuning_key[0], sum(tuning_key) - 1
     numbers["ebWindows"], numbers["ebTuneWindows"] = reported_key[1], tuning_key[1]
     numbers["ebDense"], numbers["ebTuneDense"] = f(dense["ppl"]), f(tuning_dense["ppl"])
+    numbers["ebCall"] = runs["call"]
     numbers["ebKiviGroup"] = source_constant("evaluation/equal_bytes.py", "KIVI_GROUP", root)  # KIVI's key group, tokens
     numbers["rdkvGrid"] = source_constant("presses/rdkv_press.py", "GRID", root)  # lambdas tried at once
     numbers["rdkvTagBits"] = f"{8 * float(source_constant('presses/rdkv_press.py', 'TAG_BYTES', root)):g}"
@@ -801,61 +891,117 @@ def equal_bytes(root: Path, numbers: Numbers, out: Path) -> None:
     kivi4 = by_key[("kivi4", None)]
     numbers["ebKiviFourLo"], numbers["ebKiviFourHi"] = (signed(x, 2) for x in kivi4["delta_pct_ci95"])
 
-    # RD-KV on the tuning windows: the best setting per target (chosen on the same windows)
-    ours = [r for r in tuning if r["method"].startswith("rdkv")]
-    tuned_targets = sorted({r["target"] for r in ours}, reverse=True)
+    # RD-KV: per target, the best of its settings on the tuning windows, run once on the reported
+    # windows and paired with the best baseline there; on the tuning windows, with the best
+    # baseline run there (H2O then quantization)
+    if sorted({r["target"] for r in ours}, reverse=True) != targets:
+        raise ValueError("RD-KV's tuning runs do not hold every byte target of the baselines")
+    if not tuning_baselines:
+        raise ValueError("no baseline ran on the tuning windows: the text compares RD-KV with H2O there")
+    tuning_best = equal_bytes_best(runs["tuning"])
     numbers["ebTuneSettings"] = len({r["method"] for r in ours})
-    if set(targets) - set(tuned_targets):
-        numbers["ebTuneMissing"] = f"{100 * min(set(targets) - set(tuned_targets)):g}"
-    for letter, target in zip("AB", tuned_targets):
-        top = min((r for r in ours if r["target"] == target), key=lambda r: r["ppl"])
-        setting = rdkv_setting_text(top["method"])
-        numbers[f"ebTune{letter}"] = signed(top["delta_pct"], 2)
-        numbers[f"ebTune{letter}Lo"], numbers[f"ebTune{letter}Hi"] = (signed(x, 2) for x in top["delta_pct_ci95"])
-        numbers[f"ebTune{letter}Bits"] = setting["bits"].replace(",", "/")
-        numbers[f"ebTune{letter}Prior"] = setting["prior"]
-        numbers[f"ebTune{letter}Window"] = setting["window_size"]
-        numbers[f"ebTune{letter}Bytes"] = f(100 * top["kv_bytes_fraction"], 1)
+    numbers["ebTuneBaseName"] = TEXT_NAMES[best_press(tuning_baselines)]
+    chosen = {}
+    for letter, target, claim in zip("ABC", targets, RDKV_CLAIMS):
+        tuned = min((r for r in ours if r["target"] == target), key=lambda r: r["ppl"])
+        (row,) = [r for r in selected if r["target"] == target] or [None]
+        if row is None or row["method"] != tuned["method"]:
+            raise ValueError(f"the RD-KV row at {target} on the reported windows is not the best tuning setting {tuned['method']}")
+        if row["kv_bytes_fraction"] > target + EQUAL_BYTES_SLACK:
+            raise ValueError(f"RD-KV holds {row['kv_bytes_fraction']:.4f} of the bytes at target {target}")
+        chosen[target] = row
+        numbers[f"ebOurs{letter}"] = signed(row["delta_pct"], 2)
+        numbers[f"ebOurs{letter}Lo"], numbers[f"ebOurs{letter}Hi"] = (signed(x, 2) for x in row["delta_pct_ci95"])
+        numbers[f"ebOurs{letter}Bytes"] = f(100 * row["kv_bytes_fraction"], 2)
+        versus = paired(row, best[target])
+        if verdict(versus) != claim:
+            raise ValueError(f"RD-KV against {best[target]['method']} at {target}: {verdict(versus)}"
+                             f" ({versus['delta_pct_ci95']}); the text says {claim}")
+        numbers[f"ebVs{letter}"] = signed(versus["delta_pct"], 2)
+        numbers[f"ebVs{letter}Lo"], numbers[f"ebVs{letter}Hi"] = (signed(x, 2) for x in versus["delta_pct_ci95"])
+        # the tuning windows: the same signs against the best baseline run there (the text says so)
+        tuning_versus = paired(tuned, tuning_best[target])
+        if (tuning_versus["delta_pct"] < 0) != (claim == "win"):
+            raise ValueError(f"on the tuning windows RD-KV against {tuning_best[target]['method']} at {target} has"
+                             f" the other sign than on the reported windows: the text says they agree")
+        numbers[f"ebTuneVs{letter}"] = signed(tuning_versus["delta_pct"], 2)
+        numbers[f"ebTuneVs{letter}Lo"], numbers[f"ebTuneVs{letter}Hi"] = (signed(x, 2) for x in tuning_versus["delta_pct_ci95"])
+        if float(rdkv_setting_text(tuned["method"]).get("evict_weight", 1)) <= 1:
+            raise ValueError(f"the best tuning setting at {target} weights eviction at most 1: the text says above 1 won")
+    # which of the tuning windows' paired intervals exclude zero, in words
+    clear = [f"{100 * t:g}\\%" for t in targets if verdict(paired(min((r for r in ours if r["target"] == t),
+                                                                       key=lambda r: r["ppl"]), tuning_best[t])) != "tie"]
+    numbers["ebTuneVsIntervals"] = ("every interval includes zero" if not clear else
+                                    "every interval excludes zero" if len(clear) == len(targets) else
+                                    f"only the {' and '.join(clear)} interval{'s' if len(clear) > 1 else ''}"
+                                    f" exclude{'' if len(clear) > 1 else 's'} zero")
+    # offered only H2O's widths (4 bits, and 8), RD-KV at the smallest target against H2O then KIVI-4
+    smallest = targets[-1]
+    wide = min((r for r in ours if r["target"] == smallest and rdkv_setting_text(r["method"])["bits"] == "4,8"),
+               key=lambda r: r["ppl"])
+    h2o_kivi4 = next(r for r in tuning_baselines if r["method"] == "h2o+kivi4" and r["target"] == smallest)
+    if paired(wide, h2o_kivi4)["delta_pct_ci95"][0] <= 0:
+        raise ValueError("RD-KV with bits 4,8 is not worse than H2O then KIVI-4 at the smallest target: the text says it is")
+    numbers["ebTuneWideC"] = signed(wide["delta_pct"], 1)
+    numbers["ebTuneKiviC"] = signed(h2o_kivi4["delta_pct"], 1)
+
     # the text calls the best setting at the first target RDKVPress's defaults: check the source says so
-    import re
+    defaults = rdkv_defaults(root)
+    check_rdkv_defaults(rdkv_setting_text(chosen[targets[0]]["method"]), defaults)
+    if defaults["key_layout"] != "channel" or defaults["separate_widths"] != "True" or defaults["recent_tokens"] != "None":
+        raise ValueError(f"RDKVPress's defaults {defaults}: the text says KIVI keys, widths apart, the window's tokens in fp16")
+    numbers["rdkvWindow"] = defaults["window_size"]
+    numbers["rdkvPrior"] = f"{float(defaults['prior']):g}"
+    numbers["rdkvBits"] = defaults["bits"].replace(",", "/")
+    numbers["rdkvEvictWeight"] = f"{float(defaults['evict_weight']):g}"
+    numbers["rdkvGroup"] = defaults["group_tokens"]
+    equal_bytes_figure(reported, best, chosen, ours, tuning_baselines, tuning_best, runs, out)
 
-    source = _path("presses/rdkv_press.py", root).read_text()
-    defaults = {name: re.search(rf"^    {name}: [^=]+= ([^#\n]+)", source, re.MULTILINE).group(1).strip()
-                for name in ("window_size", "prior", "bits")}
-    first = min((r for r in ours if r["target"] == tuned_targets[0]), key=lambda r: r["ppl"])
-    setting = rdkv_setting_text(first["method"])
-    if (int(defaults["window_size"]) != int(setting["window_size"]) or float(defaults["prior"]) != float(setting["prior"])
-            or defaults["bits"].strip("()").replace(" ", "") != setting["bits"]):
-        raise ValueError(f"RDKVPress's defaults {defaults} are not the best tuning setting {setting}")
-    equal_bytes_figure(reported, best, ours, tuning_dense, reported_key, tuning_key, out)
+
+def best_press(rows: list[dict]) -> str:
+    """The one eviction press the composite rows share ('h2o' for 'h2o+kivi4', ...)."""
+    (press,) = {r["method"].split("+")[0] for r in rows if r["method"] != "dense"}
+    return press
 
 
-def equal_bytes_figure(reported, best, ours, tuning_dense, reported_key, tuning_key, out: Path) -> None:
-    """Left: the baselines on the reported windows, PPL vs dense against the bytes stored (log-log;
-    uniform quantization at 2-4 bits, its 8-bit points lie at 53-55% of the bytes). Right: RD-KV's
-    tuning settings on the tuning windows (no baseline ran there)."""
-    figure, (left, right) = plt.subplots(1, 2, figsize=(5.5, 1.75), gridspec_kw={"width_ratios": [2.3, 1]})
+def equal_bytes_figure(reported, best, chosen, ours, tuning_baselines, tuning_best, runs, out: Path) -> None:
+    """Left: the reported windows, PPL vs dense against the bytes stored (log-log; uniform
+    quantization at 2-4 bits, its 8-bit points lie at 53-55% of the bytes): the baselines and
+    RD-KV's selected settings. Right: the tuning windows, RD-KV's settings against the eviction
+    weight, per target, and the best baseline run there."""
+    reported_key, tuning_key = runs["reported_key"], runs["tuning_key"]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(5.5, 1.65), gridspec_kw={"width_ratios": [2.0, 1]})
     series = [  # (label, methods in byte order, colour, marker, style)
-        ("uniform KIVI-2/3/4", ["kivi2", "kivi3", "kivi4"], "#1b9e77", "s", "-"),
-        ("uniform per-token keys", ["token2", "token3", "token4"], "#66a61e", "s", ":"),
-        ("H$_2$O (fp16 tokens)", [("h2o", t) for t in best], "#d95f02", "o", "-"),
-        ("SnapKV (fp16 tokens)", [("snapkv", t) for t in best], "#7570b3", "o", "-"),
+        ("uniform KIVI", ["kivi2", "kivi3", "kivi4"], "#1b9e77", "s", "-"),
+        ("uniform per-token", ["token2", "token3", "token4"], "#66a61e", "s", ":"),
+        ("H$_2$O, fp16", [("h2o", t) for t in best], "#d95f02", "o", "-"),
+        ("SnapKV, fp16", [("snapkv", t) for t in best], "#7570b3", "o", "-"),
         ("SnapKV + KIVI-4", [("snapkv+kivi4", t) for t in best], "#7570b3", "^", "--"),
-        ("H$_2$O + per-token-key 4-bit", [("h2o+token4", t) for t in best], "#e6ab02", "^", ":"),
+        ("H$_2$O + per-token 4b", [("h2o+token4", t) for t in best], "#e6ab02", "^", ":"),
         ("H$_2$O + KIVI-4", [("h2o+kivi4", t) for t in best], "#d95f02", "^", "--"),
     ]
     by_key = {(r["method"], r["target"]): r for r in reported}
+
+    def interval(axis, row, colour, x=None, **style):
+        low, high = row["delta_pct_ci95"]
+        axis.errorbar([100 * row["kv_bytes_fraction"] if x is None else x], [row["delta_pct"]],
+                      yerr=[[row["delta_pct"] - low], [high - row["delta_pct"]]], color=colour, elinewidth=0.8,
+                      capsize=1.5, **style)
+
     for label, members, colour, marker, style in series:
         rows = [by_key[m if isinstance(m, tuple) else (m, None)] for m in members]
         rows.sort(key=lambda r: r["kv_bytes_fraction"])
         left.plot([100 * r["kv_bytes_fraction"] for r in rows], [r["delta_pct"] for r in rows], marker=marker,
                   markersize=3, linewidth=0.9, linestyle=style, color=colour, label=label)
-    for target, row in best.items():
-        low, high = row["delta_pct_ci95"]
-        left.errorbar([100 * row["kv_bytes_fraction"]], [row["delta_pct"]],
-                      yerr=[[row["delta_pct"] - low], [high - row["delta_pct"]]], fmt="none", color="black",
-                      elinewidth=0.8, capsize=1.5)
-    left.plot([], [], color="black", linewidth=0.8, label="best, 95% interval")
+    for row in best.values():
+        interval(left, row, "black", fmt="none")
+    left.plot([], [], color="black", linewidth=0.8, label="best, 95% int.")
+    ours_colour = "#e7298a"
+    rows = sorted(chosen.values(), key=lambda r: r["kv_bytes_fraction"])
+    left.plot([100 * r["kv_bytes_fraction"] for r in rows], [r["delta_pct"] for r in rows], color=ours_colour,
+              linewidth=1.0, marker="*", markersize=5, label="RD-KV (ours)", zorder=5)
+    for row in rows:
+        interval(left, row, ours_colour, fmt="none", zorder=5)
     for target in best:
         left.axvline(100 * target, color="grey", linewidth=0.4, linestyle=(0, (2, 2)))
     label_at = {("kivi", 2): (3, 0, "left"), ("kivi", 3): (-3, -1, "right"), ("kivi", 4): (3, 0, "left"),
@@ -871,40 +1017,52 @@ def equal_bytes_figure(reported, best, ours, tuning_dense, reported_key, tuning_
     left.set_xticklabels([f"{t:g}" for t in ticks])
     left.set_xlim(ticks[0] * 0.9, 100 * max(r["kv_bytes_fraction"] for r in reported if r["method"] == "kivi4") * 1.15)
     left.minorticks_off()
-    left.set_yticks([0.3, 1, 3, 10, 30, 100])
-    left.set_yticklabels(["0.3", "1", "3", "10", "30", "100"])
+    yticks = [0.1, 0.3, 1, 3, 10, 30, 100]
+    left.set_yticks(yticks)
+    left.set_yticklabels([f"{t:g}" for t in yticks])
+    left.set_ylim(min(r["delta_pct_ci95"][0] for r in chosen.values()) * 0.6, left.get_ylim()[1])
     left.grid(linewidth=0.3, alpha=0.5)
-    left.text(0.02, 0.03, f"baselines, windows {reported_key[0]}-{sum(reported_key) - 1}", transform=left.transAxes,
+    left.text(0.02, 0.03, f"reported windows {reported_key[0]}-{sum(reported_key) - 1}", transform=left.transAxes,
               fontsize=6.5, va="bottom")
-    handles, labels = left.get_legend_handles_labels()
-    figure.legend(handles, labels, fontsize=5.5, frameon=False, loc="upper left", bbox_to_anchor=(0.06, 1.0), ncol=4,
-                  handlelength=2.2, labelspacing=0.2, columnspacing=1.2)
 
-    for target in sorted({r["target"] for r in ours}):
+    # right: every tuning setting at its eviction weight, the best per weight joined, per target;
+    # the best baseline run on the same windows dashed (no intervals: RD-KV's points are chosen there)
+    shades = dict(zip(sorted(best, reverse=True), [ours_colour, "#a6761d", "#666666"]))
+    weight_of = lambda r: float(rdkv_setting_text(r["method"]).get("evict_weight", 1))
+    weights = sorted({weight_of(r) for r in ours})
+    for index, (target, colour) in enumerate(shades.items()):
         rows = [r for r in ours if r["target"] == target]
+        right.plot([weight_of(r) for r in rows], [r["delta_pct"] for r in rows], "o", color=colour, markersize=1.6,
+                   alpha=0.5, linestyle="none")
+        tops = [min((r for r in rows if weight_of(r) == w), key=lambda r: r["ppl"]) for w in weights]
+        right.plot(weights, [r["delta_pct"] for r in tops], color=colour, linewidth=0.9)
         top = min(rows, key=lambda r: r["ppl"])
-        right.plot([100 * r["kv_bytes_fraction"] for r in rows], [r["delta_pct"] for r in rows], "o", color="grey",
-                   markersize=2, alpha=0.6, linestyle="none")
-        low, high = top["delta_pct_ci95"]
-        right.errorbar([100 * top["kv_bytes_fraction"]], [top["delta_pct"]],
-                       yerr=[[top["delta_pct"] - low], [high - top["delta_pct"]]], fmt="*", color="#e7298a",
-                       markersize=5, elinewidth=0.8, capsize=1.5)
-    right.plot([], [], "o", color="grey", markersize=2, label=f"{len({r['method'] for r in ours})} settings")
-    right.plot([], [], "*", color="#e7298a", markersize=5, label="best of them")
-    right.set(xscale="log", yscale="log", xlabel="KV bytes (% of fp16)")
-    ticks = [100 * t for t in sorted({r["target"] for r in ours})]
-    right.set_xticks(ticks)
-    right.set_xticklabels([f"{t:g}" for t in ticks])
-    right.set_xlim(ticks[0] * 0.85, ticks[-1] * 1.15)
+        right.plot([weight_of(top)], [top["delta_pct"]], "*", color=colour, markersize=5)
+        right.axhline(tuning_best[target]["delta_pct"], color=colour, linewidth=0.8, linestyle="--")
+        below = index == 1  # the middle target's name under its line, clear of the others
+        right.annotate(f"{100 * target:g}%", (weights[0], tops[0]["delta_pct"]), xytext=(1, -3 if below else 3),
+                       textcoords="offset points", ha="left", va="top" if below else "bottom", fontsize=5.5,
+                       color=colour)
+    right.plot([], [], "o", color="grey", markersize=2, label=f"RD-KV, {len({r['method'] for r in ours})} settings")
+    right.plot([], [], "*-", color="grey", markersize=4, linewidth=0.9, label="best per $\\eta$")
+    right.plot([], [], "--", color="grey", linewidth=0.8,
+               label=f"best {NAMES[best_press(tuning_baselines)]} + quant.")
+    right.set(xscale="log", yscale="log", xlabel="RD-KV's eviction weight $\\eta$")
+    right.set_xticks(weights)
+    right.set_xticklabels([f"{w:g}" if w >= 1 else f"1/{1 / w:g}" for w in weights])
+    right.set_xlim(weights[0] / 1.5, weights[-1] * 1.5)
     right.minorticks_off()
-    right.set_yticks([0.3, 1, 3, 10, 30, 100])
-    right.set_yticklabels(["0.3", "1", "3", "10", "30", "100"])
-    right.set_ylim(left.get_ylim())
-    right.text(0.04, 0.96, f"RD-KV, tuning\nwindows {tuning_key[0]}-{sum(tuning_key) - 1}", transform=right.transAxes,
-               fontsize=6.5, va="top")
+    right.set_yticks(yticks)
+    right.set_yticklabels([f"{t:g}" for t in yticks])
+    right.set_ylim(min(r["delta_pct"] for r in ours) * 0.5, max(r["delta_pct"] for r in ours) * 2)
+    right.text(0.03, 0.03, f"tuning windows {tuning_key[0]}-{sum(tuning_key) - 1}", transform=right.transAxes,
+               fontsize=6.5, va="bottom", ha="left")
     right.grid(linewidth=0.3, alpha=0.5)
-    right.legend(fontsize=5.5, frameon=False, loc="lower left", borderaxespad=0.3, handletextpad=0.2)
-    figure.subplots_adjust(left=0.085, right=0.985, bottom=0.2, top=0.795, wspace=0.2)
+    handles, labels = left.get_legend_handles_labels()
+    more, more_labels = right.get_legend_handles_labels()
+    figure.legend(handles + more, labels + more_labels, fontsize=5.5, frameon=False, loc="upper left",
+                  bbox_to_anchor=(0.0, 1.0), ncol=6, handlelength=1.9, labelspacing=0.2, columnspacing=0.8, handletextpad=0.4)
+    figure.subplots_adjust(left=0.08, right=0.99, bottom=0.21, top=0.78, wspace=0.16)
     figure.savefig(out / "fig_equal_bytes.pdf", metadata=PDF_METADATA)
     plt.close(figure)
 

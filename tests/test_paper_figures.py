@@ -111,18 +111,21 @@ def test_h100_files_are_named_h100(built):
 
 def test_equal_bytes_numbers_are_the_result_files(built):
     """The best baseline per byte target is the one evaluation/equal_bytes_report.py picks from the
-    same files (call4's superseded '+' rows left out), with its own file's interval; RD-KV's number
-    is the best tuning-window row, and no RD-KV row is on the reported windows."""
+    same files (call4's superseded '+' rows left out), with its own file's interval; RD-KV's rows on
+    the reported windows are its call's selected settings, paired with that baseline as the report
+    pairs them; its tuning rows are on other windows."""
     from evaluation.equal_bytes_report import best_baselines, grouped_rows
+    from evaluation.intervals import paired_difference
 
     generator, _, values = built
-    paths = sorted((REPO / generator.SOURCES["equal_bytes"]).glob("*.json"))
-    groups = grouped_rows(paths)
+    baseline_paths = generator.result_files(generator.SOURCES["equal_bytes"], REPO)
+    rdkv_paths = generator.result_files(generator.SOURCES["equal_bytes_rdkv"], REPO)
+    assert not any(path.name.startswith("tune_") for path in baseline_paths)  # call7's RD-KV runs are not read
+    groups = grouped_rows(baseline_paths + rdkv_paths)
     eviction = [row for path in generator.SOURCES["equal_bytes_eviction"]
                 for row in json.loads((REPO / path).read_text())["rows"]
                 if row["method"] != "dense" and "+" not in row["method"]]
     reported = groups[(0, 32)] + eviction
-    assert not any(row["method"].startswith("rdkv") for row in reported)
     best = best_baselines(reported)
     quarter = best[0.25]
     assert quarter["method"] == "h2o+kivi4"
@@ -131,7 +134,34 @@ def test_equal_bytes_numbers_are_the_result_files(built):
     assert values["ebBestC"] == f"{best[0.0625]['delta_pct']:+.2f}"
     h2o = next(row for row in eviction if row["method"] == "h2o" and row["target"] == 0.25)
     assert values["ebEvictA"] == f"{h2o['delta_pct']:+.1f}"
-    tuning = [row for row in groups[(32, 8)] if row["method"].startswith("rdkv") and row["target"] == 0.25]
-    top = min(tuning, key=lambda row: row["ppl"])
-    assert values["ebTuneA"] == f"{top['delta_pct']:+.2f}"
-    assert values["ebTuneDense"] == f"{groups[(32, 8)][0]['ppl']:.2f}"
+    for letter, target in zip("ABC", (0.25, 0.125, 0.0625)):
+        (ours,) = [row for row in reported if row["method"].startswith("rdkv") and row["target"] == target]
+        assert values[f"ebOurs{letter}"] == f"{ours['delta_pct']:+.2f}"
+        diff = paired_difference(ours["unit_nll"], best[target]["unit_nll"], ours["unit_tokens"])
+        assert values[f"ebVs{letter}"] == f"{diff['delta_pct']:+.2f}"
+        assert values[f"ebVs{letter}Hi"] == f"{diff['delta_pct_ci95'][1]:+.2f}"
+    tuning = groups[(32, 8)]
+    assert values["ebTuneDense"] == f"{tuning[0]['ppl']:.2f}"
+    assert values["ebTuneSettings"] == str(len({row["method"] for row in tuning if row["method"].startswith("rdkv")}))
+
+
+def test_equal_bytes_claims_are_checked(built, tmp_path, monkeypatch):
+    """The text's win / loss per target is checked against the paired intervals: claiming another
+    outcome stops the build."""
+    generator, _, _ = built
+    monkeypatch.setattr(generator, "RDKV_CLAIMS", ("loss", "loss", "loss"))
+    with pytest.raises(ValueError, match="the text says loss"):
+        generator.build(tmp_path)
+
+
+def test_rdkv_defaults_check_compares_every_named_setting(built):
+    generator, _, _ = built
+    defaults = generator.rdkv_defaults(REPO)
+    setting = {"evict_weight": defaults["evict_weight"], "bits": defaults["bits"], "key_layout": defaults["key_layout"],
+               "separate_widths": "1" if defaults["separate_widths"] == "True" else "0"}
+    generator.check_rdkv_defaults(setting, defaults)
+    for name, other in (("evict_weight", "0.5"), ("bits", "2,3,4,8"), ("key_layout", "token"),
+                        ("separate_widths", "0" if setting["separate_widths"] == "1" else "1"), ("window_size", "1536"),
+                        ("prior", "8")):
+        with pytest.raises(ValueError, match=name):
+            generator.check_rdkv_defaults(dict(setting, **{name: other}), defaults)
