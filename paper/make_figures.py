@@ -86,7 +86,8 @@ SOURCES = {
     # RD-KV's call, every *.json in it: its settings on the tuning windows (tune_*.json), the baselines
     # run on the same windows (tuning_*.json) and the best setting per target run on the reported
     # windows (selected.json); told apart by windows and method (equal_bytes_runs). A newer call:
-    # change this line.
+    # change this line (a list takes files from several calls, e.g. [".../call10",
+    # ".../call9/tuning_h2o_*.json"] where a call did not repeat the tuning-window baselines).
     "equal_bytes_rdkv": "results/smollm2-135m_equal_bytes_h200/call9",
     # the model's own configuration (heads, rotary fraction, training length)
     "pythia_config": "configs/models/pythia-2.8b.json",
@@ -338,7 +339,7 @@ def write_quality_table(context, ratios, books, book_dense, budgets, dense, vers
         text = f(row["ppl"]) + mark(row)
         return f"\\textbf{{{text}}}" if row["ppl"] == best[column] else text
 
-    methods = sorted({r["method"] for r in context if r["method"] not in QUALITY_LEFT_OUT},
+    methods = sorted(sorted({r["method"] for r in context if r["method"] not in QUALITY_LEFT_OUT}),  # ties by name
                      key=lambda m: find(context, m, "compression_ratio", hardest)["ppl"])
     book_short = {book: "\\emph{" + BOOK_SHORT.get(book, book) + "}" for book in books}
     lines = [
@@ -380,7 +381,7 @@ def write_quality_table(context, ratios, books, book_dense, budgets, dense, vers
 
 def quality_figure(context, ratios, books, versus_streaming, budget, out: Path) -> None:
     hardest = ratios[-1]
-    methods = sorted({r["method"] for r in context},
+    methods = sorted(sorted({r["method"] for r in context}),  # ties by name, whatever the set's order
                      key=lambda m: -next(r["delta_pct"] for r in context if r["method"] == m and r["compression_ratio"] == hardest))
     figure, (left, right) = plt.subplots(1, 2, figsize=(5.5, 2.7), sharey=True)
     y = {m: i for i, m in enumerate(methods)}
@@ -760,7 +761,7 @@ def equal_bytes_runs(root: Path) -> dict:
     if reported_key[0] <= tuning_key[0] < sum(reported_key) or tuning_key[0] <= reported_key[0] < sum(tuning_key):
         raise ValueError(f"the tuning windows {tuning_key} overlap the reported ones {reported_key}")
     return {"reported": groups[reported_key], "tuning": groups[tuning_key], "reported_key": reported_key,
-            "tuning_key": tuning_key, "call": Path(SOURCES["equal_bytes_rdkv"]).name}
+            "tuning_key": tuning_key}
 
 
 def equal_bytes_best(rows: list[dict]) -> dict[float, dict]:
@@ -841,7 +842,6 @@ def equal_bytes(root: Path, numbers: Numbers, out: Path) -> None:
     numbers["ebTuneFirst"], numbers["ebTuneLast"] = tuning_key[0], sum(tuning_key) - 1
     numbers["ebWindows"], numbers["ebTuneWindows"] = reported_key[1], tuning_key[1]
     numbers["ebDense"], numbers["ebTuneDense"] = f(dense["ppl"]), f(tuning_dense["ppl"])
-    numbers["ebCall"] = runs["call"]
     numbers["ebKiviGroup"] = source_constant("evaluation/equal_bytes.py", "KIVI_GROUP", root)  # KIVI's key group, tokens
     numbers["rdkvGrid"] = source_constant("presses/rdkv_press.py", "GRID", root)  # lambdas tried at once
     numbers["rdkvTagBits"] = f"{8 * float(source_constant('presses/rdkv_press.py', 'TAG_BYTES', root)):g}"
@@ -898,14 +898,18 @@ def equal_bytes(root: Path, numbers: Numbers, out: Path) -> None:
         raise ValueError("RD-KV's tuning runs do not hold every byte target of the baselines")
     if not tuning_baselines:
         raise ValueError("no baseline ran on the tuning windows: the text compares RD-KV with H2O there")
+    defaults = rdkv_defaults(root)
     tuning_best = equal_bytes_best(runs["tuning"])
     numbers["ebTuneSettings"] = len({r["method"] for r in ours})
     numbers["ebTuneBaseName"] = TEXT_NAMES[best_press(tuning_baselines)]
     chosen = {}
     for letter, target, claim in zip("ABC", targets, RDKV_CLAIMS):
         tuned = min((r for r in ours if r["target"] == target), key=lambda r: r["ppl"])
-        (row,) = [r for r in selected if r["target"] == target] or [None]
-        if row is None or row["method"] != tuned["method"]:
+        rows = [r for r in selected if r["target"] == target]
+        if len(rows) != 1:
+            raise ValueError(f"{len(rows)} RD-KV rows at {target} on the reported windows: the text reports one, the selected")
+        row = rows[0]
+        if row["method"] != tuned["method"]:
             raise ValueError(f"the RD-KV row at {target} on the reported windows is not the best tuning setting {tuned['method']}")
         if row["kv_bytes_fraction"] > target + EQUAL_BYTES_SLACK:
             raise ValueError(f"RD-KV holds {row['kv_bytes_fraction']:.4f} of the bytes at target {target}")
@@ -926,7 +930,7 @@ def equal_bytes(root: Path, numbers: Numbers, out: Path) -> None:
                              f" the other sign than on the reported windows: the text says they agree")
         numbers[f"ebTuneVs{letter}"] = signed(tuning_versus["delta_pct"], 2)
         numbers[f"ebTuneVs{letter}Lo"], numbers[f"ebTuneVs{letter}Hi"] = (signed(x, 2) for x in tuning_versus["delta_pct_ci95"])
-        if float(rdkv_setting_text(tuned["method"]).get("evict_weight", 1)) <= 1:
+        if evict_weight(tuned, defaults) <= 1:
             raise ValueError(f"the best tuning setting at {target} weights eviction at most 1: the text says above 1 won")
     # which of the tuning windows' paired intervals exclude zero, in words
     clear = [f"{100 * t:g}\\%" for t in targets if verdict(paired(min((r for r in ours if r["target"] == t),
@@ -946,7 +950,6 @@ def equal_bytes(root: Path, numbers: Numbers, out: Path) -> None:
     numbers["ebTuneKiviC"] = signed(h2o_kivi4["delta_pct"], 1)
 
     # the text calls the best setting at the first target RDKVPress's defaults: check the source says so
-    defaults = rdkv_defaults(root)
     check_rdkv_defaults(rdkv_setting_text(chosen[targets[0]]["method"]), defaults)
     if defaults["key_layout"] != "channel" or defaults["separate_widths"] != "True" or defaults["recent_tokens"] != "None":
         raise ValueError(f"RDKVPress's defaults {defaults}: the text says KIVI keys, widths apart, the window's tokens in fp16")
@@ -955,7 +958,7 @@ def equal_bytes(root: Path, numbers: Numbers, out: Path) -> None:
     numbers["rdkvBits"] = defaults["bits"].replace(",", "/")
     numbers["rdkvEvictWeight"] = f"{float(defaults['evict_weight']):g}"
     numbers["rdkvGroup"] = defaults["group_tokens"]
-    equal_bytes_figure(reported, best, chosen, ours, tuning_baselines, tuning_best, runs, out)
+    equal_bytes_figure(reported, best, chosen, ours, tuning_baselines, tuning_best, runs, defaults, out)
 
 
 def best_press(rows: list[dict]) -> str:
@@ -964,7 +967,13 @@ def best_press(rows: list[dict]) -> str:
     return press
 
 
-def equal_bytes_figure(reported, best, chosen, ours, tuning_baselines, tuning_best, runs, out: Path) -> None:
+def evict_weight(row: dict, defaults: dict[str, str]) -> float:
+    """An RD-KV row's eviction weight: as its setting names it, else RDKVPress's default (call9's
+    settings all name it; a setting that does not ran at its commit's default, taken to be today's)."""
+    return float(rdkv_setting_text(row["method"]).get("evict_weight", defaults["evict_weight"]))
+
+
+def equal_bytes_figure(reported, best, chosen, ours, tuning_baselines, tuning_best, runs, defaults, out: Path) -> None:
     """Left: the reported windows, PPL vs dense against the bytes stored (log-log; uniform
     quantization at 2-4 bits, its 8-bit points lie at 53-55% of the bytes): the baselines and
     RD-KV's selected settings. Right: the tuning windows, RD-KV's settings against the eviction
@@ -1028,7 +1037,7 @@ def equal_bytes_figure(reported, best, chosen, ours, tuning_baselines, tuning_be
     # right: every tuning setting at its eviction weight, the best per weight joined, per target;
     # the best baseline run on the same windows dashed (no intervals: RD-KV's points are chosen there)
     shades = dict(zip(sorted(best, reverse=True), [ours_colour, "#a6761d", "#666666"]))
-    weight_of = lambda r: float(rdkv_setting_text(r["method"]).get("evict_weight", 1))
+    weight_of = lambda r: evict_weight(r, defaults)
     weights = sorted({weight_of(r) for r in ours})
     for index, (target, colour) in enumerate(shades.items()):
         rows = [r for r in ours if r["target"] == target]
