@@ -8,14 +8,16 @@
 #             folded one (LayerNorms folded, one QKV + MLP-in GEMM) and the folded one with Triton GEMVs
 #             (inductor's tuned reductions instead of cuBLAS), dense and SnapKV keeping 25%, the copy
 #             bandwidth measured at the process's start, tokens checked; (2) evaluation/profile_step.py, the
-#             two-stream kernels of the plain and the folded Triton step grouped against their bytes;
-#             (3) int8 weights: torchao folded and plain, quanto plain, dense and SnapKV 25%; (4) the int8
-#             folded step's profile; (5) fp8 weights (torchao, folded), dense and SnapKV 25%.
-#             fp16 runs (1)-(2) alone, quant (3)-(5) alone (when frontier's budget cuts the last stages).
+#             plain step's two-stream kernels grouped against their bytes; (3) int8 weights: folded torchao
+#             and quanto, plain torchao, dense and SnapKV 25%; (4) the int8 folded step's profile; (5) fp8
+#             weights (torchao, folded), dense and SnapKV 25%.
+#   fp16:     (1), then the profiles of the plain, folded and folded Triton steps.
+#   quant:    (3)-(5) alone (when frontier's budget cuts its last stages).
 #   batch:    the largest batch at a 2k context, dense and SnapKV keeping 25% (evaluation/speed_grid.py,
 #             two-stream, --no-keep_buffer: a batch that does not fit is recorded as out of memory and
-#             larger ones are not tried), then decode attention's kernels at batch 64 and 128 against
-#             the KV bytes over the copy bandwidth (profile_step.py).
+#             larger ones are not tried), then decode attention's kernels at batch 64 and 128 (SDPA) and
+#             64 (FlexAttention's split-KV decoding kernel) against the KV bytes over the copy bandwidth
+#             (profile_step.py).
 set -u
 part=${1:-frontier}
 work=/tmp/speed_frontier_$part
@@ -36,32 +38,34 @@ stage() {  # stage SECONDS NAME PROGRAM ARGS...: under min(SECONDS, what is left
 }
 frontier="evaluation/speed_frontier.py $common --new_tokens 256 --repeats 3 --check_tokens 64"
 profile="evaluation/profile_step.py $common --compile_mode two-stream --steps 20 --graph_steps 100"
-fp16() {
+fp16_cells() {
   stage 200 fp16 $frontier --cells plain:fp16 folded:fp16 folded:fp16_triton --press snapkv \
     --compression_ratio 0.75 --time_limit_s 100 --output "$work/fp16/frontier_fp16.json"
-  stage 60 profile_plain $profile --cell plain:fp16 --output "$work/profile_plain/profile.json"
-  stage 60 profile_folded_triton $profile --cell folded:fp16_triton \
-    --output "$work/profile_folded_triton/profile.json"
 }
-quant() {
-  stage 170 int8 $frontier --cells folded:int8_torchao plain:int8_torchao plain:int8_quanto --press snapkv \
-    --compression_ratio 0.75 --time_limit_s 100 --output "$work/int8/frontier_int8.json"
-  stage 60 profile_folded_int8 $profile --cell folded:int8_torchao --output "$work/profile_folded_int8/profile.json"
+profile_cell() {  # profile_cell NAME CELL
+  stage 60 "profile_$1" $profile --cell "$2" --output "$work/profile_$1/profile.json"
+}
+quant_cells() {
+  stage 200 int8 $frontier --cells folded:int8_torchao folded:int8_quanto plain:int8_torchao --press snapkv \
+    --compression_ratio 0.75 --time_limit_s 140 --output "$work/int8/frontier_int8.json"
+  profile_cell folded_int8 folded:int8_torchao
   stage 120 fp8 $frontier --cells folded:fp8_torchao --press snapkv --compression_ratio 0.75 \
     --output "$work/fp8/frontier_fp8.json"
 }
 case "$part" in
-  frontier) fp16; quant ;;
-  fp16) fp16 ;;
-  quant) quant ;;
+  frontier) fp16_cells; profile_cell plain plain:fp16; quant_cells ;;
+  fp16) fp16_cells; profile_cell plain plain:fp16; profile_cell folded folded:fp16
+        profile_cell folded_triton folded:fp16_triton ;;
+  quant) quant_cells ;;
   batch)
     grid="evaluation/speed_grid.py $common --new_tokens 256 --decoder neox --repeats 1 --no-keep_buffer"
     stage 150 batch_dense $grid --press --batch_size 160 176 192 --output_dir "$work/batch_dense"
     stage 200 batch_snapkv $grid --press snapkv --compression_ratio 0.75 --no-dense --batch_size 448 512 576 \
       --output_dir "$work/batch_snapkv"
-    for batch in 64 128; do
-      stage 80 "attention_b$batch" $profile --cell plain:fp16 --batch_size $batch --steps 10 --graph_steps 20 \
-        --output "$work/attention_b$batch/profile.json"
+    for run in "64 sdpa" "128 sdpa" "64 flex"; do
+      set -- $run
+      stage 80 "attention_b$1_$2" $profile --cell plain:fp16 --batch_size $1 --backend $2 --steps 10 \
+        --graph_steps 20 --output "$work/attention_b$1_$2/profile.json"
     done ;;
   *) echo "usage: speed_frontier.sh frontier|fp16|quant|batch" >&2; exit 2 ;;
 esac
