@@ -145,3 +145,16 @@ def test_linears_as_matmuls_compute_the_same_function(model):
     assert {type(module) for module in linears(matmuls).values()} == {weight_quant.MatmulLinear}
     torch.testing.assert_close(logits_of(matmuls, neox_decode.forward_logits),
                                logits_of(model, neox_decode.forward_logits), rtol=1e-5, atol=1e-5)
+
+
+def test_step_floor_prints_the_int8_weights_floor(capsys):
+    from evaluation import step_floor
+
+    floors = {}
+    for scheme in ("none", "int8"):
+        step_floor.main(["--cache", "2128", "--bandwidth", "4", "--peak_tflops", "800", "--weight_quant", scheme])
+        line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("floor:"))
+        floors[scheme] = float(line.split()[1])
+    config = roofline.load_config("EleutherAI/pythia-2.8b")
+    saved = (roofline.step_bytes(config, 1, 1, 2128) - roofline.step_bytes(config, 1, 1, 2128, "int8")) / 4e12
+    assert floors["none"] - floors["int8"] == pytest.approx(1e3 * saved, abs=1e-3)
