@@ -55,6 +55,8 @@ def _folded_layer(layer) -> nn.Module:
                          "they cannot share one normalisation")
     weights, biases = [], []
     for norm, linear in zip(norms, (layer.attention.query_key_value, layer.mlp.dense_h_to_4h)):
+        if type(linear.weight.data) is not torch.Tensor:
+            raise ValueError("fold the projections before quantizing the weights (decoding/weight_quant.py)")
         weight = linear.weight.float()
         bias = torch.zeros(weight.shape[0], device=weight.device) if linear.bias is None else linear.bias.float()
         weights.append(weight * norm.weight.float())  # W diag(γ): column j scaled by γ_j

@@ -158,3 +158,9 @@ def test_step_floor_prints_the_int8_weights_floor(capsys):
     config = roofline.load_config("EleutherAI/pythia-2.8b")
     saved = (roofline.step_bytes(config, 1, 1, 2128) - roofline.step_bytes(config, 1, 1, 2128, "int8")) / 4e12
     assert floors["none"] - floors["int8"] == pytest.approx(1e3 * saved, abs=1e-3)
+
+
+def test_folding_quantized_weights_is_refused(model):
+    quantized = weight_quant.quantize_weights(copy.deepcopy(model), "int8")
+    with pytest.raises(ValueError, match="before quantizing"):
+        fused_projections.fold_projections(quantized)
