@@ -86,9 +86,17 @@ SOURCES = {
     # RD-KV's call, every *.json in it: its settings on the tuning windows (tune_*.json), the baselines
     # run on the same windows (tuning_*.json) and the best setting per target run on the reported
     # windows (selected.json); told apart by windows and method (equal_bytes_runs). A newer call:
-    # change this line (a list takes files from several calls, e.g. [".../call10",
-    # ".../call9/tuning_h2o_*.json"] where a call did not repeat the tuning-window baselines).
-    "equal_bytes_rdkv": "results/smollm2-135m_equal_bytes_h200/call9",
+    # change this line (a list takes files from several calls). call10 did not repeat the
+    # tuning-window baselines: call9's are read (same windows, same dense row, checked).
+    "equal_bytes_rdkv": [
+        "results/smollm2-135m_equal_bytes_h200/call10",
+        "results/smollm2-135m_equal_bytes_h200/call9/tuning_h2o_*.json",
+    ],
+    # an earlier RD-KV grid on the same tuning windows, shown in the figure only (call10's selection
+    # read call10's tune_*.json alone), and call9's selected settings (RD-KV alone, its 16-query
+    # window's evidence) on the reported windows, for one sentence on what H2O's tokens changed
+    "equal_bytes_rdkv_earlier": "results/smollm2-135m_equal_bytes_h200/call9/tune_evict*.json",
+    "equal_bytes_rdkv_alone": "results/smollm2-135m_equal_bytes_h200/call9/selected.json",
     # the model's own configuration (heads, rotary fraction, training length)
     "pythia_config": "configs/models/pythia-2.8b.json",
 }
@@ -756,12 +764,22 @@ def equal_bytes_runs(root: Path) -> dict:
     (reported_key,) = {(p["first_window"], p["num_windows"]) for p in baseline_files}
     if any(is_rdkv(r) for p in baseline_files for r in p["rows"]):
         raise ValueError("an RD-KV row among the baselines' files: RD-KV's rows come from SOURCES['equal_bytes_rdkv']")
+    earlier_files = [json.loads(path.read_text()) for path in result_files(SOURCES["equal_bytes_rdkv_earlier"], root)]
+    alone_files = [json.loads(path.read_text()) for path in result_files(SOURCES["equal_bytes_rdkv_alone"], root)]
     groups = equal_bytes_groups(baseline_files + rdkv_files)  # the selected rows' dense row is the baselines'
     (tuning_key,) = set(groups) - {reported_key}
     if reported_key[0] <= tuning_key[0] < sum(reported_key) or tuning_key[0] <= reported_key[0] < sum(tuning_key):
         raise ValueError(f"the tuning windows {tuning_key} overlap the reported ones {reported_key}")
+    # the earlier grid and call9's selected rows: same windows and dense rows as the ones they sit beside
+    for payloads, key in ((earlier_files, tuning_key), (alone_files, reported_key)):
+        for payload in payloads:
+            if (payload["first_window"], payload["num_windows"]) != key:
+                raise ValueError(f"an earlier RD-KV file is on windows {payload['first_window']}+{payload['num_windows']}, not {key}")
+        equal_bytes_groups([{"first_window": key[0], "num_windows": key[1], "rows": groups[key][:1]}] + payloads)
     return {"reported": groups[reported_key], "tuning": groups[tuning_key], "reported_key": reported_key,
-            "tuning_key": tuning_key}
+            "tuning_key": tuning_key,
+            "earlier": [r for p in earlier_files for r in p["rows"] if is_rdkv(r)],
+            "alone": [r for p in alone_files for r in p["rows"] if is_rdkv(r)]}
 
 
 def equal_bytes_best(rows: list[dict]) -> dict[float, dict]:
@@ -780,7 +798,24 @@ def equal_bytes_best(rows: list[dict]) -> dict[float, dict]:
 def rdkv_setting_text(method: str) -> dict:
     """'rdkv[evict_weight=4 bits=3,4,8 key_layout=channel]' -> {'evict_weight': '4', 'bits': '3,4,8', 'key_layout': 'channel'}."""
     inside = method[method.index("[") + 1:method.rindex("]")]
-    return dict(item.split("=") for item in inside.split())
+    return dict(item.split("=") for item in inside.split())  # 'rdkv[]' -> {}: RDKVPress's defaults
+
+
+# A setting of the study's composition (evaluation/equal_bytes.py rdkv_press), not of RDKVPress:
+# H2O keeps this fraction of the tokens first, RD-KV chooses their widths in the remaining bytes.
+COMPOSITION = ("after_h2o",)
+
+
+def kept_fraction(row: dict) -> float:
+    """The fraction of the tokens H2O keeps before RD-KV (1: RD-KV alone)."""
+    return float(rdkv_setting_text(row["method"]).get("after_h2o", 1))
+
+
+def check_rdkv_fields(setting: dict[str, str], defaults: dict[str, str]) -> None:
+    """Every setting a run names, the composition's aside, is a field of RDKVPress."""
+    for name in setting:
+        if name not in defaults and name not in COMPOSITION:
+            raise ValueError(f"the setting names {name}: neither a field of RDKVPress nor of the composition")
 
 
 def rdkv_defaults(root: Path) -> dict[str, str]:
@@ -821,8 +856,8 @@ def check_rdkv_defaults(setting: dict[str, str], defaults: dict[str, str]) -> No
 
 
 # The text's claims on RD-KV against the best baseline per target, the largest target first: "win",
-# the paired 95% interval wholly below zero; "loss", wholly above (a tie would need other words).
-RDKV_CLAIMS = ("win", "loss", "loss")
+# the paired 95% interval wholly below zero; "loss", wholly above; "tie", including zero.
+RDKV_CLAIMS = ("win", "tie", "win")
 
 
 def verdict(diff: dict) -> str:
@@ -891,9 +926,9 @@ def equal_bytes(root: Path, numbers: Numbers, out: Path) -> None:
     kivi4 = by_key[("kivi4", None)]
     numbers["ebKiviFourLo"], numbers["ebKiviFourHi"] = (signed(x, 2) for x in kivi4["delta_pct_ci95"])
 
-    # RD-KV: per target, the best of its settings on the tuning windows, run once on the reported
-    # windows and paired with the best baseline there; on the tuning windows, with the best
-    # baseline run there (H2O then quantization)
+    # RD-KV: per target, the best of its call's settings on the tuning windows (call10's tune_*.json:
+    # its selection read those alone), run once on the reported windows and paired with the best
+    # baseline there; on the tuning windows, with the best baseline run there (H2O then quantization)
     if sorted({r["target"] for r in ours}, reverse=True) != targets:
         raise ValueError("RD-KV's tuning runs do not hold every byte target of the baselines")
     if not tuning_baselines:
@@ -901,7 +936,9 @@ def equal_bytes(root: Path, numbers: Numbers, out: Path) -> None:
     defaults = rdkv_defaults(root)
     tuning_best = equal_bytes_best(runs["tuning"])
     numbers["ebTuneSettings"] = len({r["method"] for r in ours})
+    numbers["ebTuneEarlier"] = len({r["method"] for r in runs["earlier"]})
     numbers["ebTuneBaseName"] = TEXT_NAMES[best_press(tuning_baselines)]
+    numbers["ebKeptFractions"] = ", ".join(f"{k:g}" for k in sorted({kept_fraction(r) for r in ours} - {1.0}))
     chosen = {}
     for letter, target, claim in zip("ABC", targets, RDKV_CLAIMS):
         tuned = min((r for r in ours if r["target"] == target), key=lambda r: r["ppl"])
@@ -923,31 +960,51 @@ def equal_bytes(root: Path, numbers: Numbers, out: Path) -> None:
                              f" ({versus['delta_pct_ci95']}); the text says {claim}")
         numbers[f"ebVs{letter}"] = signed(versus["delta_pct"], 2)
         numbers[f"ebVs{letter}Lo"], numbers[f"ebVs{letter}Hi"] = (signed(x, 2) for x in versus["delta_pct_ci95"])
-        # the tuning windows: the same signs against the best baseline run there (the text says so)
+        # the tuning windows: RD-KV's best below the best baseline run there at every target (the text says so)
         tuning_versus = paired(tuned, tuning_best[target])
-        if (tuning_versus["delta_pct"] < 0) != (claim == "win"):
-            raise ValueError(f"on the tuning windows RD-KV against {tuning_best[target]['method']} at {target} has"
-                             f" the other sign than on the reported windows: the text says they agree")
+        if tuning_versus["delta_pct"] >= 0:
+            raise ValueError(f"on the tuning windows RD-KV is not below {tuning_best[target]['method']} at {target}:"
+                             f" the text says it is at every target")
+        numbers[f"ebTuneOurs{letter}"] = f(tuned["ppl"], 3)
+        numbers[f"ebTuneBase{letter}"] = f(tuning_best[target]["ppl"], 3)
+        numbers[f"ebTuneBase{letter}Name"] = equal_bytes_name(tuning_best[target]["method"], text=True)
         numbers[f"ebTuneVs{letter}"] = signed(tuning_versus["delta_pct"], 2)
         numbers[f"ebTuneVs{letter}Lo"], numbers[f"ebTuneVs{letter}Hi"] = (signed(x, 2) for x in tuning_versus["delta_pct_ci95"])
-        if evict_weight(tuned, defaults) <= 1:
+        # the setting in words: H2O's share of the tokens (the composition's) and the eviction weight
+        setting = rdkv_setting_text(row["method"])
+        check_rdkv_fields(setting, defaults)
+        numbers[f"ebKept{letter}"] = f"{100 * kept_fraction(row):g}"
+        numbers[f"ebEta{letter}"] = f"{evict_weight(row, defaults):g}"
+        if evict_weight(row, defaults) <= 1:
             raise ValueError(f"the best tuning setting at {target} weights eviction at most 1: the text says above 1 won")
-    # which of the tuning windows' paired intervals exclude zero, in words
+        if evict_per_head(row, defaults):
+            raise ValueError(f"the selected setting at {target} evicts per head: the text says no selected setting does")
+        # call9: RD-KV alone (its 16-query window's evidence) at this target on the same windows
+        if letter != "A":
+            (alone,) = [r for r in runs["alone"] if r["target"] == target]
+            if kept_fraction(alone) != 1 or verdict(paired(alone, best[target])) != "loss":
+                raise ValueError(f"call9's RD-KV alone at {target} is not a loss to {best[target]['method']}: the text says it is")
+            numbers[f"ebAlone{letter}"] = signed(paired(alone, best[target])["delta_pct"], 2)
+    # the text: RD-KV alone at the largest target, H2O's tokens first at the others
+    if kept_fraction(chosen[targets[0]]) != 1 or any(kept_fraction(chosen[t]) == 1 for t in targets[1:]):
+        raise ValueError("the selected settings' H2O fractions: the text says RD-KV alone at the largest target only")
+    # the tuning windows' paired intervals that exclude zero, in words
     clear = [f"{100 * t:g}\\%" for t in targets if verdict(paired(min((r for r in ours if r["target"] == t),
                                                                        key=lambda r: r["ppl"]), tuning_best[t])) != "tie"]
     numbers["ebTuneVsIntervals"] = ("every interval includes zero" if not clear else
                                     "every interval excludes zero" if len(clear) == len(targets) else
                                     f"only the {' and '.join(clear)} interval{'s' if len(clear) > 1 else ''}"
                                     f" exclude{'' if len(clear) > 1 else 's'} zero")
-    # offered only H2O's widths (4 bits, and 8), RD-KV at the smallest target against H2O then KIVI-4
-    smallest = targets[-1]
-    wide = min((r for r in ours if r["target"] == smallest and rdkv_setting_text(r["method"])["bits"] == "4,8"),
-               key=lambda r: r["ppl"])
-    h2o_kivi4 = next(r for r in tuning_baselines if r["method"] == "h2o+kivi4" and r["target"] == smallest)
-    if paired(wide, h2o_kivi4)["delta_pct_ci95"][0] <= 0:
-        raise ValueError("RD-KV with bits 4,8 is not worse than H2O then KIVI-4 at the smallest target: the text says it is")
-    numbers["ebTuneWideC"] = signed(wide["delta_pct"], 1)
-    numbers["ebTuneKiviC"] = signed(h2o_kivi4["delta_pct"], 1)
+    # per-head eviction (call10's tune_per_head.json): among RD-KV-alone settings, its best is better
+    # than the best without it at the smallest target only (the text says so); selected nowhere (above)
+    helped = []
+    for target in targets:
+        alone = [r for r in ours if r["target"] == target and kept_fraction(r) == 1]
+        per_head = [r for r in alone if evict_per_head(r, defaults)]
+        if per_head and min(r["ppl"] for r in per_head) < min(r["ppl"] for r in alone if not evict_per_head(r, defaults)):
+            helped.append(target)
+    if sorted(set(helped)) != [targets[-1]]:
+        raise ValueError(f"per-head eviction helped at {sorted(set(helped))}: the text says at the smallest target only")
 
     # the text calls the best setting at the first target RDKVPress's defaults: check the source says so
     check_rdkv_defaults(rdkv_setting_text(chosen[targets[0]]["method"]), defaults)
@@ -967,6 +1024,12 @@ def best_press(rows: list[dict]) -> str:
     return press
 
 
+def evict_per_head(row: dict, defaults: dict[str, str]) -> bool:
+    """Whether an RD-KV row evicts per head: as its setting names it, else RDKVPress's default."""
+    named = rdkv_setting_text(row["method"]).get("evict_per_head")
+    return defaults["evict_per_head"] == "True" if named is None else named == "1"
+
+
 def evict_weight(row: dict, defaults: dict[str, str]) -> float:
     """An RD-KV row's eviction weight: as its setting names it, else RDKVPress's default (call9's
     settings all name it; a setting that does not ran at its commit's default, taken to be today's)."""
@@ -979,7 +1042,7 @@ def equal_bytes_figure(reported, best, chosen, ours, tuning_baselines, tuning_be
     RD-KV's selected settings. Right: the tuning windows, RD-KV's settings against the eviction
     weight, per target, and the best baseline run there."""
     reported_key, tuning_key = runs["reported_key"], runs["tuning_key"]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(5.5, 1.65), gridspec_kw={"width_ratios": [2.0, 1]})
+    figure, (left, right) = plt.subplots(1, 2, figsize=(5.5, 1.35), gridspec_kw={"width_ratios": [2.0, 1]})
     series = [  # (label, methods in byte order, colour, marker, style)
         ("uniform KIVI", ["kivi2", "kivi3", "kivi4"], "#1b9e77", "s", "-"),
         ("uniform per-token", ["token2", "token3", "token4"], "#66a61e", "s", ":"),
@@ -1034,36 +1097,36 @@ def equal_bytes_figure(reported, best, chosen, ours, tuning_baselines, tuning_be
     left.text(0.02, 0.03, f"reported windows {reported_key[0]}-{sum(reported_key) - 1}", transform=left.transAxes,
               fontsize=6.5, va="bottom")
 
-    # right: every tuning setting at its eviction weight, the best per weight joined, per target;
-    # the best baseline run on the same windows dashed (no intervals: RD-KV's points are chosen there)
+    # right: every tuning setting (call10's and call9's earlier grid) at the fraction of the tokens H2O
+    # keeps before RD-KV (1: RD-KV alone), the best per fraction joined, per target; the best
+    # baseline run on the same windows dashed (no intervals: RD-KV's points are chosen there)
     shades = dict(zip(sorted(best, reverse=True), [ours_colour, "#a6761d", "#666666"]))
-    weight_of = lambda r: evict_weight(r, defaults)
-    weights = sorted({weight_of(r) for r in ours})
+    shown = ours + runs["earlier"]
+    kept = sorted({kept_fraction(r) for r in shown})
     for index, (target, colour) in enumerate(shades.items()):
-        rows = [r for r in ours if r["target"] == target]
-        right.plot([weight_of(r) for r in rows], [r["delta_pct"] for r in rows], "o", color=colour, markersize=1.6,
+        rows = [r for r in shown if r["target"] == target]
+        right.plot([kept_fraction(r) for r in rows], [r["delta_pct"] for r in rows], "o", color=colour, markersize=1.6,
                    alpha=0.5, linestyle="none")
-        tops = [min((r for r in rows if weight_of(r) == w), key=lambda r: r["ppl"]) for w in weights]
-        right.plot(weights, [r["delta_pct"] for r in tops], color=colour, linewidth=0.9)
-        top = min(rows, key=lambda r: r["ppl"])
-        right.plot([weight_of(top)], [top["delta_pct"]], "*", color=colour, markersize=5)
+        tops = [min((r for r in rows if kept_fraction(r) == k), key=lambda r: r["ppl"]) for k in kept]
+        right.plot(kept, [r["delta_pct"] for r in tops], color=colour, linewidth=0.9)
+        top = chosen[target]  # the selected setting, at its tuning-window value
+        tuned = next(r for r in ours if r["target"] == target and r["method"] == top["method"])
+        right.plot([kept_fraction(tuned)], [tuned["delta_pct"]], "*", color=colour, markersize=5)
         right.axhline(tuning_best[target]["delta_pct"], color=colour, linewidth=0.8, linestyle="--")
-        below = index == 1  # the middle target's name under its line, clear of the others
-        right.annotate(f"{100 * target:g}%", (weights[0], tops[0]["delta_pct"]), xytext=(1, -3 if below else 3),
-                       textcoords="offset points", ha="left", va="top" if below else "bottom", fontsize=5.5,
-                       color=colour)
-    right.plot([], [], "o", color="grey", markersize=2, label=f"RD-KV, {len({r['method'] for r in ours})} settings")
-    right.plot([], [], "*-", color="grey", markersize=4, linewidth=0.9, label="best per $\\eta$")
+        right.annotate(f"{100 * target:g}%", (kept[-1], tops[-1]["delta_pct"]), xytext=(-5, 1),
+                       textcoords="offset points", ha="right", va="bottom", fontsize=5.5, color=colour)
+    right.plot([], [], "o", color="grey", markersize=2, label=f"RD-KV, {len({r['method'] for r in shown})} settings")
+    right.plot([], [], "*-", color="grey", markersize=4, linewidth=0.9, label="best per $f$")
     right.plot([], [], "--", color="grey", linewidth=0.8,
                label=f"best {NAMES[best_press(tuning_baselines)]} + quant.")
-    right.set(xscale="log", yscale="log", xlabel="RD-KV's eviction weight $\\eta$")
-    right.set_xticks(weights)
-    right.set_xticklabels([f"{w:g}" if w >= 1 else f"1/{1 / w:g}" for w in weights])
-    right.set_xlim(weights[0] / 1.5, weights[-1] * 1.5)
+    right.set(yscale="log", xlabel="tokens H$_2$O keeps first, $f$")
+    right.set_xticks(kept)
+    right.set_xticklabels([f"{k:g}" for k in kept], fontsize=5.5)
+    right.set_xlim(kept[0] - 0.05, kept[-1] + 0.05)
     right.minorticks_off()
     right.set_yticks(yticks)
     right.set_yticklabels([f"{t:g}" for t in yticks])
-    right.set_ylim(min(r["delta_pct"] for r in ours) * 0.5, max(r["delta_pct"] for r in ours) * 2)
+    right.set_ylim(min(r["delta_pct"] for r in shown) * 0.5, max(r["delta_pct"] for r in shown) * 2)
     right.text(0.03, 0.03, f"tuning windows {tuning_key[0]}-{sum(tuning_key) - 1}", transform=right.transAxes,
                fontsize=6.5, va="bottom", ha="left")
     right.grid(linewidth=0.3, alpha=0.5)
@@ -1071,7 +1134,7 @@ def equal_bytes_figure(reported, best, chosen, ours, tuning_baselines, tuning_be
     more, more_labels = right.get_legend_handles_labels()
     figure.legend(handles + more, labels + more_labels, fontsize=5.5, frameon=False, loc="upper left",
                   bbox_to_anchor=(0.0, 1.0), ncol=6, handlelength=1.9, labelspacing=0.2, columnspacing=0.8, handletextpad=0.4)
-    figure.subplots_adjust(left=0.08, right=0.99, bottom=0.21, top=0.78, wspace=0.16)
+    figure.subplots_adjust(left=0.08, right=0.99, bottom=0.26, top=0.75, wspace=0.16)
     figure.savefig(out / "fig_equal_bytes.pdf", metadata=PDF_METADATA)
     plt.close(figure)
 
