@@ -74,14 +74,26 @@ def layer_lengths(cache) -> list[int]:
     return [cache.get_seq_length(layer) for layer in range(len(cache.layers))]
 
 
+def greedy_steps(model, token: torch.Tensor, cache, steps: int, position_of, margins: list | None) -> list:
+    """``steps`` greedy decode steps after the first ``token`` (batch, 1), each fed at the position
+    ``position_of(step)`` returns; the tokens, the first one included."""
+    generated = [token]
+    for step in range(steps):
+        position = torch.full((token.shape[0], 1), position_of(step), device=token.device)
+        logits = model(input_ids=token, past_key_values=cache, position_ids=position).logits
+        token = logits[:, -1:].argmax(-1)
+        generated.append(token)
+        record_margin(logits, margins)
+    return generated
+
+
 @torch.no_grad()  # with autograd on, the cache would hold every step's activations for a backward
 def kvpress_generate(model, prompt: torch.Tensor, press, new_tokens: int, kv_quant: str = "none",
                      margins: list | None = None, mark: PhaseMarker = no_mark) -> Generation:
     """Greedy generation of exactly ``new_tokens`` tokens after ``prompt`` (batch, length), with
     the cache sizes of the run. ``margins``, if given, receives per step the (batch,) gap between
     the two largest logits: how near a tie each greedy choice was."""
-    device = model.device
-    batch, prompt_len = prompt.shape
+    prompt_len = prompt.shape[1]
     cache = make_cache(model, kv_quant)
     mark(START)
     with press(model) if press is not None else contextlib.nullcontext():
@@ -92,15 +104,9 @@ def kvpress_generate(model, prompt: torch.Tensor, press, new_tokens: int, kv_qua
     kept = layer_lengths(cache)
     kv_after_prefill = kv_bytes(cache)
 
-    generated = [token]
     record_margin(logits, margins)
-    for step in range(new_tokens - 1):
-        # Positions continue from the prompt length, whatever the press kept.
-        position = torch.full((batch, 1), prompt_len + step, device=device)
-        logits = model(input_ids=token, past_key_values=cache, position_ids=position).logits
-        token = logits[:, -1:].argmax(-1)
-        generated.append(token)
-        record_margin(logits, margins)
+    # Positions continue from the prompt length, whatever the press kept.
+    generated = greedy_steps(model, token, cache, new_tokens - 1, lambda step: prompt_len + step, margins)
     mark(END)
     return Generation(torch.cat(generated, dim=1), kept, kv_after_prefill, kv_bytes(cache))
 
@@ -128,7 +134,7 @@ def budget_generate(model, prompt: torch.Tensor, press, new_tokens: int, margins
     (evaluation/protocols.py). With ``positions_in_cache`` (StreamingLLM) a new token's position
     is the number of tokens its cache holds, the press having re-rotated the kept keys to
     0..n-1; otherwise its text position. ``margins``: as ``kvpress_generate``'s."""
-    batch, prompt_len = prompt.shape
+    prompt_len = prompt.shape[1]
     in_cache = getattr(press, "positions_in_cache", False)
     cache = DynamicCache()
     with press(model):
@@ -138,14 +144,8 @@ def budget_generate(model, prompt: torch.Tensor, press, new_tokens: int, margins
         token = logits.argmax(-1)
         mark(FIRST_TOKEN)
         kept, kv_after_prefill = layer_lengths(cache), kv_bytes(cache)
-        generated = [token]
         record_margin(logits, margins)
-        for step in range(new_tokens - 1):
-            first = cache.get_seq_length() if in_cache else prompt_len + step
-            position = torch.full((batch, 1), first, device=model.device)
-            logits = model(input_ids=token, past_key_values=cache, position_ids=position).logits
-            token = logits[:, -1:].argmax(-1)
-            generated.append(token)
-            record_margin(logits, margins)
+        generated = greedy_steps(model, token, cache, new_tokens - 1,
+                                 lambda step: cache.get_seq_length() if in_cache else prompt_len + step, margins)
         mark(END)
     return Generation(torch.cat(generated, dim=1), kept, kv_after_prefill, kv_bytes(cache))
