@@ -87,6 +87,13 @@ def eviction(targets: list[float]) -> list[tuple[str, float, object]]:
             for target in targets for name in EVICTION]
 
 
+def keeping(press_name: str, fraction: float, tokens: int):
+    """The eviction press keeping ``fraction`` of a ``tokens``-token context (rounded as kvpress
+    rounds: it keeps int(tokens * (1 - ratio)) tokens)."""
+    keep = fraction + 0.5 / tokens
+    return make_press(press_name, 1 - keep, Settings(compression_ratio=1 - keep))
+
+
 def composites(targets: list[float], head_dim: int, tokens: int, presses=COMPOSED_WITH) -> list[tuple[str, float, object]]:
     """(name, target, press): SnapKV or H2O keeping as many tokens of the ``tokens``-token
     context as the target pays for at each bit width (``kept_for``), then quantizing them."""
@@ -97,9 +104,8 @@ def composites(targets: list[float], head_dim: int, tokens: int, presses=COMPOSE
                 for bits in COMPOSED_BITS:
                     kept = kept_for(target, layout, bits, head_dim, tokens)
                     if kept < tokens:
-                        keep = kept / tokens + 0.5 / tokens  # kvpress keeps int(tokens * (1 - ratio)) tokens
                         configs.append((f"{press_name}+{layout}{bits}", target, ComposedPress(
-                            [make_press(press_name, 1 - keep, Settings(compression_ratio=1 - keep)),
+                            [keeping(press_name, kept / tokens, tokens),
                              QuantizedKVPress(bits=bits, key_layout="channel" if layout == "kivi" else "token")])))
     return configs
 
@@ -114,9 +120,7 @@ def rdkv_press(target: float, setting: dict, tokens: int):
         return RDKVPress(1 - target, **setting)
     if not target < kept <= 1:
         raise ValueError(f"after_h2o must be in ({target}, 1], got {kept}")
-    keep = kept + 0.5 / tokens  # kvpress keeps int(tokens * (1 - ratio)) tokens
-    return ComposedPress([make_press("h2o", 1 - keep, Settings(compression_ratio=1 - keep)),
-                          RDKVPress(1 - target / kept, **setting)])
+    return ComposedPress([keeping("h2o", kept, tokens), RDKVPress(1 - target / kept, **setting)])
 
 
 def rdkv_configs(targets: list[float], settings: list[str], tokens: int) -> list[tuple[str, float, object]]:
