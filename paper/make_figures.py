@@ -879,7 +879,6 @@ def equal_bytes(root: Path, numbers: Numbers, out: Path) -> None:
     numbers["ebDense"], numbers["ebTuneDense"] = f(dense["ppl"]), f(tuning_dense["ppl"])
     numbers["ebKiviGroup"] = source_constant("evaluation/equal_bytes.py", "KIVI_GROUP", root)  # KIVI's key group, tokens
     numbers["rdkvGrid"] = source_constant("presses/rdkv_press.py", "GRID", root)  # lambdas tried at once
-    numbers["rdkvTagBits"] = f"{8 * float(source_constant('presses/rdkv_press.py', 'TAG_BYTES', root)):g}"
     numbers["rdkvGroupSide"] = source_constant("presses/quantize.py", "GROUP_SIDE_BYTES", root)  # scale + zero, bytes
 
     best = equal_bytes_best(reported)

@@ -14,7 +14,6 @@ from presses.quantize import (CHANNEL_STATS_BYTES, FP16_BYTES, GROUP_SIDE_BYTES,
                               quantize_per_channel, quantize_per_token, token_bytes)
 
 GRID = 64  # lambdas tried at once
-TAG_BYTES = 0.25  # a 2-bit code per (token, head) saying which precision its key and value are stored in
 
 
 @dataclass
@@ -95,11 +94,12 @@ class RDKVPress(BasePress):
             key_price = [token_bytes(b, head_dim) for b in self.bits]
         value_options = [quantize_per_token(values, b) for b in self.bits]
         key_error, value_error, evict = self._distortions(module, hidden_states, keys, values, key_options, value_options, kwargs)
-        fp16 = FP16_BYTES * head_dim
-        key_price = torch.tensor(key_price + [fp16], device=keys.device)
-        value_price = torch.tensor([token_bytes(b, head_dim) for b in self.bits] + [fp16], device=keys.device) + TAG_BYTES
         widths = len(self.bits) + 1  # the last: fp16, no error
         pairs = [(k, v) for k in range(widths) for v in range(widths)] if self.separate_widths else [(w, w) for w in range(widths)]
+        tag = math.ceil(math.log2(len(pairs))) / 8  # per kept (token, head): which option its key and value took
+        fp16 = FP16_BYTES * head_dim
+        key_price = torch.tensor(key_price + [fp16], device=keys.device)
+        value_price = torch.tensor([token_bytes(b, head_dim) for b in self.bits] + [fp16], device=keys.device) + tag
         key_of, value_of = (torch.tensor(side, device=keys.device) for side in zip(*pairs))  # per option: its key and value width
         no_error = torch.zeros_like(key_error[..., :1])
         distortion = torch.cat([key_error, no_error], -1)[..., key_of] + torch.cat([value_error, no_error], -1)[..., value_of]

@@ -83,6 +83,13 @@ def test_rdkv_fits_its_byte_budget_and_mixes_precisions(config, ratio, separate,
     assert (keys != values) == separate  # joint: one width per (token, head) for both
     layer = cache.layers[0]
     assert layer.keys.shape[2] == round((1 - keys[0]) * 96)
+    # the layer's bytes, rebuilt from its shares: per-token integers or fp16, a tag naming one of the
+    # 5 widths (3 bits) or of the 25 key-value pairs (5 bits) per kept (token, head), the keys' channel stats
+    heads, head_dim = layer.keys.shape[1], layer.keys.shape[3]
+    width = {b: token_bytes(b, head_dim) for b in (2, 3, 4, 8)} | {16: 2 * head_dim}
+    tag = (5 if separate else 3) / 8
+    per_entry = sum(share * width[b] for side in (keys, values) for b, share in side.items() if b) + (1 - keys[0]) * tag
+    assert press.stored_bytes[0] == pytest.approx(heads * 96 * per_entry + heads * head_dim * 4, rel=1e-5)
 
 
 def test_per_head_eviction_keeps_each_heads_own_tokens():
