@@ -142,6 +142,10 @@ class FoldedTwoStreamStep(TwoStreamStep):
             return self.mlp_fn(layer, mlp_in)
 
     def _step(self, model, state: StepState):
+        # The side stream joins the main stream's work first: the first layer's projections wait on
+        # it, and under capture a wait on a stream whose last work was not captured (the warm-up's)
+        # invalidates the graph ("dependency created on uncaptured work in another stream").
+        self.side_stream.wait_stream(torch.cuda.current_stream())
         parts = layer_outputs(model, state, self._projections_after_mlp, self.attention_fn,
                               self._mlp_after_projections)
         torch.cuda.current_stream().wait_stream(self.side_stream)  # the last layer's MLP output
