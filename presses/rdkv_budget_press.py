@@ -1,0 +1,143 @@
+"""RD-KV while text streams in: each layer's cache held under a byte budget, re-allocated over the
+whole cache whenever new tokens push it past the budget."""
+
+import contextlib
+import math
+from dataclasses import dataclass, field, replace
+
+import torch
+from kvpress import BasePress
+from torch import nn
+
+from presses.errors import PressConfigError
+from presses.quantize import (CHANNEL_STATS_BYTES, FP16_BYTES, GROUP_SIDE_BYTES, channel_stats, quantize_per_channel,
+                              quantize_per_token, token_bytes)
+from presses.rdkv_press import RDKVPress, _allocate, _gather
+from presses.stored_kv import FP16_WIDTH, StoredLayer, narrowed
+
+
+@dataclass
+class RDKVBudgetPress(BasePress):
+    """RD-KV (presses/rdkv_press.py) at decode time: after a layer's attention, whenever its cache
+    takes more than ``budget_tokens`` tokens' keys and values in fp16 (bytes counted as stored:
+    presses/stored_kv.py), RD-KV allocates again over every cached (token, KV head) with
+    ``rdkv``'s settings: the same distortions (the current call's last ``window_size`` queries,
+    its prior and eviction weight) and the same lambda search (``_allocate``), so that the store
+    fits the budget. What a cached token may become depends on how it is stored: a new (fp16)
+    token may take any option; a stored token may keep its width (no new error: it keeps its
+    values bit for bit), narrow (quantized from its stored values, which the distortion
+    measures) or be evicted, never widen. The newest tokens still in fp16 (``recent_tokens``,
+    default the window's) stay so while the budget pays for them.
+
+    Allocation prices each option as RD-KV's prefill does; the store then forms KIVI's key groups
+    among the keys newly given a width, and keys left in a group whose other members went keep
+    paying for its scales. The bytes are counted as the groups really fall: if they exceed the
+    budget, the allocation runs again with its budget lowered by the excess, so the store never
+    exceeds the budget after a call. ``stored_bytes`` holds each layer's bytes after the last call.
+
+    Positions are the tokens' places in the text (BudgetPress's default); keys are never
+    re-rotated. Like BudgetPress it keeps no buffer of earlier queries: the distortions come from
+    the current call's queries (one, when text streams in token by token). One sequence per call.
+    """
+
+    rdkv: RDKVPress = field(default_factory=RDKVPress)  # the allocation's settings (its compression_ratio is unused)
+    budget_tokens: int = 512  # the byte budget per layer: this many tokens' keys and values in fp16
+    stored_bytes: dict = field(default_factory=dict, repr=False)
+    layers: dict = field(default_factory=dict, init=False, repr=False)  # layer -> StoredLayer
+
+    def __post_init__(self):
+        if self.budget_tokens < 2:  # one token's fp16 bytes are what the channel statistics take
+            raise PressConfigError(f"budget_tokens must be at least 2, got {self.budget_tokens}")
+        widths = sorted(self.rdkv.bits)
+        self.widths = widths + [FP16_WIDTH]  # option index -> width; the last is fp16
+        options = len(self.widths)
+        self.pairs = ([(k, v) for k in range(options) for v in range(options)] if self.rdkv.separate_widths
+                      else [(w, w) for w in range(options)])
+
+    @contextlib.contextmanager
+    def __call__(self, model):
+        self.reset()
+        try:
+            with super().__call__(model):
+                yield
+        finally:
+            self.reset()
+
+    def reset(self):
+        self.layers.clear()
+        self.stored_bytes.clear()
+
+    def tag_bytes(self) -> float:
+        """Per cached (token, head): which pair of widths its key and value take (RD-KV's tag)."""
+        return math.ceil(math.log2(len(self.pairs))) / 8
+
+    def forward_hook(self, module: nn.Module, input, kwargs: dict, output):
+        layer = kwargs["past_key_values"].layers[module.layer_idx]
+        batch, heads, tokens, head_dim = layer.keys.shape
+        if batch != 1:
+            raise PressConfigError(f"RDKVBudgetPress holds one sequence per call, got a batch of {batch}")
+        state = self.layers.setdefault(module.layer_idx, StoredLayer.empty(heads, layer.keys.device))
+        state.grow(tokens)
+        budget = self.budget_tokens * heads * 2 * FP16_BYTES * head_dim
+        if state.nbytes(head_dim, self.tag_bytes()) > budget:
+            layer.keys, layer.values, state = self.allocate(module, kwargs, layer.keys, layer.values, state, budget)
+            self.layers[module.layer_idx] = state
+        self.stored_bytes[module.layer_idx] = state.nbytes(head_dim, self.tag_bytes())
+        return output
+
+    def allocate(self, module, kwargs, keys, values, state: StoredLayer, budget: float):
+        """The cache stored within ``budget`` bytes: (keys, values, state), the keys and values of the kept tokens."""
+        rdkv, heads, tokens, head_dim = self.rdkv, keys.shape[1], keys.shape[2], keys.shape[3]
+        state = replace(state, stats=state.stats if state.stats is not None else channel_stats(keys))
+        key_options, value_options = [], []
+        for bits in self.widths[:-1]:  # each width's stored form; a token already at that width as it is
+            if rdkv.key_layout == "channel":  # KIVI's error over the whole cache, as the proxy (as in RD-KV)
+                fresh = quantize_per_channel(keys, bits, rdkv.group_tokens)
+            else:
+                fresh = quantize_per_token(keys, bits, state.stats)
+            key_options.append(torch.where((state.key_bits == bits)[None, :, :, None], keys, fresh))
+            value_options.append(torch.where((state.value_bits == bits)[None, :, :, None], values,
+                                             quantize_per_token(values, bits)))
+        key_error, value_error, evict = rdkv._distortions(module, kwargs["hidden_states"], keys, values, key_options,
+                                                          value_options, kwargs)
+        width = torch.tensor(self.widths, device=keys.device)
+        no_error = torch.zeros_like(key_error[..., :1])
+        # a stored token cannot widen: an option wider than its stored width is not on offer
+        key_error = torch.cat([key_error, no_error], -1).masked_fill(width > state.key_bits[None, :, :, None], math.inf)
+        value_error = torch.cat([value_error, no_error], -1).masked_fill(
+            width > state.value_bits[None, :, :, None], math.inf)
+        key_of, value_of = (torch.tensor(side, device=keys.device) for side in zip(*self.pairs))
+        distortion = key_error[..., key_of] + value_error[..., value_of]
+        price = self._prices(head_dim, keys.device)
+        fp16_now = ((state.key_bits == FP16_WIDTH) & (state.value_bits == FP16_WIDTH)).all(0)  # (tokens,)
+        recent = rdkv.window_size if rdkv.recent_tokens is None else rdkv.recent_tokens
+        allowed = budget - heads * head_dim * CHANNEL_STATS_BYTES
+        while True:
+            pressed = distortion.clone()
+            newest = min(recent, tokens, max(int(allowed // (heads * price[-1].item())), 0))
+            pressed[:, :, tokens - newest :, :-1] = pressed[:, :, tokens - newest :, :-1].masked_fill(
+                fp16_now[tokens - newest :, None], math.inf)  # the newest fp16 tokens stay fp16
+            keep, choice = _allocate(pressed[0], rdkv.evict_weight * evict[0], price, allowed, rdkv.evict_per_head)
+            kept = keep.nonzero()[:, 1].view(heads, -1)  # (heads, kept) token indices, in cache order
+            stored = narrowed(_gather(keys, kept), _gather(values, kept), state.kept(kept),
+                              width[key_of[choice]].gather(1, kept), width[value_of[choice]].gather(1, kept),
+                              rdkv.key_layout, rdkv.group_tokens)
+            held = stored[2].nbytes(head_dim, self.tag_bytes())
+            if held <= budget:
+                return stored
+            allowed -= held - budget  # groups fell dearer than priced: ask for that much less
+
+    def _prices(self, head_dim: int, device) -> torch.Tensor:
+        """(pairs,) bytes of each (key width, value width) option, priced as RD-KV's prefill prices them."""
+        quantized = self.widths[:-1]
+        if self.rdkv.key_layout == "channel":  # the dearer of a whole group's share and a per-token key
+            keys = [max(head_dim * (b / 8 + GROUP_SIDE_BYTES / self.rdkv.group_tokens), token_bytes(b, head_dim))
+                    for b in quantized]
+        else:
+            keys = [token_bytes(b, head_dim) for b in quantized]
+        fp16 = FP16_BYTES * head_dim
+        key_price = torch.tensor(keys + [fp16], device=device, dtype=torch.float64)
+        value_price = torch.tensor([token_bytes(b, head_dim) for b in quantized] + [fp16], device=device,
+                                   dtype=torch.float64) + self.tag_bytes()
+        key_of, value_of = (torch.tensor(side, device=device) for side in zip(*self.pairs))
+        return (key_price[key_of] + value_price[value_of]).float()
