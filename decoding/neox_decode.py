@@ -16,9 +16,10 @@ sequence's own prompt length.
 
 Attention back ends by name: ``sdpa`` (torch's scaled_dot_product_attention with a boolean
 mask), ``flex`` (FlexAttention; compiled on CUDA it runs its split-KV decoding kernel,
-Flash-Decoding style) and ``eager`` (matmul, fp32 softmax, matmul, as transformers' eager).
-``generate`` runs the prompt's prefill through transformers' attention of the same name, so one
-name picks the back end of both phases.
+Flash-Decoding style), ``eager`` (matmul, fp32 softmax, matmul, as transformers' eager) and
+``split_kv`` (decoding/split_kv_attention.py: a Triton split-KV decode kernel, Flash-Decoding).
+``generate`` runs the prompt's prefill through transformers' attention of the same name (``split_kv``:
+SDPA's), so one name picks the back end of both phases.
 Greedy or sampled (temperature, top-k), sampling through the Gumbel-max trick so the random
 draw is an input of the step and the same noise gives the same tokens on any path.
 """
@@ -38,8 +39,9 @@ from decoding.kv_cache import kv_bytes, tensor_bytes
 from decoding.reference import END, FIRST_TOKEN, START, Generation, PhaseMarker, no_mark
 from patches.gpt_neox import split_qkv
 
-ATTENTION_BACKENDS = ("sdpa", "flex", "eager")
-PREFILL_ATTENTION = {"sdpa": "sdpa", "flex": "flex_attention", "eager": "eager"}  # transformers' names
+ATTENTION_BACKENDS = ("sdpa", "flex", "eager", "split_kv")
+# transformers' names; split_kv is a decode kernel (one query per sequence and head): SDPA prefills
+PREFILL_ATTENTION = {"sdpa": "sdpa", "flex": "flex_attention", "eager": "eager", "split_kv": "sdpa"}
 
 
 class LayerKV(NamedTuple):
@@ -153,6 +155,10 @@ def attend(query, keys, values, visible, scaling: float, backend: str):
         scores = torch.matmul(query, keys.transpose(2, 3)) * scaling
         scores = scores.masked_fill(~visible[:, None], torch.finfo(scores.dtype).min)
         return torch.matmul(F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype), values)
+    if backend == "split_kv":
+        # Imported here: it needs Triton (in torch's CUDA builds; on a CPU the [triton] extra's interpreter).
+        from decoding.split_kv_attention import split_kv_attention
+        return split_kv_attention(query, keys, values, visible, scaling)
     raise unknown_backend(backend)
 
 

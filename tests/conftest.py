@@ -4,6 +4,10 @@ Llama) and the GPT-NeoX tokenizer from the offline data folder."""
 import os
 from pathlib import Path
 
+# No GPU here: Triton kernels (decoding/split_kv_attention.py) run in Triton's interpreter on CPU
+# tensors. It is chosen when a kernel is defined, so this comes before anything imports them.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
