@@ -149,7 +149,7 @@ class FoldedTwoStreamStep(TwoStreamStep):
         parts = layer_outputs(model, state, self._projections_after_mlp, self.attention_fn,
                               self._mlp_after_projections)
         torch.cuda.current_stream().wait_stream(self.side_stream)  # the last layer's MLP output
-        return next_token(final_logits(model, parts), state.temperature, state.top_k, state.noise)
+        return next_token(self.logits_fn(model, parts), state.temperature, state.top_k, state.noise)
 
 
 def compiled_step(compile: bool, keep_buffer: bool = True):

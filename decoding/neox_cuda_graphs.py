@@ -52,6 +52,9 @@ class TwoStreamStep:
     def __init__(self, keep_buffer: bool = True):
         self.attention_fn = torch.compile(attention_branch, fullgraph=True)
         self.mlp_fn = torch.compile(mlp_branch, fullgraph=True)
+        # Compiled too: eager, a quantized output head converts its whole weight to fp16 at every
+        # step (torchao int8: a 0.33 ms copy per step on the H200, frontier_4e58fce's profile).
+        self.logits_fn = torch.compile(final_logits, fullgraph=True)
         self.keep_buffer = keep_buffer
         self.kept_buffer = None  # with keep_buffer: the last generation's buffer
         self.captured_for = None  # a weak reference to the buffer the graph was captured over
@@ -78,7 +81,7 @@ class TwoStreamStep:
     def _step(self, model, state: StepState):
         parts = layer_outputs(model, state, self.attention_fn, self._mlp_beside_attention)
         torch.cuda.current_stream().wait_stream(self.side_stream)  # the last layer's MLP output
-        return next_token(final_logits(model, parts), state.temperature, state.top_k, state.noise)
+        return next_token(self.logits_fn(model, parts), state.temperature, state.top_k, state.noise)
 
     def _capture(self, model, state: StepState):
         if not all(layer.use_parallel_residual for layer in model.gpt_neox.layers):
