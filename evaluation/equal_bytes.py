@@ -60,7 +60,7 @@ def rdkv_setting(text: str) -> dict:
         key, _, value = item.partition("=")
         if key == "bits":
             setting[key] = tuple(int(b) for b in value.split(","))
-        elif key in ("prior", "evict_weight", "after_h2o"):
+        elif key in ("prior", "evict_weight", "after_h2o", "accumulated"):
             setting[key] = float(value)
         elif key in ("separate_widths", "evict_per_head"):
             if value not in ("0", "1"):

@@ -8,7 +8,7 @@ from kvpress import BasePress
 from torch import nn
 from transformers.models.llama.modeling_llama import repeat_kv
 
-from presses.attention import current_attention, per_kv_head, rotated_queries
+from presses.attention import attention_rows, current_attention, per_kv_head, rotated_queries
 from presses.errors import PressConfigError
 from presses.quantize import (CHANNEL_STATS_BYTES, FP16_BYTES, GROUP_SIDE_BYTES, channel_stats, per_channel_bytes,
                               quantize_per_channel, quantize_per_token, token_bytes)
@@ -29,7 +29,10 @@ class RDKVPress(BasePress):
     first order and with independent errors: a value error dv moves an output by p * dv, a key
     error dk moves the logit by q.dk / sqrt(d) and the output by p * (q.dk / sqrt(d)) * (v - o),
     evicting moves it by p * (v - o), where p is the query's attention to the token and o its
-    output; p is widened by a prior of total mass ``prior`` (later queries look elsewhere than the
+    output; with ``accumulated`` = a, p is (1 - a) times the window query's own attention plus a
+    times the mean attention the token received from every query of the call (H2O's evidence: a
+    token many queries attended is likely attended again, and a 16-query window alone misses the
+    tokens it happens not to look at); p is widened by a prior of total mass ``prior`` (later queries look elsewhere than the
     window), spread evenly over the n tokens or, with ``prior_shape="recency"``, as 1 / distance
     from the newest token (attention is local: the next queries favour the nearest tokens, the
     rule behind H2O's and StreamingLLM's recent windows). The
@@ -58,6 +61,8 @@ class RDKVPress(BasePress):
     group_tokens: int = 32
     prior: float = 2.0  # attention mass spread evenly over the tokens, added to the window's: later queries look elsewhere
     prior_shape: str = "uniform"  # "recency": the prior's mass falls as 1 / distance from the newest token
+    accumulated: float = 0.0  # share of p from the attention received from every query of the call (H2O's)
+    query_chunk: int = 512  # queries per attention block when accumulating (memory: heads x chunk x tokens)
     separate_widths: bool = True  # keys and values choose their widths apart
     evict_weight: float = 4.0  # multiplies the eviction distortion
     evict_per_head: bool = False  # each head evicts its own tokens (as many per head), not every head the same
@@ -73,6 +78,8 @@ class RDKVPress(BasePress):
             raise PressConfigError(f"key_layout must be 'token' or 'channel', got {self.key_layout!r}")
         if self.prior_shape not in ("uniform", "recency"):
             raise PressConfigError(f"prior_shape must be 'uniform' or 'recency', got {self.prior_shape!r}")
+        if not 0 <= self.accumulated <= 1:
+            raise PressConfigError(f"accumulated must be in [0, 1], got {self.accumulated}")
         if self.evict_weight <= 0:
             raise PressConfigError(f"evict_weight must be positive, got {self.evict_weight}")
 
@@ -140,7 +147,11 @@ class RDKVPress(BasePress):
         # |v - o|^2 for every (query, token): how far the output moves per unit of lost weight
         spread = ((values_per_head**2).sum(-1).unsqueeze(2) - 2 * outputs @ values_per_head.transpose(2, 3)
                   + (outputs**2).sum(-1, keepdim=True)).clamp(min=0)
-        weight = (probs + self._prior(keys.shape[2], probs.device)) ** 2
+        expected = probs  # the attention the next queries are expected to pay each token
+        if self.accumulated:
+            received = self._received(module, hidden_states, keys, kwargs).unsqueeze(2)  # (b, h, 1, n)
+            expected = (1 - self.accumulated) * probs + self.accumulated * received
+        weight = (expected + self._prior(keys.shape[2], probs.device)) ** 2
         evict = per_kv_head((weight * spread).sum(2), keys.shape[1])
         key_error, value_error = [], []
         for quantized_keys, quantized_values in zip(key_options, value_options):
@@ -150,6 +161,13 @@ class RDKVPress(BasePress):
             key_error.append(per_kv_head((weight * logit_error**2 * spread).sum(2), keys.shape[1]))
         return torch.stack(key_error, dim=-1), torch.stack(value_error, dim=-1), evict
 
+
+    def _received(self, module, hidden_states, keys, kwargs) -> torch.Tensor:
+        """(batch, heads, tokens): the mean attention each token received from the call's queries."""
+        q_len, total = hidden_states.shape[1], 0
+        for start in range(0, q_len, self.query_chunk):
+            total = total + attention_rows(module, hidden_states, keys, None, kwargs, start, start + self.query_chunk).sum(2)
+        return total / q_len
 
     def _prior(self, tokens: int, device) -> torch.Tensor:
         """(tokens,) the prior's attention mass per token, oldest first."""

@@ -11,6 +11,8 @@ from evaluation.protocols import context_nll, stored_bytes
 from presses.errors import PressConfigError
 from presses.quantize import fake_quantize, per_channel_bytes, quantize_per_channel, token_bytes
 from presses.quantized_kv_press import QuantizedKVPress
+from presses.attention import per_kv_head
+from presses.h2o_press import H2OPress
 from presses.rdkv_press import RDKVPress, _allocate
 from tests.conftest import build, tiny_llama_config, tiny_neox_config
 
@@ -118,6 +120,8 @@ def test_rdkv_changes_the_scores_and_refuses_bad_settings():
         RDKVPress(0.5, bits=(1, 4))
     with pytest.raises(PressConfigError, match="evict_weight"):
         RDKVPress(0.5, evict_weight=0)
+    with pytest.raises(PressConfigError, match="accumulated"):
+        RDKVPress(0.5, accumulated=1.5)
     with pytest.raises(PressConfigError, match="one sequence"):
         ids = torch.randint(0, 1000, (2, 64))
         with torch.no_grad(), RDKVPress(0.5, window_size=8)(tiny_llama):
@@ -133,3 +137,26 @@ def test_rdkv_with_kivi_keys_fits_its_budget_and_groups_keys_per_channel(config)
     assert 0.85 * budget <= stored_bytes(press, cache) <= budget
     token_layout = _prefill(model, RDKVPress(0.75, window_size=8, key_layout="token"), tokens=128)
     assert not torch.equal(cache.layers[0].keys, token_layout.layers[0].keys)
+
+
+@pytest.mark.parametrize("config", [tiny_neox_config(), tiny_llama_config()], ids=["neox", "llama"])
+def test_rdkv_accumulated_evidence_is_h2os_attention_and_changes_the_cache(config):
+    model = build(config, attn_implementation="sdpa")
+    seen = {}
+
+    class Recording(RDKVPress):  # keeps the first layer's received attention, computed in chunks
+        def _received(self, module, hidden_states, keys, kwargs):
+            received = super()._received(module, hidden_states, keys, kwargs)
+            seen.setdefault("rdkv", (received, hidden_states.shape[1]))
+            if "h2o" not in seen:  # H2O's score of the same call, per KV head, before its recent window
+                h2o = H2OPress(0.5, query_chunk=1000)
+                seen["h2o"] = h2o.attention_received(module, hidden_states, keys, None, kwargs)
+            return received
+
+    caches = {share: _prefill(model, Recording(0.75, accumulated=share, query_chunk=7)) for share in (0.0, 1.0)}
+    received, queries = seen["rdkv"]
+    heads = seen["h2o"].shape[1]
+    torch.testing.assert_close(per_kv_head(received, heads) * queries, seen["h2o"])
+    torch.testing.assert_close(received.sum(-1), torch.ones_like(received.sum(-1)))  # a mean of softmax rows
+    window_only, accumulated = (caches[share].layers[0] for share in (0.0, 1.0))
+    assert window_only.keys.shape != accumulated.keys.shape or not torch.equal(window_only.keys, accumulated.keys)

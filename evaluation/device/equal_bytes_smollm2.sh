@@ -19,14 +19,19 @@ report="--first_window 0 --num_windows 32"
 parts=" ${*:-tune uniform eviction composites selected} "
 date
 if [[ $parts == *" tune "* ]]; then
-  # call9's best at 25% is RDKVPress's defaults; at 12.5% and 6.25% H2O's tokens beat RD-KV's:
-  # here H2O keeps the fraction f of the tokens and RD-KV chooses their widths (after_h2o=f), and
-  # RD-KV alone with each head evicting its own tokens
-  for kept in 0.3 0.4 0.5 0.6 0.75; do
-    run "tune_after_h2o$kept" $tune --part rdkv --rdkv "after_h2o=$kept" "after_h2o=$kept evict_weight=16" \
-      "after_h2o=$kept bits=2,3,4,8"
+  # call11: RD-KV's own rule with H2O's evidence inside it (accumulated=a: the expected attention is
+  # a times the mean attention each token received from every prefill query), a longer fp16 recent
+  # window, KIVI key groups of 128 tokens (less scale overhead per key at low bits), and the eviction
+  # weight; beside them the defaults and call10's best composition at 12.5% (call10's grid: commit 1541077)
+  for acc in 0.5 1; do
+    for recent in 16 64; do
+      for weight in 4 16; do
+        setting="accumulated=$acc recent_tokens=$recent evict_weight=$weight"
+        run "tune_acc${acc}_recent${recent}_evict${weight}" $tune --part rdkv --rdkv "$setting" "$setting group_tokens=128"
+      done
+    done
   done
-  run tune_per_head $tune --part rdkv --rdkv "" "evict_per_head=1" "evict_per_head=1 evict_weight=8" "evict_weight=8"
+  run tune_reference $tune --part rdkv --rdkv "" "group_tokens=128" "after_h2o=0.75 evict_weight=16"
 fi
 if [[ $parts == *" tune_baselines "* ]]; then  # the best baseline of windows 0-31 on the tuning windows (call9/)
   for target in 0.25 0.125 0.0625; do
@@ -44,8 +49,10 @@ if [[ $parts == *" composites "* ]]; then
 fi
 wait
 date
-if [[ $parts == *" selected "* ]]; then
-  run selected $report --part selected --select_from "$work"/tune_*.json
+if [[ $parts == *" selected "* ]]; then  # one process per target (each with its own dense row), in parallel
+  for target in 0.25 0.125 0.0625; do
+    run selected_$target $report --part selected --targets $target --select_from "$work"/tune_*.json
+  done
   wait
 fi
 date
