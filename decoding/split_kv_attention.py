@@ -66,7 +66,8 @@ def split_kv_attention_partial(
     DIM: tl.constexpr, BLOCK_DIM: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row, split = tl.program_id(0), tl.program_id(1)  # row: (batch, head, new token) flattened
-    batch, head, token = row // (heads * new), (row // new) % heads, row % new
+    # 64-bit: at large batches a sequence's offset into the buffer passes 2**31 elements
+    batch, head, token = (row // (heads * new)).to(tl.int64), (row // new) % heads, row % new
     dims = tl.arange(0, BLOCK_DIM)
     in_dim = dims < DIM
     # the scale folded into the query once, as the other back ends scale the scores

@@ -15,7 +15,9 @@ decoding/weight_quant.py's ``as_matmuls``), ``int8_torchao``, ``int8_quanto``,
 Every cell runs dense and, with ``--press``, the press: TPOT, TTFT and the floors from
 evaluation/speed.py's ``measure``, over ceilings measured once at the start (evaluation/ceilings.py),
 the floor's weights at their quantized bytes; ``tpot_over_fp16_floor`` holds TPOT against the floor
-of fp16 weights. Greedy tokens: the first ``--check_tokens`` of the last timed run against a
+of fp16 weights. ``--backend``: the decode step's attention in every cell (``split_kv``: the Triton
+split-KV kernel, decoding/split_kv_attention.py); the references keep their own attention, so the
+check covers it. Greedy tokens: the first ``--check_tokens`` of the last timed run against a
 reference on the same weights, uncompiled: the kvpress loop (decoding/reference.py) for plain cells
 and for folded fp16 ones (whose weights differ from the model's by rounding only), the folded step
 for folded quantized ones (the loop has no folded matrix). Where they part, the reference's gap
@@ -128,7 +130,8 @@ def measure_cell(args, model, cell: Cell, prompt: torch.Tensor, presses: list, c
     for name, press in presses:
         with weight_quant.compile_settings(cell.scheme, cell.inductor_gemv):
             row = speed.measure(decoded, prompt, press, args.new_tokens, args.repeats, decoder="neox",
-                                ceilings=ceilings, step=cell_step(cell, compile), weight_quant=cell.scheme)
+                                backend=args.backend, ceilings=ceilings, step=cell_step(cell, compile),
+                                weight_quant=cell.scheme)
         fp16_floor = roofline.decode_floors(model.config, prompt.shape[0], row["kept_tokens_per_layer"],
                                             args.new_tokens, ceilings)["tpot_floor_ms"]
         tokens = torch.tensor(row.pop("tokens"))[:, : args.check_tokens]
@@ -151,6 +154,8 @@ def parse_args(argv=None):
     parser.add_argument("--prompt_tokens", type=int, default=2000)
     parser.add_argument("--new_tokens", type=int, default=256)
     parser.add_argument("--batch_size", type=int, default=1)
+    parser.add_argument("--backend", default="sdpa", choices=neox_decode.ATTENTION_BACKENDS,
+                        help="the decode step's attention in every cell (decoding/neox_decode.py)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--check_tokens", type=int, default=64, help="greedy tokens checked against the reference")
     parser.add_argument("--time_limit_s", type=float, default=float("inf"),
@@ -188,7 +193,7 @@ def main(argv=None) -> None:
         write_json_atomic(args.output, cli.result_header(
             args, loaded, press=args.press, compression_ratio=args.compression_ratio if args.press else 0.0,
             batch_size=args.batch_size, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
-            repeats=args.repeats, ceilings=ceilings.to_json()) | {"rows": rows})
+            backend=args.backend, repeats=args.repeats, ceilings=ceilings.to_json()) | {"rows": rows})
     cli.print_summary(args, loaded, rows, COLUMNS, args.output,
                       f"copy {ceilings.bandwidth / 1e12:.3f} TB/s ({ceilings.source})")
 

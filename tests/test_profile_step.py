@@ -15,6 +15,8 @@ from evaluation import profile_step, roofline
     ("triton_red_fused__to_copy_addmm_mul_0", "matmul"),  # inductor's GEMV of an int8 weight
     ("triton_red_fused_add_native_layer_norm_1", "other"),
     ("triton_poi_fused_index_copy_2", "other"),
+    ("split_kv_attention_partial", "attention"),  # decoding/split_kv_attention.py's two kernels
+    ("split_kv_attention_combine", "attention"),
 ])
 def test_kernels_are_grouped_by_name(name, category):
     assert profile_step.kernel_category(name) == category

@@ -14,7 +14,7 @@ from tests.test_fused_projections import with_random_layer_norms
 
 def test_every_cell_decodes_its_references_tokens():
     model = with_random_layer_norms(build(tiny_neox_config(), attn_implementation="sdpa"))
-    args = SimpleNamespace(new_tokens=5, repeats=1, check_tokens=5)
+    args = SimpleNamespace(new_tokens=5, repeats=1, check_tokens=5, backend="sdpa")
     prompt = torch.randint(2, 1000, (1, 90), generator=torch.Generator().manual_seed(3))
     presses = [("dense", None), ("snapkv", make_press("snapkv", 0.5))]
     measured = ceilings.given(1e11, 1e12)
@@ -30,6 +30,17 @@ def test_every_cell_decodes_its_references_tokens():
         assert (row["tpot_floor_ms"] < row["fp16_floor_ms"]) == quantized
     assert {row["reference"] for row in rows if row["cell"] == "folded:int8_torchao"} == {
         "the uncompiled folded step, same weights"}
+
+
+def test_the_split_kv_back_end_decodes_the_references_tokens():
+    model = build(tiny_neox_config(), attn_implementation="sdpa")
+    args = speed_frontier.parse_args(["--backend", "split_kv", "--new_tokens", "5", "--repeats", "1",
+                                      "--check_tokens", "5"])
+    prompt = torch.randint(2, 1000, (1, 90), generator=torch.Generator().manual_seed(3))
+    rows = []
+    speed_frontier.measure_cell(args, model, speed_frontier.parse_cell("plain:fp16"), prompt, [("dense", None)],
+                                ceilings.given(1e11, 1e12), rows)
+    assert [(row["decode_attention"], row["identical"]) for row in rows] == [("split_kv", True)]
 
 
 @pytest.mark.parametrize("cell", ["plain", "fused:fp16", "plain:int4_torchao"])
