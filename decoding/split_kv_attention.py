@@ -85,14 +85,15 @@ def split_kv_attention_partial(
         slot = first + tl.arange(0, BLOCK)
         seen = tl.load(mask_row + slot * m_s, mask=slot < end, other=0) != 0
         tile = seen[:, None] & in_dim[None, :]
+        # both loads issued before the scores need the keys: the block's bytes in flight together
         k = tl.load(key_rows + slot[:, None] * k_s + dims[None, :] * k_d, mask=tile, other=0.0)
+        v = tl.load(value_rows + slot[:, None] * v_s + dims[None, :] * v_d, mask=tile, other=0.0)
         score = tl.where(seen, tl.sum(k.to(tl.float32) * q[None, :], axis=1), float("-inf"))
         new_largest = tl.maximum(largest, tl.max(score, axis=0))
         # Nothing seen yet: shift by 0, so exp(-inf - 0) = 0 rather than exp(-inf + inf) = nan.
         shift = tl.where(new_largest == float("-inf"), 0.0, new_largest)
         weight = tl.exp(score - shift)
         rescale = tl.exp(largest - shift)
-        v = tl.load(value_rows + slot[:, None] * v_s + dims[None, :] * v_d, mask=tile, other=0.0)
         acc = acc * rescale + tl.sum(weight[:, None] * v.to(tl.float32), axis=0)
         total = total * rescale + tl.sum(weight, axis=0)
         largest = new_largest

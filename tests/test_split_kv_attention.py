@@ -7,6 +7,7 @@ import torch
 
 from decoding import neox_decode, ring_cache
 from decoding.split_kv_attention import BLOCK_SLOTS, split_kv_attention, split_plan
+from evaluation import split_kv_speed
 from presses import Settings, make_press, make_streaming_press
 from tests.conftest import build, tiny_neox_config
 
@@ -118,3 +119,10 @@ def test_ring_buffer_mask_gives_the_sdpa_back_ends_tokens():
         return ring_cache.generate(model, prompts(6, 40), press, 40, backend=backend).tokens
 
     assert torch.equal(tokens("split_kv"), tokens("sdpa"))
+
+
+def test_the_kernel_benchmark_refuses_a_bad_shape_in_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        split_kv_speed.main(["--shapes", "1x32x80"])
+    assert exit_info.value.code == 2
+    assert "BATCHxHEADSxDIMxCACHE" in capsys.readouterr().err
