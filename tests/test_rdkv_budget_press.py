@@ -1,0 +1,174 @@
+"""Streaming at equal bytes: RD-KV re-allocating a layer's cache under its byte budget
+(RDKVBudgetPress), the quantized eviction baselines (QuantizedBudgetPress) and the stored-width
+state they share (presses/stored_kv.py), on tiny GPT-NeoX (Pythia's partial rotary) and Llama
+(GQA) models."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from evaluation.protocols import streaming_nll
+from presses import Settings, make_streaming_press
+from presses.errors import PressConfigError
+from presses.quantize import quantize_per_token
+from presses.quantized_budget_press import QuantizedBudgetPress
+from presses.rdkv_budget_press import RDKVBudgetPress
+from presses.rdkv_press import RDKVPress
+from presses.stored_kv import StoredLayer, narrowed
+from tests.conftest import build, tiny_llama_config, tiny_neox_config
+
+CONFIGS = [tiny_neox_config(), tiny_llama_config()]
+IDS = ["neox", "llama"]
+
+
+def _text(tokens: int = 400) -> torch.Tensor:
+    return torch.randint(0, 1000, (tokens,), generator=torch.Generator().manual_seed(3))
+
+
+def _stream(model, press, chunk: int = 32, tokens: int = 400):
+    """The streaming run, and after every call each layer's (stored bytes, state, keys, values)."""
+    snapshots = []
+
+    def after_call(module, inputs, kwargs, output):
+        cache = kwargs["past_key_values"]
+        snapshots.append({index: (press.stored_bytes[index], replace(press.layers[index]), layer.keys.clone(),
+                                  layer.values.clone()) for index, layer in enumerate(cache.layers)})
+
+    hook = model.register_forward_hook(after_call, with_kwargs=True)
+    try:
+        return streaming_nll(model, _text(tokens), press, chunk), snapshots
+    finally:
+        hook.remove()
+
+
+def _budget_bytes(config, budget_tokens: int) -> int:
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return budget_tokens * heads * 2 * 2 * (config.hidden_size // config.num_attention_heads)
+
+
+def _presses(budget: int):
+    return [RDKVBudgetPress(RDKVPress(), budget_tokens=budget),
+            RDKVBudgetPress(RDKVPress(key_layout="token", evict_per_head=True), budget_tokens=budget),
+            RDKVBudgetPress(RDKVPress(bits=(2, 4), separate_widths=False, group_tokens=8), budget_tokens=budget),
+            QuantizedBudgetPress(make_streaming_press("h2o", Settings(budget=budget)).base_press, bits=4,
+                                 budget_tokens=budget, recent_tokens=16, group_tokens=8),
+            QuantizedBudgetPress(make_streaming_press("streaming_llm", Settings(budget=budget)).base_press, bits=2,
+                                 key_layout="token", positions_in_cache=True, budget_tokens=budget, recent_tokens=16)]
+
+
+def test_a_layers_bytes_count_each_width_and_each_group_as_it_falls():
+    head_dim = 8
+    state = StoredLayer.empty(2, "cpu")
+    state.grow(5)
+    state.key_bits = torch.tensor([[16, 4, 4, 2, 8], [16, 16, 4, 4, 4]])
+    state.value_bits = torch.tensor([[16, 4, 4, 2, 2], [16, 8, 4, 4, 4]])
+    state.key_group = torch.tensor([[-1, 0, 0, -1, 1], [-1, -1, 2, 2, 3]])
+    fp16 = 2 * head_dim
+    values = 2 * fp16 + 3 * (head_dim * 4 / 8 + 4) + 2 * (head_dim * 2 / 8 + 4) + 1 * (head_dim * 8 / 8 + 4) + \
+        2 * (head_dim * 4 / 8 + 4)
+    keys = 3 * fp16 + 5 * head_dim * 4 / 8 + head_dim * 8 / 8 + (head_dim * 2 / 8 + 4)  # the 2-bit key per token
+    groups = 4 * head_dim * 4  # four groups: one scale and zero point per channel each
+    assert state.nbytes(head_dim) == pytest.approx(values + keys + groups)
+    assert state.nbytes(head_dim, tag_bytes=0.5) == pytest.approx(values + keys + groups + 0.5 * 10)
+    state.stats = (torch.zeros(1, 2, 1, head_dim), torch.ones(1, 2, 1, head_dim))
+    assert state.nbytes(head_dim) == pytest.approx(values + keys + groups + 2 * head_dim * 4)
+
+
+def test_narrowing_keeps_a_tokens_width_bit_for_bit_and_refuses_to_widen():
+    keys, values = torch.randn(1, 1, 40, 8), torch.randn(1, 1, 40, 8)
+    state = StoredLayer.empty(1, "cpu")
+    state.grow(40)
+    four = torch.full((1, 40), 4)
+    stored_keys, stored_values, stored = narrowed(keys, values, state, four, four, "channel", 16)
+    assert (stored.key_group[0, :32] >= 0).all() and (stored.key_group[0, 32:] == -1).all()  # two groups, 8 per token
+    assert stored.stats is not None  # the per-token rest needed the channel statistics
+    narrower = four.clone()
+    narrower[0, :3] = 2
+    again_keys, again_values, again = narrowed(stored_keys, stored_values, stored, narrower, narrower, "channel", 16)
+    assert torch.equal(again_keys[:, :, 3:], stored_keys[:, :, 3:]) and torch.equal(again_values[:, :, 3:],
+                                                                                     stored_values[:, :, 3:])
+    assert torch.equal(again_values[:, :, :3], quantize_per_token(stored_values[:, :, :3], 2))  # from the stored values
+    assert not torch.equal(again_keys[:, :, :3], stored_keys[:, :, :3])
+    assert (again.key_group[0, 3:] == stored.key_group[0, 3:]).all() and (again.key_group[0, :3] == -1).all()
+    with pytest.raises(ValueError, match="widen"):
+        narrowed(again_keys, again_values, again, four, four, "channel", 16)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+def test_the_store_never_exceeds_its_budget_and_holds_more_tokens_than_fp16_would(config):
+    model, budget = build(config), 64
+    for press in _presses(budget):
+        _, snapshots = _stream(model, press)
+        held = [layer[0] for snapshot in snapshots for layer in snapshot.values()]
+        assert max(held) <= _budget_bytes(config, budget), press
+        assert max(held) > 0.95 * _budget_bytes(config, budget), press  # it spends the budget
+        cached = [layer[2].shape[2] for layer in snapshots[-1].values()]
+        assert min(cached) > 1.2 * budget, press  # low-bit tokens: more of them than fp16 holds in the bytes
+        for stored_bytes, state, keys, _ in snapshots[-1].values():
+            assert state.index.shape == keys.shape[1:3] and stored_bytes == state.nbytes(keys.shape[-1],
+                                                                                          getattr(press, "tag_bytes", lambda: 0)())
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+def test_a_stored_token_that_keeps_its_width_keeps_its_values_bit_for_bit(config):
+    model = build(config)
+    for press in _presses(64)[:4]:  # QuantizedBudgetPress with in-cache positions re-rotates its keys
+        _, snapshots = _stream(model, press)
+        quantized_kept = 0
+        for before, after in zip(snapshots, snapshots[1:]):
+            for layer in before:
+                _, old, old_keys, old_values = before[layer]
+                _, new, new_keys, new_values = after[layer]
+                for head in range(old.index.shape[0]):
+                    # the tokens of this head in both caches, matched by their place in the text
+                    common, old_at, new_at = (torch.tensor(x) for x in _matches(old.index[head], new.index[head]))
+                    if common.numel() == 0:
+                        continue
+                    same_key = old.key_bits[head, old_at] == new.key_bits[head, new_at]
+                    same_value = old.value_bits[head, old_at] == new.value_bits[head, new_at]
+                    assert (new.key_bits[head, new_at] <= old.key_bits[head, old_at]).all()  # never wider
+                    assert torch.equal(old_keys[0, head, old_at[same_key]], new_keys[0, head, new_at[same_key]])
+                    assert torch.equal(old_values[0, head, old_at[same_value]], new_values[0, head, new_at[same_value]])
+                    quantized_kept += int((same_key & (old.key_bits[head, old_at] < 16)).sum())
+        assert quantized_kept > 0, press  # stored low-bit tokens were carried across allocations
+
+
+def _matches(old: torch.Tensor, new: torch.Tensor):
+    """Text indices in both, and their places in ``old`` and in ``new``."""
+    where_old = {int(index): place for place, index in enumerate(old)}
+    pairs = [(int(index), where_old[int(index)], place) for place, index in enumerate(new) if int(index) in where_old]
+    return tuple(zip(*pairs)) if pairs else ((), (), ())
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+def test_a_budget_above_the_text_is_dense_exactly_and_a_small_one_changes_the_scores(config):
+    model = build(config)
+    dense = streaming_nll(model, _text(), None, 32)
+    for press in _presses(420)[:3]:  # RD-KV; the quantized baselines quantize past their recent window always
+        assert torch.equal(streaming_nll(model, _text(), press, 32).token_nll, dense.token_nll), press
+    for rdkv, press in zip([True] * 3 + [False] * 2, _presses(64)):
+        pressed = streaming_nll(model, _text(), press, 32).token_nll
+        assert not torch.equal(pressed, dense.token_nll), press
+        if rdkv:  # RD-KV acts only once the cache exceeds its bytes
+            assert torch.equal(pressed[:64], dense.token_nll[:64]), press
+
+
+def test_recent_tokens_stay_in_fp16_and_tokens_past_them_are_quantized():
+    model = build(tiny_llama_config())
+    press = _presses(64)[3]  # H2O at 4 bits, 16 recent tokens, groups of 8
+    _, snapshots = _stream(model, press, chunk=16)
+    for state in (layer[1] for snapshot in snapshots[8:] for layer in snapshot.values()):
+        assert (state.key_bits[:, -16:] == 16).all()
+        old = state.key_bits[:, :-16]
+        assert ((old == 16).sum(1) < 8).all() and (old[old < 16] == 4).all()  # at most a partial group waits
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(PressConfigError, match="budget_tokens"):
+        RDKVBudgetPress(budget_tokens=1)
+    scorer = make_streaming_press("h2o", Settings(budget=64)).base_press
+    with pytest.raises(PressConfigError, match="bits"):
+        QuantizedBudgetPress(scorer, bits=5)
+    with pytest.raises(PressConfigError, match="recent_tokens"):
+        QuantizedBudgetPress(scorer, budget_tokens=32, recent_tokens=32)
