@@ -20,8 +20,8 @@ it past the budget.
 Every row is scored on the tokens past the budget (the first --budget_tokens tokens every
 method scores against an uncompressed cache), in 1024-token stretches: PPL with its 95%
 interval, and the paired difference to dense over the same stretches (block bootstrap,
-evaluation/intervals.py). With --versus FILE (the baselines of the same text and settings), each
-row is also paired against that file's best row at its budget (lowest PPL). A row's
+evaluation/intervals.py). With --versus FILE... (baselines of the same text and settings), each
+row is also paired against their best row at its budget (lowest PPL). A row's
 ``kv_bytes_fraction`` is the mean over calls of the bytes held after the call, over the budget's
 fp16 bytes; ``peak_kv_bytes_fraction`` the largest: the run stops if any method exceeds 1.
 Each part runs its own dense row first.
@@ -116,23 +116,24 @@ def row_for(name: str, budget: int, measured, dense, budget_bytes: float) -> dic
     return row | ppl_interval(nll, tokens) | paired_difference(nll, past_budget(dense_result, budget)[0], tokens)
 
 
-def best_rows(path: Path, header: dict) -> dict[int, dict]:
-    """Per budget, the row of lowest PPL among the methods of ``path`` (a file of the same text and settings)."""
-    payload = json.loads(path.read_text())
-    for key in ("data", "chunk_tokens", "max_tokens"):
-        if payload.get(key) != header[key]:
-            raise ValueError(f"--versus {path}: its {key} {payload.get(key)!r} is not this run's {header[key]!r}")
+def best_rows(paths: list[Path], header: dict) -> dict[int, dict]:
+    """Per budget, the row of lowest PPL among the methods of ``paths`` (files of the same text and settings)."""
     best = {}
-    for row in payload["rows"]:
-        if row["method"] != "dense" and row["ppl"] < best.get(row["budget_tokens"], {"ppl": float("inf")})["ppl"]:
-            best[row["budget_tokens"]] = row
+    for path in paths:
+        payload = json.loads(path.read_text())
+        for key in ("data", "chunk_tokens", "max_tokens"):
+            if payload.get(key) != header[key]:
+                raise ValueError(f"--versus {path}: its {key} {payload.get(key)!r} is not this run's {header[key]!r}")
+        for row in payload["rows"]:
+            if row["method"] != "dense" and row["ppl"] < best.get(row["budget_tokens"], {"ppl": float("inf")})["ppl"]:
+                best[row["budget_tokens"]] = row
     return best
 
 
 def versus(row: dict, best: dict | None) -> dict:
     """The row paired against ``best`` (the same stretches), as a percentage of best's PPL."""
     if best is None:
-        raise ValueError(f"--versus: the file has no row at budget {row['budget_tokens']}")
+        raise ValueError(f"--versus: the files have no row at budget {row['budget_tokens']}")
     if best["unit_tokens"] != row["unit_tokens"]:
         raise ValueError(f"--versus: {best['method']} scored other stretches than {row['method']}")
     difference = paired_difference(row["unit_nll"], best["unit_nll"], row["unit_tokens"])
@@ -159,8 +160,8 @@ def main(argv=None) -> None:
     study.add_argument("--recent_tokens", type=int, default=32, help="--part baselines: the newest tokens kept in fp16")
     add_press_settings(study)
     study.add_argument("--rdkv", nargs="+", default=[""], help="--part rdkv: RD-KV settings, e.g. 'evict_weight=8 bits=2,4,8'")
-    study.add_argument("--versus", type=Path, help="a --part baselines file of the same text and settings: pair every "
-                                                   "row with its best row at the same budget")
+    study.add_argument("--versus", type=Path, nargs="+", help="--part baselines files of the same text and settings: "
+                                                              "pair every row with their best row at its budget")
     study.add_argument("--output", type=Path, required=True)
     args = parser.parse_args(argv)
     if min(args.budget_tokens) < 2 or args.chunk_tokens < 1:
