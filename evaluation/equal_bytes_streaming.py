@@ -13,7 +13,8 @@ tokens in fp16; and each rule holding as many tokens as the bytes pay for with e
 the newest --recent_tokens quantized once to each of --bits in each of --key_layouts
 (QuantizedBudgetPress: KIVI's per-channel key groups, or per-token keys; values per token). With
 StreamingLLM's rule (sinks and the newest tokens) that is uniform quantization; with the others,
-eviction then quantization. ``--part rdkv``: RDKVBudgetPress with each --rdkv setting
+eviction then quantization. Quantized rows give tokens their places in the text as positions
+(StreamingLLM and TreeKV in fp16 count them in the cache). ``--part rdkv``: RDKVBudgetPress with each --rdkv setting
 (evaluation/equal_bytes.py's syntax), RD-KV re-allocating the whole cache whenever a call pushes
 it past the budget.
 
@@ -65,8 +66,7 @@ def baselines(args, budget: int) -> tuple[list[tuple[str, object]], dict[str, st
         for layout in args.key_layouts:
             for bits in args.bits:
                 configs.append((f"{name}+{layout}{bits}", QuantizedBudgetPress(
-                    press.base_press, compression_interval=press.compression_interval,
-                    positions_in_cache=press.positions_in_cache, bits=bits,
+                    press.base_press, compression_interval=press.compression_interval, bits=bits,
                     key_layout="channel" if layout == "kivi" else "token", recent_tokens=args.recent_tokens,
                     budget_tokens=budget)))
     return configs, not_run

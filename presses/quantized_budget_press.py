@@ -25,7 +25,9 @@ class QuantizedBudgetPress(BudgetPress):
     values, the rule keeps the most tokens the bytes pay for: as many as a store of fp16 recent
     tokens and quantized others would hold, fewer while the store as it falls (partial groups,
     the residual) still takes more. ``target_size`` follows that count; ``stored_bytes`` holds
-    each layer's bytes after the last call."""
+    each layer's bytes after the last call. Positions are the tokens' places in the text, also
+    for rules that count them in the cache in fp16 (StreamingLLM, TreeKV): each layer holds the
+    tokens its own store pays for, and stored keys are never re-rotated."""
 
     bits: int = 4
     key_layout: str = "channel"
@@ -37,6 +39,9 @@ class QuantizedBudgetPress(BudgetPress):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.positions_in_cache:  # the layers' token counts differ (each its own groups), and stored keys stay as stored
+            raise PressConfigError("QuantizedBudgetPress gives tokens their places in the text: positions_in_cache "
+                                   "is not supported")
         if self.bits not in (2, 3, 4, 8):
             raise PressConfigError(f"bits must be 2, 3, 4 or 8, got {self.bits}")
         if self.key_layout not in ("channel", "token"):
@@ -77,8 +82,6 @@ class QuantizedBudgetPress(BudgetPress):
                 self.base_press.keep(module, indices)
             gather_index = indices.unsqueeze(-1).expand(-1, -1, -1, head_dim)
             keys, values = keys.gather(2, gather_index), values.gather(2, gather_index)
-            if self.positions_in_cache:
-                keys = self.move_to_slots(module, keys, indices)
             state = state.kept(indices[0])
         layer.keys, layer.values = keys.contiguous(), values.contiguous()
         self.layers[module.layer_idx] = state

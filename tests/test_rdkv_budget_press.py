@@ -54,7 +54,7 @@ def _presses(budget: int):
             QuantizedBudgetPress(make_streaming_press("h2o", Settings(budget=budget)).base_press, bits=4,
                                  budget_tokens=budget, recent_tokens=16, group_tokens=8),
             QuantizedBudgetPress(make_streaming_press("streaming_llm", Settings(budget=budget)).base_press, bits=2,
-                                 key_layout="token", positions_in_cache=True, budget_tokens=budget, recent_tokens=16)]
+                                 key_layout="token", budget_tokens=budget, recent_tokens=16)]
 
 
 def test_a_layers_bytes_count_each_width_and_each_group_as_it_falls():
@@ -113,7 +113,7 @@ def test_the_store_never_exceeds_its_budget_and_holds_more_tokens_than_fp16_woul
 @pytest.mark.parametrize("config", CONFIGS, ids=IDS)
 def test_a_stored_token_that_keeps_its_width_keeps_its_values_bit_for_bit(config):
     model = build(config)
-    for press in _presses(64)[:4]:  # QuantizedBudgetPress with in-cache positions re-rotates its keys
+    for press in _presses(64):
         _, snapshots = _stream(model, press)
         quantized_kept = 0
         for before, after in zip(snapshots, snapshots[1:]):
@@ -170,5 +170,7 @@ def test_bad_settings_are_refused():
     scorer = make_streaming_press("h2o", Settings(budget=64)).base_press
     with pytest.raises(PressConfigError, match="bits"):
         QuantizedBudgetPress(scorer, bits=5)
+    with pytest.raises(PressConfigError, match="positions_in_cache"):
+        QuantizedBudgetPress(scorer, positions_in_cache=True)
     with pytest.raises(PressConfigError, match="recent_tokens"):
         QuantizedBudgetPress(scorer, budget_tokens=32, recent_tokens=32)
