@@ -60,7 +60,7 @@ def rdkv_setting(text: str) -> dict:
         key, _, value = item.partition("=")
         if key == "bits":
             setting[key] = tuple(int(b) for b in value.split(","))
-        elif key in ("prior", "evict_weight", "after_h2o", "accumulated"):
+        elif key in ("prior", "evict_weight", "after_h2o", "accumulated", "protect_recent"):
             setting[key] = float(value)
         elif key in ("separate_widths", "evict_per_head"):
             if value not in ("0", "1"):
@@ -68,7 +68,7 @@ def rdkv_setting(text: str) -> dict:
             setting[key] = value == "1"
         elif key in ("window_size", "recent_tokens", "group_tokens"):
             setting[key] = int(value)
-        elif key in ("key_layout", "prior_shape"):
+        elif key in ("key_layout", "prior_shape", "accumulated_over"):
             setting[key] = value
         else:
             raise ValueError(f"unknown RD-KV setting {key!r} in {text!r}")

@@ -32,7 +32,9 @@ class RDKVPress(BasePress):
     output; with ``accumulated`` = a, p is (1 - a) times the window query's own attention plus a
     times the mean attention the token received from every query of the call (H2O's evidence: a
     token many queries attended is likely attended again, and a 16-query window alone misses the
-    tokens it happens not to look at); p is widened by a prior of total mass ``prior`` (later queries look elsewhere than the
+    tokens it happens not to look at; with ``accumulated_over="visible"`` the mean runs over the
+    queries that see the token, so that the newest tokens, seen by few queries, are not taken for
+    unimportant, H2O's bias toward old tokens that its recent half corrects); p is widened by a prior of total mass ``prior`` (later queries look elsewhere than the
     window), spread evenly over the n tokens or, with ``prior_shape="recency"``, as 1 / distance
     from the newest token (attention is local: the next queries favour the nearest tokens, the
     rule behind H2O's and StreamingLLM's recent windows). The
@@ -40,7 +42,9 @@ class RDKVPress(BasePress):
     budget (``_allocate``), solve the allocation exactly on the lower convex hull of each token's
     (bytes, distortion) options: one rule decides keep-or-drop and bits together, where
     eviction presses only drop and quantizers give every token the same bits. The newest
-    ``recent_tokens`` (default: the window's) stay in fp16, as far as the budget pays for them.
+    ``recent_tokens`` (default: the window's) stay in fp16, as far as the budget pays for them;
+    the newest ``protect_recent`` of the tokens are never evicted but take any width (H2O keeps
+    half its tokens recent; here they may be kept at few bits).
     With ``separate_widths`` keys and values choose their widths apart (their distortions add,
     so the pair is the best key option plus the best value option at the same lambda): keys, whose
     errors move every logit, may then stay wider than values. With ``evict_per_head`` each KV head
@@ -62,6 +66,8 @@ class RDKVPress(BasePress):
     prior: float = 2.0  # attention mass spread evenly over the tokens, added to the window's: later queries look elsewhere
     prior_shape: str = "uniform"  # "recency": the prior's mass falls as 1 / distance from the newest token
     accumulated: float = 0.0  # share of p from the attention received from every query of the call (H2O's)
+    accumulated_over: str = "all"  # "visible": the received attention averaged over the queries that see the token
+    protect_recent: float = 0.0  # fraction of the newest tokens never evicted (their widths still chosen)
     query_chunk: int = 512  # queries per attention block when accumulating (memory: heads x chunk x tokens)
     separate_widths: bool = True  # keys and values choose their widths apart
     evict_weight: float = 4.0  # multiplies the eviction distortion
@@ -80,6 +86,10 @@ class RDKVPress(BasePress):
             raise PressConfigError(f"prior_shape must be 'uniform' or 'recency', got {self.prior_shape!r}")
         if not 0 <= self.accumulated <= 1:
             raise PressConfigError(f"accumulated must be in [0, 1], got {self.accumulated}")
+        if self.accumulated_over not in ("all", "visible"):
+            raise PressConfigError(f"accumulated_over must be 'all' or 'visible', got {self.accumulated_over!r}")
+        if not 0 <= self.protect_recent <= 1:
+            raise PressConfigError(f"protect_recent must be in [0, 1], got {self.protect_recent}")
         if self.evict_weight <= 0:
             raise PressConfigError(f"evict_weight must be positive, got {self.evict_weight}")
 
@@ -117,7 +127,11 @@ class RDKVPress(BasePress):
         recent = min(recent, tokens, int(budget // (kv_heads * price[-1].item())))
         if recent:
             distortion[:, :, tokens - recent :, :-1] = float("inf")  # the newest stay in fp16 (as far as the budget goes)
-        keep, choice = _allocate(distortion[0], self.evict_weight * evict[0], price, budget, self.evict_per_head)
+        # protected tokens at the cheapest option beside the fp16 recent ones: as many as the budget pays for
+        affordable = recent + int((budget - recent * kv_heads * price[-1].item()) // (kv_heads * price.min().item()))
+        protected = torch.zeros(tokens, dtype=torch.bool, device=keys.device)
+        protected[tokens - min(max(int(self.protect_recent * tokens), recent), affordable) :] = True
+        keep, choice = _allocate(distortion[0], self.evict_weight * evict[0], price, budget, self.evict_per_head, protected)
         key_choice, value_choice = key_of[choice], value_of[choice]
         self.chosen_bits[module.layer_idx] = {
             side: {b: ((chosen == i) & keep).float().mean().item() for i, b in enumerate(list(self.bits) + [16])}
@@ -167,7 +181,11 @@ class RDKVPress(BasePress):
         q_len, total = hidden_states.shape[1], 0
         for start in range(0, q_len, self.query_chunk):
             total = total + attention_rows(module, hidden_states, keys, None, kwargs, start, start + self.query_chunk).sum(2)
-        return total / q_len
+        if self.accumulated_over == "all":
+            return total / q_len
+        k_len = keys.shape[2]
+        past = torch.arange(k_len, device=keys.device) - (k_len - q_len)  # a token's index among the queries
+        return total / (q_len - past.clamp(min=0))  # the queries at or after it see it
 
     def _prior(self, tokens: int, device) -> torch.Tensor:
         """(tokens,) the prior's attention mass per token, oldest first."""
@@ -177,17 +195,21 @@ class RDKVPress(BasePress):
         return self.prior * closeness / closeness.sum()
 
 
-def _allocate(distortion: torch.Tensor, evict: torch.Tensor, price: torch.Tensor, budget: float, per_head: bool = False):
+def _allocate(distortion: torch.Tensor, evict: torch.Tensor, price: torch.Tensor, budget: float, per_head: bool = False,
+              protected: torch.Tensor | None = None):
     """Per token, keep (in every head) or evict, or with ``per_head`` the same number of tokens
     in every head, each head keeping the ones it gains most from; per kept (head, token), the
     option to store.
     ``distortion`` (heads, tokens, options), ``evict`` (heads, tokens), ``price`` (options,)
     bytes. Minimises total distortion + lambda * bytes for the smallest lambda whose choice fits
     ``budget``, found on a log grid of ``GRID`` values at once, then on a finer grid between
-    the two around it (two host syncs per layer, not one per bisection step).
+    the two around it (two host syncs per layer, not one per bisection step). Tokens ``protected``
+    (tokens,) are kept, at the options the same rule chooses.
     Returns keep (heads, tokens) and choice (heads, tokens)."""
     scale = (evict.mean() / price.mean()).clamp(min=1e-30).log().item()
     forced = torch.isinf(distortion[..., 0]).any(0)  # forced tokens are always kept
+    if protected is not None:
+        forced = forced | protected
     heads = distortion.shape[0]
 
     def choose(log_lambdas: torch.Tensor):

@@ -139,8 +139,9 @@ def test_rdkv_with_kivi_keys_fits_its_budget_and_groups_keys_per_channel(config)
     assert not torch.equal(cache.layers[0].keys, token_layout.layers[0].keys)
 
 
+@pytest.mark.parametrize("over", ["all", "visible"])
 @pytest.mark.parametrize("config", [tiny_neox_config(), tiny_llama_config()], ids=["neox", "llama"])
-def test_rdkv_accumulated_evidence_is_h2os_attention_and_changes_the_cache(config):
+def test_rdkv_accumulated_evidence_is_h2os_attention_and_changes_the_cache(config, over):
     model = build(config, attn_implementation="sdpa")
     seen = {}
 
@@ -153,10 +154,42 @@ def test_rdkv_accumulated_evidence_is_h2os_attention_and_changes_the_cache(confi
                 seen["h2o"] = h2o.attention_received(module, hidden_states, keys, None, kwargs)
             return received
 
-    caches = {share: _prefill(model, Recording(0.75, accumulated=share, query_chunk=7)) for share in (0.0, 1.0)}
+    caches = {share: _prefill(model, Recording(0.75, accumulated=share, accumulated_over=over, query_chunk=7))
+              for share in (0.0, 1.0)}
     received, queries = seen["rdkv"]
     heads = seen["h2o"].shape[1]
-    torch.testing.assert_close(per_kv_head(received, heads) * queries, seen["h2o"])
-    torch.testing.assert_close(received.sum(-1), torch.ones_like(received.sum(-1)))  # a mean of softmax rows
+    # a prefill's token t is seen by the queries t..end
+    seeing = torch.arange(queries, 0, -1).float() if over == "visible" else torch.full((queries,), float(queries))
+    torch.testing.assert_close(per_kv_head(received, heads) * seeing, seen["h2o"])
+    if over == "all":
+        torch.testing.assert_close(received.sum(-1), torch.ones_like(received.sum(-1)))  # a mean of softmax rows
     window_only, accumulated = (caches[share].layers[0] for share in (0.0, 1.0))
     assert window_only.keys.shape != accumulated.keys.shape or not torch.equal(window_only.keys, accumulated.keys)
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+def test_protected_tokens_are_kept_at_the_width_the_rule_chooses(per_head):
+    # tokens 4-7 cost nothing to evict, so unprotected they go first; two options: 1 byte (error 1), 2 bytes (none)
+    evict = torch.full((2, 8), 100.0)
+    evict[:, 4:] = 0.0
+    distortion, price = torch.tensor([1.0, 0.0]).expand(2, 8, 2), torch.tensor([1.0, 2.0])
+    protected = torch.zeros(8, dtype=torch.bool)
+    protected[4:] = True
+    keep, _ = _allocate(distortion, evict, price, budget=16.0, per_head=per_head)
+    assert not keep[:, 4:].any()
+    keep, choice = _allocate(distortion, evict, price, budget=16.0, per_head=per_head, protected=protected)
+    assert keep.all() and (choice == 0).all()  # 16 entries at 1 byte: all kept, at the cheap width
+
+
+def test_rdkv_protects_only_what_the_budget_pays_for():
+    model = build(tiny_llama_config(), attn_implementation="sdpa")
+    for ratio in (0.6, 0.9):  # at 10%, half the tokens at the fewest bits exceed the budget
+        press = RDKVPress(ratio, protect_recent=0.5, window_size=8)
+        cache = _prefill(model, press, tokens=96)
+        for layer, stored in press.stored_bytes.items():
+            keys = cache.layers[layer].keys
+            assert stored <= (1 - ratio) * keys.shape[1] * 96 * keys.shape[-1] * 2 * 2  # fp16 keys and values
+            if ratio == 0.6:
+                assert keys.shape[2] >= 48
+    with pytest.raises(PressConfigError, match="protect_recent"):
+        RDKVPress(0.5, protect_recent=2.0)

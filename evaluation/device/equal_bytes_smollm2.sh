@@ -19,19 +19,18 @@ report="--first_window 0 --num_windows 32"
 parts=" ${*:-tune uniform eviction composites selected} "
 date
 if [[ $parts == *" tune "* ]]; then
-  # call11: RD-KV's own rule with H2O's evidence inside it (accumulated=a: the expected attention is
-  # a times the mean attention each token received from every prefill query), a longer fp16 recent
-  # window, KIVI key groups of 128 tokens (less scale overhead per key at low bits), and the eviction
-  # weight; beside them the defaults and call10's best composition at 12.5% (call10's grid: commit 1541077)
-  for acc in 0.5 1; do
-    for recent in 16 64; do
-      for weight in 4 16; do
-        setting="accumulated=$acc recent_tokens=$recent evict_weight=$weight"
-        run "tune_acc${acc}_recent${recent}_evict${weight}" $tune --part rdkv --rdkv "$setting" "$setting group_tokens=128"
-      done
-    done
+  # call12 (call11's grid, at a1a21d2: accumulated x recent window x eviction weight x key groups, is
+  # in results/smollm2-135m_equal_bytes_h200/call11/): the accumulated attention averaged over the
+  # queries that see each token (accumulated_over=visible), the newest tokens protected from eviction
+  # at any width (protect_recent), and call10's compositions with H2O re-run with the corrected tag
+  run tune_after_h2o $tune --part rdkv --rdkv "after_h2o=0.3" "after_h2o=0.3 evict_weight=16" "after_h2o=0.5 evict_weight=16"
+  run tune_visible $tune --part rdkv --rdkv "accumulated=0.5 accumulated_over=visible" \
+    "accumulated=0.5 accumulated_over=visible group_tokens=128" "accumulated=1 accumulated_over=visible"
+  for protect in 0.25 0.5; do
+    run tune_protect$protect $tune --part rdkv --rdkv "protect_recent=$protect" "protect_recent=$protect accumulated=0.5"
   done
-  run tune_reference $tune --part rdkv --rdkv "" "group_tokens=128" "after_h2o=0.75 evict_weight=16"
+  run tune_protect_mixed $tune --part rdkv --rdkv "protect_recent=0.5 accumulated=1 accumulated_over=visible evict_weight=16" \
+    "protect_recent=0.25 accumulated=0.5 group_tokens=128"
 fi
 if [[ $parts == *" tune_baselines "* ]]; then  # the best baseline of windows 0-31 on the tuning windows (call9/)
   for target in 0.25 0.125 0.0625; do
@@ -49,9 +48,10 @@ if [[ $parts == *" composites "* ]]; then
 fi
 wait
 date
+# EXTRA_TUNING: tuning files of earlier calls (same windows, same code) that selected also chooses from
 if [[ $parts == *" selected "* ]]; then  # one process per target (each with its own dense row), in parallel
   for target in 0.25 0.125 0.0625; do
-    run selected_$target $report --part selected --targets $target --select_from "$work"/tune_*.json
+    run selected_$target $report --part selected --targets $target --select_from "$work"/tune_*.json ${EXTRA_TUNING:-}
   done
   wait
 fi

@@ -19,6 +19,8 @@ sweep=equal_bytes_streaming program=evaluation/equal_bytes_streaming.py MAX_JOBS
 source evaluation/device/smollm2_sweep.sh
 text="--dataset pg19 --max_tokens 8193 --chunk_tokens 128"
 settings=("" "evict_weight=8" "key_layout=token" "evict_per_head=1")  # RDKVPress's defaults, then one change each
+[ -n "${SETTINGS:-}" ] && IFS=';' read -r -a settings <<< "$SETTINGS"  # SETTINGS="a;b": other RD-KV settings
+budgets=${BUDGETS:-256 512 1024}
 parts=" ${*:-chunk baselines rdkv} "
 baseline_jobs=()
 date
@@ -31,7 +33,7 @@ if [[ $parts == *" chunk "* ]]; then
 fi
 if [[ $parts == *" baselines "* ]]; then
   for book in 0 1; do
-    for budget in 256 512 1024; do
+    for budget in $budgets; do
       for scorer in streaming_llm h2o tova scissorhands treekv snapkv; do
         run baselines_book${book}_${budget}_$scorer $text --sample_idx $book --budget_tokens $budget --part baselines \
           --scorers $scorer --bits 2 4 8
@@ -44,7 +46,7 @@ if [[ $parts == *" rdkv "* ]]; then
   # the pairing reads the baselines' files: this call's (or a previous call's on the same machine, in $work)
   [ ${#baseline_jobs[@]} -gt 0 ] && wait "${baseline_jobs[@]}"
   for book in 0 1; do
-    for budget in 256 512 1024; do
+    for budget in $budgets; do
       i=0
       for setting in "${settings[@]}"; do
         i=$((i + 1))
