@@ -31,7 +31,7 @@ stage() {  # stage SECONDS NAME PROGRAM ARGS...: under min(SECONDS, what is left
     || echo "== $name ended with status $? at $((SECONDS - start))s" >&2
 }
 python3 -c "import triton; print('triton', triton.__version__)" >&2 || echo "== no triton: split_kv will fail" >&2
-stage 90 kernels evaluation/split_kv_speed.py --output "$out/kernels/kernels.json"
+stage 100 kernels evaluation/split_kv_speed.py --output "$out/kernels/kernels.json"
 for backend in sdpa split_kv; do
   stage 100 "frontier_$backend" evaluation/speed_frontier.py $common --new_tokens 256 --repeats 3 \
     --check_tokens 128 --cells plain:fp16 --press snapkv --compression_ratio 0.75 --backend $backend \
