@@ -11,7 +11,7 @@
 # $OUT/equal_bytes.tgz, made on exit (also when cut short).
 # Same two calls as quality_sweep_smollm2.sh (the GGUF in two halves, evaluation/device/smollm2_sweep.sh):
 # Call 2 (carry .gguf_b .sweepdata): export KVPRESS_NEOX_COMMIT=<hash> PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-#                                    bash evaluation/device/equal_bytes_smollm2.sh [tune] [tune_baselines] [uniform] [eviction] [composites] [selected]
+#                                    bash evaluation/device/equal_bytes_smollm2.sh [tune] [tune_baselines] [ablation] [budget50] [uniform] [eviction] [composites] [selected]
 sweep=equal_bytes program=evaluation/equal_bytes.py MAX_JOBS=${MAX_JOBS:-16}
 source evaluation/device/smollm2_sweep.sh
 tune="--first_window 32 --num_windows 8"  # windows 32-39: never reported
@@ -36,6 +36,22 @@ if [[ $parts == *" tune_baselines "* ]]; then  # the best baseline of windows 0-
   for target in 0.25 0.125 0.0625; do
     run tuning_h2o_$target $tune --part composites --targets $target --composed_with h2o
   done
+fi
+if [[ $parts == *" ablation "* ]]; then
+  # RD-KV's components one at a time off its defaults, on the reported windows (issue 15's ablations):
+  # the accumulated evidence, keys and values choosing widths apart, KIVI key groups, the bit widths
+  # on offer, the eviction weight, the prior, the window, and never evicting (quantization only)
+  i=0
+  for setting in "" "accumulated=0" "separate_widths=0" "key_layout=token" "bits=4,8" "bits=2,3,4,8" \
+      "evict_weight=1" "prior=0" "window_size=64" "evict_weight=1000000"; do
+    i=$((i + 1))
+    run "ablation_$i" $report --part rdkv --rdkv "$setting"
+  done
+fi
+if [[ $parts == *" budget50 "* ]]; then  # the 50% budget: RD-KV's defaults and the baselines there
+  run budget50_rdkv $report --part rdkv --targets 0.5 --rdkv ""
+  run budget50_eviction $report --part eviction --targets 0.5
+  run budget50_composites $report --part composites --targets 0.5 --composed_with h2o
 fi
 [[ $parts == *" uniform "* ]] && run uniform $report --part uniform
 [[ $parts == *" eviction "* ]] && run eviction $report --part eviction
