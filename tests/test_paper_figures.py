@@ -145,6 +145,55 @@ def test_equal_bytes_numbers_are_the_result_files(built):
     assert values["ebTuneSettings"] == str(len({row["method"] for row in tuning if row["method"].startswith("rdkv")}))
 
 
+EQUAL_BYTES = "results/smollm2-135m_equal_bytes_h200"
+
+
+def test_equal_bytes_selection_is_pooled_over_call11_and_call12(built):
+    """RD-KV's reported rows are one selection over call11's and call12's tuning files together: per
+    target the lowest-PPL setting of both grids on windows 32-39, run on windows 0-31 (call11's
+    selected_0.0625.json, its own grid's choice, is not one of them); every RD-KV byte fraction
+    below the baseline's."""
+    generator, _, values = built
+    names = {path.relative_to(REPO).as_posix() for path in generator.result_files(generator.SOURCES["equal_bytes_rdkv"], REPO)}
+    assert f"{EQUAL_BYTES}/call12/selected_0.0625.json" in names
+    assert f"{EQUAL_BYTES}/call11/selected_0.0625.json" not in names
+    assert not any("/call10/" in name for name in names)  # its tag was undercounted
+    tuning = [row for folder in ("call11", "call12") for path in sorted((REPO / EQUAL_BYTES / folder).glob("tune_*.json"))
+              for row in json.loads(path.read_text())["rows"] if row["method"].startswith("rdkv")]
+    assert values["ebTuneSettings"] == str(len({row["method"] for row in tuning}))
+    for letter, target, name in (("A", 0.25, "call11/selected_0.25.json"), ("B", 0.125, "call11/selected_0.125.json"),
+                                 ("C", 0.0625, "call12/selected_0.0625.json")):
+        (ours,) = [r for r in json.loads((REPO / EQUAL_BYTES / name).read_text())["rows"] if r["method"].startswith("rdkv")]
+        assert ours["method"] == min((r for r in tuning if r["target"] == target), key=lambda r: r["ppl"])["method"]
+        assert values[f"ebOurs{letter}Bytes"] == f"{100 * ours['kv_bytes_fraction']:.2f}"
+        assert float(values[f"ebOurs{letter}Bytes"]) < float(values[f"ebBest{letter}Bytes"])
+    # the compositions ran at their commits' default accumulated (0 then), the 25% setting at 0.5
+    assert (values["ebAccA"], values["ebAccB"], values["ebAccC"]) == ("0.5", "0", "0")
+    assert values["ebOursA"] == "+0.56" and values["ebGoalA"] == "+0.5" and values["ebGoalAGap"] == "0.06"
+    (smaller,) = [r for r in json.loads((REPO / EQUAL_BYTES / "call11/selected_0.0625.json").read_text())["rows"]
+                  if r["method"].startswith("rdkv")]
+    assert values["ebSmallerKept"] == f"{100 * float(generator.kept_fraction(smaller)):g}"
+
+
+def test_equal_bytes_selection_from_one_grid_alone_stops_the_build(built, tmp_path, monkeypatch):
+    """With call11's tuning files alone, its best at 6.25% is not the reported row (call12's): the
+    build stops rather than report a row the selection did not choose."""
+    generator, _, _ = built
+    sources = dict(generator.SOURCES)
+    sources["equal_bytes_rdkv"] = [entry for entry in sources["equal_bytes_rdkv"] if "call12/tune_" not in entry]
+    monkeypatch.setattr(generator, "SOURCES", sources)
+    with pytest.raises(ValueError, match="not the best tuning setting"):
+        generator.build(tmp_path)
+
+
+def test_equal_bytes_goal_is_checked(built, tmp_path, monkeypatch):
+    """The text says the +0.5% goal at 25% is missed: saying it is met stops the build."""
+    generator, _, _ = built
+    monkeypatch.setattr(generator, "RDKV_GOALS_MET", (True,) + generator.RDKV_GOALS_MET[1:])
+    with pytest.raises(ValueError, match="the text says met"):
+        generator.build(tmp_path)
+
+
 def test_equal_bytes_claims_are_checked(built, tmp_path, monkeypatch):
     """The text's win / loss per target is checked against the paired intervals: claiming another
     outcome stops the build."""
@@ -165,3 +214,33 @@ def test_rdkv_defaults_check_compares_every_named_setting(built):
                         ("prior", "8")):
         with pytest.raises(ValueError, match=name):
             generator.check_rdkv_defaults(dict(setting, **{name: other}), defaults)
+    # recent_tokens equal to the window is the default None; another width is not
+    generator.check_rdkv_defaults(dict(setting, recent_tokens=defaults["window_size"]), defaults)
+    with pytest.raises(ValueError, match="recent_tokens"):
+        generator.check_rdkv_defaults(dict(setting, recent_tokens="64"), defaults)
+    with pytest.raises(ValueError, match="accumulated"):
+        generator.check_rdkv_defaults(dict(setting, accumulated="1"), defaults)
+
+
+def _row(path: str, method: str, target: float) -> dict:
+    payload = json.loads((REPO / EQUAL_BYTES / path).read_text())
+    (row,) = [r for r in payload["rows"] if r["method"] == method and r["target"] == target]
+    return dict(row, commit=payload["environment"]["git_commit"])
+
+
+def test_rdkv_selected_setting_ran_at_todays_defaults(built):
+    """The text calls the 25% setting RDKVPress's defaults: every field as it ran, named or its
+    commit's default, must be today's, accumulated=0.5 among them. call11's 'rdkv[]' ran at its
+    commit's defaults (accumulated 0) and fails; so does the selected row against a default of 0."""
+    generator, _, _ = built
+    defaults = generator.rdkv_defaults(REPO)
+    assert float(defaults["accumulated"]) == 0.5
+    selected = _row("call11/selected_0.25.json", "rdkv[accumulated=0.5 recent_tokens=16 evict_weight=4]", 0.25)
+    generator.check_ran_at_defaults(selected, REPO, defaults)
+    with pytest.raises(ValueError, match="accumulated"):
+        generator.check_ran_at_defaults(selected, REPO, dict(defaults, accumulated="0.0"))
+    with pytest.raises(ValueError, match="accumulated"):
+        generator.check_ran_at_defaults(_row("call11/tune_reference.json", "rdkv[]", 0.25), REPO, defaults)
+    with pytest.raises(ValueError, match="H2O keeps tokens first"):
+        generator.check_ran_at_defaults(_row("call11/selected_0.125.json", "rdkv[after_h2o=0.75 evict_weight=16]", 0.125),
+                                        REPO, defaults)
