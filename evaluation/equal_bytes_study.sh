@@ -31,10 +31,11 @@ context_run() { "$python" evaluation/equal_bytes.py "${model_args[@]}" "${contex
 context_run --part uniform --output "$out/uniform.json"
 context_run --part eviction --output "$out/eviction.json"
 context_run --part composites --output "$out/composites.json"
-# target: setting (the pooled best of call11 and call12 on SmolLM2's windows 32-39)
+# target: setting (the pooled best of call11 and call12 on SmolLM2's windows 32-39; the two compositions
+# ran before accumulated=0.5 became the default, so they name accumulated=0)
 context_run --part rdkv --targets 0.25 --rdkv "accumulated=0.5" --output "$out/rdkv_0.25.json"
-context_run --part rdkv --targets 0.125 --rdkv "after_h2o=0.75 evict_weight=16" --output "$out/rdkv_0.125.json"
-context_run --part rdkv --targets 0.0625 --rdkv "after_h2o=0.3 evict_weight=16" --output "$out/rdkv_0.0625.json"
+context_run --part rdkv --targets 0.125 --rdkv "after_h2o=0.75 evict_weight=16 accumulated=0" --output "$out/rdkv_0.125.json"
+context_run --part rdkv --targets 0.0625 --rdkv "after_h2o=0.3 evict_weight=16 accumulated=0" --output "$out/rdkv_0.0625.json"
 "$python" evaluation/equal_bytes_report.py "$out"/uniform.json "$out"/eviction.json "$out"/composites.json \
   "$out"/rdkv_*.json --output "$out/equal_bytes" > "$out/table.md"
 
