@@ -849,22 +849,34 @@ def rdkv_defaults(root: Path) -> dict[str, str]:
     return _rdkv_defaults_of(_path("presses/rdkv_press.py", root).read_text(), "presses/rdkv_press.py")
 
 
-_DEFAULTS_AT: dict[tuple[str, str], dict[str, str]] = {}
+DEFAULTS_AT = Path(__file__).resolve().parent / "rdkv_defaults_at.json"
 
 
 def rdkv_defaults_at(commit: str, root: Path) -> dict[str, str]:
-    """RDKVPress's defaults at a commit (git show of presses/rdkv_press.py there): what a run at
-    that commit used for every setting it does not name."""
+    """RDKVPress's defaults at a commit, what a run there used for every setting it does not name:
+    from paper/rdkv_defaults_at.json, recorded from the git history (``--record_rdkv_defaults``) and
+    committed, so the paper builds from a checkout without history."""
+    recorded = json.loads(DEFAULTS_AT.read_text()) if DEFAULTS_AT.exists() else {}
+    if commit not in recorded:
+        raise ValueError(f"RDKVPress's defaults at {commit} are not recorded in {DEFAULTS_AT.name}: "
+                         f"run python paper/make_figures.py --record_rdkv_defaults {commit} (needs the git history)")
+    return recorded[commit]
+
+
+def record_rdkv_defaults(commits: list[str], root: Path) -> None:
+    """Add RDKVPress's defaults at each commit (git show of presses/rdkv_press.py there) to DEFAULTS_AT."""
     import subprocess
 
-    key = (str(root), commit)
-    if key not in _DEFAULTS_AT:
+    recorded = json.loads(DEFAULTS_AT.read_text()) if DEFAULTS_AT.exists() else {}
+    for commit in commits:
         shown = subprocess.run(["git", "-C", str(root), "show", f"{commit}:presses/rdkv_press.py"],
                                capture_output=True, text=True)
         if shown.returncode != 0:
             raise ValueError(f"cannot read presses/rdkv_press.py at commit {commit} (git): {shown.stderr.strip()}")
-        _DEFAULTS_AT[key] = _rdkv_defaults_of(shown.stdout, f"presses/rdkv_press.py at {commit}")
-    return _DEFAULTS_AT[key]
+        recorded[commit] = _rdkv_defaults_of(shown.stdout, f"presses/rdkv_press.py at {commit}")
+    temporary = DEFAULTS_AT.with_suffix(".tmp")
+    temporary.write_text(json.dumps(recorded, indent=1, sort_keys=True) + "\n")
+    temporary.replace(DEFAULTS_AT)
 
 
 def rdkv_run_setting(row: dict, root: Path, defaults: dict[str, str]) -> dict[str, str]:
@@ -1264,7 +1276,12 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", type=Path, default=Path(__file__).resolve().parent / "build" / "generated")
     parser.add_argument("--root", type=Path, default=REPO, help="repository root the SOURCES paths are relative to")
+    parser.add_argument("--record_rdkv_defaults", nargs="+", metavar="COMMIT",
+                        help="record RDKVPress's defaults at these commits (from git) in paper/rdkv_defaults_at.json, then stop")
     args = parser.parse_args(argv)
+    if args.record_rdkv_defaults:
+        record_rdkv_defaults(args.record_rdkv_defaults, args.root)
+        return
     values = build(args.output, args.root)
     print(f"wrote {len(values)} numbers, 4 tables and 3 figures to {args.output}")
 
