@@ -16,11 +16,23 @@ chunks, one program per (sequence, head, new token, chunk), enough programs to f
 
 The visibility rule is the caller's boolean mask ``visible`` (batch, new, slots), as for the other
 back ends: padding in front of a shorter sequence, slots not yet written and (decoding/ring_cache.py)
-stale ring slots are False. The mask is read first and used as the mask of the key and value loads,
-so a slot nobody sees is never read from memory, and its score is -inf. A chunk that sees nothing
-has m = -inf and weighs exp(-inf) = 0 in the merge; every new token sees at least itself, so M is
-finite. The grid is fixed by the tensors' shapes alone (the buffer's slots, not the lengths in it),
-so the op makes no host sync and one CUDA graph serves every step.
+stale ring slots are False. The key and value loads are masked by the chunk's bounds only, not by
+``visible``: a load masked by the mask's load waits for it, which keeps Triton from issuing the next
+iterations' loads ahead (software pipelining). That is the likely reason one program over 2000 slots
+read at 0.1 TB/s, latency-bound, on the first H200 call (results/pythia-2.8b_random_split_kv_h200/);
+not yet measured since this change. So slots nobody sees are read too, and whatever they
+hold (the buffers are zeroed, but a caller's need not be: NaN, inf) must count for exactly nothing:
+their score is set to -inf, and their values to 0 before the weighted sum (weight 0 times inf or
+NaN would be NaN). A chunk that sees nothing has m = -inf and weighs exp(-inf) = 0 in the merge;
+every new token sees at least itself, so M is finite. The grid is fixed by the tensors' shapes alone
+(the buffer's slots, not the lengths in it), so the op makes no host sync and one CUDA graph serves
+every step.
+
+The partial kernel's launch is a ``KernelConfig``: slots per loop iteration (``block``), warps,
+pipeline stages, and optionally the chunk count (else ``split_plan``'s). ``DEFAULT_CONFIG`` is what
+the op runs when its arguments leave them out; evaluation/split_kv_speed.py sweeps them on a GPU and
+names the best per shape, which a run passes as the op's arguments or, for a whole decode step,
+by replacing ``DEFAULT_CONFIG`` (evaluation/speed_frontier.py's ``--split_kv_config``).
 
 Head dims that are not a power of two (Pythia's 80) are padded to the next one (128) in registers,
 the padding masked off in every load and store. Several new tokens (a speculative verify pass) get
@@ -31,25 +43,63 @@ Wrapped as a torch.library custom op with a fake (shape-only) implementation, so
 interpreter (TRITON_INTERPRET=1 set before triton is imported: tests/conftest.py).
 """
 
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
 
-BLOCK_SLOTS = 32  # slots per loop iteration of a program (a chunk is a whole number of these)
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """How the partial kernel is launched. Written BLOCKxWARPSxSTAGES[xCHUNKS], e.g. 64x4x3."""
+
+    block: int  # slots per loop iteration of a program, a power of two (a tile is block x padded head dim)
+    warps: int  # the program's num_warps
+    stages: int  # num_stages: the depth of Triton's software pipeline over the loop (1: none)
+    chunks: int | None = None  # the slots split into this many chunks; None: split_plan's
+
+    def __post_init__(self):
+        if self.block < 1 or self.block & (self.block - 1):
+            raise ValueError(f"block {self.block}: a power of two (tl.arange's length)")
+        if min(self.warps, self.stages) < 1 or (self.chunks is not None and self.chunks < 1):
+            raise ValueError(f"{self}: warps, stages and chunks are positive")
+
+    def __str__(self) -> str:
+        return "x".join(str(value) for value in dataclasses.astuple(self) if value is not None)
+
+
+def parse_config(text: str) -> KernelConfig:
+    parts = text.split("x")
+    if len(parts) not in (3, 4) or not all(part.isdigit() for part in parts):
+        raise ValueError(f"bad split_kv config {text!r}: BLOCKxWARPSxSTAGES[xCHUNKS], e.g. 64x4x3")
+    return KernelConfig(*(int(part) for part in parts))
+
+
+# A guess, not measured: 64 slots per iteration (20 KB of fp16 keys and values at head dim 80), 4
+# warps, a pipeline 3 deep. evaluation/split_kv_speed.py's sweep measures the alternatives.
+DEFAULT_CONFIG = KernelConfig(block=64, warps=4, stages=3)
 PROGRAMS_PER_MULTIPROCESSOR = 8  # enough resident programs per SM to keep its memory requests in flight
 # The interpreter runs one program at a time, so any count is as fast there; this one splits the
 # tests' short caches into a few chunks, as a GPU splits long ones.
 INTERPRETER_MULTIPROCESSORS = 2
 
 
-def split_plan(rows: int, slots: int, multiprocessors: int) -> tuple[int, int]:
+def split_plan(rows: int, slots: int, multiprocessors: int, block: int) -> tuple[int, int]:
     """(slots per chunk, chunks) for ``rows`` (batch x heads x new tokens) queries over ``slots``:
     enough chunks that rows x chunks programs give every multiprocessor
-    PROGRAMS_PER_MULTIPROCESSOR of them, each chunk at least one block of BLOCK_SLOTS."""
-    blocks = triton.cdiv(slots, BLOCK_SLOTS)
+    PROGRAMS_PER_MULTIPROCESSOR of them, each chunk a whole number of loop iterations of ``block``."""
+    blocks = triton.cdiv(slots, block)
     wanted = max(1, min(blocks, triton.cdiv(PROGRAMS_PER_MULTIPROCESSOR * multiprocessors, rows)))
-    chunk = BLOCK_SLOTS * triton.cdiv(blocks, wanted)
+    chunk = block * triton.cdiv(blocks, wanted)
     return chunk, triton.cdiv(slots, chunk)
+
+
+def launch_plan(rows: int, slots: int, device: torch.device, config: KernelConfig) -> tuple[int, int]:
+    """(slots per chunk, chunks) the op runs with: the config's chunk count, else split_plan's."""
+    if config.chunks is None:
+        return split_plan(rows, slots, multiprocessors(device), config.block)
+    return triton.cdiv(slots, config.chunks), config.chunks
 
 
 def multiprocessors(device: torch.device) -> int:
@@ -58,7 +108,10 @@ def multiprocessors(device: torch.device) -> int:
     return INTERPRETER_MULTIPROCESSORS
 
 
-@triton.jit
+# Not specialized on the chunking (Triton would compile apart chunk sizes divisible by 16 or not, and
+# one chunk), so a launch config compiles once for every chunk count the GPU sweep tries: their
+# divisibility would tell only of store indices and of slot offsets that k_s's already aligns.
+@triton.jit(do_not_specialize=["chunk", "chunks"])
 def split_kv_attention_partial(
     query, keys, values, visible, partial_acc, partial_max, partial_sum, scale,
     heads, new, slots, chunk, chunks,
@@ -83,18 +136,23 @@ def split_kv_attention_partial(
     end = tl.minimum(start + chunk, slots)
     for first in range(start, end, BLOCK):
         slot = first + tl.arange(0, BLOCK)
-        seen = tl.load(mask_row + slot * m_s, mask=slot < end, other=0) != 0
-        tile = seen[:, None] & in_dim[None, :]
-        # both loads issued before the scores need the keys: the block's bytes in flight together
+        in_chunk = slot < end
+        # Bounds only, not the visibility mask: these loads need no earlier load's result, so the
+        # pipeline can issue the next iterations' ahead of this one's arithmetic.
+        tile = in_chunk[:, None] & in_dim[None, :]
         k = tl.load(key_rows + slot[:, None] * k_s + dims[None, :] * k_d, mask=tile, other=0.0)
         v = tl.load(value_rows + slot[:, None] * v_s + dims[None, :] * v_d, mask=tile, other=0.0)
+        seen = tl.load(mask_row + slot * m_s, mask=in_chunk, other=0) != 0
+        # a select, not arithmetic: an unseen slot's score is -inf even where its keys are NaN or inf
         score = tl.where(seen, tl.sum(k.to(tl.float32) * q[None, :], axis=1), float("-inf"))
         new_largest = tl.maximum(largest, tl.max(score, axis=0))
         # Nothing seen yet: shift by 0, so exp(-inf - 0) = 0 rather than exp(-inf + inf) = nan.
         shift = tl.where(new_largest == float("-inf"), 0.0, new_largest)
         weight = tl.exp(score - shift)
         rescale = tl.exp(largest - shift)
-        acc = acc * rescale + tl.sum(weight[:, None] * v.to(tl.float32), axis=0)
+        # An unseen slot's weight is 0, but 0 times a NaN or inf value is NaN: its values are zeroed.
+        v = tl.where(seen[:, None], v.to(tl.float32), 0.0)
+        acc = acc * rescale + tl.sum(weight[:, None] * v, axis=0)
         total = total * rescale + tl.sum(weight, axis=0)
         largest = new_largest
     part = row * chunks + split
@@ -122,17 +180,17 @@ def split_kv_attention_combine(partial_acc, partial_max, partial_sum, output, ch
 
 @torch.library.custom_op("kvpress_neox::split_kv_attention", mutates_args=())
 def split_kv_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor,
-                       scale: float, chunks: int | None = None) -> torch.Tensor:
+                       scale: float, chunks: int | None = None, block: int | None = None, warps: int | None = None,
+                       stages: int | None = None) -> torch.Tensor:
     """Attention of ``query`` (batch, heads, new, dim) over ``keys`` and ``values`` (batch, heads,
     slots, dim) where ``visible`` (batch, new, slots) is True; returns (batch, heads, new, dim),
-    contiguous, in the query's dtype. ``chunks``: how many chunks the slots are split into
-    (default: ``split_plan``'s, from the shapes and the GPU's multiprocessor count)."""
+    contiguous, in the query's dtype. ``chunks``, ``block``, ``warps``, ``stages``: the partial
+    kernel's ``KernelConfig``, each left out taken from ``DEFAULT_CONFIG`` (read at every call)."""
     batch, heads, new, dim = query.shape
     slots, rows = keys.shape[2], batch * heads * new
-    if chunks is None:
-        chunk, chunks = split_plan(rows, slots, multiprocessors(query.device))
-    else:
-        chunk = triton.cdiv(slots, chunks)
+    given = {"chunks": chunks, "block": block, "warps": warps, "stages": stages}
+    config = dataclasses.replace(DEFAULT_CONFIG, **{name: value for name, value in given.items() if value is not None})
+    chunk, chunks = launch_plan(rows, slots, query.device, config)
     partial_acc = query.new_empty((rows, chunks, dim), dtype=torch.float32)
     partial_max = query.new_empty((rows, chunks), dtype=torch.float32)
     partial_sum = torch.empty_like(partial_max)
@@ -141,12 +199,12 @@ def split_kv_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Te
     split_kv_attention_partial[(rows, chunks)](
         query, keys, values, visible, partial_acc, partial_max, partial_sum, scale,
         heads, new, slots, chunk, chunks, *query.stride(), *keys.stride(), *values.stride(), *visible.stride(),
-        DIM=dim, BLOCK_DIM=block_dim, BLOCK=BLOCK_SLOTS)
+        DIM=dim, BLOCK_DIM=block_dim, BLOCK=config.block, num_warps=config.warps, num_stages=config.stages)
     split_kv_attention_combine[(rows,)](partial_acc, partial_max, partial_sum, output, chunks,
                                         DIM=dim, BLOCK_DIM=block_dim, BLOCK_CHUNKS=triton.next_power_of_2(chunks))
     return output
 
 
 @split_kv_attention.register_fake
-def _(query, keys, values, visible, scale, chunks=None):
+def _(query, keys, values, visible, scale, chunks=None, block=None, warps=None, stages=None):
     return query.new_empty(query.shape)

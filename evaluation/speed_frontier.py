@@ -17,10 +17,12 @@ evaluation/speed.py's ``measure``, over ceilings measured once at the start (eva
 the floor's weights at their quantized bytes; ``tpot_over_fp16_floor`` holds TPOT against the floor
 of fp16 weights. ``--backend``: the decode step's attention in every cell (``split_kv``: the Triton
 split-KV kernel, decoding/split_kv_attention.py); the references keep their own attention, so the
-check covers it. Greedy tokens: the first ``--check_tokens`` of the last timed run against a
-reference on the same weights, uncompiled: the kvpress loop (decoding/reference.py) for plain cells
-and for folded fp16 ones (whose weights differ from the model's by rounding only), the folded step
-for folded quantized ones (the loop has no folded matrix). Where they part, the reference's gap
+check covers it. ``--split_kv_config BLOCKxWARPSxSTAGES[xCHUNKS]``: the kernel's launch in the step
+(default: its ``DEFAULT_CONFIG``), e.g. the best of evaluation/split_kv_speed.py's sweep. Greedy
+tokens: the first ``--check_tokens`` of the last timed run against a reference on the same weights,
+uncompiled: the kvpress loop (decoding/reference.py) for plain cells and for folded fp16 ones
+(whose weights differ from the model's by rounding only), the folded step for folded quantized
+ones (the loop has no folded matrix). Where they part, the reference's gap
 between its two best logits there (near 0: a tie that rounding decides, as in
 evaluation/check_decoders.py). A cell that fails (a library that does not run here, out of
 memory) records its error and the next runs; past ``--time_limit_s`` the rest are recorded as
@@ -156,6 +158,7 @@ def parse_args(argv=None):
     parser.add_argument("--batch_size", type=int, default=1)
     parser.add_argument("--backend", default="sdpa", choices=neox_decode.ATTENTION_BACKENDS,
                         help="the decode step's attention in every cell (decoding/neox_decode.py)")
+    parser.add_argument("--split_kv_config", help="BLOCKxWARPSxSTAGES[xCHUNKS] of --backend split_kv")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--check_tokens", type=int, default=64, help="greedy tokens checked against the reference")
     parser.add_argument("--time_limit_s", type=float, default=float("inf"),
@@ -165,12 +168,30 @@ def parse_args(argv=None):
     with cli.one_line_errors(ValueError):  # a bad cell or press: one line, before the weights load
         args.parsed_cells = [parse_cell(text) for text in args.cells]
         make_press(args.press, args.compression_ratio) if args.press else None
+        if args.split_kv_config:
+            if args.backend != "split_kv":
+                raise ValueError(f"--split_kv_config is for --backend split_kv, not {args.backend}")
+            # Imported here: it needs Triton, which an sdpa run does not.
+            from decoding.split_kv_attention import parse_config
+            args.split_kv_config = parse_config(args.split_kv_config)
     return args
+
+
+def split_kv_config(args):
+    """The split_kv kernel's launch for the whole run: ``--split_kv_config`` replaces the op's
+    default (read at every call), else the default stays. None for another back end."""
+    if args.backend != "split_kv":
+        return None
+    from decoding import split_kv_attention
+    if args.split_kv_config:
+        split_kv_attention.DEFAULT_CONFIG = args.split_kv_config
+    return split_kv_attention.DEFAULT_CONFIG
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     started = time.monotonic()
+    kernel_config = split_kv_config(args)
     with cli.one_line_errors():
         loaded = cli.load(args)
     model = loaded.model
@@ -193,7 +214,8 @@ def main(argv=None) -> None:
         write_json_atomic(args.output, cli.result_header(
             args, loaded, press=args.press, compression_ratio=args.compression_ratio if args.press else 0.0,
             batch_size=args.batch_size, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
-            backend=args.backend, repeats=args.repeats, ceilings=ceilings.to_json()) | {"rows": rows})
+            backend=args.backend, split_kv_config=None if kernel_config is None else str(kernel_config),
+            repeats=args.repeats, ceilings=ceilings.to_json()) | {"rows": rows})
     cli.print_summary(args, loaded, rows, COLUMNS, args.output,
                       f"copy {ceilings.bandwidth / 1e12:.3f} TB/s ({ceilings.source})")
 

@@ -1,5 +1,6 @@
 """One layer's decode attention on the GPU: the split_kv kernel (decoding/split_kv_attention.py)
-against SDPA as the decode step calls it, each against the bytes it must read.
+against SDPA as the decode step calls it, each against the bytes it must read, and a sweep of the
+kernel's launch (``KernelConfig``) that names the fastest per shape.
 
   python evaluation/split_kv_speed.py --shapes 1x32x80x2000 64x32x80x2000 --output results/tmp/split_kv.json
 
@@ -10,29 +11,44 @@ least 2, at most 32): a decode step reads each layer's cache once, so no layer m
 L2 cache from the previous call. Each back end runs once over every layer inside one CUDA graph,
 replayed ``--replays`` times and timed by CUDA events: the time per layer, graph launch gaps
 included as in the step. SDPA is neox_decode.attend compiled (fullgraph), so the boolean mask
-goes through what inductor makes of it in the step; split_kv runs with the chunks
-``split_plan`` picks (``chunks`` null in the rows) and with each of ``--chunks``. The floor: the
-layer's bytes (keys, values, query and output, as evaluation/roofline.py counts attention) over
-the copy bandwidth measured in the same process (evaluation/ceilings.py). Each row also has the
-largest difference of its output from SDPA's on the first layer. A shape that fails records its
-error and the next runs; the JSON is rewritten after every shape.
+goes through what inductor makes of it in the step. split_kv runs every configuration of the grid
+``--blocks`` x ``--warps`` x ``--stages`` x chunk counts (``split_plan``'s, ``chunks`` null in the
+rows, and each of ``--chunks``): by default 3 x 3 x 4 x 3 = 108 per shape, each (block, warps,
+stages) compiled once; a minute or two on an H200 for the three shapes, an estimate, never timed.
+The floor: the layer's bytes (keys, values, query and output, as evaluation/roofline.py counts
+attention) over the copy bandwidth measured in the same process (evaluation/ceilings.py). Each row
+also has the largest difference of its output from SDPA's on the first layer.
+
+``best`` in the JSON: per shape, the fastest configuration whose output is within ``AGREEMENT`` of
+SDPA's, with its time against the floor and against SDPA's; its ``config`` (BLOCKxWARPSxSTAGES,
+then xCHUNKS where a chunk count beat split_plan's) is what evaluation/speed_frontier.py's
+``--split_kv_config`` takes. A configuration that fails (one that does not fit the shared memory)
+records its error; a shape that fails to set up records its error and the next runs; past
+``--time_limit_s`` the rest of the shapes are recorded as skipped (the first shape is the one the
+decode step runs). The JSON is rewritten after every row.
 """
 
+import math
 import sys
+import time
 from pathlib import Path
 
 import torch
 import triton
 
 from decoding import neox_decode
-from decoding.split_kv_attention import multiprocessors, split_kv_attention, split_plan
+from decoding.split_kv_attention import KernelConfig, launch_plan, multiprocessors, split_kv_attention
 from evaluation import cli
 from evaluation.ceilings import machine_ceilings
 from evaluation.results import environment, table, write_json_atomic
 
 L2_SPAN = 512 * 2**20  # bytes of keys and values cycled through: ten times an H200's L2 cache
-COLUMNS = ["shape", "backend", "chunks", "layers", "us_per_layer", "floor_us", "over_floor", "tb_per_s",
-           "max_abs_difference", "error"]
+COLUMNS = ["shape", "backend", "config", "chunks_run", "layers", "us_per_layer", "floor_us", "over_floor",
+           "tb_per_s", "max_abs_difference", "error"]
+# fp16 outputs agreed with SDPA's to 1.2e-4 on the first H200 call; a configuration off by more
+# than this computes something else, however fast
+AGREEMENT = 1e-2
+SHOWN = 10  # the fastest configurations printed per shape (the JSON has them all)
 
 
 def parse_shape(text: str) -> tuple[int, int, int, int]:
@@ -65,7 +81,9 @@ def graph_us(run, replays: int) -> float:
     return 1e3 * start.elapsed_time(end) / replays
 
 
-def measure_shape(text: str, chunk_counts: list[int], replays: int, bandwidth: float) -> list[dict]:
+def measure_shape(text: str, configs: list[KernelConfig], replays: int, bandwidth: float, deadline: float):
+    """The shape's rows, SDPA's first, then one per configuration, yielded as each is measured;
+    past ``deadline`` (time.monotonic) a last row says how many were left unmeasured."""
     batch, heads, dim, cache = parse_shape(text)
     layer_bytes = 2 * (2 * batch * heads * cache * dim + 2 * batch * heads * dim)  # fp16
     layers = max(2, min(32, triton.cdiv(L2_SPAN, layer_bytes)))
@@ -78,56 +96,101 @@ def measure_shape(text: str, chunk_counts: list[int], replays: int, bandwidth: f
     sdpa = torch.compile(lambda keys, values: neox_decode.attend(query, keys, values, visible, scale, "sdpa"),
                          fullgraph=True)
     expected = sdpa(*caches[0])
-    _, planned = split_plan(batch * heads, cache, multiprocessors(query.device))
     floor_us = 1e6 * layer_bytes / bandwidth
-    rows = []
-    for backend, chunks in [("sdpa", None), ("split_kv", None)] + [("split_kv", count) for count in chunk_counts]:
+    runs = [("sdpa", None)] + [("split_kv", config) for config in configs]
+    for done, (backend, config) in enumerate(runs):
+        if time.monotonic() > deadline:
+            yield {"shape": text, "error": f"skipped: past --time_limit_s, {len(runs) - done} of {len(runs)} "
+                                           "runs left unmeasured"}
+            return
         row = {"shape": text, "batch": batch, "heads": heads, "head_dim": dim, "cache_tokens": cache,
-               "layers": layers, "backend": backend, "chunks": chunks,
-               "planned_chunks": planned if backend == "split_kv" and chunks is None else None,
-               "bytes": layer_bytes, "floor_us": floor_us}
+               "layers": layers, "backend": backend, "bytes": layer_bytes, "floor_us": floor_us}
         if backend == "sdpa":
             attend = sdpa
         else:
-            def attend(keys, values, chunks=chunks):
-                return split_kv_attention(query, keys, values, visible, scale, chunks)
+            row |= {"config": str(config), "block": config.block, "warps": config.warps, "stages": config.stages,
+                    "chunks": config.chunks, "chunks_run": launch_plan(batch * heads, cache, query.device, config)[1]}
+
+            def attend(keys, values, config=config):
+                return split_kv_attention(query, keys, values, visible, scale, config.chunks, config.block,
+                                          config.warps, config.stages)
         try:
             us = graph_us(lambda: [attend(keys, values) for keys, values in caches], replays) / layers
             difference = (attend(*caches[0]).float() - expected.float()).abs().max().item()
             row |= {"us_per_layer": us, "over_floor": us / floor_us, "tb_per_s": layer_bytes / us / 1e6,
                     "max_abs_difference": difference}
-        except Exception as error:  # noqa: BLE001 -- one back end's failure is its result, the next runs
+        except Exception as error:  # noqa: BLE001 -- one configuration's failure is its result, the next runs
             row["error"] = f"{type(error).__name__}: {error}"[:2000]
-        rows.append(row)
-    return rows
+        yield row
+
+
+def best_configs(rows: list[dict]) -> dict:
+    """Per shape, the fastest split_kv row whose output agrees with SDPA's, against SDPA's time."""
+    sdpa = {row["shape"]: row["us_per_layer"] for row in rows if row.get("backend") == "sdpa" and "us_per_layer" in row}
+    best = {}
+    for row in rows:
+        # written "not <=" so that a NaN difference counts as disagreeing
+        if row.get("backend") != "split_kv" or "us_per_layer" not in row or not row["max_abs_difference"] <= AGREEMENT:
+            continue
+        if row["shape"] not in best or row["us_per_layer"] < best[row["shape"]]["us_per_layer"]:
+            best[row["shape"]] = row
+    keys = ("config", "block", "warps", "stages", "chunks", "chunks_run", "us_per_layer", "over_floor", "tb_per_s",
+            "max_abs_difference")
+    return {shape: {key: row[key] for key in keys} | {
+        "sdpa_us_per_layer": sdpa.get(shape),
+        "over_sdpa": row["us_per_layer"] / sdpa[shape] if shape in sdpa else None} for shape, row in best.items()}
+
+
+def shown(rows: list[dict]) -> list[dict]:
+    """What the terminal gets of a shape: SDPA, the SHOWN fastest configurations, and the errors."""
+    timed = sorted((row for row in rows if row.get("backend") == "split_kv" and "us_per_layer" in row),
+                   key=lambda row: row["us_per_layer"])
+    return [row for row in rows if row.get("backend") == "sdpa"] + timed[:SHOWN] + [
+        row for row in rows if "error" in row and row.get("backend") != "sdpa"]
 
 
 def main(argv=None) -> None:
     parser = cli.Parser(__file__, __doc__)
     parser.add_argument("--shapes", nargs="+", default=["1x32x80x2000", "1x32x80x8000", "64x32x80x2000"])
-    parser.add_argument("--chunks", type=int, nargs="*", default=[1, 4, 8, 16, 32, 64],
+    parser.add_argument("--blocks", type=int, nargs="+", default=[32, 64, 128], help="slots per loop iteration")
+    parser.add_argument("--warps", type=int, nargs="+", default=[2, 4, 8])
+    parser.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3, 4])
+    parser.add_argument("--chunks", type=int, nargs="*", default=[16, 64],
                         help="chunk counts tried beside split_plan's")
     parser.add_argument("--replays", type=int, default=20)
+    parser.add_argument("--time_limit_s", type=float, default=math.inf,
+                        help="measure nothing past this many seconds (the rest recorded as skipped)")
     parser.add_argument("--output", type=Path, default=Path("results/split_kv_speed.json"))
     args = parser.parse_args(argv)
     with cli.one_line_errors(ValueError):
         for text in args.shapes:
             parse_shape(text)
+        configs = [KernelConfig(block, warps, stages, chunks) for block in args.blocks for warps in args.warps
+                   for stages in args.stages for chunks in [None, *args.chunks]]
     if not torch.cuda.is_available():
         cli.fail("the kernels are timed on a CUDA device")
+    deadline = time.monotonic() + args.time_limit_s
     ceilings = machine_ceilings("cuda")
     header = {"command": args.command, "dtype": "float16", "triton": triton.__version__,
-              "multiprocessors": multiprocessors(torch.device("cuda")), "ceilings": ceilings.to_json(),
-              "environment": environment("cuda")}
+              "multiprocessors": multiprocessors(torch.device("cuda")), "agreement": AGREEMENT,
+              "ceilings": ceilings.to_json(), "environment": environment("cuda")}
     rows = []
     for text in args.shapes:
+        if time.monotonic() > deadline:  # not even set up: its SDPA compile alone takes seconds
+            rows.append({"shape": text, "error": "skipped: past --time_limit_s"})
+            continue
         try:
-            rows += measure_shape(text, args.chunks, args.replays, ceilings.bandwidth)
+            for row in measure_shape(text, configs, args.replays, ceilings.bandwidth, deadline):
+                rows.append(row)
+                write_json_atomic(args.output, header | {"best": best_configs(rows), "rows": rows})
         except Exception as error:  # noqa: BLE001 -- a shape that fails to set up (memory) is its result
             rows.append({"shape": text, "error": f"{type(error).__name__}: {error}"[:2000]})
-        print(table([row for row in rows if row["shape"] == text], COLUMNS), file=sys.stderr, flush=True)
+        print(table(shown([row for row in rows if row["shape"] == text]), COLUMNS), file=sys.stderr, flush=True)
         torch.cuda.empty_cache()
-        write_json_atomic(args.output, header | {"rows": rows})
+        write_json_atomic(args.output, header | {"best": best_configs(rows), "rows": rows})
+    for shape, best in best_configs(rows).items():
+        print(f"{shape}: best {best['config']}, {best['us_per_layer']:.1f} us per layer "
+              f"({best['over_floor']:.2f}x its floor, {best['over_sdpa'] or math.nan:.2f}x SDPA's)")
     print(f"copy {ceilings.bandwidth / 1e12:.3f} TB/s; wrote {args.output}")
 
 

@@ -43,6 +43,32 @@ def test_the_split_kv_back_end_decodes_the_references_tokens():
     assert [(row["decode_attention"], row["identical"]) for row in rows] == [("split_kv", True)]
 
 
+def test_the_split_kv_config_is_the_steps_kernel_launch(monkeypatch):
+    from decoding import split_kv_attention
+
+    # the option replaces the module's default for the run: restored after the test
+    monkeypatch.setattr(split_kv_attention, "DEFAULT_CONFIG", split_kv_attention.DEFAULT_CONFIG)
+    model = build(tiny_neox_config(), attn_implementation="sdpa")
+    args = speed_frontier.parse_args(["--backend", "split_kv", "--split_kv_config", "128x8x2x3", "--new_tokens", "5",
+                                      "--repeats", "1", "--check_tokens", "5"])
+    assert str(speed_frontier.split_kv_config(args)) == "128x8x2x3"
+    assert split_kv_attention.DEFAULT_CONFIG == split_kv_attention.KernelConfig(128, 8, 2, 3)
+    prompt = torch.randint(2, 1000, (1, 90), generator=torch.Generator().manual_seed(3))
+    rows = []
+    speed_frontier.measure_cell(args, model, speed_frontier.parse_cell("plain:fp16"), prompt, [("dense", None)],
+                                ceilings.given(1e11, 1e12), rows)
+    assert [row["identical"] for row in rows] == [True]
+
+
+@pytest.mark.parametrize("options", [["--backend", "split_kv", "--split_kv_config", "64x4"],
+                                     ["--split_kv_config", "64x4x3"]])
+def test_a_bad_split_kv_config_is_one_line_before_loading(options, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        speed_frontier.parse_args(options)
+    assert exit_info.value.code == 2
+    assert "split_kv" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("cell", ["plain", "fused:fp16", "plain:int4_torchao"])
 def test_a_bad_cell_is_one_line_before_loading(cell, capsys):
     with pytest.raises(SystemExit) as exit_info:

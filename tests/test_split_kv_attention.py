@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from decoding import neox_decode, ring_cache
-from decoding.split_kv_attention import BLOCK_SLOTS, split_kv_attention, split_plan
+from decoding.split_kv_attention import KernelConfig, parse_config, split_kv_attention, split_plan
 from evaluation import split_kv_speed
 from presses import Settings, make_press, make_streaming_press
 from tests.conftest import build, tiny_neox_config
@@ -29,21 +29,51 @@ def random_qkv(batch: int, new: int, slots: int, dtype: torch.dtype, heads: int 
 
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+# (block, warps, stages) as the GPU sweep tries them (the interpreter ignores warps and stages); a
+# block of 128 is larger than the tests' caches, so one iteration covers a whole chunk, mostly masked
+CONFIGS = [(32, 2, 1), (64, 4, 3), (128, 8, 4)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("chunks", [None, 1, 3, 6])
-def test_equals_sdpa_for_sequences_of_different_lengths(dtype, chunks):
-    # 77 slots: no split of 3 or 6 chunks (nor a chunk of BLOCK_SLOTS) divides them. Row 0 sees
+@pytest.mark.parametrize("block, warps, stages", CONFIGS)
+def test_equals_sdpa_for_sequences_of_different_lengths(dtype, chunks, block, warps, stages):
+    # 77 slots: no split of 3 or 6 chunks (nor a chunk of any block) divides them. Row 0 sees
     # 60 slots, row 1 only its own new token (slot 60): a chunk of row 1 sees nothing.
     query, keys, values = random_qkv(2, 1, 77, dtype)
     visible = visible_mask([0, 60], [60], 77)
     expected = neox_decode.attend(query, keys, values, visible, 0.7, "sdpa")
-    attended = split_kv_attention(query, keys, values, visible, 0.7, chunks)
+    attended = split_kv_attention(query, keys, values, visible, 0.7, chunks, block, warps, stages)
     assert attended.dtype == dtype
     assert torch.allclose(attended.float(), expected.float(), atol=TOLERANCE[dtype], rtol=0)
     # the single visible token's value, exactly as SDPA gives it
     assert torch.allclose(attended[1, :, 0].float(), values[1, :, 60].float(), atol=TOLERANCE[dtype], rtol=0)
+
+
+@pytest.mark.parametrize("chunks", [None, 3])
+@pytest.mark.parametrize("block, warps, stages", CONFIGS)
+def test_garbage_in_slots_nobody_sees_changes_nothing(chunks, block, warps, stages):
+    # The kernel reads every slot of its chunk, seen or not; a buffer need not be zeroed. NaN and
+    # inf in unseen keys and values (row 0: slots past its last, in the block of its last seen
+    # one; row 1: the padding in front of it) must leave the output exactly as a clean buffer's.
+    query, keys, values = random_qkv(2, 1, 77, torch.float32)
+    visible = visible_mask([0, 60], [60], 77)
+    clean = split_kv_attention(query, keys, values, visible, 0.7, chunks, block, warps, stages)
+    dirty_keys, dirty_values = keys.clone(), values.clone()
+    dirty_keys[0, :, 62], dirty_values[0, :, 61] = float("nan"), float("nan")
+    dirty_keys[1, :, 5], dirty_values[1, :, 59] = float("inf"), float("inf")
+    dirty_values[1, :, 58] = float("-inf")
+    dirty = split_kv_attention(query, dirty_keys, dirty_values, visible, 0.7, chunks, block, warps, stages)
+    assert torch.equal(dirty, clean)
+    assert torch.allclose(clean, neox_decode.attend(query, keys, values, visible, 0.7, "sdpa"), atol=1e-5, rtol=0)
+
+
+def test_a_config_is_written_and_read_as_block_warps_stages_and_chunks():
+    assert parse_config("64x4x3") == KernelConfig(64, 4, 3)
+    assert str(parse_config("128x8x2x32")) == "128x8x2x32"
+    for bad in ["64x4", "48x4x3", "64x0x3", "64x4x3x"]:
+        with pytest.raises(ValueError):
+            parse_config(bad)
 
 
 def test_several_new_tokens_see_the_cache_and_the_tokens_before_them():
@@ -64,15 +94,17 @@ def test_strided_query_is_read_through_its_strides():
     assert torch.allclose(split_kv_attention(wide, keys, values, visible, 0.3, 2), expected, atol=1e-5, rtol=0)
 
 
-def test_split_plan_fills_the_h200_at_batch_1_and_splits_nothing_at_large_batches():
+@pytest.mark.parametrize("block", [32, 64, 128])
+def test_split_plan_fills_the_h200_at_batch_1_and_splits_nothing_at_large_batches(block):
     h200 = 132
     for rows, slots in [(32, 2256), (32, 8256), (32, 100), (2048, 2256)]:
-        chunk, chunks = split_plan(rows, slots, h200)
-        assert chunk % BLOCK_SLOTS == 0
+        chunk, chunks = split_plan(rows, slots, h200, block)
+        assert chunk % block == 0
         assert (chunks - 1) * chunk < slots <= chunks * chunk  # every slot in a chunk, no chunk empty
-    chunk, chunks = split_plan(32, 2256, h200)  # Pythia-2.8B's heads at batch 1 over a 2k cache
+    chunk, chunks = split_plan(32, 2256, h200, block)  # Pythia-2.8B's heads at batch 1 over a 2k cache
     assert 32 * chunks >= 4 * h200
-    assert split_plan(64 * 32, 2256, h200)[1] == 1  # batch 64: its 2048 (sequence, head) programs fill it already
+    # batch 64: its 2048 (sequence, head) programs fill it already
+    assert split_plan(64 * 32, 2256, h200, block)[1] == 1
 
 
 @pytest.fixture(scope="module")
@@ -126,3 +158,16 @@ def test_the_kernel_benchmark_refuses_a_bad_shape_in_one_line(capsys):
         split_kv_speed.main(["--shapes", "1x32x80"])
     assert exit_info.value.code == 2
     assert "BATCHxHEADSxDIMxCACHE" in capsys.readouterr().err
+
+
+def test_the_sweeps_best_is_the_fastest_configuration_that_agrees_with_sdpa():
+    def row(config, us, difference):
+        return {"shape": "1x32x80x2000", "backend": "split_kv", "config": config, "block": 64, "warps": 4,
+                "stages": 3, "chunks": None, "chunks_run": 32, "us_per_layer": us, "over_floor": us / 5,
+                "tb_per_s": 1.0, "max_abs_difference": difference}
+
+    rows = [{"shape": "1x32x80x2000", "backend": "sdpa", "us_per_layer": 15.0},
+            row("64x4x3", 12.0, 1e-4), row("128x8x4", 6.0, float("nan")), row("32x2x1", 9.0, 0.5),
+            {"shape": "1x32x80x2000", "backend": "split_kv", "config": "128x8x4x16", "error": "OutOfResources"}]
+    best = split_kv_speed.best_configs(rows)["1x32x80x2000"]
+    assert (best["config"], best["us_per_layer"], best["over_sdpa"]) == ("64x4x3", 12.0, 0.8)
