@@ -11,7 +11,7 @@
 # $OUT/equal_bytes.tgz, made on exit (also when cut short).
 # Same two calls as quality_sweep_smollm2.sh (the GGUF in two halves, evaluation/device/smollm2_sweep.sh):
 # Call 2 (carry .gguf_b .sweepdata): export KVPRESS_NEOX_COMMIT=<hash> PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-#                                    bash evaluation/device/equal_bytes_smollm2.sh [tune] [tune_baselines] [ablation] [budget50] [uniform] [eviction] [composites] [selected]
+#                                    bash evaluation/device/equal_bytes_smollm2.sh [tune] [tune_baselines] [ablation] [budget50] [pg19] [uniform] [eviction] [composites] [selected]
 sweep=equal_bytes program=evaluation/equal_bytes.py MAX_JOBS=${MAX_JOBS:-16}
 source evaluation/device/smollm2_sweep.sh
 tune="--first_window 32 --num_windows 8"  # windows 32-39: never reported
@@ -52,6 +52,22 @@ if [[ $parts == *" budget50 "* ]]; then  # the 50% budget: RD-KV's defaults and 
   run budget50_rdkv $report --part rdkv --targets 0.5 --rdkv ""
   run budget50_eviction $report --part eviction --targets 0.5
   run budget50_composites $report --part composites --targets 0.5 --composed_with h2o
+fi
+if [[ $parts == *" pg19 "* ]]; then
+  # A held-out text: both PG-19-style books, never tuned on, 16 windows each (the same protocol), the
+  # baselines and RD-KV at the settings chosen on WikiText-2's tuning windows (call11 + call12; the
+  # compositions ran at accumulated=0, named here since 0.5 became the default)
+  for book in 0 1; do
+    held="--dataset pg19 --sample_idx $book --first_window 0 --num_windows 16"
+    run pg19_book${book}_uniform $held --part uniform
+    run pg19_book${book}_eviction $held --part eviction
+    for target in 0.25 0.125 0.0625; do
+      run pg19_book${book}_composites_$target $held --part composites --targets $target --composed_with h2o
+    done
+    run pg19_book${book}_rdkv_0.25 $held --part rdkv --targets 0.25 --rdkv "accumulated=0.5"
+    run pg19_book${book}_rdkv_0.125 $held --part rdkv --targets 0.125 --rdkv "after_h2o=0.75 evict_weight=16 accumulated=0"
+    run pg19_book${book}_rdkv_0.0625 $held --part rdkv --targets 0.0625 --rdkv "after_h2o=0.3 evict_weight=16 accumulated=0"
+  done
 fi
 [[ $parts == *" uniform "* ]] && run uniform $report --part uniform
 [[ $parts == *" eviction "* ]] && run eviction $report --part eviction
