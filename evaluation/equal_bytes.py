@@ -7,11 +7,13 @@ as a fraction of the fp16 cache.
   python evaluation/equal_bytes.py ... --part rdkv --rdkv prior=8 "prior=1 bits=2,4" ...
   python evaluation/equal_bytes.py ... --part selected --select_from tune_rdkv.json
 
-Baselines: ``--part uniform`` quantizes every token (KIVI's layout, per-channel keys in groups of
-32 tokens and per-token values; and per-token keys after per-channel scales) at 2, 3, 4 and 8
-bits, at the bytes that makes; at each byte target, ``--part eviction``: eviction presses keeping
-that fraction of the tokens in fp16; ``--part composites``: SnapKV or H2O keeping as many tokens
-as fit the target (rounded up) then quantizing them to 2, 3, 4 or 8 bits in either layout. ``--part rdkv`` runs RD-KV at each target with each ``--rdkv`` setting;
+Baselines: ``--part uniform`` quantizes every token at 2, 3, 4 and 8 bits in each layout, at the
+bytes that makes: KIVI's (``kivi``: per-channel keys in groups of 32 tokens, per-token values),
+per-token keys after per-channel scales (``token``), and each with its per-token groups quantized
+after QuaRot's random rotation (``kivi_rot``, ``token_rot``; the same bytes); at each byte target,
+``--part eviction``: eviction presses keeping that fraction of the tokens in fp16; ``--part
+composites``: SnapKV or H2O keeping as many tokens as fit the target (rounded up) then quantizing
+them to 2, 3, 4 or 8 bits in each layout. ``--part rdkv`` runs RD-KV at each target with each ``--rdkv`` setting;
 ``--part selected`` runs, at each target, the setting with the lowest PPL in a tuning file (run
 on other windows), so the windows reported were never used to choose it. Every part runs its
 own dense row on its windows first; rows pair with it (and across files of the same windows).
@@ -41,13 +43,21 @@ UNIFORM_BITS = (2, 3, 4, 8)
 COMPOSED_BITS = (2, 3, 4, 8)
 KIVI_GROUP = 32  # QuantizedKVPress's default group_tokens
 COMPOSED_WITH = ("snapkv", "h2o")  # eviction presses whose kept tokens are then quantized
+# quantized layouts: KIVI's (per-channel keys) or per-token keys, values per token; "_rot": every
+# per-token group after QuaRot's random rotation (presses/quantize.py), at the same bytes
+LAYOUTS = ("kivi", "token", "kivi_rot", "token_rot")
+
+
+def quantizer(layout: str, bits: int) -> QuantizedKVPress:
+    return QuantizedKVPress(bits=bits, key_layout="channel" if layout.startswith("kivi") else "token",
+                            rotate=layout.endswith("_rot"))
 
 
 def kept_for(target: float, layout: str, bits: int, head_dim: int, tokens: int) -> int:
     """The fewest tokens, of a ``tokens``-token context, whose quantized keys and values take at
     least ``target`` of the context's fp16 bytes: a composite baseline never gets fewer bytes
     than the target. KIVI's layout keeps the tokens past its last whole 32-token group in fp16."""
-    key_layout = "channel" if layout == "kivi" else "token"
+    key_layout = "channel" if layout.startswith("kivi") else "token"
     budget = target * tokens * 2 * FP16_BYTES * head_dim
     return next((kept for kept in range(1, tokens + 1)
                  if quantized_head_bytes(kept, bits, head_dim, key_layout, KIVI_GROUP) >= budget), tokens)
@@ -62,7 +72,7 @@ def rdkv_setting(text: str) -> dict:
             setting[key] = tuple(int(b) for b in value.split(","))
         elif key in ("prior", "evict_weight", "after_h2o", "accumulated", "protect_recent"):
             setting[key] = float(value)
-        elif key in ("separate_widths", "evict_per_head"):
+        elif key in ("separate_widths", "evict_per_head", "rotate"):
             if value not in ("0", "1"):
                 raise ValueError(f"{key} is 0 or 1, got {value!r} in {text!r}")
             setting[key] = value == "1"
@@ -77,8 +87,7 @@ def rdkv_setting(text: str) -> dict:
 
 def uniform() -> list[tuple[str, None, object]]:
     """(name, None, press): every token quantized, at the bytes that makes."""
-    return [(f"{layout}{bits}", None, QuantizedKVPress(bits=bits, key_layout="channel" if layout == "kivi" else "token"))
-            for bits in UNIFORM_BITS for layout in ("kivi", "token")]
+    return [(f"{layout}{bits}", None, quantizer(layout, bits)) for bits in UNIFORM_BITS for layout in LAYOUTS]
 
 
 def eviction(targets: list[float]) -> list[tuple[str, float, object]]:
@@ -100,13 +109,13 @@ def composites(targets: list[float], head_dim: int, tokens: int, presses=COMPOSE
     configs = []
     for target in targets:
         for press_name in presses:
-            for layout in ("kivi", "token"):
+            for layout in LAYOUTS:
                 for bits in COMPOSED_BITS:
                     kept = kept_for(target, layout, bits, head_dim, tokens)
                     if kept < tokens:
                         configs.append((f"{press_name}+{layout}{bits}", target, ComposedPress(
                             [keeping(press_name, kept / tokens, tokens),
-                             QuantizedKVPress(bits=bits, key_layout="channel" if layout == "kivi" else "token")])))
+                             quantizer(layout, bits)])))
     return configs
 
 

@@ -6,6 +6,12 @@ the error is exactly the rounding a packed store would make; speed is a separate
 packed store needs a kernel that reads it). Bytes are counted as stored: ``bits`` per element,
 an fp16 scale and an fp16 zero point per group, and whatever side data the press keeps.
 
+Per-token groups may first be turned by a fixed random rotation (``rotate``, QuaRot's idea for KV:
+Ashkboos et al. 2024, "QuaRot: Outlier-Free 4-Bit Inference in Rotated LLMs"): an orthogonal R spreads a
+vector's outlier dimensions over all of them, so one group's range fits its values better. The store
+holds the rotated integers; attention stays exact by rotating the query (q.k = Rq.Rk) and the output
+(sum p v = R^T sum p Rv), and R is rebuilt from its seed, so it costs no bytes.
+
 Two layouts:
 - per token: one group per (token, head) along the head dimension. Keys are first centred and
   scaled per channel with statistics of the context (``channel_stats``), so the outlier
@@ -42,13 +48,32 @@ def channel_stats(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 CHANNEL_STATS_BYTES = 2 * FP16_BYTES  # per channel and head: the mean and the scale
 
 
-def quantize_per_token(x: torch.Tensor, bits: int, stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+ROTATION_SEED = 0
+_rotations: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def rotation(dim: int, device, dtype) -> torch.Tensor:
+    """A fixed random orthogonal (dim, dim) matrix (Q of the QR of a seeded Gaussian, in float64)."""
+    key = (dim, torch.device(device), dtype)
+    if key not in _rotations:
+        gaussian = torch.randn(dim, dim, generator=torch.Generator().manual_seed(ROTATION_SEED), dtype=torch.float64)
+        _rotations[key] = torch.linalg.qr(gaussian)[0].to(device=device, dtype=dtype)
+    return _rotations[key]
+
+
+def quantize_per_token(x: torch.Tensor, bits: int, stats: tuple[torch.Tensor, torch.Tensor] | None = None,
+                       rotate: bool = False) -> torch.Tensor:
     """(batch, heads, tokens, dim): one group per token and head; with ``stats``
-    (channel_stats) each channel is centred and scaled first, and restored after."""
-    if stats is None:
-        return fake_quantize(x, bits)
-    mean, scale = stats
-    return fake_quantize((x - mean) / scale, bits) * scale + mean
+    (channel_stats) each channel is centred and scaled first, and restored after; with ``rotate``
+    the group is quantized in the basis of ``rotation`` (see the module docstring)."""
+    mean, scale = stats if stats is not None else (0.0, 1.0)
+    x = (x - mean) / scale
+    if rotate:
+        turn = rotation(x.shape[-1], x.device, x.dtype)
+        quantized = fake_quantize(x @ turn, bits) @ turn.T
+    else:
+        quantized = fake_quantize(x, bits)
+    return quantized * scale + mean
 
 
 def quantize_per_channel(x: torch.Tensor, bits: int, group_tokens: int) -> torch.Tensor:

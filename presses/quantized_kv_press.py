@@ -17,7 +17,8 @@ class QuantizedKVPress(BasePress):
     presses/quantize.py), the newest ``recent_tokens`` kept in fp16. Values are quantized per
     token; keys per channel over groups of ``group_tokens`` tokens (``key_layout="channel"``,
     KIVI, Liu et al. 2024) or per token after centring and scaling each channel
-    (``key_layout="token"``, presses/quantize.py). It removes no token (``compression_ratio`` stays 0): composed
+    (``key_layout="token"``, presses/quantize.py); with ``rotate`` every per-token group (the values,
+    per-token keys) is quantized after a fixed random rotation (QuaRot's, presses/quantize.py). It removes no token (``compression_ratio`` stays 0): composed
     after an eviction press it quantizes what that press kept. ``stored_bytes`` holds, per
     layer, the bytes one sequence's keys and values take in that form, scales included."""
 
@@ -25,6 +26,7 @@ class QuantizedKVPress(BasePress):
     key_layout: str = "channel"
     group_tokens: int = 32
     recent_tokens: int = 0
+    rotate: bool = False
     compression_ratio: float = 0.0
     stored_bytes: dict = field(default_factory=dict, repr=False)
 
@@ -42,8 +44,8 @@ class QuantizedKVPress(BasePress):
         if self.key_layout == "channel":
             quantized_keys = quantize_per_channel(keys[:, :, :old], self.bits, self.group_tokens)
         else:
-            quantized_keys = quantize_per_token(keys[:, :, :old], self.bits, channel_stats(keys[:, :, :old]))
-        quantized_values = quantize_per_token(values[:, :, :old], self.bits)
+            quantized_keys = quantize_per_token(keys[:, :, :old], self.bits, channel_stats(keys[:, :, :old]), self.rotate)
+        quantized_values = quantize_per_token(values[:, :, :old], self.bits, rotate=self.rotate)
         recent_bytes = 2 * (tokens - old) * FP16_BYTES * head_dim
         self.stored_bytes[module.layer_idx] = heads * (
             quantized_head_bytes(old, self.bits, head_dim, self.key_layout, self.group_tokens) + recent_bytes)

@@ -50,7 +50,8 @@ class RDKVPress(BasePress):
     errors move every logit, may then stay wider than values. With ``evict_per_head`` each KV head
     keeps its own tokens (the same number in every head, as a cache holds), as score-based
     eviction presses do, instead of a token being kept or dropped in every head at once.
-    ``evict_weight`` scales the
+    With ``rotate`` every per-token group (values, per-token keys) is quantized after a fixed random
+    rotation (QuaRot's; presses/quantize.py), at the same bytes. ``evict_weight`` scales the
     eviction distortion: the first-order model prices each eviction alone, while evicting many
     tokens also renormalises the attention over the rest.
     Prefill only; one sequence per call."""
@@ -73,6 +74,7 @@ class RDKVPress(BasePress):
     separate_widths: bool = True  # keys and values choose their widths apart
     evict_weight: float = 4.0  # multiplies the eviction distortion
     evict_per_head: bool = False  # each head evicts its own tokens (as many per head), not every head the same
+    rotate: bool = False  # per-token groups quantized after a fixed random rotation (QuaRot's; presses/quantize.py)
     stored_bytes: dict = field(default_factory=dict, repr=False)
     chosen_bits: dict = field(default_factory=dict, repr=False)  # per layer, keys and values: share of (token, head) entries at each width (0: evicted)
 
@@ -108,9 +110,9 @@ class RDKVPress(BasePress):
             # a width's last partial group is stored per token: the dearer of the two prices keeps the budget
             key_price = [max(head_dim * (b / 8 + GROUP_SIDE_BYTES / self.group_tokens), token_bytes(b, head_dim)) for b in self.bits]
         else:
-            key_options = [quantize_per_token(keys, b, stats) for b in self.bits]
+            key_options = [quantize_per_token(keys, b, stats, self.rotate) for b in self.bits]
             key_price = [token_bytes(b, head_dim) for b in self.bits]
-        value_options = [quantize_per_token(values, b) for b in self.bits]
+        value_options = [quantize_per_token(values, b, rotate=self.rotate) for b in self.bits]
         key_error, value_error, evict = self._distortions(module, hidden_states, keys, values, key_options, value_options, kwargs)
         widths = len(self.bits) + 1  # the last: fp16, no error
         pairs = [(k, v) for k in range(widths) for v in range(widths)] if self.separate_widths else [(w, w) for w in range(widths)]
@@ -141,7 +143,8 @@ class RDKVPress(BasePress):
         values = _pick(values, value_options, value_choice, kept)
         value_bytes = value_price[value_choice].gather(1, kept).sum().item()  # the precision tags ride with the values
         if self.key_layout == "channel":  # the key bytes as the width groups really fall
-            keys, key_bytes = _keys_by_precision(_gather(keys, kept), stats, key_choice.gather(1, kept), self.bits, self.group_tokens)
+            keys, key_bytes = _keys_by_precision(_gather(keys, kept), stats, key_choice.gather(1, kept), self.bits,
+                                                 self.group_tokens, self.rotate)
         else:
             keys, key_bytes = _pick(keys, key_options, key_choice, kept), key_price[key_choice].gather(1, kept).sum().item()
         self.stored_bytes[module.layer_idx] = key_bytes + value_bytes + side_bytes
@@ -235,10 +238,12 @@ def _allocate(distortion: torch.Tensor, evict: torch.Tensor, price: torch.Tensor
     return keep[0], choice[0]
 
 
-def _keys_by_precision(keys: torch.Tensor, stats, choice: torch.Tensor, bits: tuple[int, ...], group_tokens: int):
+def _keys_by_precision(keys: torch.Tensor, stats, choice: torch.Tensor, bits: tuple[int, ...], group_tokens: int,
+                       rotate: bool = False):
     """Kept keys (1, heads, kept, dim) stored in KIVI's layout: per head, the tokens given one
     width form groups of ``group_tokens`` in cache order, each channel quantized over its group;
-    the last partial group of a width is quantized per token (centred and scaled per channel).
+    the last partial group of a width is quantized per token (centred and scaled per channel, and
+    rotated with ``rotate``).
     Returns the stored keys and their bytes (packed integers and group scales; fp16 ones as they are)."""
     stored, head_dim, total = keys.clone(), keys.shape[-1], 0.0
     for head in range(keys.shape[1]):
@@ -253,7 +258,7 @@ def _keys_by_precision(keys: torch.Tensor, stats, choice: torch.Tensor, bits: tu
             whole = members.numel() // group_tokens * group_tokens
             quantized = quantize_per_channel(part, b, group_tokens)
             head_stats = tuple(stat[:, head : head + 1] for stat in stats)
-            quantized[:, :, whole:] = quantize_per_token(part[:, :, whole:], b, head_stats)
+            quantized[:, :, whole:] = quantize_per_token(part[:, :, whole:], b, head_stats, rotate)
             stored[:, head : head + 1, members] = quantized
             total += per_channel_bytes(whole, b, head_dim, group_tokens) + (members.numel() - whole) * token_bytes(b, head_dim)
     return stored, total

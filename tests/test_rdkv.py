@@ -9,7 +9,7 @@ from transformers import DynamicCache
 from decoding.kv_cache import fp16_kv_bytes
 from evaluation.protocols import context_nll, stored_bytes
 from presses.errors import PressConfigError
-from presses.quantize import fake_quantize, per_channel_bytes, quantize_per_channel, token_bytes
+from presses.quantize import fake_quantize, per_channel_bytes, quantize_per_channel, quantize_per_token, rotation, token_bytes
 from presses.quantized_kv_press import QuantizedKVPress
 from presses.attention import per_kv_head
 from presses.h2o_press import H2OPress
@@ -31,6 +31,33 @@ def test_fake_quantize_error_shrinks_with_bits_and_keeps_the_range():
     assert errors[0] > errors[1] > errors[2] > 0
     step = (x.amax(-1) - x.amin(-1)) / 255
     assert errors[2] <= step.max().item() * 0.51 + 1e-3  # at most half a step (the fp16 scale rounds a little)
+
+
+def test_rotation_is_orthogonal_and_tames_a_tokens_outliers():
+    turn = rotation(16, "cpu", torch.float64)
+    torch.testing.assert_close(turn @ turn.T, torch.eye(16, dtype=torch.float64))
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 2, 40, 64, generator=generator)
+    spikes = torch.rand(x.shape, generator=generator) < 0.03  # a few large entries per token set its range
+    x = torch.where(spikes, 12 * x, x)
+    plain = (quantize_per_token(x, 3) - x).norm()
+    rotated = quantize_per_token(x, 3, rotate=True)
+    assert (rotated - x).norm() < 0.7 * plain  # the rotation spreads them over the group (measured: 0.58)
+    assert (quantize_per_token(x, 8, rotate=True) - x).abs().max() < 0.01 * x.abs().max()  # and undoes itself
+
+
+@pytest.mark.parametrize("layout", ["channel", "token"])
+def test_rotated_quantization_takes_the_same_bytes_and_changes_the_cache(layout):
+    model = build(tiny_llama_config())
+    plain, turned = QuantizedKVPress(bits=3, key_layout=layout), QuantizedKVPress(bits=3, key_layout=layout, rotate=True)
+    caches = _prefill(model, plain), _prefill(model, turned)
+    assert plain.stored_bytes == turned.stored_bytes
+    assert not torch.equal(caches[0].layers[0].values, caches[1].layers[0].values)
+    rdkv = RDKVPress(0.8, rotate=True, key_layout=layout, window_size=8)
+    cache = _prefill(model, rdkv)
+    for layer, stored in rdkv.stored_bytes.items():
+        keys = cache.layers[layer].keys
+        assert stored <= 0.2 * keys.shape[1] * 96 * keys.shape[-1] * 2 * 2
 
 
 def test_per_channel_layout_leaves_the_tail_in_full_precision():

@@ -19,18 +19,18 @@ report="--first_window 0 --num_windows 32"
 parts=" ${*:-tune uniform eviction composites selected} "
 date
 if [[ $parts == *" tune "* ]]; then
-  # call12 (call11's grid, at a1a21d2: accumulated x recent window x eviction weight x key groups, is
-  # in results/smollm2-135m_equal_bytes_h200/call11/): the accumulated attention averaged over the
-  # queries that see each token (accumulated_over=visible), the newest tokens protected from eviction
-  # at any width (protect_recent), and call10's compositions with H2O re-run with the corrected tag
-  run tune_after_h2o $tune --part rdkv --rdkv "after_h2o=0.3" "after_h2o=0.3 evict_weight=16" "after_h2o=0.5 evict_weight=16"
-  run tune_visible $tune --part rdkv --rdkv "accumulated=0.5 accumulated_over=visible" \
-    "accumulated=0.5 accumulated_over=visible group_tokens=128" "accumulated=1 accumulated_over=visible"
-  for protect in 0.25 0.5; do
-    run tune_protect$protect $tune --part rdkv --rdkv "protect_recent=$protect" "protect_recent=$protect accumulated=0.5"
+  # call13 (call12's grid, at 0f01406: H2O compositions re-run, accumulated_over=visible, protect_recent,
+  # is in results/smollm2-135m_equal_bytes_h200/call12/): every per-token group quantized after QuaRot's
+  # random rotation (rotate=1; a CPU check on windows 32-33 at 12.5% took H2O + per-token 4-bit from
+  # +0.94% to +0.22% over dense), RD-KV alone and in the compositions, with KIVI or per-token keys.
+  # Run with composites and uniform (their rotated layouts) and EXTRA_TUNING naming call11's and call12's files.
+  for keys in channel token; do
+    run "tune_rotate_$keys" $tune --part rdkv --rdkv "rotate=1 key_layout=$keys" "rotate=1 key_layout=$keys group_tokens=128"
+    for kept in 0.3 0.5 0.75; do
+      run "tune_rotate_${keys}_after_h2o$kept" $tune --part rdkv --rdkv \
+        "after_h2o=$kept evict_weight=16 accumulated=0 rotate=1 key_layout=$keys" "after_h2o=$kept evict_weight=16 rotate=1 key_layout=$keys"
+    done
   done
-  run tune_protect_mixed $tune --part rdkv --rdkv "protect_recent=0.5 accumulated=1 accumulated_over=visible evict_weight=16" \
-    "protect_recent=0.25 accumulated=0.5 group_tokens=128"
 fi
 if [[ $parts == *" tune_baselines "* ]]; then  # the best baseline of windows 0-31 on the tuning windows (call9/)
   for target in 0.25 0.125 0.0625; do
