@@ -48,6 +48,9 @@ class RDKVBudgetPress(BasePress):
     def __post_init__(self):
         if self.budget_tokens < 2:  # one token's fp16 bytes are what the channel statistics take
             raise PressConfigError(f"budget_tokens must be at least 2, got {self.budget_tokens}")
+        if self.rdkv.rotate or self.rdkv.protect_recent:  # the stored-width bookkeeping has neither yet
+            raise PressConfigError("RDKVBudgetPress does not support RD-KV's rotate or protect_recent yet "
+                                   "(prefill RDKVPress does)")
         widths = sorted(self.rdkv.bits)
         self.widths = widths + [FP16_WIDTH]  # option index -> width; the last is fp16
         options = len(self.widths)

@@ -167,6 +167,9 @@ def test_recent_tokens_stay_in_fp16_and_tokens_past_them_are_quantized():
 def test_bad_settings_are_refused():
     with pytest.raises(PressConfigError, match="budget_tokens"):
         RDKVBudgetPress(budget_tokens=1)
+    for setting in ({"rotate": True}, {"protect_recent": 0.5}):
+        with pytest.raises(PressConfigError, match="rotate or protect_recent"):
+            RDKVBudgetPress(RDKVPress(**setting))
     scorer = make_streaming_press("h2o", Settings(budget=64)).base_press
     with pytest.raises(PressConfigError, match="bits"):
         QuantizedBudgetPress(scorer, bits=5)
