@@ -122,11 +122,13 @@ def composites(targets: list[float], head_dim: int, tokens: int, presses=COMPOSE
 def rdkv_press(target: float, setting: dict, tokens: int):
     """RD-KV at ``target`` of the fp16 bytes; with ``after_h2o=f``, after H2O has kept the
     fraction f of the ``tokens`` (H2O's evidence picks the tokens, RD-KV their widths in the
-    rest of the budget, and may still evict)."""
+    rest of the budget, and may still evict; RD-KV's own accumulated evidence, which needs the
+    whole prefill's keys, is off there unless named: H2O's has chosen the tokens)."""
     setting = dict(setting)
     kept = setting.pop("after_h2o", None)
     if kept is None:
         return RDKVPress(1 - target, **setting)
+    setting.setdefault("accumulated", 0.0)
     if not target < kept <= 1:
         raise ValueError(f"after_h2o must be in ({target}, 1], got {kept}")
     return ComposedPress([keeping("h2o", kept, tokens), RDKVPress(1 - target / kept, **setting)])

@@ -179,10 +179,12 @@ class RDKVPress(BasePress):
             key_error.append(per_kv_head((weight * logit_error**2 * spread).sum(2), keys.shape[1]))
         return torch.stack(key_error, dim=-1), torch.stack(value_error, dim=-1), evict
 
-
     def _received(self, module, hidden_states, keys, kwargs) -> torch.Tensor:
         """(batch, heads, tokens): the mean attention each token received from the call's queries."""
         q_len, total = hidden_states.shape[1], 0
+        if keys.shape[2] < q_len:  # the queries' causal reach is only known over the call's own cache
+            raise PressConfigError(f"RD-KV's accumulated evidence needs the whole prefill's keys, but an earlier press "
+                                   f"left {keys.shape[2]} of {q_len}: after another press use accumulated=0")
         for start in range(0, q_len, self.query_chunk):
             total = total + attention_rows(module, hidden_states, keys, None, kwargs, start, start + self.query_chunk).sum(2)
         if self.accumulated_over == "all":

@@ -35,6 +35,8 @@ def test_rdkv_after_h2o_gives_h2o_the_tokens_and_rdkv_the_rest_of_the_bytes():
     h2o, rdkv = press.presses
     assert int(1536 * (1 - h2o.compression_ratio)) == 768  # kvpress's rounding: half the tokens
     assert rdkv.compression_ratio == pytest.approx(0.75) and rdkv.evict_weight == 2.0  # 12.5% of all = 25% of the kept
+    assert rdkv.accumulated == 0  # H2O's evidence chose the tokens; RD-KV's own needs the whole prefill
+    assert rdkv_press(0.125, rdkv_setting("after_h2o=0.5 accumulated=0.5"), tokens=1536).presses[1].accumulated == 0.5
     with pytest.raises(ValueError, match="after_h2o"):
         rdkv_press(0.25, {"after_h2o": 0.2}, tokens=1536)
 

@@ -3,7 +3,7 @@ tiny GPT-NeoX (Pythia's partial rotary) and Llama (GQA) models."""
 
 import pytest
 import torch
-from kvpress import SnapKVPress
+from kvpress import ComposedPress, SnapKVPress
 from transformers import DynamicCache
 
 from decoding.kv_cache import fp16_kv_bytes
@@ -149,6 +149,11 @@ def test_rdkv_changes_the_scores_and_refuses_bad_settings():
         RDKVPress(0.5, evict_weight=0)
     with pytest.raises(PressConfigError, match="accumulated"):
         RDKVPress(0.5, accumulated=1.5)
+    with pytest.raises(PressConfigError, match="after another press use accumulated=0"):  # keys already halved
+        context_nll(tiny_llama, ids, ComposedPress([SnapKVPress(0.5, window_size=8), RDKVPress(0.5)]), 48, 16, num_windows=1)
+    after = context_nll(tiny_llama, ids, ComposedPress([SnapKVPress(0.5, window_size=8), RDKVPress(0.5, accumulated=0)]),
+                        48, 16, num_windows=1)
+    assert after.stored_kv_bytes <= 0.25 * after.dense_kv_bytes + 1e-6
     with pytest.raises(PressConfigError, match="one sequence"):
         ids = torch.randint(0, 1000, (2, 64))
         with torch.no_grad(), RDKVPress(0.5, window_size=8)(tiny_llama):
