@@ -21,14 +21,15 @@ date
 if [[ $parts == *" tune "* ]]; then
   # call13 (call12's grid, at 0f01406: H2O compositions re-run, accumulated_over=visible, protect_recent,
   # is in results/smollm2-135m_equal_bytes_h200/call12/): every per-token group quantized after QuaRot's
-  # random rotation (rotate=1; a CPU check on windows 32-33 at 12.5% took H2O + per-token 4-bit from
-  # +0.94% to +0.22% over dense), RD-KV alone and in the compositions, with KIVI or per-token keys.
+  # random rotation (rotate=1), RD-KV alone and in the compositions (accumulated=0 there by default),
+  # with KIVI or per-token keys, at every target (the CPU's 12.5% grid on these windows:
+  # results/smollm2-135m_equal_bytes_rotation_cpu/, best after_h2o=0.6 with per-token keys, 15.710).
   # Run with composites and uniform (their rotated layouts) and EXTRA_TUNING naming call11's and call12's files.
   for keys in channel token; do
-    run "tune_rotate_$keys" $tune --part rdkv --rdkv "rotate=1 key_layout=$keys" "rotate=1 key_layout=$keys group_tokens=128"
-    for kept in 0.3 0.5 0.75; do
-      run "tune_rotate_${keys}_after_h2o$kept" $tune --part rdkv --rdkv \
-        "after_h2o=$kept evict_weight=16 accumulated=0 rotate=1 key_layout=$keys" "after_h2o=$kept evict_weight=16 rotate=1 key_layout=$keys"
+    run "tune_rotate_$keys" $tune --part rdkv --rdkv "rotate=1 key_layout=$keys" "rotate=1 key_layout=$keys evict_weight=16"
+    for kept in 0.3 0.5 0.6 0.75; do
+      run "tune_rotate_${keys}_after_h2o$kept" $tune --part rdkv --rdkv "after_h2o=$kept evict_weight=16 rotate=1 key_layout=$keys" \
+        "after_h2o=$kept rotate=1 key_layout=$keys"
     done
   done
 fi
