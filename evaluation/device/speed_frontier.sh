@@ -25,17 +25,8 @@ mkdir -p "$work"
 trap 'tar czf "${OUT:-results}/speed_frontier_$part.tgz" -C "$work" .' EXIT
 common="--model EleutherAI/pythia-2.8b --random-init --dtype float16 --prompt_tokens 2000"
 budget=${FRONTIER_BUDGET_S:-500}  # seconds for all stages of the part, the environment's setup not counted
-start=$SECONDS
-stage() {  # stage SECONDS NAME PROGRAM ARGS...: under min(SECONDS, what is left of the budget)
-  local limit=$1 name=$2; shift 2
-  local left=$((budget - (SECONDS - start)))
-  ((limit > left)) && limit=$left
-  if ((limit < 20)); then echo "== $name skipped: ${left}s of the budget left" >&2; return; fi
-  mkdir -p "$work/$name"
-  echo "== $name (limit ${limit}s) at $((SECONDS - start))s" >&2
-  timeout "$limit" python3 "$@" 2> >(grep -vE "Warning|warn|Failed to load" | tee "$work/$name/log.txt" >&2) \
-    || echo "== $name ended with status $? at $((SECONDS - start))s" >&2
-}
+stage_root=$work
+source evaluation/device/budget_stages.sh
 frontier="evaluation/speed_frontier.py $common --new_tokens 256 --repeats 3 --check_tokens 64"
 profile="evaluation/profile_step.py $common --compile_mode two-stream --steps 20 --graph_steps 100"
 fp16_cells() {

@@ -21,17 +21,8 @@ out=${OUT:-results/tmp}/split_kv_attention
 mkdir -p "$out"
 common="--model EleutherAI/pythia-2.8b --random-init --dtype float16 --prompt_tokens 2000"
 budget=${SPLIT_KV_BUDGET_S:-360}  # seconds for all stages, the environment's setup not counted
-start=$SECONDS
-stage() {  # stage SECONDS NAME PROGRAM ARGS...: under min(SECONDS, what is left of the budget)
-  local limit=$1 name=$2; shift 2
-  local left=$((budget - (SECONDS - start)))
-  ((limit > left)) && limit=$left
-  if ((limit < 20)); then echo "== $name skipped: ${left}s of the budget left" >&2; return; fi
-  mkdir -p "$out/$name"
-  echo "== $name (limit ${limit}s) at $((SECONDS - start))s" >&2
-  timeout "$limit" python3 "$@" 2> >(grep -vE "Warning|warn|Failed to load" | tee "$out/$name/log.txt" >&2) \
-    || echo "== $name ended with status $? at $((SECONDS - start))s" >&2
-}
+stage_root=$out
+source evaluation/device/budget_stages.sh
 python3 -c "import triton; print('triton', triton.__version__)" >&2 || echo "== no triton: split_kv will fail" >&2
 # The sweep stops measuring at 130 s (the step's shape comes first), leaving time to write its JSON.
 stage 160 kernels evaluation/split_kv_speed.py --time_limit_s 130 --output "$out/kernels/kernels.json"
