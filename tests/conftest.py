@@ -68,6 +68,15 @@ def tokenizer():
     return tok
 
 
+@pytest.fixture(scope="session")
+def tiny_pythia_folder(tmp_path_factory):
+    """A local GPT-NeoX folder without tokenizer files, like a downloaded checkpoint: the
+    tokenizer must come from the offline data folder. Read-only for the tests that share it."""
+    folder = tmp_path_factory.mktemp("tiny-pythia")
+    build(tiny_neox_config(max_position_embeddings=256)).save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture
 def tiny_neox():
     return build(tiny_neox_config())

@@ -18,14 +18,7 @@ from evaluation import cli, perplexity, profile_step, report, speed_grid, step_f
 from evaluation.models import ModelLoadError, hub_reachable, load_model, offline_unless_hub_reachable
 from patches.pipeline_bos import MissingBosTokenError
 from presses import PressConfigError, Settings, make_streaming_press
-from tests.conftest import REPO_ROOT, build, shared_data_dir, tiny_neox_config
-
-
-@pytest.fixture(scope="module")
-def tiny_pythia(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-pythia")
-    build(tiny_neox_config(max_position_embeddings=256)).save_pretrained(folder)
-    return folder
+from tests.conftest import REPO_ROOT, shared_data_dir
 
 
 @pytest.fixture
@@ -53,61 +46,61 @@ def perplexity_error(capsys, tmp_path, *args, model=None) -> str:
     return line
 
 
-def test_binary_dataset_file_is_named(tiny_pythia, tmp_path, capsys):
+def test_binary_dataset_file_is_named(tiny_pythia_folder, tmp_path, capsys):
     binary = tmp_path / "weights.bin"
     binary.write_bytes(bytes(range(128, 256)) * 8)
-    line = perplexity_error(capsys, tmp_path, "--dataset", str(binary), model=tiny_pythia)
+    line = perplexity_error(capsys, tmp_path, "--dataset", str(binary), model=tiny_pythia_folder)
     assert f"{binary} is not UTF-8 text" in line and "plain text file" in line
 
 
-def test_empty_text_file_is_refused_not_counted_as_one_token(tiny_pythia, tmp_path, capsys):
+def test_empty_text_file_is_refused_not_counted_as_one_token(tiny_pythia_folder, tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
-    line = perplexity_error(capsys, tmp_path, "--dataset", str(empty), model=tiny_pythia)
+    line = perplexity_error(capsys, tmp_path, "--dataset", str(empty), model=tiny_pythia_folder)
     assert f"{empty} holds no text" in line
 
 
 @pytest.mark.parametrize("option", ["--num_windows", "--eval_tokens"])
-def test_zero_counts_are_named(tiny_pythia, tmp_path, capsys, option):
-    line = perplexity_error(capsys, tmp_path, option, "0", model=tiny_pythia)
+def test_zero_counts_are_named(tiny_pythia_folder, tmp_path, capsys, option):
+    line = perplexity_error(capsys, tmp_path, option, "0", model=tiny_pythia_folder)
     assert f"{option} must be at least 1, got 0" in line
 
 
-def test_eval_tokens_that_leave_no_context_say_what_to_change(tiny_pythia, tmp_path, capsys):
-    line = perplexity_error(capsys, tmp_path, "--eval_tokens", "300", model=tiny_pythia)
+def test_eval_tokens_that_leave_no_context_say_what_to_change(tiny_pythia_folder, tmp_path, capsys):
+    line = perplexity_error(capsys, tmp_path, "--eval_tokens", "300", model=tiny_pythia_folder)
     assert "no context is left in the model's 256-token context" in line and "--eval_tokens" in line
 
 
-def test_missing_data_dir_is_named_as_missing(tiny_pythia, tmp_path, capsys):
+def test_missing_data_dir_is_named_as_missing(tiny_pythia_folder, tmp_path, capsys):
     missing = tmp_path / "no-such-folder"
-    line = perplexity_error(capsys, tmp_path, "--data-dir", str(missing), model=tiny_pythia)
+    line = perplexity_error(capsys, tmp_path, "--data-dir", str(missing), model=tiny_pythia_folder)
     assert f"--data-dir {missing}: no such folder" in line
 
 
-def test_a_bad_budget_value_is_one_line_not_the_usage(tiny_pythia, tmp_path, capsys):
-    line = perplexity_error(capsys, tmp_path, "--protocol", "streaming", "--budget", "x", model=tiny_pythia)
+def test_a_bad_budget_value_is_one_line_not_the_usage(tiny_pythia_folder, tmp_path, capsys):
+    line = perplexity_error(capsys, tmp_path, "--protocol", "streaming", "--budget", "x", model=tiny_pythia_folder)
     assert "--budget: invalid int value: 'x'" in line and "--help" in line
 
 
-def test_a_zero_budget_names_the_option_not_an_internal_object(tiny_pythia, tmp_path, capsys):
-    line = perplexity_error(capsys, tmp_path, "--protocol", "streaming", "--budget", "512", "0", model=tiny_pythia)
+def test_a_zero_budget_names_the_option_not_an_internal_object(tiny_pythia_folder, tmp_path, capsys):
+    line = perplexity_error(capsys, tmp_path, "--protocol", "streaming", "--budget", "512", "0", model=tiny_pythia_folder)
     assert "--budget must be at least 1" in line and "got 0" in line and "Settings(" not in line
     with pytest.raises(PressConfigError, match=r"--budget 0\b") as error:
         make_streaming_press("streaming_llm", Settings(budget=0))
     assert "Settings(" not in str(error.value)
 
 
-def test_data_and_length_errors_come_before_the_model_loads(tiny_pythia, tmp_path, capsys, monkeypatch):
+def test_data_and_length_errors_come_before_the_model_loads(tiny_pythia_folder, tmp_path, capsys, monkeypatch):
     def no_weights(*args, **kwargs):
         raise AssertionError("the weights loaded before the input was checked")
 
     monkeypatch.setattr(cli, "load_model", no_weights)
     binary = tmp_path / "binary.dat"
     binary.write_bytes(b"\xff\xfe\x00" * 100)
-    assert "not UTF-8 text" in perplexity_error(capsys, tmp_path, "--dataset", str(binary), model=tiny_pythia)
-    line = perplexity_error(capsys, tmp_path, "--eval_tokens", "32", "--num_windows", "5000", model=tiny_pythia)
+    assert "not UTF-8 text" in perplexity_error(capsys, tmp_path, "--dataset", str(binary), model=tiny_pythia_folder)
+    line = perplexity_error(capsys, tmp_path, "--eval_tokens", "32", "--num_windows", "5000", model=tiny_pythia_folder)
     assert "5000 window(s) of 224 + 32 + 1 need" in line and "--num_windows" in line
-    line = one_line_error(capsys, lambda: speed_grid.main(["--model", str(tiny_pythia), "--prompt_tokens", "10000000",
+    line = one_line_error(capsys, lambda: speed_grid.main(["--model", str(tiny_pythia_folder), "--prompt_tokens", "10000000",
                                                            "--output_dir", str(tmp_path / "never")]))
     assert "fewer than --prompt_tokens 10000000" in line and not (tmp_path / "never").exists()
 
@@ -160,13 +153,13 @@ def test_the_hub_check_is_one_short_connection(monkeypatch):
     assert hub_reachable.__wrapped__() is True and len(calls) == 1
 
 
-def test_local_folders_never_check_the_hub(tiny_pythia, monkeypatch):
+def test_local_folders_never_check_the_hub(tiny_pythia_folder, monkeypatch):
     def no_check():
         raise AssertionError("a local folder checked the hub")
 
     monkeypatch.setattr(evaluation.models, "hub_reachable", no_check)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    assert load_model(str(tiny_pythia), data_folder=shared_data_dir()).model.config.model_type == "gpt_neox"
+    assert load_model(str(tiny_pythia_folder), data_folder=shared_data_dir()).model.config.model_type == "gpt_neox"
 
 
 def test_pipeline_with_a_tokenizer_without_bos_says_what_to_set(tiny_neox):

@@ -12,7 +12,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from evaluation.models import data_dir, load_model, tokenized_text
 from evaluation.protocols import context_nll
-from tests.conftest import REPO_ROOT, build, shared_data_dir, tiny_neox_config
+from tests.conftest import REPO_ROOT, shared_data_dir
 
 SCRIPT = str(REPO_ROOT / "evaluation" / "perplexity.py")
 
@@ -21,15 +21,6 @@ def run_cli(*args, data_dir=None):
     env = os.environ | {"KVPRESS_NEOX_DATA": str(data_dir or shared_data_dir()), "HF_HUB_OFFLINE": "1",
                         "HF_DATASETS_OFFLINE": "1"}
     return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, env=env, timeout=300)
-
-
-@pytest.fixture(scope="module")
-def tiny_pythia_folder(tmp_path_factory):
-    """A local GPT-NeoX folder without tokenizer files, like a downloaded checkpoint: the
-    tokenizer must come from the offline data folder."""
-    folder = tmp_path_factory.mktemp("tiny-pythia")
-    build(tiny_neox_config(max_position_embeddings=256)).save_pretrained(folder)
-    return folder
 
 
 def test_a_context_run_writes_its_result(tiny_pythia_folder, tmp_path):

@@ -9,7 +9,6 @@ from kvpress import SnapKVPress
 from transformers import AutoModelForCausalLM, pipeline
 
 from evaluation.protocols import context_nll
-from tests.conftest import build, tiny_neox_config
 
 SPLIT = {"gpt_neox.embed_in": "cpu", "gpt_neox.emb_dropout": "cpu", "gpt_neox.rotary_emb": "cpu",
          "gpt_neox.layers.0": "cpu", "gpt_neox.layers.1": "disk", "gpt_neox.final_layer_norm": "cpu",
@@ -17,9 +16,8 @@ SPLIT = {"gpt_neox.embed_in": "cpu", "gpt_neox.emb_dropout": "cpu", "gpt_neox.ro
 
 
 @pytest.fixture(scope="module")
-def whole_and_split(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-pythia")
-    build(tiny_neox_config(max_position_embeddings=256)).save_pretrained(folder)
+def whole_and_split(tiny_pythia_folder, tmp_path_factory):
+    folder = tiny_pythia_folder
     whole = AutoModelForCausalLM.from_pretrained(folder).eval()
     split = AutoModelForCausalLM.from_pretrained(folder, device_map=SPLIT,
                                                  offload_folder=tmp_path_factory.mktemp("offload")).eval()

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO_ROOT, build, shared_data_dir, tiny_neox_config
+from tests.conftest import REPO_ROOT, shared_data_dir
 
 SCRIPT = str(REPO_ROOT / "evaluation" / "equal_bytes_streaming.py")
 COMMON = ["--dataset", "wikitext", "--budget_tokens", "48", "--chunk_tokens", "32", "--max_tokens", "225",
@@ -22,16 +22,9 @@ def run_cli(folder, *args):
                           text=True, env=env, timeout=600)
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-pythia")
-    build(tiny_neox_config(max_position_embeddings=256)).save_pretrained(folder)
-    return folder
-
-
-def test_baselines_and_rdkv_rows_at_equal_bytes_paired_with_the_best_baseline(tiny_folder, tmp_path):
+def test_baselines_and_rdkv_rows_at_equal_bytes_paired_with_the_best_baseline(tiny_pythia_folder, tmp_path):
     baselines, rdkv = tmp_path / "baselines.json", tmp_path / "rdkv.json"
-    result = run_cli(tiny_folder, "--part", "baselines", "--scorers", "streaming_llm", "h2o", "snapkv", "--bits", "4",
+    result = run_cli(tiny_pythia_folder, "--part", "baselines", "--scorers", "streaming_llm", "h2o", "snapkv", "--bits", "4",
                      "--recent_tokens", "16", "--output", str(baselines))
     assert result.returncode == 0, result.stderr
     rows = json.loads(baselines.read_text())["rows"]
@@ -42,7 +35,7 @@ def test_baselines_and_rdkv_rows_at_equal_bytes_paired_with_the_best_baseline(ti
         assert row["scored_token_range"] == [49, 224] and row["scored_tokens"] == 224 - 48
         assert len(row["unit_nll"]) == 1 and "delta_pct" in row
     assert rows[2]["mean_cache_tokens"] > rows[1]["mean_cache_tokens"]  # 4-bit tokens: more of them in the bytes
-    result = run_cli(tiny_folder, "--part", "rdkv", "--rdkv", "", "key_layout=token", "--versus", str(baselines),
+    result = run_cli(tiny_pythia_folder, "--part", "rdkv", "--rdkv", "", "key_layout=token", "--versus", str(baselines),
                      "--output", str(rdkv))
     assert result.returncode == 0, result.stderr
     rows_rdkv = json.loads(rdkv.read_text())["rows"]
@@ -55,9 +48,9 @@ def test_baselines_and_rdkv_rows_at_equal_bytes_paired_with_the_best_baseline(ti
         assert row["versus_pct"] == pytest.approx(expected) and row["ppl"] != rows[0]["ppl"]
 
 
-def test_chunks_of_one_token_leave_out_snapkv_and_say_why(tiny_folder, tmp_path):
+def test_chunks_of_one_token_leave_out_snapkv_and_say_why(tiny_pythia_folder, tmp_path):
     output = tmp_path / "chunk1.json"
-    result = run_cli(tiny_folder, "--part", "baselines", "--scorers", "snapkv", "streaming_llm", "--bits", "8",
+    result = run_cli(tiny_pythia_folder, "--part", "baselines", "--scorers", "snapkv", "streaming_llm", "--bits", "8",
                      "--recent_tokens", "16", "--chunk_tokens", "1", "--max_tokens", "65", "--output", str(output))
     assert result.returncode == 0, result.stderr
     payload = json.loads(output.read_text())
@@ -71,9 +64,9 @@ def test_chunks_of_one_token_leave_out_snapkv_and_say_why(tiny_folder, tmp_path)
     (["--part", "baselines", "--max_tokens", "40"], "scores no token past the budget"),
     (["--part", "baselines", "--recent_tokens", "48"], "below budget_tokens"),
 ])
-def test_bad_input_is_one_line_exit_2_and_no_file(tiny_folder, tmp_path, args, message):
+def test_bad_input_is_one_line_exit_2_and_no_file(tiny_pythia_folder, tmp_path, args, message):
     output = tmp_path / "bad.json"
-    result = run_cli(tiny_folder, *args, "--output", str(output))
+    result = run_cli(tiny_pythia_folder, *args, "--output", str(output))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0]

@@ -6,14 +6,12 @@ import os
 import subprocess
 import sys
 
-from tests.conftest import REPO_ROOT, build, shared_data_dir, tiny_neox_config
+from tests.conftest import REPO_ROOT, shared_data_dir
 
 
-def test_the_study_writes_both_protocols_rows_and_the_report(tmp_path):
-    folder = tmp_path / "tiny-pythia"
-    build(tiny_neox_config(max_position_embeddings=256)).save_pretrained(folder)
+def test_the_study_writes_both_protocols_rows_and_the_report(tiny_pythia_folder, tmp_path):
     out = tmp_path / "study"
-    env = os.environ | {"MODEL": str(folder), "DTYPE": "float32", "DEVICE": "cpu", "PYTHON": sys.executable,
+    env = os.environ | {"MODEL": str(tiny_pythia_folder), "DTYPE": "float32", "DEVICE": "cpu", "PYTHON": sys.executable,
                         "CONTEXT_TOKENS": "96", "EVAL_TOKENS": "32", "NUM_WINDOWS": "2", "BUDGET_TOKENS": "48",
                         "MAX_TOKENS": "225", "DATA_DIR": str(shared_data_dir()), "HF_HUB_OFFLINE": "1",
                         "HF_DATASETS_OFFLINE": "1"}

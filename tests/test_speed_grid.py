@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from evaluation import grid, speed_grid
-from tests.conftest import build, shared_data_dir, tiny_neox_config
+from tests.conftest import shared_data_dir
 
 SMALL = ["--model", "EleutherAI/pythia-70m", "--random-init", "--device", "cpu", "--prompt_tokens", "80",
          "--new_tokens", "3", "--repeats", "1"]
@@ -31,13 +31,6 @@ def test_a_grid_writes_one_file_per_cell_a_summary_and_plots(tmp_path):
     assert "| decoder |" in (tmp_path / "summary.md").read_text()
     for plot in ("tpot.png", "throughput.png", "tpot_smallest_batch.png"):
         assert (tmp_path / plot).stat().st_size > 0
-
-
-@pytest.fixture(scope="module")
-def tiny_pythia_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-pythia")
-    build(tiny_neox_config(max_position_embeddings=256)).save_pretrained(folder)
-    return folder
 
 
 def test_real_weights_are_timed_on_a_prompt_cut_from_the_text(tiny_pythia_folder, tmp_path):

@@ -13,7 +13,7 @@ import torch
 from accelerate import PartialState
 
 from evaluation import grid, perplexity, speed_grid, sweep
-from tests.conftest import build, shared_data_dir, tiny_neox_config
+from tests.conftest import shared_data_dir
 
 QUALITY = ["--press", "snapkv", "knorm", "--compression_ratio", "0.25", "0.5", "--eval_tokens", "32",
            "--num_windows", "2", "--device", "cpu"]
@@ -33,13 +33,6 @@ quality, speed = json.loads(sys.argv[1]), json.loads(sys.argv[2])
 perplexity.main(quality)
 speed_grid.main(speed)
 """
-
-
-@pytest.fixture(scope="module")
-def tiny_pythia_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-pythia")
-    build(tiny_neox_config(max_position_embeddings=256)).save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
