@@ -128,7 +128,7 @@ def test_equal_bytes_numbers_are_the_result_files(built):
     reported = groups[(0, 32)] + eviction
     best = best_baselines(reported)
     quarter = best[0.25]
-    assert quarter["method"] == "h2o+kivi4"
+    assert quarter["method"] == "h2o+kivi_rot4"
     assert values["ebBestA"] == f"{quarter['delta_pct']:+.2f}"
     assert values["ebBestALo"] == f"{quarter['delta_pct_ci95'][0]:+.2f}"
     assert values["ebBestC"] == f"{best[0.0625]['delta_pct']:+.2f}"
@@ -148,35 +148,35 @@ def test_equal_bytes_numbers_are_the_result_files(built):
 EQUAL_BYTES = "results/smollm2-135m_equal_bytes_h200"
 
 
-def test_equal_bytes_selection_is_pooled_over_call11_and_call12(built):
-    """RD-KV's reported rows are one selection over call11's and call12's tuning files together: per
-    target the lowest-PPL setting of both grids on windows 32-39, run on windows 0-31 (call11's
-    selected_0.0625.json, its own grid's choice, is not one of them); every RD-KV byte fraction
-    below the baseline's."""
+def test_equal_bytes_selection_is_pooled_over_call11_to_call13(built):
+    """RD-KV's reported rows are one selection over call11's, call12's and call13's tuning files
+    together: per target the lowest-PPL setting of the grids on windows 32-39, run on windows 0-31
+    by call13 (call11's selected_0.0625.json, its own grid's choice, is not one of them); every
+    RD-KV byte fraction below the baseline's."""
     generator, _, values = built
     names = {path.relative_to(REPO).as_posix() for path in generator.result_files(generator.SOURCES["equal_bytes_rdkv"], REPO)}
-    assert f"{EQUAL_BYTES}/call12/selected_0.0625.json" in names
+    assert f"{EQUAL_BYTES}/call13/selected_0.0625.json" in names
     assert f"{EQUAL_BYTES}/call11/selected_0.0625.json" not in names
     assert not any("/call10/" in name for name in names)  # its tag was undercounted
-    tuning = [row for folder in ("call11", "call12") for path in sorted((REPO / EQUAL_BYTES / folder).glob("tune_*.json"))
+    tuning = [row for folder in ("call11", "call12", "call13")
+              for path in sorted((REPO / EQUAL_BYTES / folder).glob("tune_*.json"))
               for row in json.loads(path.read_text())["rows"] if row["method"].startswith("rdkv")]
     assert values["ebTuneSettings"] == str(len({row["method"] for row in tuning}))
-    for letter, target, name in (("A", 0.25, "call11/selected_0.25.json"), ("B", 0.125, "call11/selected_0.125.json"),
-                                 ("C", 0.0625, "call12/selected_0.0625.json")):
+    for letter, target, name in (("A", 0.25, "call13/selected_0.25.json"), ("B", 0.125, "call13/selected_0.125.json"),
+                                 ("C", 0.0625, "call13/selected_0.0625.json")):
         (ours,) = [r for r in json.loads((REPO / EQUAL_BYTES / name).read_text())["rows"] if r["method"].startswith("rdkv")]
         assert ours["method"] == min((r for r in tuning if r["target"] == target), key=lambda r: r["ppl"])["method"]
         assert values[f"ebOurs{letter}Bytes"] == f"{100 * ours['kv_bytes_fraction']:.2f}"
         assert float(values[f"ebOurs{letter}Bytes"]) < float(values[f"ebBest{letter}Bytes"])
-    # the compositions ran at their commits' default accumulated (0 then), the 25% setting at 0.5
+    # the compositions ran with accumulated off (the composition's default), the 25% setting at 0.5;
+    # rotation where the setting names it
     assert (values["ebAccA"], values["ebAccB"], values["ebAccC"]) == ("0.5", "0", "0")
-    assert values["ebOursA"] == "+0.56" and values["ebGoalA"] == "+0.5" and values["ebGoalAGap"] == "0.06"
-    (smaller,) = [r for r in json.loads((REPO / EQUAL_BYTES / "call11/selected_0.0625.json").read_text())["rows"]
-                  if r["method"].startswith("rdkv")]
-    assert values["ebSmallerKept"] == f"{100 * float(generator.kept_fraction(smaller)):g}"
+    assert (values["ebRotA"], values["ebRotB"], values["ebRotC"]) == ("rotated", "rotated", "unrotated")
+    assert values["ebOursA"] == "+0.37" and values["ebGoalA"] == "+0.5"
 
 
 def test_equal_bytes_selection_from_one_grid_alone_stops_the_build(built, tmp_path, monkeypatch):
-    """With call11's tuning files alone, its best at 6.25% is not the reported row (call12's): the
+    """Without call12's tuning files, the best at 6.25% is not the reported row (call12's setting): the
     build stops rather than report a row the selection did not choose."""
     generator, _, _ = built
     sources = dict(generator.SOURCES)
@@ -187,10 +187,10 @@ def test_equal_bytes_selection_from_one_grid_alone_stops_the_build(built, tmp_pa
 
 
 def test_equal_bytes_goal_is_checked(built, tmp_path, monkeypatch):
-    """The text says the +0.5% goal at 25% is missed: saying it is met stops the build."""
+    """The text says the +0.5% goal at 25% is met: saying it is missed stops the build."""
     generator, _, _ = built
-    monkeypatch.setattr(generator, "RDKV_GOALS_MET", (True,) + generator.RDKV_GOALS_MET[1:])
-    with pytest.raises(ValueError, match="the text says met"):
+    monkeypatch.setattr(generator, "RDKV_GOALS_MET", (False,) + generator.RDKV_GOALS_MET[1:])
+    with pytest.raises(ValueError, match="the text says missed"):
         generator.build(tmp_path)
 
 
@@ -229,18 +229,19 @@ def _row(path: str, method: str, target: float) -> dict:
 
 
 def test_rdkv_selected_setting_ran_at_todays_defaults(built):
-    """The text calls the 25% setting RDKVPress's defaults: every field as it ran, named or its
-    commit's default, must be today's, accumulated=0.5 among them. call11's 'rdkv[]' ran at its
-    commit's defaults (accumulated 0) and fails; so does the selected row against a default of 0."""
+    """The text calls the 25% setting RDKVPress's defaults, rotated: every field as it ran, named or its
+    commit's default, must be today's (accumulated=0.5 among them) but rotate, which must be on.
+    call11's unrotated selection fails; so does the selected row against a default accumulated of 0."""
     generator, _, _ = built
     defaults = generator.rdkv_defaults(REPO)
     assert float(defaults["accumulated"]) == 0.5
-    selected = _row("call11/selected_0.25.json", "rdkv[accumulated=0.5 recent_tokens=16 evict_weight=4]", 0.25)
+    selected = _row("call13/selected_0.25.json", "rdkv[rotate=1 key_layout=channel]", 0.25)
     generator.check_ran_at_defaults(selected, REPO, defaults)
     with pytest.raises(ValueError, match="accumulated"):
         generator.check_ran_at_defaults(selected, REPO, dict(defaults, accumulated="0.0"))
-    with pytest.raises(ValueError, match="accumulated"):
-        generator.check_ran_at_defaults(_row("call11/tune_reference.json", "rdkv[]", 0.25), REPO, defaults)
+    with pytest.raises(ValueError, match="rotate"):
+        generator.check_ran_at_defaults(_row("call11/selected_0.25.json", "rdkv[accumulated=0.5 recent_tokens=16 evict_weight=4]",
+                                             0.25), REPO, defaults)
     with pytest.raises(ValueError, match="H2O keeps tokens first"):
         generator.check_ran_at_defaults(_row("call11/selected_0.125.json", "rdkv[after_h2o=0.75 evict_weight=16]", 0.125),
                                         REPO, defaults)
