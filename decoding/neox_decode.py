@@ -258,17 +258,29 @@ def decode_step(model, state: StepState):
 
 
 @torch.no_grad()
-def prefill(model, prompts: list[torch.Tensor], press=None) -> tuple[torch.Tensor, list]:
-    """Each prompt (1, length) with the press, prompts of one length together as one batch;
-    returns the last-position logits (batch, vocab) in input order and the (rows, pressed
-    cache) groups."""
+def prefill(model, prompts: list[torch.Tensor], press=None,
+            prefill_batch: int | None = None) -> tuple[torch.Tensor, list]:
+    """Each prompt (1, length) with the press, prompts of one length together as one batch, or
+    in micro-batches of at most ``prefill_batch`` of them (None: all together); returns the
+    last-position logits (batch, vocab) in input order and the (rows, pressed cache) groups.
+
+    Only the last position goes through the output head (a whole prompt's logits would be batch x
+    length x vocab). What a large batch's prefill holds is every sequence's pressed cache plus one
+    forward's activations; micro-batches bound the second (a 160 x 2000 prefill of Pythia-2.8B runs
+    several GB-sized MLP and QKV tensors per layer) and, with a press, the cache one forward
+    holds before its press cuts it. A press scores each sequence on its own, so the tokens are the
+    same either way up to floating-point reassociation of the smaller matmuls."""
     if model.config.model_type != "gpt_neox":
         raise ValueError(f"the plain decode step is written for GPT-NeoX, not {model.config.model_type}")
+    if prefill_batch is not None and prefill_batch < 1:
+        raise ValueError(f"prefill_batch must be at least 1, got {prefill_batch}")
     by_length = {}
     for row, prompt in enumerate(prompts):
         by_length.setdefault(prompt.shape[1], []).append(row)
+    chunks = [rows[start : start + (prefill_batch or len(rows))] for rows in by_length.values()
+              for start in range(0, len(rows), prefill_batch or len(rows))]
     logits, groups = [None] * len(prompts), []
-    for rows in by_length.values():
+    for rows in chunks:
         group_logits, cache = reference.prefill(model, torch.cat([prompts[row] for row in rows]), press)
         for offset, row in enumerate(rows):
             logits[row] = group_logits[offset]
@@ -307,13 +319,13 @@ class OwnsBuffer(Protocol):
 @torch.no_grad()
 def generate(model, prompts: list[torch.Tensor], press, new_tokens: int, step=decode_step, backend: str = "sdpa",
              temperature: float = 0.0, top_k: int | None = None, generator: torch.Generator | None = None,
-             mark: PhaseMarker = no_mark) -> Generation:
+             mark: PhaseMarker = no_mark, prefill_batch: int | None = None) -> Generation:
     """Exactly ``new_tokens`` tokens (no early stop) after each prompt (1, length_i), the press
     applied at prefill; returns the tokens (batch, new_tokens) and the cache sizes (kept: each
     layer's longest kept sequence). ``step``: ``decode_step`` or one from
     decoding/neox_cuda_graphs.py's ``compiled_step``; ``backend``: the attention of the decode step
     and of the prefill. ``mark``: see decoding/reference.py (the first token is marked after the
-    copy into the buffer)."""
+    copy into the buffer). ``prefill_batch``: see ``prefill``."""
     if backend not in ATTENTION_BACKENDS:
         raise unknown_backend(backend)
     device = model.device
@@ -322,7 +334,7 @@ def generate(model, prompts: list[torch.Tensor], press, new_tokens: int, step=de
     noise_shape = (batch, 1, model.config.vocab_size)
     with attention_implementation(model, PREFILL_ATTENTION[backend]):
         mark(START)
-        logits, groups = prefill(model, prompts, press)
+        logits, groups = prefill(model, prompts, press, prefill_batch)
     token = next_token(logits[:, None], temperature, top_k, _noise(noise_shape, device, generator) if sampled else None)
     kept_bytes = sum(kv_bytes(cache) for _, cache in groups)
     buffer = step.load_buffer(groups, new_tokens) if isinstance(step, OwnsBuffer) else load_buffer(groups, new_tokens)

@@ -38,6 +38,13 @@ def plot(frame: pd.DataFrame, value: str, label: str, path: Path) -> None:
 def plot_smallest_batch(frame: pd.DataFrame, path: Path) -> None:
     """TPOT of every cell at the smallest batch size, as bars, with the roofline floor marked."""
     measured = frame[frame["tpot_ms"].notna()] if "tpot_ms" in frame else frame.iloc[0:0]
+    if measured.empty:  # every cell failed (e.g. out of memory): a figure that says so, the summary still written
+        figure, axis = plt.subplots(figsize=(6.4, 1.6))
+        axis.text(0.5, 0.5, "no cell measured (every row is an error)", ha="center", va="center")
+        axis.set_axis_off()
+        save_figure_atomic(figure, path)
+        plt.close(figure)
+        return
     cells = measured[measured.batch_size == measured.batch_size.min()]
     labels = [f"{r.decoder}/{r.decode_attention} {r.method}" + (f" {1 - r.compression_ratio:.0%} kept"
               if r.method != DENSE else "") for r in cells.itertuples()]

@@ -96,6 +96,8 @@ def main(argv=None) -> None:
     parser.add_argument("--compression_ratio", type=float, default=0.5)
     parser.add_argument("--prompt_tokens", type=int, default=2000)
     parser.add_argument("--batch_size", type=int, default=1)
+    parser.add_argument("--prefill_batch", type=int,
+                        help="prefill in micro-batches of this many sequences (default: at once; large batches)")
     parser.add_argument("--backend", default="sdpa", choices=neox_decode.ATTENTION_BACKENDS)
     parser.add_argument("--compile_mode", default="reduce-overhead", choices=neox_cuda_graphs.COMPILE_MODES,
                         help="how the timed CUDA-graph step is compiled (the profiled kernels: the two-stream "
@@ -116,7 +118,7 @@ def main(argv=None) -> None:
     model = speed_frontier.cell_model(loaded.model, cell)
     torch.cuda.set_device(model.device)  # "cuda" below (tensors, events, ceilings) is the model's GPU
     prompts = list(prompt_ids(model.config.vocab_size, args.batch_size, args.prompt_tokens, 0).cuda().split(1))
-    _, groups = neox_decode.prefill(model, prompts, press)
+    _, groups = neox_decode.prefill(model, prompts, press, args.prefill_batch)
     buffer = neox_decode.load_buffer(groups, 8 + args.steps + 8 + args.graph_steps)
     token = torch.full((args.batch_size, 1), 2, device="cuda")
     position = torch.full((args.batch_size, 1), args.prompt_tokens, device="cuda")

@@ -113,15 +113,19 @@ def neox_settings(decoder: str, compile_mode: str, keep_buffer: bool) -> dict:
 
 
 def run_once_for(model, prompt: torch.Tensor, press, new_tokens: int, decoder: str, kv_quant: str = "none",
-                 backend: str = "sdpa", compile_mode: str = "two-stream", keep_buffer: bool = True, step=None):
+                 backend: str = "sdpa", compile_mode: str = "two-stream", keep_buffer: bool = True, step=None,
+                 prefill_batch: int | None = None):
     """A no-argument function generating once with ``decoder`` (see the module docstring).
     ``step``: the neox decoder's step, instead of ``compiled_step(compile_mode, keep_buffer)``
-    (evaluation/speed_frontier.py: the folded step)."""
+    (evaluation/speed_frontier.py: the folded step). ``prefill_batch``: the neox decoder prefills
+    in micro-batches of this many sequences (decoding/neox_decode.py's ``prefill``; None: at once)."""
     compile = model.device.type == "cuda"  # CUDA graphs need CUDA; on CPU the same steps run eagerly
     if decoder not in DECODERS:
         raise ValueError(f"unknown decoder {decoder!r}; choose from {', '.join(DECODERS)}")
     if kv_quant != "none" and decoder != "kvpress":
         raise ValueError("a quantized KV cache runs on the kvpress decoder only (--decoder kvpress)")
+    if prefill_batch is not None and decoder != "neox":
+        raise ValueError("micro-batched prefill (prefill_batch) is the neox decoder's only")
     hf_attention = decoder_named(decoder).hf_attention
     if hf_attention is not None:
         if press is not None:
@@ -137,19 +141,20 @@ def run_once_for(model, prompt: torch.Tensor, press, new_tokens: int, decoder: s
     if decoder == "neox":
         step = step or neox_cuda_graphs.compiled_step(compile, compile_mode, keep_buffer)
         return functools.partial(timed, neox_decode.generate, device, model, list(prompt.split(1)), press, new_tokens,
-                                 step=step, backend=backend)
+                                 step=step, backend=backend, prefill_batch=prefill_batch)
     return functools.partial(timed, kvpress_generate, device, model, prompt, press, new_tokens, kv_quant)
 
 
 def measure(model, prompt: torch.Tensor, press, new_tokens: int, repeats: int = 3, warmup: int = 1,
             decoder: str = "kvpress", kv_quant: str = "none", backend: str = "sdpa",
             compile_mode: str = "two-stream", keep_buffer: bool = True, ceilings: Ceilings | None = None,
-            step=None, weight_quant: str = "none") -> dict:
+            step=None, weight_quant: str = "none", prefill_batch: int | None = None) -> dict:
     """Median timings over ``repeats`` runs after ``warmup`` runs (compilation happens there),
     peak memory of the last run, and the TPOT floors (evaluation/roofline.py) at every layer's own
     kept length over ``ceilings`` (default: measured on the model's device once per process,
     evaluation/ceilings.py). ``step``: see ``run_once_for``; ``weight_quant``: the scheme the
-    model's weights are in (decoding/weight_quant.py), for the floors' bytes.
+    model's weights are in (decoding/weight_quant.py), for the floors' bytes; ``prefill_batch``:
+    see ``run_once_for`` (recorded in the row).
 
     The cost of the first call, for every decoder alike: ``first_call_s`` is the wall time (host
     clock, CUDA-synchronised) of the first warm-up run, one whole generation as the timed runs
@@ -165,7 +170,7 @@ def measure(model, prompt: torch.Tensor, press, new_tokens: int, repeats: int = 
         raise ValueError("--new_tokens must be at least 2 to time decode steps")
     device = model.device
     run_once = run_once_for(model, prompt, press, new_tokens, decoder, kv_quant, backend, compile_mode, keep_buffer,
-                            step)
+                            step, prefill_batch)
     ceilings = ceilings or machine_ceilings(device)
     warmup_s = []
     for _ in range(warmup):
@@ -198,6 +203,7 @@ def measure(model, prompt: torch.Tensor, press, new_tokens: int, repeats: int = 
         "batch_size": batch,
         "prompt_tokens": prompt_len,
         "new_tokens": new_tokens,
+        **({"prefill_batch": prefill_batch} if prefill_batch is not None else {}),
         "repeats": repeats,
         "ttft_ms": 1e3 * ttft,
         "tpot_ms": tpot_ms,

@@ -25,7 +25,13 @@ The measurement is in the header of every file and its figures in every row; ``-
 first call cost (``first_call_s``, ``compile_s``: evaluation/speed.py's ``measure``).
 Once a (decoder, method, ratio, prompt, new tokens) runs out of GPU memory at some batch size,
 its larger batch sizes are recorded as out of memory without trying: the largest batch that fits
-is the last one measured. Errors in the arguments exit with code 2 and one line, writing no file.
+is the last one measured. ``--batch_size max`` searches for it instead (evaluation/grid.py's
+``largest_batch``): from an estimate of what the free memory holds (or ``--max_batch_start``) up or
+down until one batch fits and another does not, then bisection to ``--max_batch_step``; every tried
+batch is a row (the ones out of memory with their error and ``oom_detail``: what could not be
+allocated, where), the largest that fit marked ``largest_fit``. ``--prefill_batch N``: the neox
+decoder prefills N sequences at a time (large batches: the prefill's activations, not the KV
+cache, are then what is left to fit). Errors in the arguments exit with code 2 and one line, writing no file.
 
 Over the GPUs of a host (evaluation/sweep.py): ``accelerate launch --num_processes N
 evaluation/speed_grid.py ...`` gives each process whole families of cells (one method's batch
@@ -42,8 +48,8 @@ from decoding.neox_cuda_graphs import COMPILE_MODES
 from decoding.neox_decode import ATTENTION_BACKENDS
 from decoding.registry import DECODER_NAMES
 from evaluation import cli, sweep
-from evaluation.grid import (RANDOM_PROMPT, cell_name, cells, families, measure_cells, measured, merge, merged_header,
-                             run_ceilings)
+from evaluation.grid import (MAX_BATCH, RANDOM_PROMPT, batch_size_arg, cell_name, cells, families, measure_cells,
+                             measured, merge, merged_header, run_ceilings)
 from evaluation.grid_summary import summarize
 from evaluation.methods import press_settings
 from evaluation.models import TokenizedText, check_attn_implementation, data_dir, tokenized_text
@@ -75,7 +81,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dense", action=argparse.BooleanOptionalAction, default=True,
                         help="a dense cell beside the presses (--no-dense: the presses alone, e.g. at batch sizes "
                              "where dense does not fit)")
-    parser.add_argument("--batch_size", type=int, nargs="+", default=[1])
+    parser.add_argument("--batch_size", type=batch_size_arg, nargs="+", default=[1],
+                        help="batch sizes, or max: search for the largest that fits (--max_batch_*)")
+    search = parser.add_argument_group("largest batch (--batch_size max)")
+    search.add_argument("--max_batch_start", type=int,
+                        help="first batch tried (default: on a GPU the estimate of evaluation/grid.py's "
+                             "estimated_largest_batch from the free memory, rounded up to the step; else the step)")
+    search.add_argument("--max_batch_step", type=int, default=8,
+                        help="resolution: the search ends when a batch that fits and one that does not are this close")
+    search.add_argument("--max_batch_tries", type=int, help="at most this many batches tried per method")
+    search.add_argument("--max_batch_time_s", type=float,
+                        help="no new batch tried once the search of a method has run this long")
+    parser.add_argument("--prefill_batch", type=int,
+                        help="neox decoder: prefill in micro-batches of this many sequences (default: the whole "
+                             "batch at once); bounds the prefill's activations at large batches")
     parser.add_argument("--prompt_tokens", type=int, nargs="+", default=[2000])
     parser.add_argument("--new_tokens", type=int, nargs="+", default=[256], help="forced generation length (no early EOS)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per cell (median), after one warm-up")
@@ -99,9 +118,18 @@ def check_args(args) -> None:
         check_compression_ratio(ratio)
     if min(args.new_tokens) < 2:
         raise PressConfigError("--new_tokens must be at least 2 to time decode steps")
-    for option in ("batch_size", "prompt_tokens"):
-        if min(getattr(args, option)) < 1:
-            raise PressConfigError(f"--{option} must be at least 1, got {min(getattr(args, option))}")
+    if MAX_BATCH in args.batch_size and len(args.batch_size) > 1:
+        raise PressConfigError("--batch_size max searches for the largest batch: give it alone")
+    if MAX_BATCH in args.batch_size and args.merge:
+        raise PressConfigError("--batch_size max measures: not with --merge")
+    numbers = {"prompt_tokens": args.prompt_tokens, "batch_size": [b for b in args.batch_size if b != MAX_BATCH]}
+    numbers |= {option: [getattr(args, option)] for option in ("max_batch_start", "max_batch_step", "max_batch_tries",
+                                                                "prefill_batch") if getattr(args, option) is not None}
+    for option, values in numbers.items():
+        if values and min(values) < 1:
+            raise PressConfigError(f"--{option} must be at least 1, got {min(values)}")
+    if args.prefill_batch is not None and "neox" not in args.decoder:
+        raise PressConfigError("--prefill_batch is the neox decoder's: --decoder neox")
     if args.repeats < 1:
         raise PressConfigError(f"--repeats must be at least 1, got {args.repeats}")
     if args.bandwidth is not None and args.peak_tflops is None:
@@ -138,6 +166,8 @@ def measure_grid(args) -> tuple[dict, list[dict]] | None:
     then on the main process every cell's (on the others None)."""
     check_args(args)
     state = sweep.launched(args)  # None: one process
+    if state is not None and MAX_BATCH in args.batch_size:
+        raise PressConfigError("--batch_size max runs in one process (its tries depend on each other)")
     text = prompt_text(args)
     loaded = cli.load(args, args.attn_implementation, args.data_dir)
     if text is not None:

@@ -57,6 +57,23 @@ def test_prompts_of_different_lengths_in_one_batch_decode_as_if_alone(model):
     assert torch.equal(together, torch.cat(alone))
 
 
+@pytest.mark.parametrize("name", [None, "snapkv"])
+def test_a_prefill_in_micro_batches_gives_the_tokens_and_buffer_of_one_prefill(model, name):
+    """--prefill_batch: 5 sequences prefilled 2 at a time (a last micro-batch of 1), prompts of two
+    lengths among them, decode exactly as the whole batch prefilled at once."""
+    press = make_press(name, 0.5) if name else None
+    batch = list(prompts(3, 100).split(1)) + list(prompts(2, 80, seed=6).split(1))
+    whole = neox_decode.generate(model, batch, press, 10)
+    micro = neox_decode.generate(model, batch, press, 10, prefill_batch=2)
+    assert torch.equal(micro.tokens, whole.tokens)
+    assert micro.kept_tokens_per_layer == whole.kept_tokens_per_layer
+    assert micro.kv_bytes_final == whole.kv_bytes_final and micro.kv_bytes_after_prefill == whole.kv_bytes_after_prefill
+    _, groups = neox_decode.prefill(model, batch, press, prefill_batch=2)
+    assert [rows for rows, _ in groups] == [[0, 1], [2], [3, 4]]
+    with pytest.raises(ValueError, match="prefill_batch"):
+        neox_decode.prefill(model, batch, press, prefill_batch=0)
+
+
 def test_branches_compiled_apart_give_the_same_tokens_and_compile_once_for_all_layers():
     # The two-stream step (CUDA) compiles each layer's attention and MLP branch on its own; every
     # layer must reuse those graphs (a recompile per layer would hit dynamo's limit and fall back).

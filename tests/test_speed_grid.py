@@ -84,6 +84,104 @@ def test_out_of_memory_stops_larger_batches_of_the_same_method(tmp_path, monkeyp
     assert rows[2]["keep_buffer"] is rows[4]["keep_buffer"] is rows[1]["keep_buffer"] is True
 
 
+def test_an_error_raised_while_out_of_memory_is_out_of_memory():
+    try:
+        try:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        except RuntimeError:
+            raise RuntimeError("operation failed due to a previous error during capture")  # noqa: B904
+    except RuntimeError as error:
+        assert str(grid.out_of_memory_in(error)).startswith("CUDA out of memory. Tried")
+    assert grid.out_of_memory_in(ValueError("bad")) is None
+
+
+def test_a_grid_whose_every_cell_is_out_of_memory_still_writes_its_summary(tmp_path, monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(grid, "measure", out_of_memory)
+    speed_grid.main(SMALL + ["--decoder", "neox", "--press", "--batch_size", "1", "2", "--output_dir", str(tmp_path)])
+    rows = json.loads((tmp_path / "summary.json").read_text())["rows"]
+    assert [r["error"] for r in rows] == ["CUDA out of memory", "not run: a smaller batch was already out of memory"]
+    assert rows[0]["oom_detail"].startswith("CUDA out of memory. Tried to allocate 2.00 GiB at ")
+    assert "| CUDA out of memory |" in (tmp_path / "summary.md").read_text()
+    for plot in ("tpot.png", "throughput.png", "tpot_smallest_batch.png"):
+        assert (tmp_path / plot).stat().st_size > 0
+
+
+@pytest.mark.parametrize("start, step, fitting, expected_tries", [
+    (16, 4, 23, [16, 20, 28, 24]),  # up from a batch that fits, then bisection
+    (64, 8, 23, [64, 56, 40, 8, 24, 16]),  # down from one that does not
+    (16, 16, 16, [16, 32]),
+    (4, 4, 0, [4, 1]),  # nothing fits
+    (1, 4, 1000, [1, 5, 13, 29, 61, 125, 253, 509, 1021, 765, 893, 957, 989, 1005, 997, 1001]),
+])
+def test_the_largest_batch_search_brackets_then_bisects_to_the_step(start, step, fitting, expected_tries):
+    largest, tried = grid.largest_batch(lambda batch: batch <= fitting, start, step)
+    assert tried == expected_tries
+    fits = [b for b in tried if b <= fitting]
+    assert largest == (max(fits) if fits else None)
+    if fits:
+        # within the step of the first batch that does not fit, and no larger batch was one
+        assert min(b for b in tried if b > fitting) - largest <= step
+
+
+def test_the_largest_batch_search_stops_at_its_tries_and_at_other_failures():
+    assert grid.largest_batch(lambda batch: batch <= 23, 16, 4, max_tries=2) == (20, [16, 20])
+    assert grid.largest_batch(lambda batch: None if batch > 20 else True, 16, 4) == (20, [16, 20, 28])
+    calls = []
+    assert grid.largest_batch(lambda batch: calls.append(batch) or True, 8, 8, out_of_time=lambda: len(calls) == 3) == (
+        32, [8, 16, 32])
+
+
+def test_batch_size_max_measures_every_tried_batch_and_marks_the_largest_that_fits(tmp_path, monkeypatch):
+    """A fake out of memory above 5 sequences (raised as torch raises it on a GPU) on the CPU."""
+    real_measure, batches = grid.measure, []
+
+    def measure_fitting_five(model, prompt, *args, **kwargs):
+        batches.append((prompt.shape[0], kwargs["prefill_batch"]))
+        if prompt.shape[0] > 5:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_measure(model, prompt, *args, **kwargs)
+
+    monkeypatch.setattr(grid, "measure", measure_fitting_five)
+    speed_grid.main(SMALL + ["--decoder", "neox", "--press", "--batch_size", "max", "--max_batch_start", "2",
+                             "--max_batch_step", "2", "--prefill_batch", "2", "--output_dir", str(tmp_path)])
+    assert batches == [(2, 2), (4, 2), (8, 2), (6, 2)]
+    rows = json.loads((tmp_path / "summary.json").read_text())["rows"]
+    assert [(r["batch_size"], r.get("error"), r["largest_fit"]) for r in rows] == [
+        (2, None, False), (4, None, True), (8, "CUDA out of memory", False), (6, "CUDA out of memory", False)]
+    assert rows[1]["prefill_batch"] == 2 and "tpot_ms" in rows[1]
+    assert json.loads((tmp_path / "neox_sdpa_dense_r0_b4_p80_n3.json").read_text())["rows"][0]["largest_fit"] is True
+    assert sorted(p.name for p in tmp_path.glob("neox_*.json")) == [
+        f"neox_sdpa_dense_r0_b{b}_p80_n3.json" for b in (2, 4, 6, 8)]
+
+
+def test_batch_size_max_goes_alone_and_prefill_batch_needs_the_neox_decoder(tmp_path):
+    for extra in (["--batch_size", "max", "4"], ["--decoder", "kvpress", "--prefill_batch", "4"],
+                  ["--batch_size", "max", "--max_batch_step", "0"]):
+        with pytest.raises(SystemExit) as exit_info:
+            speed_grid.main(SMALL + ["--press"] + extra + ["--output_dir", str(tmp_path)])
+        assert exit_info.value.code == 2
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_estimate_fills_the_free_memory_with_kv_and_one_micro_batchs_prefill():
+    from evaluation import roofline
+
+    config = roofline.load_config("EleutherAI/pythia-2.8b")
+    gib = 2**30
+    per_sequence = 32 * 2 * 2560 * 2 * 2256  # dense KV of 2000 + 256 tokens, fp16
+    activations = 2 * 2000 * (16 * 2560 + 2 * 10240)
+    dense = grid.estimated_largest_batch(config, 2000, 256, 0.0, 133 * gib, 16)
+    assert dense == int((133 * gib - 2 * gib - 16 * activations) // per_sequence)
+    assert 170 < dense < 190
+    snapkv = grid.estimated_largest_batch(config, 2000, 256, 0.75, 133 * gib, 16)
+    assert snapkv == int((133 * gib - 2 * gib - 16 * activations) // (32 * 2 * 2560 * 2 * 756))
+    # the whole batch prefilled at once: every sequence's activations on top of its KV (why 160 did not fit)
+    assert grid.estimated_largest_batch(config, 2000, 256, 0.0, 133 * gib, None) < 160
+
+
 def test_merge_combines_the_cells_of_several_calls(tmp_path):
     first, second, merged = tmp_path / "a", tmp_path / "b", tmp_path / "merged"
     speed_grid.main(SMALL + ["--decoder", "kvpress", "--press", "--output_dir", str(first)])

@@ -13,11 +13,13 @@
 #             weights (torchao, folded), dense and SnapKV 25%.
 #   fp16:     (1), then the profiles of the plain, folded and folded Triton steps.
 #   quant:    (3)-(5) alone (when frontier's budget cuts its last stages).
-#   batch:    the largest batch at a 2k context, dense and SnapKV keeping 25% (evaluation/speed_grid.py,
-#             two-stream, --no-keep_buffer: a batch that does not fit is recorded as out of memory and
-#             larger ones are not tried), then decode attention's kernels at batch 64 and 128 (SDPA) and
-#             64 (FlexAttention's split-KV decoding kernel) against the KV bytes over the copy bandwidth
-#             (profile_step.py).
+#   batch:    the largest batch at a 2k context, dense and SnapKV keeping 25% (evaluation/speed_grid.py
+#             --batch_size max: from the estimate of what the free memory holds, up or down until a batch
+#             fits and one does not, bisected to 16; each tried batch a full 256-token row, one warm-up and
+#             one timed run, out of memory recorded as such; two-stream, --no-keep_buffer, the prefill in
+#             micro-batches of 16), then decode attention's kernels (SDPA) at the largest dense batch that
+#             fit, and at batch 64 with FlexAttention's split-KV decoding kernel if the budget leaves time,
+#             against the KV bytes over the copy bandwidth (profile_step.py).
 set -u
 part=${1:-frontier}
 work=/tmp/speed_frontier_$part
@@ -49,14 +51,22 @@ case "$part" in
         profile_cell folded_triton folded:fp16_triton ;;
   quant) quant_cells ;;
   batch)
-    grid="evaluation/speed_grid.py $common --new_tokens 256 --decoder neox --repeats 1 --no-keep_buffer"
-    stage 150 batch_dense $grid --press --batch_size 160 176 192 --output_dir "$work/batch_dense"
-    stage 200 batch_snapkv $grid --press snapkv --compression_ratio 0.75 --no-dense --batch_size 448 512 576 \
+    # The first try is the estimate rounded up to 16. One that fits costs one to one and a half
+    # minutes (its compile, then two 256-token generations), one that does not about a prefill: no
+    # new try is begun once a search has run --max_batch_time_s, so that it ends within its stage.
+    grid="evaluation/speed_grid.py $common --new_tokens 256 --decoder neox --repeats 1 --no-keep_buffer
+      --batch_size max --max_batch_step 16 --max_batch_tries 4 --prefill_batch 16"
+    stage 150 batch_dense $grid --press --max_batch_time_s 60 --output_dir "$work/batch_dense"
+    stage 200 batch_snapkv $grid --press snapkv --compression_ratio 0.75 --no-dense --max_batch_time_s 90 \
       --output_dir "$work/batch_snapkv"
-    for run in "64 sdpa" "128 sdpa" "64 flex"; do
+    # the largest dense batch measured (every cell file, so a search cut short still names one)
+    largest=$(python3 -c 'import json, sys
+rows = [json.load(open(path))["rows"][0] for path in sys.argv[1:]]
+print(max([row["batch_size"] for row in rows if "tpot_ms" in row] or [64]))' "$work"/batch_dense/neox_*.json 2>/dev/null || echo 64)
+    for run in "$largest sdpa" "64 flex"; do
       set -- $run
       stage 80 "attention_b$1_$2" $profile --cell plain:fp16 --batch_size $1 --backend $2 --steps 10 \
-        --graph_steps 20 --output "$work/attention_b$1_$2/profile.json"
+        --graph_steps 20 --prefill_batch 16 --output "$work/attention_b$1_$2/profile.json"
     done ;;
   *) echo "usage: speed_frontier.sh frontier|fp16|quant|batch" >&2; exit 2 ;;
 esac
