@@ -5,7 +5,7 @@
 #   context:   WikiText-2 test, NUM_WINDOWS windows of CONTEXT_TOKENS prefilled + EVAL_TOKENS scored;
 #              uniform quantization, eviction presses, eviction then quantization (H2O, SnapKV), and
 #              RD-KV at each byte target with the setting chosen on SmolLM2's tuning windows
-#              (results/smollm2-135m_equal_bytes_h200/README.md, call11 + call12); table.md and
+#              (results/smollm2-135m_equal_bytes_h200/README.md, call13's selection); table.md and
 #              equal_bytes.png from evaluation/equal_bytes_report.py
 #   streaming: both PG-19-style books (sample_idx 0 and 1), the first MAX_TOKENS tokens in chunks of
 #              128, a budget of BUDGET_TOKENS tokens' fp16 bytes: each eviction rule in fp16 and
@@ -31,11 +31,11 @@ context_run() { "$python" evaluation/equal_bytes.py "${model_args[@]}" "${contex
 context_run --part uniform --output "$out/uniform.json"
 context_run --part eviction --output "$out/eviction.json"
 context_run --part composites --output "$out/composites.json"
-# target: setting (the pooled best of call11 and call12 on SmolLM2's windows 32-39; the two compositions
-# ran before accumulated=0.5 became the default, so they name accumulated=0)
-context_run --part rdkv --targets 0.25 --rdkv "accumulated=0.5" --output "$out/rdkv_0.25.json"
-context_run --part rdkv --targets 0.125 --rdkv "after_h2o=0.75 evict_weight=16 accumulated=0" --output "$out/rdkv_0.125.json"
-context_run --part rdkv --targets 0.0625 --rdkv "after_h2o=0.3 evict_weight=16 accumulated=0" --output "$out/rdkv_0.0625.json"
+# target: setting (the pooled best of call11-call13 on SmolLM2's windows 32-39; the compositions run
+# with RD-KV's own accumulated evidence off, evaluation/equal_bytes.py's default after H2O)
+context_run --part rdkv --targets 0.25 --rdkv "rotate=1 key_layout=channel" --output "$out/rdkv_0.25.json"
+context_run --part rdkv --targets 0.125 --rdkv "after_h2o=0.6 evict_weight=16 rotate=1 key_layout=token" --output "$out/rdkv_0.125.json"
+context_run --part rdkv --targets 0.0625 --rdkv "after_h2o=0.3 evict_weight=16" --output "$out/rdkv_0.0625.json"
 "$python" evaluation/equal_bytes_report.py "$out"/uniform.json "$out"/eviction.json "$out"/composites.json \
   "$out"/rdkv_*.json --output "$out/equal_bytes" > "$out/table.md"
 

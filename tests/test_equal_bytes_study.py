@@ -19,9 +19,8 @@ def test_the_study_writes_both_protocols_rows_and_the_report(tiny_pythia_folder,
                             capture_output=True, text=True, env=env, timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
     table = (out / "table.md").read_text()
-    for setting in ("rdkv[accumulated=0.5]", "rdkv[after_h2o=0.75 evict_weight=16 accumulated=0]",
-                    "rdkv[after_h2o=0.3 evict_weight=16 accumulated=0]",
-                    "h2o+kivi4", "kivi4"):
+    for setting in ("rdkv[rotate=1 key_layout=channel]", "rdkv[after_h2o=0.6 evict_weight=16 rotate=1 key_layout=token]",
+                    "rdkv[after_h2o=0.3 evict_weight=16]", "h2o+kivi_rot4", "kivi4"):
         assert setting in table
     assert (out / "equal_bytes.png").stat().st_size > 0
     for book in (0, 1):
