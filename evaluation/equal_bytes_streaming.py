@@ -16,7 +16,8 @@ StreamingLLM's rule (sinks and the newest tokens) that is uniform quantization; 
 eviction then quantization. Quantized rows give tokens their places in the text as positions
 (StreamingLLM and TreeKV in fp16 count them in the cache). ``--part rdkv``: RDKVBudgetPress with each --rdkv setting
 (evaluation/equal_bytes.py's syntax), RD-KV re-allocating the whole cache whenever a call pushes
-it past the budget.
+it past the budget (its own settings beside RD-KV's: carry_received=0 for the call's evidence alone,
+realloc_slack=N).
 
 Every row is scored on the tokens past the budget (the first --budget_tokens tokens every
 method scores against an uncompressed cache), in 1024-token stretches: PPL with its 95%
@@ -25,7 +26,9 @@ evaluation/intervals.py). With --versus FILE... (baselines of the same text and 
 row is also paired against their best row at its budget (lowest PPL). A row's
 ``kv_bytes_fraction`` is the mean over calls of the bytes held after the call, over the budget's
 fp16 bytes; ``peak_kv_bytes_fraction`` the largest: the run stops if any method exceeds 1.
-Each part runs its own dense row first.
+Each part runs its own dense row first. ``--first_token N`` streams the text from its N-th token
+(the N-th at position 0): a stretch of the text kept apart for tuning, the reported runs starting
+at 0.
 """
 
 import json
@@ -73,14 +76,26 @@ def baselines(args, budget: int) -> tuple[list[tuple[str, object]], dict[str, st
 
 
 def rdkv_presses(settings: list[str], budget: int) -> list[tuple[str, object]]:
-    """(name, press): RDKVBudgetPress at ``budget`` with each setting."""
+    """(name, press): RDKVBudgetPress at ``budget`` with each setting: RDKVPress's (evaluation/
+    equal_bytes.py's syntax) and the streaming press's own, carry_received=0/1 and realloc_slack=N."""
     configs = []
     for text in settings:
-        setting = rdkv_setting(text)
+        streaming, rest = {}, []
+        for item in text.split():
+            key, _, value = item.partition("=")
+            if key == "carry_received":
+                if value not in ("0", "1"):
+                    raise ValueError(f"carry_received is 0 or 1, got {value!r} in {text!r}")
+                streaming[key] = value == "1"
+            elif key == "realloc_slack":
+                streaming[key] = int(value)
+            else:
+                rest.append(item)
+        setting = rdkv_setting(" ".join(rest))
         if "after_h2o" in setting:
             raise PressConfigError("after_h2o composes H2O with RD-KV after prefill (evaluation/equal_bytes.py); "
                                    "it has no streaming form")
-        configs.append((f"rdkv[{text}]", RDKVBudgetPress(RDKVPress(**setting), budget_tokens=budget)))
+        configs.append((f"rdkv[{text}]", RDKVBudgetPress(RDKVPress(**setting), budget_tokens=budget, **streaming)))
     return configs
 
 
@@ -121,8 +136,8 @@ def best_rows(paths: list[Path], header: dict) -> dict[int, dict]:
     best = {}
     for path in paths:
         payload = json.loads(path.read_text())
-        for key in ("data", "chunk_tokens", "max_tokens"):
-            if payload.get(key) != header[key]:
+        for key in ("data", "chunk_tokens", "first_token", "max_tokens"):
+            if payload.get(key, 0 if key == "first_token" else None) != header[key]:  # files before it: token 0
                 raise ValueError(f"--versus {path}: its {key} {payload.get(key)!r} is not this run's {header[key]!r}")
         for row in payload["rows"]:
             if row["method"] != "dense" and row["ppl"] < best.get(row["budget_tokens"], {"ppl": float("inf")})["ppl"]:
@@ -152,6 +167,8 @@ def main(argv=None) -> None:
                        help="the byte budget per layer: this many tokens' keys and values in fp16 (one row per method each)")
     study.add_argument("--chunk_tokens", type=int, default=128, help="tokens fed per call")
     study.add_argument("--max_tokens", type=int, default=8193, help="the text's first tokens streamed (64 calls of 128)")
+    study.add_argument("--first_token", type=int, default=0,
+                       help="stream the text from this token (a held-out stretch for tuning; reported runs: 0)")
     study.add_argument("--scorers", nargs="+", choices=SCORERS, default=list(SCORERS), help="--part baselines: eviction rules")
     study.add_argument("--bits", type=int, nargs="+", choices=[2, 3, 4, 8], default=[2, 4, 8],
                        help="--part baselines: widths the quantized baselines store")
@@ -166,6 +183,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if min(args.budget_tokens) < 2 or args.chunk_tokens < 1:
         parser.error("--budget_tokens must be at least 2 and --chunk_tokens at least 1")
+    if args.first_token < 0:
+        parser.error(f"--first_token must be at least 0, got {args.first_token}")
     if args.max_tokens - 1 <= max(args.budget_tokens):
         parser.error(f"--max_tokens {args.max_tokens} scores no token past the budget {max(args.budget_tokens)}")
 
@@ -175,14 +194,16 @@ def main(argv=None) -> None:
     for budget in args.budget_tokens:  # bad settings fail before the model loads
         configs(budget)
     text = tokenized_text(args.model, args.random_init, args.dataset, data_dir(args.data_dir), args.sample_idx)
-    if text.ids.numel() < args.max_tokens:
-        raise ProtocolError(f"{text.source} has {text.ids.numel()} tokens, fewer than --max_tokens {args.max_tokens}")
+    ids = text.ids[args.first_token :]
+    if ids.numel() < args.max_tokens:
+        raise ProtocolError(f"{text.source} has {ids.numel()} tokens from token {args.first_token}, fewer than "
+                            f"--max_tokens {args.max_tokens}")
     loaded = load(args, data_dir=args.data_dir)
     header = result_header(args, loaded, protocol="streaming", data=text.source, chunk_tokens=args.chunk_tokens,
-                           max_tokens=args.max_tokens, budget_tokens=args.budget_tokens,
+                           first_token=args.first_token, max_tokens=args.max_tokens, budget_tokens=args.budget_tokens,
                            scored="the tokens past each budget, in 1024-token stretches")
     best = best_rows(args.versus, header) if args.versus else {}
-    dense = measure(loaded.model, text.ids, None, args)
+    dense = measure(loaded.model, ids, None, args)
     rows, not_run = [], {}
     for budget in args.budget_tokens:
         budget_bytes = fp16_kv_bytes(loaded.model.config, budget)
@@ -190,7 +211,7 @@ def main(argv=None) -> None:
         presses, skipped = configs(budget)
         not_run |= skipped
         for name, press in presses:
-            row = row_for(name, budget, measure(loaded.model, text.ids, press, args), dense, budget_bytes)
+            row = row_for(name, budget, measure(loaded.model, ids, press, args), dense, budget_bytes)
             if row["peak_kv_bytes_fraction"] > 1:
                 raise RuntimeError(f"{name} at budget {budget} held {row['peak_kv_bytes_fraction']:.4f} of the "
                                    "budget's bytes after a call: not at equal bytes")

@@ -6,9 +6,11 @@ import math
 from dataclasses import dataclass, field, replace
 
 import torch
+import torch.nn.functional as F
 from kvpress import BasePress
 from torch import nn
 
+from presses.attention import attention_rows
 from presses.errors import PressConfigError
 from presses.quantize import (CHANNEL_STATS_BYTES, FP16_BYTES, GROUP_SIDE_BYTES, channel_stats, quantize_per_channel,
                               quantize_per_token, token_bytes)
@@ -35,19 +37,36 @@ class RDKVBudgetPress(BasePress):
     budget, the allocation runs again with its budget lowered by the excess, so the store never
     exceeds the budget after a call. ``stored_bytes`` holds each layer's bytes after the last call.
 
-    Positions are the tokens' places in the text (BudgetPress's default); keys are never
-    re-rotated. Like BudgetPress it keeps no buffer of earlier queries: the distortions come from
-    the current call's queries (one, when text streams in token by token). One sequence per call.
+    RD-KV's accumulated evidence (``rdkv.accumulated``) spans the stream, as H2O's scores do: per
+    (query head, cached token) the press carries the attention the token has received from every
+    query since it entered the cache (its own included), kept and dropped with the token; with
+    ``rdkv.accumulated_over="all"`` the evidence is that sum over the queries so far (the mean
+    attention of the stream's queries), with ``"visible"`` over the queries that have seen the
+    token. With ``carry_received=False`` it is the current call's only (the mean over its
+    queries), as RD-KV's prefill has it. The window's attention still comes from the current
+    call's last ``window_size`` queries (one, when text streams in token by token).
+
+    A call of fewer than ``realloc_slack`` tokens that pushes the store past the budget has RD-KV
+    allocate down to ``realloc_slack`` (at most half the budget's) fewer fp16 tokens' bytes, so that the next calls fit
+    without allocating again (token-by-token streaming allocates once every ``realloc_slack``
+    tokens, not at every token); longer calls allocate down to the budget itself. Positions are
+    the tokens' places in the text (BudgetPress's default); keys are never re-rotated. One
+    sequence per call.
     """
 
     rdkv: RDKVPress = field(default_factory=RDKVPress)  # the allocation's settings (its compression_ratio is unused)
     budget_tokens: int = 512  # the byte budget per layer: this many tokens' keys and values in fp16
+    carry_received: bool = True  # the accumulated evidence from every query since a token entered (False: the call's)
+    realloc_slack: int = 32  # calls shorter than this allocate down to this many fp16 tokens' bytes below the budget
     stored_bytes: dict = field(default_factory=dict, repr=False)
     layers: dict = field(default_factory=dict, init=False, repr=False)  # layer -> StoredLayer
+    received: dict = field(default_factory=dict, init=False, repr=False)  # layer -> (heads, tokens) attention summed
 
     def __post_init__(self):
         if self.budget_tokens < 2:  # one token's fp16 bytes are what the channel statistics take
             raise PressConfigError(f"budget_tokens must be at least 2, got {self.budget_tokens}")
+        if self.realloc_slack < 0:
+            raise PressConfigError(f"realloc_slack must be at least 0, got {self.realloc_slack}")
         if self.rdkv.rotate or self.rdkv.protect_recent:  # the stored-width bookkeeping has neither yet
             raise PressConfigError("RDKVBudgetPress does not support RD-KV's rotate or protect_recent yet "
                                    "(prefill RDKVPress does)")
@@ -69,6 +88,7 @@ class RDKVBudgetPress(BasePress):
     def reset(self):
         self.layers.clear()
         self.stored_bytes.clear()
+        self.received.clear()
 
     def tag_bytes(self) -> float:
         """Per cached (token, head): which pair of widths its key and value take (RD-KV's tag)."""
@@ -81,15 +101,48 @@ class RDKVBudgetPress(BasePress):
             raise PressConfigError(f"RDKVBudgetPress holds one sequence per call, got a batch of {batch}")
         state = self.layers.setdefault(module.layer_idx, StoredLayer.empty(heads, layer.keys.device))
         state.grow(tokens)
+        hidden_states = kwargs["hidden_states"]
+        if self.carry_received and self.rdkv.accumulated:
+            self.received[module.layer_idx] = self._carried(module, hidden_states, layer.keys, kwargs)
         budget = self.budget_tokens * heads * 2 * FP16_BYTES * head_dim
         if state.nbytes(head_dim, self.tag_bytes()) > budget:
-            layer.keys, layer.values, state = self.allocate(module, kwargs, layer.keys, layer.values, state, budget)
+            slack = min(self.realloc_slack, self.budget_tokens // 2) if hidden_states.shape[1] < self.realloc_slack else 0
+            target = budget - slack * heads * 2 * FP16_BYTES * head_dim
+            layer.keys, layer.values, state, kept = self.allocate(module, kwargs, layer.keys, layer.values, state,
+                                                                  target)
             self.layers[module.layer_idx] = state
+            if module.layer_idx in self.received:  # the kept tokens' sums, each query head following its KV head
+                groups = module.config.num_attention_heads // heads
+                self.received[module.layer_idx] = self.received[module.layer_idx].gather(
+                    1, kept.repeat_interleave(groups, 0))
         self.stored_bytes[module.layer_idx] = state.nbytes(head_dim, self.tag_bytes())
         return output
 
+    def _carried(self, module, hidden_states, keys, kwargs) -> torch.Tensor:
+        """(heads, tokens): the attention each cached token has received since it entered, summed
+        over the queries, this call's added (per query head, ``rdkv.query_chunk`` queries at a time)."""
+        total = self.received.get(module.layer_idx, keys.new_zeros(module.config.num_attention_heads, 0).float())
+        total = F.pad(total, (0, keys.shape[2] - total.shape[1]))
+        for start in range(0, hidden_states.shape[1], self.rdkv.query_chunk):
+            total = total + attention_rows(module, hidden_states, keys, None, kwargs, start,
+                                           start + self.rdkv.query_chunk)[0].sum(1)
+        return total
+
+    def _evidence(self, layer_idx: int, state: StoredLayer) -> torch.Tensor | None:
+        """(1, heads, tokens): the carried sums over the queries so far (``accumulated_over="all"``)
+        or over the queries that have seen each token (``"visible"``); None: the call's own."""
+        if layer_idx not in self.received:
+            return None
+        received = self.received[layer_idx]
+        if self.rdkv.accumulated_over == "all":
+            return (received / state.seen)[None]
+        groups = received.shape[0] // state.index.shape[0]
+        seen_by = (state.seen - state.index).repeat_interleave(groups, 0)  # the queries from the token's own on
+        return (received / seen_by)[None]
+
     def allocate(self, module, kwargs, keys, values, state: StoredLayer, budget: float):
-        """The cache stored within ``budget`` bytes: (keys, values, state), the keys and values of the kept tokens."""
+        """The cache stored within ``budget`` bytes: (keys, values, state, kept), the keys and
+        values of the kept tokens and their indices (kv_heads, kept) in the cache given."""
         rdkv, heads, tokens, head_dim = self.rdkv, keys.shape[1], keys.shape[2], keys.shape[3]
         state = replace(state, stats=state.stats if state.stats is not None else channel_stats(keys))
         key_options, value_options = [], []
@@ -102,7 +155,7 @@ class RDKVBudgetPress(BasePress):
             value_options.append(torch.where((state.value_bits == bits)[None, :, :, None], values,
                                              quantize_per_token(values, bits)))
         key_error, value_error, evict = rdkv._distortions(module, kwargs["hidden_states"], keys, values, key_options,
-                                                          value_options, kwargs)
+                                                          value_options, kwargs, self._evidence(module.layer_idx, state))
         width = torch.tensor(self.widths, device=keys.device)
         no_error = torch.zeros_like(key_error[..., :1])
         # a stored token cannot widen: an option wider than its stored width is not on offer
@@ -127,7 +180,7 @@ class RDKVBudgetPress(BasePress):
                               rdkv.key_layout, rdkv.group_tokens)
             held = stored[2].nbytes(head_dim, self.tag_bytes())
             if held <= budget:
-                return stored
+                return *stored, kept
             allowed -= held - budget  # groups fell dearer than priced: ask for that much less
 
     def _prices(self, head_dim: int, device) -> torch.Tensor:

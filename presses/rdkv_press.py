@@ -150,10 +150,12 @@ class RDKVPress(BasePress):
         self.stored_bytes[module.layer_idx] = key_bytes + value_bytes + side_bytes
         return keys, values
 
-    def _distortions(self, module, hidden_states, keys, values, key_options, value_options, kwargs):
+    def _distortions(self, module, hidden_states, keys, values, key_options, value_options, kwargs, received=None):
         """(batch, kv_heads, tokens, len(bits)) distortions of each quantized key and of each
         quantized value, and (batch, kv_heads, tokens) of eviction, summed over the window's
-        queries and the query heads that share each KV head."""
+        queries and the query heads that share each KV head. ``received`` (batch, heads, tokens),
+        when given, is the accumulated evidence in place of the call's own (``_received``): the
+        streaming press's, carried over its calls."""
         window = min(self.window_size, hidden_states.shape[1])
         cos, sin = kwargs["position_embeddings"]
         window_kwargs = {**kwargs, "position_embeddings": (cos[:, -window:], sin[:, -window:])}
@@ -167,8 +169,9 @@ class RDKVPress(BasePress):
                   + (outputs**2).sum(-1, keepdim=True)).clamp(min=0)
         expected = probs  # the attention the next queries are expected to pay each token
         if self.accumulated:
-            received = self._received(module, hidden_states, keys, kwargs).unsqueeze(2)  # (b, h, 1, n)
-            expected = (1 - self.accumulated) * probs + self.accumulated * received
+            if received is None:
+                received = self._received(module, hidden_states, keys, kwargs)
+            expected = (1 - self.accumulated) * probs + self.accumulated * received.unsqueeze(2)  # (b, h, 1, n)
         weight = (expected + self._prior(keys.shape[2], probs.device)) ** 2
         evict = per_kv_head((weight * spread).sum(2), keys.shape[1])
         key_error, value_error = [], []

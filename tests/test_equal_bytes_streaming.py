@@ -48,6 +48,20 @@ def test_baselines_and_rdkv_rows_at_equal_bytes_paired_with_the_best_baseline(ti
         assert row["versus_pct"] == pytest.approx(expected) and row["ppl"] != rows[0]["ppl"]
 
 
+def test_first_token_streams_a_later_stretch_and_is_not_paired_with_another(tiny_pythia_folder, tmp_path):
+    start, later = tmp_path / "start.json", tmp_path / "later.json"
+    for first, output in ((0, start), (64, later)):
+        result = run_cli(tiny_pythia_folder, "--part", "baselines", "--scorers", "streaming_llm", "--bits", "4",
+                         "--recent_tokens", "16", "--first_token", str(first), "--output", str(output))
+        assert result.returncode == 0, result.stderr
+    payloads = [json.loads(path.read_text()) for path in (start, later)]
+    assert [payload["first_token"] for payload in payloads] == [0, 64]
+    assert payloads[0]["rows"][0]["unit_nll"] != payloads[1]["rows"][0]["unit_nll"]  # another stretch of the text
+    result = run_cli(tiny_pythia_folder, "--part", "rdkv", "--first_token", "64", "--versus", str(start),
+                     "--output", str(tmp_path / "rdkv.json"))
+    assert result.returncode == 2 and "first_token" in result.stderr
+
+
 def test_chunks_of_one_token_leave_out_snapkv_and_say_why(tiny_pythia_folder, tmp_path):
     output = tmp_path / "chunk1.json"
     result = run_cli(tiny_pythia_folder, "--part", "baselines", "--scorers", "snapkv", "streaming_llm", "--bits", "8",
@@ -63,6 +77,8 @@ def test_chunks_of_one_token_leave_out_snapkv_and_say_why(tiny_pythia_folder, tm
     (["--part", "rdkv", "--rdkv", "windows=3"], "unknown RD-KV setting"),
     (["--part", "baselines", "--max_tokens", "40"], "scores no token past the budget"),
     (["--part", "baselines", "--recent_tokens", "48"], "below budget_tokens"),
+    (["--part", "baselines", "--first_token", "-1"], "--first_token must be at least 0"),
+    (["--part", "rdkv", "--rdkv", "carry_received=2"], "carry_received is 0 or 1"),
 ])
 def test_bad_input_is_one_line_exit_2_and_no_file(tiny_pythia_folder, tmp_path, args, message):
     output = tmp_path / "bad.json"

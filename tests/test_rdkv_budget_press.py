@@ -99,7 +99,7 @@ def test_narrowing_keeps_a_tokens_width_bit_for_bit_and_refuses_to_widen():
 def test_the_store_never_exceeds_its_budget_and_holds_more_tokens_than_fp16_would(config):
     model, budget = build(config), 64
     for press in _presses(budget):
-        _, snapshots = _stream(model, press)
+        _, snapshots = _stream(model, press, tokens=417)  # whole calls: a shorter last one would allocate with slack
         held = [layer[0] for snapshot in snapshots for layer in snapshot.values()]
         assert max(held) <= _budget_bytes(config, budget), press
         assert max(held) > 0.95 * _budget_bytes(config, budget), press  # it spends the budget
@@ -167,6 +167,8 @@ def test_recent_tokens_stay_in_fp16_and_tokens_past_them_are_quantized():
 def test_bad_settings_are_refused():
     with pytest.raises(PressConfigError, match="budget_tokens"):
         RDKVBudgetPress(budget_tokens=1)
+    with pytest.raises(PressConfigError, match="realloc_slack"):
+        RDKVBudgetPress(realloc_slack=-1)
     for setting in ({"rotate": True}, {"protect_recent": 0.5}):
         with pytest.raises(PressConfigError, match="rotate or protect_recent"):
             RDKVBudgetPress(RDKVPress(**setting))
@@ -177,3 +179,91 @@ def test_bad_settings_are_refused():
         QuantizedBudgetPress(scorer, positions_in_cache=True)
     with pytest.raises(PressConfigError, match="recent_tokens"):
         QuantizedBudgetPress(scorer, budget_tokens=32, recent_tokens=32)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+def test_the_carried_evidence_is_the_attention_every_query_paid_each_token(config):
+    model, ids = build(config), _text(96)
+    press = RDKVBudgetPress(RDKVPress(), budget_tokens=200)  # above the text: nothing is evicted
+    carried = []
+    hook = model.register_forward_hook(lambda *_: carried.append(dict(press.received)))
+    try:
+        streaming_nll(model, ids, press, 48)  # two calls of 48, the second's queries over the first's keys too
+    finally:
+        hook.remove()
+    assert len(carried) == 2 and not press.received  # the press forgets the text once it ends
+    with torch.no_grad():  # the same 95 queries in one causal pass, with eager attention's weights
+        attentions = model(ids[None, :95], output_attentions=True).attentions
+    for layer, weights in enumerate(attentions):
+        assert torch.allclose(carried[-1][layer], weights[0].sum(1), atol=1e-5)  # (heads, tokens)
+
+
+class _RecordingPress(RDKVBudgetPress):
+    """Records each allocation's carried sums and stream indices before and after it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.allocations = []
+
+    def forward_hook(self, module, input, kwargs, output):
+        allocations = []
+        original = self.allocate
+
+        def allocate(module, kwargs, keys, values, state, budget):
+            allocations.append((self.received[module.layer_idx].clone(), state.index.clone()))
+            return original(module, kwargs, keys, values, state, budget)
+
+        self.allocate = allocate
+        try:
+            output = super().forward_hook(module, input, kwargs, output)
+        finally:
+            del self.allocate
+        if allocations:
+            self.allocations.append(allocations[0] + (self.received[module.layer_idx], self.layers[module.layer_idx].index))
+        return output
+
+
+@pytest.mark.parametrize("evict_per_head", [False, True])
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+def test_eviction_keeps_each_kept_tokens_carried_sum_and_drops_the_others(config, evict_per_head):
+    model = build(config)
+    press = _RecordingPress(RDKVPress(evict_per_head=evict_per_head), budget_tokens=64)
+    streaming_nll(model, _text(), press, 32)
+    assert len(press.allocations) > 4
+    groups = config.num_attention_heads // press.allocations[0][1].shape[0]
+    evicted = False
+    for before, before_index, after, after_index in press.allocations:
+        assert after.shape == (config.num_attention_heads, after_index.shape[1])
+        for head in range(after.shape[0]):
+            kv = head // groups
+            place = {int(index): at for at, index in enumerate(before_index[kv])}
+            old = torch.stack([before[head, place[int(index)]] for index in after_index[kv]])
+            assert torch.equal(after[head], old)  # each token's own sum, matched by its place in the text
+        evicted |= after_index.shape[1] < before_index.shape[1]
+    assert evicted
+
+
+def test_the_evidence_is_the_carried_sum_over_the_queries_so_far_or_over_those_that_saw_each_token():
+    state = StoredLayer.empty(1, "cpu")
+    state.grow(4)
+    state.index, state.seen = torch.tensor([[0, 5, 8, 9]]), 10  # tokens 1-4 and 6-7 evicted
+    for over, seen_by in (("all", torch.tensor([10.0, 10, 10, 10])), ("visible", torch.tensor([10.0, 5, 2, 1]))):
+        press = RDKVBudgetPress(RDKVPress(accumulated_over=over), budget_tokens=8)
+        press.received[0] = torch.tensor([[3.0, 2, 1, 0.5], [1.0, 1, 1, 1]])  # two query heads share the KV head
+        expected = press.received[0] / seen_by
+        assert torch.allclose(press._evidence(0, state), expected[None])
+    assert RDKVBudgetPress(RDKVPress(), budget_tokens=8)._evidence(0, state) is None  # not carried: the call's own
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+def test_token_by_token_the_slack_spares_allocations_and_the_store_stays_within_its_budget(config):
+    model, budget = build(config), 64
+    counts = {}
+    for slack in (0, 16):
+        press = _RecordingPress(RDKVPress(), budget_tokens=budget, realloc_slack=slack)
+        _, snapshots = _stream(model, press, chunk=1, tokens=200)
+        held = [layer[0] for snapshot in snapshots for layer in snapshot.values()]
+        assert max(held) <= _budget_bytes(config, budget)
+        assert max(held) > 0.95 * _budget_bytes(config, budget)  # the slack still lets the store fill its budget
+        counts[slack] = len(press.allocations)
+    assert counts[16] * 8 < counts[0]  # one allocation per ~16 tokens, not one per token
