@@ -4,11 +4,20 @@
 # their first 8193 tokens (64 calls of 128; SmolLM2 was trained on 8192 positions, so every method
 # stays inside them), byte budgets of 256 / 512 / 1024 tokens' fp16 keys and values per layer.
 #   baselines: per book, budget and eviction rule, one process: the rule in fp16, and holding the
-#              tokens KIVI-layout 2 / 4 / 8 bits pay for (StreamingLLM's rule: uniform quantization)
+#              tokens KIVI-layout 4 bits pay for; StreamingLLM's rule (uniform quantization) also at
+#              2 and 8 bits (all six rules at 2 / 4 / 8 took over 540 s at budget 512 alone, 16 processes)
 #   rdkv:      per book, budget and RD-KV setting, one process, paired (--versus) against the best
 #              baseline of its book and budget: run after baselines, on the same machine
-#   chunk:     chunks of 1 token against 128 on Frankenstein's first 1537 tokens at budget 256
-#              (RD-KV re-allocates at every token there: the slowest part; started first)
+#   chunk:     chunks of 1 token against 128 on Frankenstein's first 769 tokens at budget 256, RD-KV's
+#              first setting and one process per eviction rule at 4 bits (a quantized rule evicts at
+#              every token, ~1.4 tokens/s; RD-KV allocates once per realloc_slack = 32 tokens;
+#              started first; estimated at about 6 minutes, not yet timed)
+# The settings (results/smollm2-135m_streaming_tuning_cpu/, tuned on Frankenstein from token 50000):
+# the attention each token received carried over the stream, averaged over the queries that saw it,
+# 0.75 of p (-1.15% against H2O + KIVI-4 there); then the call's own evidence (the ablation),
+# RDKVPress's defaults (carried, over all queries), and the carried visible evidence at 0.5.
+# A full-book rdkv process (64 calls, ~1300 cached tokens) is expected to take well over 10 minutes:
+# the chunk 128 run on 1537 tokens took 2:42 on the H200; run it with BUDGETS/SETTINGS in pieces.
 # Each process runs its own dense row on its text; logs in logs/; the files come back as
 # $OUT/equal_bytes_streaming.tgz, made on exit (also when cut short).
 # Same two calls as quality_sweep_smollm2.sh (the GGUF in two halves, evaluation/device/smollm2_sweep.sh):
@@ -18,7 +27,8 @@
 sweep=equal_bytes_streaming program=evaluation/equal_bytes_streaming.py MAX_JOBS=${MAX_JOBS:-16}
 source evaluation/device/smollm2_sweep.sh
 text="--dataset pg19 --max_tokens 8193 --chunk_tokens 128"
-settings=("" "evict_weight=8" "key_layout=token" "evict_per_head=1")  # RDKVPress's defaults, then one change each
+settings=("accumulated_over=visible accumulated=0.75" "accumulated_over=visible accumulated=0.75 carry_received=0" "" \
+  "accumulated_over=visible")
 [ -n "${SETTINGS:-}" ] && IFS=';' read -r -a settings <<< "$SETTINGS"  # SETTINGS="a;b": other RD-KV settings
 budgets=${BUDGETS:-256 512 1024}
 parts=" ${*:-chunk baselines rdkv} "
@@ -26,17 +36,21 @@ baseline_jobs=()
 date
 if [[ $parts == *" chunk "* ]]; then
   for chunk in 1 128; do
-    short="--dataset pg19 --sample_idx 1 --max_tokens 1537 --chunk_tokens $chunk --budget_tokens 256"
-    run chunk${chunk}_rdkv $short --part rdkv --rdkv ""
-    run chunk${chunk}_baselines $short --part baselines --scorers streaming_llm h2o tova treekv snapkv --bits 4
+    short="--dataset pg19 --sample_idx 1 --max_tokens 769 --chunk_tokens $chunk --budget_tokens 256"
+    run chunk${chunk}_rdkv $short --part rdkv --rdkv "${settings[0]}"
+    for scorer in streaming_llm h2o tova treekv snapkv; do  # snapkv: not run in chunks of 1 (its window is 16)
+      run chunk${chunk}_baselines_$scorer $short --part baselines --scorers $scorer --bits 4
+    done
   done
 fi
 if [[ $parts == *" baselines "* ]]; then
   for book in 0 1; do
     for budget in $budgets; do
       for scorer in streaming_llm h2o tova scissorhands treekv snapkv; do
+        bits=4
+        [ $scorer = streaming_llm ] && bits="2 4 8"
         run baselines_book${book}_${budget}_$scorer $text --sample_idx $book --budget_tokens $budget --part baselines \
-          --scorers $scorer --bits 2 4 8
+          --scorers $scorer --bits $bits
         baseline_jobs+=($!)
       done
     done
