@@ -19,19 +19,12 @@ report="--first_window 0 --num_windows 32"
 parts=" ${*:-tune uniform eviction composites selected} "
 date
 if [[ $parts == *" tune "* ]]; then
-  # call13 (call12's grid, at 0f01406: H2O compositions re-run, accumulated_over=visible, protect_recent,
-  # is in results/smollm2-135m_equal_bytes_h200/call12/): every per-token group quantized after QuaRot's
-  # random rotation (rotate=1), RD-KV alone and in the compositions (accumulated=0 there by default),
-  # with KIVI or per-token keys, at every target (the CPU's 12.5% grid on these windows:
-  # results/smollm2-135m_equal_bytes_rotation_cpu/, best after_h2o=0.6 with per-token keys, 15.710).
-  # Run with composites and uniform (their rotated layouts) and EXTRA_TUNING naming call11's and call12's files.
-  for keys in channel token; do
-    run "tune_rotate_$keys" $tune --part rdkv --rdkv "rotate=1 key_layout=$keys" "rotate=1 key_layout=$keys evict_weight=16"
-    for kept in 0.3 0.5 0.6 0.75; do
-      run "tune_rotate_${keys}_after_h2o$kept" $tune --part rdkv --rdkv "after_h2o=$kept evict_weight=16 rotate=1 key_layout=$keys" \
-        "after_h2o=$kept rotate=1 key_layout=$keys"
-    done
-  done
+  # call14 (call13's rotation grid is in results/smollm2-135m_equal_bytes_h200/call13/): keys and values
+  # sharing one width (separate_widths=0), the CPU's best at 6.25% around call13's selection
+  # (results/smollm2-135m_equal_bytes_tuning_cpu/: 16.306 against 16.382), and per-token keys there, at
+  # every target. Run with selected and EXTRA_TUNING naming call11's tune_acc*, call12's and call13's tune files.
+  run tune_one_width $tune --part rdkv --rdkv "after_h2o=0.3 evict_weight=16 separate_widths=0" \
+    "after_h2o=0.3 evict_weight=16 key_layout=token" "rotate=1 key_layout=channel separate_widths=0"
 fi
 if [[ $parts == *" tune_baselines "* ]]; then  # the best baseline of windows 0-31 on the tuning windows (call9/)
   for target in 0.25 0.125 0.0625; do
