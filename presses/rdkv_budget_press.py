@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from kvpress import BasePress
 from torch import nn
 
-from presses.attention import attention_rows
 from presses.errors import PressConfigError
 from presses.quantize import (CHANNEL_STATS_BYTES, FP16_BYTES, GROUP_SIDE_BYTES, channel_stats, quantize_per_channel,
                               quantize_per_token, token_bytes)
@@ -122,11 +121,8 @@ class RDKVBudgetPress(BasePress):
         """(heads, tokens): the attention each cached token has received since it entered, summed
         over the queries, this call's added (per query head, ``rdkv.query_chunk`` queries at a time)."""
         total = self.received.get(module.layer_idx, keys.new_zeros(module.config.num_attention_heads, 0).float())
-        total = F.pad(total, (0, keys.shape[2] - total.shape[1]))
-        for start in range(0, hidden_states.shape[1], self.rdkv.query_chunk):
-            total = total + attention_rows(module, hidden_states, keys, None, kwargs, start,
-                                           start + self.rdkv.query_chunk)[0].sum(1)
-        return total
+        return F.pad(total, (0, keys.shape[2] - total.shape[1])) + self.rdkv.received_sum(module, hidden_states, keys,
+                                                                                        kwargs)[0]
 
     def _evidence(self, layer_idx: int, state: StoredLayer) -> torch.Tensor | None:
         """(1, heads, tokens): the carried sums over the queries so far (``accumulated_over="all"``)

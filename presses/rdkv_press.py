@@ -184,17 +184,24 @@ class RDKVPress(BasePress):
 
     def _received(self, module, hidden_states, keys, kwargs) -> torch.Tensor:
         """(batch, heads, tokens): the mean attention each token received from the call's queries."""
-        q_len, total = hidden_states.shape[1], 0
+        q_len = hidden_states.shape[1]
         if keys.shape[2] < q_len:  # the queries' causal reach is only known over the call's own cache
             raise PressConfigError(f"RD-KV's accumulated evidence needs the whole prefill's keys, but an earlier press "
                                    f"left {keys.shape[2]} of {q_len}: after another press use accumulated=0")
-        for start in range(0, q_len, self.query_chunk):
-            total = total + attention_rows(module, hidden_states, keys, None, kwargs, start, start + self.query_chunk).sum(2)
+        total = self.received_sum(module, hidden_states, keys, kwargs)
         if self.accumulated_over == "all":
             return total / q_len
         k_len = keys.shape[2]
         past = torch.arange(k_len, device=keys.device) - (k_len - q_len)  # a token's index among the queries
         return total / (q_len - past.clamp(min=0))  # the queries at or after it see it
+
+    def received_sum(self, module, hidden_states, keys, kwargs) -> torch.Tensor:
+        """(batch, heads, tokens): the attention each token received, summed over the call's queries
+        (``query_chunk`` queries at a time)."""
+        total = 0
+        for start in range(0, hidden_states.shape[1], self.query_chunk):
+            total = total + attention_rows(module, hidden_states, keys, None, kwargs, start, start + self.query_chunk).sum(2)
+        return total
 
     def _prior(self, tokens: int, device) -> torch.Tensor:
         """(tokens,) the prior's attention mass per token, oldest first."""
