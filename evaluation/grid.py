@@ -129,13 +129,12 @@ def run_cell(loaded: LoadedModel, cell: dict, args, ceilings: Ceilings, text_ids
     except Exception as error:  # noqa: BLE001 -- one failing cell (e.g. a compiler error) must not lose the grid
         # Out of memory is a result too (this batch does not fit this method); cuDNN reports it
         # as a generic accelerator error, and a CUDA-graph capture that ran out ends in a capture error.
-        out_of_memory = out_of_memory_in(error) is not None
+        cause = out_of_memory_in(error)
         row |= failed(cell, args,
-                      OUT_OF_MEMORY if out_of_memory else f"{type(error).__name__}: {str(error)[:500]}")
-        if out_of_memory:  # what it tried to allocate, and where: the next run knows what to shrink
-            cause = out_of_memory_in(error)
+                      OUT_OF_MEMORY if cause is not None else f"{type(error).__name__}: {str(error)[:500]}")
+        if cause is not None:  # what it tried to allocate, and where: the next run knows what to shrink
             row["oom_detail"] = f"{(str(cause).splitlines() or [''])[0][:400]} at {where(cause)}"
-        del error  # its traceback holds the failed generation's tensors
+        del error, cause  # their tracebacks hold the failed generation's tensors
     finally:
         release_memory(model.device)
     if "tokens" in row:
