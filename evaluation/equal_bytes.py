@@ -63,6 +63,13 @@ def kept_for(target: float, layout: str, bits: int, head_dim: int, tokens: int) 
                  if quantized_head_bytes(kept, bits, head_dim, key_layout, KIVI_GROUP) >= budget), tokens)
 
 
+def flag(key: str, value: str, text: str) -> bool:
+    """A 0/1 setting of ``text`` as a bool."""
+    if value not in ("0", "1"):
+        raise ValueError(f"{key} is 0 or 1, got {value!r} in {text!r}")
+    return value == "1"
+
+
 def rdkv_setting(text: str) -> dict:
     """'prior=8 bits=2,4,8 window_size=32' -> keyword arguments of RDKVPress."""
     setting = {}
@@ -73,9 +80,7 @@ def rdkv_setting(text: str) -> dict:
         elif key in ("prior", "evict_weight", "after_h2o", "accumulated", "protect_recent"):
             setting[key] = float(value)
         elif key in ("separate_widths", "evict_per_head", "rotate"):
-            if value not in ("0", "1"):
-                raise ValueError(f"{key} is 0 or 1, got {value!r} in {text!r}")
-            setting[key] = value == "1"
+            setting[key] = flag(key, value, text)
         elif key in ("window_size", "recent_tokens", "group_tokens"):
             setting[key] = int(value)
         elif key in ("key_layout", "prior_shape", "accumulated_over"):

@@ -37,7 +37,7 @@ from pathlib import Path
 
 from evaluation.cli import (Parser, add_data_options, add_model_options, add_press_settings, load, one_line_errors,
                             print_summary, result_header)
-from evaluation.equal_bytes import rdkv_setting
+from evaluation.equal_bytes import flag, rdkv_setting
 from evaluation.intervals import paired_difference, ppl_interval
 from evaluation.models import SMOLLM2_ALIAS, data_dir, tokenized_text
 from evaluation.protocols import SEGMENT_TOKENS, ProtocolError, stored_bytes, streaming_nll
@@ -84,9 +84,7 @@ def rdkv_presses(settings: list[str], budget: int) -> list[tuple[str, object]]:
         for item in text.split():
             key, _, value = item.partition("=")
             if key == "carry_received":
-                if value not in ("0", "1"):
-                    raise ValueError(f"carry_received is 0 or 1, got {value!r} in {text!r}")
-                streaming[key] = value == "1"
+                streaming[key] = flag(key, value, text)
             elif key == "realloc_slack":
                 streaming[key] = int(value)
             else:
