@@ -23,8 +23,10 @@ if [[ $parts == *" tune "* ]]; then
   # sharing one width (separate_widths=0), the CPU's best at 6.25% around call13's selection
   # (results/smollm2-135m_equal_bytes_tuning_cpu/: 16.306 against 16.382), and per-token keys there, at
   # every target. Run with selected and EXTRA_TUNING naming call11's tune_acc*, call12's and call13's tune files.
-  run tune_one_width $tune --part rdkv --rdkv "after_h2o=0.3 evict_weight=16 separate_widths=0" \
-    "after_h2o=0.3 evict_weight=16 key_layout=token" "rotate=1 key_layout=channel separate_widths=0"
+  # one process per setting (in parallel: a 135M model is launch-bound, one GPU serves several)
+  run tune_one_width_after_h2o0.3 $tune --part rdkv --rdkv "after_h2o=0.3 evict_weight=16 separate_widths=0"
+  run tune_token_after_h2o0.3 $tune --part rdkv --rdkv "after_h2o=0.3 evict_weight=16 key_layout=token"
+  run tune_one_width_rotate $tune --part rdkv --rdkv "rotate=1 key_layout=channel separate_widths=0"
 fi
 if [[ $parts == *" tune_baselines "* ]]; then  # the best baseline of windows 0-31 on the tuning windows (call9/)
   for target in 0.25 0.125 0.0625; do
@@ -46,7 +48,7 @@ if [[ $parts == *" ablation "* ]]; then
       "evict_weight=1" "prior=0" "window_size=64" "evict_weight=1000000"; do
     i=$((i + 1))
     if [ -z "$setting" ]; then setting="rotate=0"; else setting="rotate=1 $setting"; fi
-    run "ablation_$i" $report --part rdkv --rdkv "$setting"
+    run "ablation_$i" $report --part rdkv --targets 0.25 --rdkv "$setting"  # the 25% selection's target
   done
 fi
 if [[ $parts == *" budget50 "* ]]; then  # the 50% budget: RD-KV (the 25% selection) and the baselines there
