@@ -31,6 +31,8 @@ def environment(device: str) -> dict:
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
+        if os.environ.get("PYTORCH_CUDA_ALLOC_CONF"):  # the allocator's setting changes what fits
+            info["cuda_alloc_conf"] = os.environ["PYTORCH_CUDA_ALLOC_CONF"]
     return info
 
 

@@ -54,10 +54,15 @@ case "$part" in
     # The first try is the estimate rounded up to 16. One that fits costs one to one and a half
     # minutes (its compile, then two 256-token generations), one that does not about a prefill: no
     # new try is begun once a search has run --max_batch_time_s, so that it ends within its stage.
+    # Expandable segments: the micro-batches' pressed caches (SnapKV: 41 MB per layer and group) are
+    # carved out of the prefill's freed activation blocks; emptied one by one into the batch's buffer
+    # they left 41 GiB reserved but unusable for its 1.6 GiB layers at batch 448 (b3755ff/81963b9: every
+    # SnapKV try out of memory). Mapped pages instead of fixed segments let freed memory be reused.
+    export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
     grid="evaluation/speed_grid.py $common --new_tokens 256 --decoder neox --repeats 1 --no-keep_buffer
-      --batch_size max --max_batch_step 16 --max_batch_tries 4 --prefill_batch 16"
-    stage 150 batch_dense $grid --press --max_batch_time_s 60 --output_dir "$work/batch_dense"
-    stage 200 batch_snapkv $grid --press snapkv --compression_ratio 0.75 --no-dense --max_batch_time_s 90 \
+      --batch_size max --max_batch_step 16 --prefill_batch 16"
+    stage 150 batch_dense $grid --press --max_batch_tries 4 --max_batch_time_s 60 --output_dir "$work/batch_dense"
+    stage 220 batch_snapkv $grid --press snapkv --compression_ratio 0.75 --no-dense --max_batch_tries 6 --max_batch_time_s 120 \
       --output_dir "$work/batch_snapkv"
     # the largest dense batch measured (every cell file, so a search cut short still names one)
     largest=$(python3 -c 'import json, sys
