@@ -17,7 +17,7 @@ eviction then quantization. Quantized rows give tokens their places in the text 
 (StreamingLLM and TreeKV in fp16 count them in the cache). ``--part rdkv``: RDKVBudgetPress with each --rdkv setting
 (evaluation/equal_bytes.py's syntax), RD-KV re-allocating the whole cache whenever a call pushes
 it past the budget (its own settings beside RD-KV's: carry_received=0 for the call's evidence alone,
-realloc_slack=N).
+realloc_slack=N, h2o_keep=x for H2O's keep set of x budgets' tokens first).
 
 Every row is scored on the tokens past the budget (the first --budget_tokens tokens every
 method scores against an uncompressed cache), in 1024-token stretches: PPL with its 95%
@@ -87,12 +87,14 @@ def rdkv_presses(settings: list[str], budget: int) -> list[tuple[str, object]]:
                 streaming[key] = flag(key, value, text)
             elif key == "realloc_slack":
                 streaming[key] = int(value)
+            elif key == "h2o_keep":
+                streaming[key] = float(value)
             else:
                 rest.append(item)
         setting = rdkv_setting(" ".join(rest))
         if "after_h2o" in setting:
             raise PressConfigError("after_h2o composes H2O with RD-KV after prefill (evaluation/equal_bytes.py); "
-                                   "it has no streaming form")
+                                   "its streaming form is h2o_keep=x (H2O keeps x budgets' tokens first)")
         configs.append((f"rdkv[{text}]", RDKVBudgetPress(RDKVPress(**setting), budget_tokens=budget, **streaming)))
     return configs
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from kvpress import BasePress
 from torch import nn
 
+from presses.attention import keep_recent, per_kv_head
 from presses.errors import PressConfigError
 from presses.quantize import (CHANNEL_STATS_BYTES, FP16_BYTES, GROUP_SIDE_BYTES, channel_stats, quantize_per_channel,
                               quantize_per_token, token_bytes)
@@ -48,15 +49,25 @@ class RDKVBudgetPress(BasePress):
     A call of fewer than ``realloc_slack`` tokens that pushes the store past the budget has RD-KV
     allocate down to ``realloc_slack`` (at most half the budget's) fewer fp16 tokens' bytes, so that the next calls fit
     without allocating again (token-by-token streaming allocates once every ``realloc_slack``
-    tokens, not at every token); longer calls allocate down to the budget itself. Positions are
-    the tokens' places in the text (BudgetPress's default); keys are never re-rotated. One
-    sequence per call.
+    tokens, not at every token); longer calls allocate down to the budget itself.
+
+    With ``h2o_keep`` = x, H2O's rule picks the tokens first: before each allocation every KV
+    head keeps at most x * ``budget_tokens`` tokens, the newest half and the rest with the most
+    attention received since entering (the carried sums over its query heads, H2O's score), and
+    RD-KV then chooses widths among them (and may still evict), as ``after_h2o`` composes them
+    after prefill (evaluation/equal_bytes.py), where that composition won at tight budgets: H2O's
+    stream-long sums and recent half pick the tokens the next queries attend, RD-KV's window
+    misses them.
+
+    Positions are the tokens' places in the text (BudgetPress's default); keys are never
+    re-rotated. One sequence per call.
     """
 
     rdkv: RDKVPress = field(default_factory=RDKVPress)  # the allocation's settings (its compression_ratio is unused)
     budget_tokens: int = 512  # the byte budget per layer: this many tokens' keys and values in fp16
     carry_received: bool = True  # the accumulated evidence from every query since a token entered (False: the call's)
     realloc_slack: int = 32  # calls shorter than this allocate down to this many fp16 tokens' bytes below the budget
+    h2o_keep: float = 0.0  # H2O keeps at most this many budgets' tokens first, RD-KV allocating among them (0: off)
     stored_bytes: dict = field(default_factory=dict, repr=False)
     layers: dict = field(default_factory=dict, init=False, repr=False)  # layer -> StoredLayer
     received: dict = field(default_factory=dict, init=False, repr=False)  # layer -> (heads, tokens) attention summed
@@ -66,6 +77,14 @@ class RDKVBudgetPress(BasePress):
             raise PressConfigError(f"budget_tokens must be at least 2, got {self.budget_tokens}")
         if self.realloc_slack < 0:
             raise PressConfigError(f"realloc_slack must be at least 0, got {self.realloc_slack}")
+        if self.h2o_keep and not self.carry_received:  # H2O's score is the sum over the stream
+            raise PressConfigError("h2o_keep needs carry_received: H2O scores tokens by the attention carried over the stream")
+        if self.h2o_keep < 0:
+            raise PressConfigError(f"h2o_keep must be at least 0, got {self.h2o_keep}")
+        if self.h2o_keep and int(self.h2o_keep * self.budget_tokens) // 2 < self.rdkv.window_size:
+            # H2O's recent half must hold the window's queries: they are every head's newest columns
+            raise PressConfigError(f"h2o_keep * budget_tokens / 2 must hold RD-KV's window of {self.rdkv.window_size} "
+                                   f"tokens, got h2o_keep {self.h2o_keep} at budget_tokens {self.budget_tokens}")
         if self.rdkv.rotate or self.rdkv.protect_recent:  # the stored-width bookkeeping has neither yet
             raise PressConfigError("RDKVBudgetPress does not support RD-KV's rotate or protect_recent yet "
                                    "(prefill RDKVPress does)")
@@ -101,21 +120,40 @@ class RDKVBudgetPress(BasePress):
         state = self.layers.setdefault(module.layer_idx, StoredLayer.empty(heads, layer.keys.device))
         state.grow(tokens)
         hidden_states = kwargs["hidden_states"]
-        if self.carry_received and self.rdkv.accumulated:
+        if self.carry_received and (self.rdkv.accumulated or self.h2o_keep):
             self.received[module.layer_idx] = self._carried(module, hidden_states, layer.keys, kwargs)
         budget = self.budget_tokens * heads * 2 * FP16_BYTES * head_dim
         if state.nbytes(head_dim, self.tag_bytes()) > budget:
             slack = min(self.realloc_slack, self.budget_tokens // 2) if hidden_states.shape[1] < self.realloc_slack else 0
             target = budget - slack * heads * 2 * FP16_BYTES * head_dim
+            first = self._h2o_kept(module.layer_idx, state) if self.h2o_keep else None
+            if first is not None:  # H2O's keep set: RD-KV allocates among these tokens only
+                layer.keys, layer.values = _gather(layer.keys, first), _gather(layer.values, first)
+                state = state.kept(first)
+                self._keep_received(module, first)
             layer.keys, layer.values, state, kept = self.allocate(module, kwargs, layer.keys, layer.values, state,
                                                                   target)
             self.layers[module.layer_idx] = state
-            if module.layer_idx in self.received:  # the kept tokens' sums, each query head following its KV head
-                groups = module.config.num_attention_heads // heads
-                self.received[module.layer_idx] = self.received[module.layer_idx].gather(
-                    1, kept.repeat_interleave(groups, 0))
+            self._keep_received(module, kept)
         self.stored_bytes[module.layer_idx] = state.nbytes(head_dim, self.tag_bytes())
         return output
+
+    def _keep_received(self, module, kept: torch.Tensor) -> None:
+        """The carried sums of the tokens ``kept`` (kv_heads, kept) keeps, each query head following its KV head."""
+        if module.layer_idx in self.received:
+            groups = module.config.num_attention_heads // kept.shape[0]
+            self.received[module.layer_idx] = self.received[module.layer_idx].gather(1, kept.repeat_interleave(groups, 0))
+
+    def _h2o_kept(self, layer_idx: int, state: StoredLayer) -> torch.Tensor | None:
+        """(kv_heads, kept) the tokens H2O keeps, in cache order: per KV head the newest half of
+        ``h2o_keep`` budgets' tokens and the rest by the carried sums over its query heads; None
+        when the cache holds no more."""
+        heads, tokens = state.index.shape
+        keep = int(self.h2o_keep * self.budget_tokens)
+        if tokens <= keep:
+            return None
+        score = per_kv_head(self.received[layer_idx][None], heads)[0]
+        return keep_recent(score, keep // 2).topk(keep, dim=-1).indices.sort(dim=-1).values
 
     def _carried(self, module, hidden_states, keys, kwargs) -> torch.Tensor:
         """(heads, tokens): the attention each cached token has received since it entered, summed

@@ -10,6 +10,7 @@ import torch
 
 from evaluation.protocols import streaming_nll
 from presses import Settings, make_streaming_press
+from presses.attention import per_kv_head
 from presses.errors import PressConfigError
 from presses.quantize import quantize_per_token
 from presses.quantized_budget_press import QuantizedBudgetPress
@@ -267,3 +268,54 @@ def test_token_by_token_the_slack_spares_allocations_and_the_store_stays_within_
         assert max(held) > 0.95 * _budget_bytes(config, budget)  # the slack still lets the store fill its budget
         counts[slack] = len(press.allocations)
     assert counts[16] * 8 < counts[0]  # one allocation per ~16 tokens, not one per token
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+def test_h2o_keep_allocates_among_h2os_keep_set_within_the_budget(config):
+    model, budget = build(config), 64
+    plain = RDKVBudgetPress(RDKVPress(bits=(4,)), budget_tokens=budget)
+    first = _RecordingPress(RDKVPress(bits=(4,)), budget_tokens=budget, h2o_keep=1.5)
+    _, plain_snapshots = _stream(model, plain, tokens=417)
+    _, snapshots = _stream(model, first, tokens=417)
+    held = [layer[0] for snapshot in snapshots for layer in snapshot.values()]
+    assert max(held) <= _budget_bytes(config, budget) and max(held) > 0.9 * _budget_bytes(config, budget)
+    assert len(first.allocations) > 4
+    for _, offered, _, kept in first.allocations:
+        assert offered.shape[1] <= 96 and kept.shape[1] <= offered.shape[1]  # RD-KV chose among H2O's 96
+    assert max(kept.shape[1] for *_, kept in first.allocations) > budget  # 4-bit tokens: more than fp16 holds
+    assert any(not torch.equal(a[1].index, b[1].index)  # H2O's set, not RD-KV's own choice
+               for before, after in zip(plain_snapshots, snapshots) for a, b in zip(before.values(), after.values()))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+def test_h2o_keep_keeps_the_newest_half_and_the_most_attended_rest(config):
+    model, budget = build(config), 64
+    press = _RecordingPress(RDKVPress(bits=(4,)), budget_tokens=budget, h2o_keep=1)  # 64 kept: 32 newest and 32 heavy
+    kept_sets = []
+    original = press._h2o_kept
+
+    def h2o_kept(layer_idx, state):
+        kept = original(layer_idx, state)
+        if kept is not None:
+            kept_sets.append((per_kv_head(press.received[layer_idx][None], state.index.shape[0])[0], state.index, kept))
+        return kept
+
+    press._h2o_kept = h2o_kept
+    streaming_nll(model, _text(), press, 32)
+    assert len(kept_sets) > 4
+    for score, index, kept in kept_sets:
+        tokens = index.shape[1]
+        assert kept.shape[1] == budget and (kept[:, -32:] == torch.arange(tokens - 32, tokens)).all()
+        for head in range(kept.shape[0]):
+            heavy = set(score[head, : tokens - 32].topk(32).indices.tolist())
+            assert set(kept[head, :32].tolist()) == heavy
+
+
+def test_h2o_keep_refuses_bad_values():
+    with pytest.raises(PressConfigError, match="h2o_keep must be at least 0"):
+        RDKVBudgetPress(budget_tokens=64, h2o_keep=-1)
+    with pytest.raises(PressConfigError, match="window of 16"):
+        RDKVBudgetPress(RDKVPress(window_size=16), budget_tokens=64, h2o_keep=0.4)  # 25 kept: 12 recent < 16
+    with pytest.raises(PressConfigError, match="carry_received"):
+        RDKVBudgetPress(budget_tokens=64, carry_received=False, h2o_keep=2)
+    RDKVBudgetPress(RDKVPress(accumulated=0), budget_tokens=64, h2o_keep=2)  # H2O's sums carried without RD-KV's
