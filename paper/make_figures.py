@@ -9,11 +9,14 @@ Writes into the output folder:
   table_speed.tex      decoders against the roofline floor (H200; the presses' range is in the text)
   table_kvquant.tex    KV quantization, bytes and time (H100)             [not in the 4-page paper]
   table_levels.tex     cross-layer and attention-level reductions (SmolLM2, H200)
+  table_rdkv_ablation.tex  RD-KV's 25% setting, one component changed at a time (SmolLM2, H200)
+  table_rdkv_heldout.tex   RD-KV and the best baseline on the PG-19-style books, never tuned on (SmolLM2, H200)
   fig_equal_bytes.pdf  perplexity against the KV bytes stored: baselines and RD-KV; RD-KV's tuning runs
   fig_quality.pdf      paired differences with their 95% intervals       [not in the 4-page paper]
   fig_speculative.pdf  predicted speculative speed-ups from the measured step costs  [not in it either]
 
-table_speed.tex and table_levels.tex are minipage bodies: main.tex sets them side by side in one float.
+table_speed.tex and table_levels.tex are minipage bodies: main.tex sets them side by side in one float;
+so are table_rdkv_ablation.tex and table_rdkv_heldout.tex.
 
 Every result file read is named in SOURCES below, the one place to update when results/ moves.
 Paired intervals between two methods of the same run are computed with the project's own
@@ -86,8 +89,8 @@ SOURCES = {
     # RD-KV: its settings on the tuning windows (tune_*.json), the baselines run on the same windows
     # (tuning_*.json) and the best setting per target run on the reported windows (selected_*.json);
     # told apart by windows and method (equal_bytes_runs). One selection pooled over call11's,
-    # call12's and call13's tuning grids (every byte counted: the precision tag at ceil(log2 m) bits);
-    # its rows: call13's selected_*.json (call13's `selected` part left call11's tune_reference.json
+    # call12's, call13's and call14's tuning grids (every byte counted: the precision tag at ceil(log2 m)
+    # bits); its rows: call14's selected_*.json (the `selected` parts left call11's tune_reference.json
     # out, since a setting it names would rerun at today's defaults; none of its rows is the best at
     # any target, so the pool here, which holds it, selects the same rows). No call since call9 repeated the
     # tuning-window baselines (unrotated): call9's are read (same windows, same dense row, checked).
@@ -95,9 +98,20 @@ SOURCES = {
         "results/smollm2-135m_equal_bytes_h200/call11/tune_*.json",
         "results/smollm2-135m_equal_bytes_h200/call12/tune_*.json",
         "results/smollm2-135m_equal_bytes_h200/call13/tune_*.json",
-        "results/smollm2-135m_equal_bytes_h200/call13/selected_*.json",
+        "results/smollm2-135m_equal_bytes_h200/call14/tune_*.json",
+        "results/smollm2-135m_equal_bytes_h200/call14/selected_*.json",
         "results/smollm2-135m_equal_bytes_h200/call9/tuning_h2o_*.json",
     ],
+    # RD-KV's checks beyond the selection (call14, H200): one component of the 25% selection changed
+    # at a time (windows 0-31, 25% of the bytes), the 50% budget (RD-KV at the 25% setting and the
+    # baselines there), and a text never tuned on (both PG-19-style books, 16 windows each, the
+    # baselines and RD-KV at the settings selected on WikiText-2's tuning windows)
+    "rdkv_ablation": "results/smollm2-135m_equal_bytes_h200/call14/ablation_*.json",
+    "rdkv_half": "results/smollm2-135m_equal_bytes_h200/call14/budget50_*.json",
+    "rdkv_heldout": {
+        "Pride and Prejudice": "results/smollm2-135m_equal_bytes_h200/call14/pg19_book0_*.json",
+        "Frankenstein": "results/smollm2-135m_equal_bytes_h200/call14/pg19_book1_*.json",
+    },
     # the model's own configuration (heads, rotary fraction, training length)
     "pythia_config": "configs/models/pythia-2.8b.json",
 }
@@ -495,9 +509,9 @@ def levels(root: Path, numbers: Numbers, out: Path) -> None:
         return signed(value, 1) if abs(value) < 100 else f"{value:+.0f}"
 
     caption = [
-        "\\captionof{table}{Attention-level and cross-layer reductions against eviction (top), SmolLM2, H200,"
-        f" the {dense['num_windows']} windows of Table~\\ref{{tab:quality}} (dense {f(dense['ppl'])}): KV bytes removed,"
-        " PPL, paired difference to dense (every 95\\% interval excludes zero); k: thousands.}",
+        "\\captionof{table}{Attention-level and cross-layer reductions vs eviction (top), SmolLM2, H200,"
+        f" Table~\\ref{{tab:quality}}'s windows (dense {f(dense['ppl'])}): \\% of KV bytes removed, PPL, \\% over dense"
+        " (intervals exclude zero); k: thousands.}",
         "\\label{tab:levels}",
     ]
     lines = [  # the body of a minipage: main.tex sets it beside the speed table
@@ -572,9 +586,9 @@ def speed(root: Path, numbers: Numbers, out: Path) -> None:
     # the presses' own rows (another call) are given in the text as their range, not in the table
     lines = [  # the body of a minipage: main.tex sets it beside the levels table
         "\\centering",
-        "\\captionof{table}{Decoding random-init Pythia-2.8B, one NVIDIA H200, fp16, batch "
-        f"{neox['batch_size']}, {neox['prompt_tokens']}-token prompt, {neox['new_tokens']} forced tokens; ms. HF:"
-        " transformers' generate; $\\times$eager: speed-up over it; floor: step bytes over the measured copy"
+        "\\captionof{table}{Random-init Pythia-2.8B, one NVIDIA H200, fp16, batch "
+        f"{neox['batch_size']}, {neox['prompt_tokens']}-token prompt, {neox['new_tokens']} tokens; ms. HF:"
+        " transformers' generate; floor: step bytes over the measured copy"
         f" bandwidth ({f(neox['copy_tb_per_s'], 3)} TB/s).}}",
         "\\label{tab:speed}",
         "{\\footnotesize\\setlength{\\tabcolsep}{2pt}",
@@ -1064,6 +1078,7 @@ def equal_bytes(root: Path, numbers: Numbers, out: Path) -> None:
         numbers[f"ebAcc{letter}"] = f"{float(setting['accumulated']):g}"
         numbers[f"ebRot{letter}"] = "rotated" if _same(setting["rotate"], "True") else "unrotated"
         numbers[f"ebKeys{letter}"] = "per-token" if setting["key_layout"] == "token" else "KIVI"
+        numbers[f"ebWidths{letter}"] = "widths apart" if _same(setting["separate_widths"], "True") else "one width"
         if float(setting["evict_weight"]) <= 1:
             raise ValueError(f"the best tuning setting at {target} weights eviction at most 1: the text says above 1 won")
         if setting["evict_per_head"] == "True" or setting["evict_per_head"] == "1":
@@ -1096,6 +1111,147 @@ def equal_bytes(root: Path, numbers: Numbers, out: Path) -> None:
     numbers["rdkvGroup"] = defaults["group_tokens"]
     numbers["rdkvAccumulated"] = f"{float(defaults['accumulated']):g}"
     equal_bytes_figure(reported, best, chosen, ours, tuning_baselines, tuning_best, runs, out)
+    return {"chosen": chosen, "reported": reported, "defaults": defaults}
+
+
+# The ablations' changes off the 25% selection, in the table's words: (field, value as it ran) -> name.
+ABLATIONS = {
+    ("rotate", "False"): "no rotation",
+    ("accumulated", "0"): "$a=0$ (no H$_2$O evidence)",
+    ("separate_widths", "False"): "one width, key and value",
+    ("key_layout", "token"): "per-token keys",
+    ("bits", "4,8"): "widths 4/8 (no 3)",
+    ("bits", "2,3,4,8"): "2 bits offered too",
+    ("evict_weight", "1"): "$\\eta=1$",
+    ("prior", "0"): "no prior",
+    ("window_size", "64"): "window of 64 queries",
+    ("evict_weight", "1000000"): "never evict ($\\eta=10^6$)",
+}
+
+
+def ablation_name(ran: dict[str, str], selection: dict[str, str]) -> str:
+    """The one field an ablation row changed off the selection, as ABLATIONS names it."""
+    changed = [(name, value) for name, value in ran.items() if not _same(value, selection[name])]
+    if len(changed) != 1:
+        raise ValueError(f"an ablation changes {changed or 'nothing'} off the selection: one field each")
+    (name, value), = changed
+    named = [text for (field, setting), text in ABLATIONS.items() if field == name and _same(value, setting)]
+    if not named:
+        raise ValueError(f"no name for the ablation {name}={value}")
+    return named[0]
+
+
+def rdkv_checks(root: Path, numbers: Numbers, out: Path, selection: dict) -> None:
+    """RD-KV beyond its selection: the ablations of the 25% setting (paired against it), the 50%
+    budget against its best baseline, and both PG-19-style books, never tuned on, against theirs."""
+    chosen, reported, defaults = selection["chosen"], selection["reported"], selection["defaults"]
+    quarter = chosen[0.25]
+    ablation_files = [json.loads(path.read_text()) for path in result_files(SOURCES["rdkv_ablation"], root)]
+    reported_dense = next(r for r in reported if r["method"] == "dense")
+    rows = []
+    for payload in ablation_files:
+        dense = next(r for r in payload["rows"] if r["method"] == "dense")
+        if dense["unit_nll"] != reported_dense["unit_nll"]:
+            raise ValueError("an ablation ran on other windows than the reported ones")
+        for row in payload["rows"]:
+            if is_rdkv(row):
+                if row["target"] != quarter["target"]:
+                    raise ValueError(f"an ablation at {row['target']}: the table says the 25% target")
+                ran = rdkv_run_setting(dict(row, commit=payload["environment"]["git_commit"]), root, defaults)
+                rows.append((ablation_name(ran, rdkv_run_setting(quarter, root, defaults)), row, paired(row, quarter)))
+    if len(rows) != len(ABLATIONS):
+        raise ValueError(f"{len(rows)} ablation rows, {len(ABLATIONS)} named")
+    hurts = [name for name, _, diff in rows if verdict(diff) == "loss"]
+    ties = [name for name, _, diff in rows if verdict(diff) == "tie"]
+    if len(hurts) + len(ties) != len(rows):
+        raise ValueError("an ablation beats the selection (its interval below zero): the text says none does")
+    numbers["ablHurt"], numbers["ablTie"], numbers["ablCount"] = len(hurts), len(ties), len(rows)
+    numbers["ablTies"] = "; ".join(ties)
+    numbers["ablWorst"] = max(rows, key=lambda item: item[2]["delta_pct"])[0]
+    lines = [
+        "\\centering",
+        "\\captionof{table}{One change to \\MethodName's 25\\% setting (windows"
+        f" {numbers.values['ebFirst']}--{numbers.values['ebLast']}): PPL over dense, and paired over the setting (\\%).}}",
+        "\\label{tab:ablation}",
+        "{\\footnotesize\\setlength{\\tabcolsep}{2pt}",
+        "\\begin{tabular}[t]{lrl}",
+        "\\toprule",
+        "change & dense & vs selection \\\\",
+        "\\midrule",
+        f"none (selection) & {signed(quarter['delta_pct'], 2)} & \\\\",
+    ]
+    for name, row, diff in sorted(rows, key=lambda item: item[2]["delta_pct"], reverse=True):
+        low, high = diff["delta_pct_ci95"]
+        lines.append(f"{name} & {signed(row['delta_pct'], 2)} & {signed(diff['delta_pct'], 2)} "
+                     f"[{signed(low, 2)}, {signed(high, 2)}] \\\\")
+    lines += ["\\bottomrule", "\\end{tabular}", "}"]
+    (out / "table_rdkv_ablation.tex").write_text("\n".join(lines) + "\n")
+
+    # the 50% budget: RD-KV at the 25% setting, the baselines there with the reported ones
+    half = [row for path in result_files(SOURCES["rdkv_half"], root) for payload in [json.loads(path.read_text())]
+            for row in payload["rows"] if row["method"] != "dense"
+            and next(r for r in payload["rows"] if r["method"] == "dense")["unit_nll"] == reported_dense["unit_nll"]]
+    ours_half = [r for r in half if is_rdkv(r)]
+    if len(ours_half) != 1 or ours_half[0]["method"] != quarter["method"]:
+        raise ValueError("the 50% budget's RD-KV row is not the 25% selection's setting, once")
+    (ours_half,) = ours_half
+    best_half = equal_bytes_best([r for r in reported if not is_rdkv(r)] + [r for r in half if not is_rdkv(r)])[0.5]
+    versus = paired(ours_half, best_half)
+    numbers["halfOurs"] = signed(ours_half["delta_pct"], 2)
+    numbers["halfOursLo"], numbers["halfOursHi"] = (signed(x, 2) for x in ours_half["delta_pct_ci95"])
+    numbers["halfBestName"] = equal_bytes_name(best_half["method"], text=True)
+    numbers["halfBest"] = signed(best_half["delta_pct"], 2)
+    numbers["halfVs"] = signed(versus["delta_pct"], 2)
+    numbers["halfVsLo"], numbers["halfVsHi"] = (signed(x, 2) for x in versus["delta_pct_ci95"])
+    numbers["halfVerdict"] = {"win": "a win", "tie": "a tie", "loss": "a loss"}[verdict(versus)]
+
+    # PG-19, never tuned on: per book, its best baseline per target and RD-KV's selected setting
+    targets = sorted(chosen, reverse=True)
+    heldout = {book: [json.loads(path.read_text()) for path in result_files(entry, root)]
+               for book, entry in SOURCES["rdkv_heldout"].items()}
+    group_windows = {payload["num_windows"] for payloads in heldout.values() for payload in payloads}
+    if len(group_windows) != 1:
+        raise ValueError(f"the held-out books ran {sorted(group_windows)} windows: the caption gives one number")
+    (book_windows,) = group_windows
+    lines = [
+        "\\centering",
+        f"\\captionof{{table}}{{Held out: PG-19-style books, {book_windows} windows each, WikiText-2's settings;"
+        " over dense, and paired over the best baseline (\\%).}",
+        "\\label{tab:heldout}",
+        "{\\footnotesize\\setlength{\\tabcolsep}{2pt}",
+        "\\begin{tabular}[t]{llrr}",
+        "\\toprule",
+        "book & bytes & vs dense & vs best \\\\",
+        "\\midrule",
+    ]
+    cells, goals_met = {"win": 0, "tie": 0, "loss": 0}, True
+    for book, payloads in heldout.items():
+        (group,) = equal_bytes_groups(payloads).values()
+        baselines = [r for r in group if not is_rdkv(r)]
+        best = equal_bytes_best(baselines)
+        for number, target in enumerate(targets):
+            (row,) = [r for r in group if is_rdkv(r) and r["target"] == target]
+            if row["method"] != chosen[target]["method"]:
+                raise ValueError(f"{book} at {target}: {row['method']}, not the setting chosen on WikiText-2")
+            diff = paired(row, best[target])
+            if diff["delta_pct"] >= 0:
+                raise ValueError(f"{book} at {target}: RD-KV not below {best[target]['method']}: the text says it is in every cell")
+            cells[verdict(diff)] += 1
+            goal = RDKV_GOALS[number]
+            goals_met &= goal is None or row["delta_pct"] <= goal
+            low, high = row["delta_pct_ci95"]
+            vlow, vhigh = diff["delta_pct_ci95"]
+            name = BOOK_SHORT.get(book, book) if number == 0 else ""
+            lines.append(f"{name} & {100 * target:g}\\% & {signed(row['delta_pct'], 2)} [{signed(low, 2)}, {signed(high, 2)}]"
+                         f" & {signed(diff['delta_pct'], 2)} [{signed(vlow, 2)}, {signed(vhigh, 2)}] \\\\")
+    lines += ["\\bottomrule", "\\end{tabular}", "}"]
+    (out / "table_rdkv_heldout.tex").write_text("\n".join(lines) + "\n")
+    if cells["loss"]:
+        raise ValueError("RD-KV loses to the best baseline in a held-out cell: the text says it never does")
+    if not goals_met:
+        raise ValueError("RD-KV misses a goal over dense on a held-out book: the text says both books meet them")
+    numbers["heldWins"], numbers["heldTies"] = cells["win"], cells["tie"]
+    numbers["heldCells"] = sum(cells.values())
 
 
 def best_press(rows: list[dict]) -> str:
@@ -1110,7 +1266,7 @@ def equal_bytes_figure(reported, best, chosen, ours, tuning_baselines, tuning_be
     RD-KV's selected settings. Right: the tuning windows, RD-KV's settings against the eviction
     weight, per target, and the best baseline run there."""
     reported_key, tuning_key = runs["reported_key"], runs["tuning_key"]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(5.5, 1.28), gridspec_kw={"width_ratios": [2.0, 1]})
+    figure, (left, right) = plt.subplots(1, 2, figsize=(5.5, 1.16), gridspec_kw={"width_ratios": [2.0, 1]})
     series = [  # (label, methods in byte order, colour, marker, style)
         ("uniform KIVI", ["kivi2", "kivi3", "kivi4"], "#1b9e77", "s", "-"),
         ("uniform per-token", ["token2", "token3", "token4"], "#66a61e", "s", ":"),
@@ -1228,7 +1384,7 @@ def build(out: Path, root: Path = REPO) -> dict:
     speed(root, numbers, out)
     kvquant(root, numbers, out)
     speculative_figure(speculative(root, numbers), out)
-    equal_bytes(root, numbers, out)
+    rdkv_checks(root, numbers, out, equal_bytes(root, numbers, out))
     model_facts(root, numbers)
     (out / "numbers.tex").write_text(numbers.tex())
     (out / "numbers.json").write_text(json.dumps(numbers.values, indent=1) + "\n")
@@ -1246,7 +1402,7 @@ def main(argv=None) -> None:
         record_rdkv_defaults(args.record_rdkv_defaults, args.root)
         return
     values = build(args.output, args.root)
-    print(f"wrote {len(values)} numbers, 4 tables and 3 figures to {args.output}")
+    print(f"wrote {len(values)} numbers, 6 tables and 3 figures to {args.output}")
 
 
 if __name__ == "__main__":

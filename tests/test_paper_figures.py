@@ -148,39 +148,86 @@ def test_equal_bytes_numbers_are_the_result_files(built):
 EQUAL_BYTES = "results/smollm2-135m_equal_bytes_h200"
 
 
-def test_equal_bytes_selection_is_pooled_over_call11_to_call13(built):
-    """RD-KV's reported rows are one selection over call11's, call12's and call13's tuning files
-    together: per target the lowest-PPL setting of the grids on windows 32-39, run on windows 0-31
-    by call13 (call11's selected_0.0625.json, its own grid's choice, is not one of them); every
+def test_equal_bytes_selection_is_pooled_over_call11_to_call14(built):
+    """RD-KV's reported rows are one selection over call11's, call12's, call13's and call14's tuning
+    files together: per target the lowest-PPL setting of the grids on windows 32-39, run on windows
+    0-31 by call14 (call11's selected_0.0625.json, its own grid's choice, is not one of them); every
     RD-KV byte fraction below the baseline's."""
     generator, _, values = built
     names = {path.relative_to(REPO).as_posix() for path in generator.result_files(generator.SOURCES["equal_bytes_rdkv"], REPO)}
-    assert f"{EQUAL_BYTES}/call13/selected_0.0625.json" in names
+    assert f"{EQUAL_BYTES}/call14/selected_0.0625.json" in names
+    assert f"{EQUAL_BYTES}/call13/selected_0.0625.json" not in names  # superseded: call14's grid moved the selection
     assert f"{EQUAL_BYTES}/call11/selected_0.0625.json" not in names
     assert not any("/call10/" in name for name in names)  # its tag was undercounted
-    tuning = [row for folder in ("call11", "call12", "call13")
+    tuning = [row for folder in ("call11", "call12", "call13", "call14")
               for path in sorted((REPO / EQUAL_BYTES / folder).glob("tune_*.json"))
               for row in json.loads(path.read_text())["rows"] if row["method"].startswith("rdkv")]
     assert values["ebTuneSettings"] == str(len({row["method"] for row in tuning}))
-    for letter, target, name in (("A", 0.25, "call13/selected_0.25.json"), ("B", 0.125, "call13/selected_0.125.json"),
-                                 ("C", 0.0625, "call13/selected_0.0625.json")):
+    for letter, target, name in (("A", 0.25, "call14/selected_0.25.json"), ("B", 0.125, "call14/selected_0.125.json"),
+                                 ("C", 0.0625, "call14/selected_0.0625.json")):
         (ours,) = [r for r in json.loads((REPO / EQUAL_BYTES / name).read_text())["rows"] if r["method"].startswith("rdkv")]
         assert ours["method"] == min((r for r in tuning if r["target"] == target), key=lambda r: r["ppl"])["method"]
         assert values[f"ebOurs{letter}Bytes"] == f"{100 * ours['kv_bytes_fraction']:.2f}"
         assert float(values[f"ebOurs{letter}Bytes"]) < float(values[f"ebBest{letter}Bytes"])
     # the compositions ran with accumulated off (the composition's default), the 25% setting at 0.5;
-    # rotation where the setting names it
+    # rotation where the setting names it; call14's 6.25% setting has keys and values share one width
     assert (values["ebAccA"], values["ebAccB"], values["ebAccC"]) == ("0.5", "0", "0")
     assert (values["ebRotA"], values["ebRotB"], values["ebRotC"]) == ("rotated", "rotated", "unrotated")
+    assert (values["ebWidthsB"], values["ebWidthsC"]) == ("widths apart", "one width")
     assert values["ebOursA"] == "+0.37" and values["ebGoalA"] == "+0.5"
 
 
-def test_equal_bytes_selection_from_one_grid_alone_stops_the_build(built, tmp_path, monkeypatch):
-    """Without call12's tuning files, the best at 6.25% is not the reported row (call12's setting): the
-    build stops rather than report a row the selection did not choose."""
+def test_rdkv_ablations_are_paired_with_the_selection(built):
+    """Table 2: each call14 ablation row paired with the 25% selection on the same windows, as
+    evaluation/intervals.py pairs them; the counts in the text are the verdicts of those intervals."""
+    from evaluation.intervals import paired_difference
+
+    _, out, values = built
+    (selected,) = [r for r in json.loads((REPO / EQUAL_BYTES / "call14/selected_0.25.json").read_text())["rows"]
+                   if r["method"].startswith("rdkv")]
+    table = (out / "table_rdkv_ablation.tex").read_text()
+    verdicts = []
+    for path in sorted((REPO / EQUAL_BYTES / "call14").glob("ablation_*.json")):
+        (row,) = [r for r in json.loads(path.read_text())["rows"] if r["method"].startswith("rdkv")]
+        diff = paired_difference(row["unit_nll"], selected["unit_nll"], row["unit_tokens"])
+        low, high = diff["delta_pct_ci95"]
+        assert f"{diff['delta_pct']:+.2f} [{low:+.2f}, {high:+.2f}]" in table
+        verdicts.append("hurt" if low > 0 else "tie" if high >= 0 else "helps")
+    assert values["ablHurt"] == str(verdicts.count("hurt")) and values["ablTie"] == str(verdicts.count("tie"))
+    assert values["ablCount"] == str(len(verdicts)) == "10"
+
+
+def test_rdkv_ablation_without_a_name_stops_the_build(built, tmp_path, monkeypatch):
+    """An ablation whose change the table cannot name (or that changes two fields) stops the build."""
+    generator, _, _ = built
+    names = dict(generator.ABLATIONS)
+    del names[("prior", "0")]
+    monkeypatch.setattr(generator, "ABLATIONS", names)
+    with pytest.raises(ValueError, match="no name for the ablation prior"):
+        generator.build(tmp_path)
+
+
+def test_rdkv_heldout_rows_are_the_selected_settings(built, tmp_path, monkeypatch):
+    """Table 3: the PG-19 books' RD-KV rows must be the settings chosen on WikiText-2; pointing a book
+    at the other book's RD-KV file for a target changes nothing, but at WikiText's ablation files stops it."""
+    generator, out, values = built
+    table = (out / "table_rdkv_heldout.tex").read_text()
+    assert "+0.26 [+0.03, +0.47]" in table  # P&P at 25%, call14's pg19_book0_rdkv_0.25.json
+    assert values["heldCells"] == "6" and int(values["heldWins"]) + int(values["heldTies"]) == 6
+    sources = dict(generator.SOURCES)
+    sources["rdkv_heldout"] = dict(sources["rdkv_heldout"],
+                                   Frankenstein="results/smollm2-135m_equal_bytes_h200/call14/pg19_book1_[ce]*.json")
+    monkeypatch.setattr(generator, "SOURCES", sources)
+    with pytest.raises(ValueError):  # no RD-KV rows for that book
+        generator.build(tmp_path)
+
+
+def test_equal_bytes_selection_without_a_grid_stops_the_build(built, tmp_path, monkeypatch):
+    """Without call14's tuning files, the best at 6.25% is call12's setting, not the reported row
+    (call14's): the build stops rather than report a row the selection did not choose."""
     generator, _, _ = built
     sources = dict(generator.SOURCES)
-    sources["equal_bytes_rdkv"] = [entry for entry in sources["equal_bytes_rdkv"] if "call12/tune_" not in entry]
+    sources["equal_bytes_rdkv"] = [entry for entry in sources["equal_bytes_rdkv"] if "call14/tune_" not in entry]
     monkeypatch.setattr(generator, "SOURCES", sources)
     with pytest.raises(ValueError, match="not the best tuning setting"):
         generator.build(tmp_path)
@@ -235,7 +282,7 @@ def test_rdkv_selected_setting_ran_at_todays_defaults(built):
     generator, _, _ = built
     defaults = generator.rdkv_defaults(REPO)
     assert float(defaults["accumulated"]) == 0.5
-    selected = _row("call13/selected_0.25.json", "rdkv[rotate=1 key_layout=channel]", 0.25)
+    selected = _row("call14/selected_0.25.json", "rdkv[rotate=1 key_layout=channel]", 0.25)
     generator.check_ran_at_defaults(selected, REPO, defaults)
     with pytest.raises(ValueError, match="accumulated"):
         generator.check_ran_at_defaults(selected, REPO, dict(defaults, accumulated="0.0"))
