@@ -55,9 +55,10 @@ class RDKVBudgetPress(BasePress):
     head keeps at most x * ``budget_tokens`` tokens, the newest half and the rest with the most
     attention received since entering (the carried sums over its query heads, H2O's score), and
     RD-KV then chooses widths among them (and may still evict), as ``after_h2o`` composes them
-    after prefill (evaluation/equal_bytes.py), where that composition won at tight budgets: H2O's
-    stream-long sums and recent half pick the tokens the next queries attend, RD-KV's window
-    misses them.
+    after prefill (evaluation/equal_bytes.py), where that composition won at tight budgets (H2O's
+    stream-long sums and recent half may pick tokens that RD-KV's window of queries misses). On
+    the streaming tuning stretch it did not beat RD-KV's own rule (results/
+    smollm2-135m_streaming_tuning_cpu/); 0 (off) stays the default.
 
     Positions are the tokens' places in the text (BudgetPress's default); keys are never
     re-rotated. One sequence per call.

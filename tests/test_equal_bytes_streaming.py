@@ -73,7 +73,8 @@ def test_chunks_of_one_token_leave_out_snapkv_and_say_why(tiny_pythia_folder, tm
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--part", "rdkv", "--rdkv", "after_h2o=0.5"], "no streaming form"),
+    (["--part", "rdkv", "--rdkv", "after_h2o=0.5"], "its streaming form is h2o_keep"),
+    (["--part", "rdkv", "--rdkv", "h2o_keep=-1"], "h2o_keep must be at least 0"),
     (["--part", "rdkv", "--rdkv", "windows=3"], "unknown RD-KV setting"),
     (["--part", "baselines", "--max_tokens", "40"], "scores no token past the budget"),
     (["--part", "baselines", "--recent_tokens", "48"], "below budget_tokens"),
