@@ -188,20 +188,39 @@ def split_kv_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Te
     kernel's ``KernelConfig``, each left out taken from ``DEFAULT_CONFIG`` (read at every call)."""
     batch, heads, new, dim = query.shape
     slots, rows = keys.shape[2], batch * heads * new
-    given = {"chunks": chunks, "block": block, "warps": warps, "stages": stages}
-    config = dataclasses.replace(DEFAULT_CONFIG, **{name: value for name, value in given.items() if value is not None})
+    config = op_config(chunks, block, warps, stages)
     chunk, chunks = launch_plan(rows, slots, query.device, config)
-    partial_acc = query.new_empty((rows, chunks, dim), dtype=torch.float32)
-    partial_max = query.new_empty((rows, chunks), dtype=torch.float32)
-    partial_sum = torch.empty_like(partial_max)
-    output = query.new_empty(query.shape)
-    block_dim = triton.next_power_of_2(dim)
+    partial_acc, partial_max, partial_sum = empty_partials(query, chunks)
     split_kv_attention_partial[(rows, chunks)](
         query, keys, values, visible, partial_acc, partial_max, partial_sum, scale,
         heads, new, slots, chunk, chunks, *query.stride(), *keys.stride(), *values.stride(), *visible.stride(),
-        DIM=dim, BLOCK_DIM=block_dim, BLOCK=config.block, num_warps=config.warps, num_stages=config.stages)
-    split_kv_attention_combine[(rows,)](partial_acc, partial_max, partial_sum, output, chunks,
-                                        DIM=dim, BLOCK_DIM=block_dim, BLOCK_CHUNKS=triton.next_power_of_2(chunks))
+        DIM=dim, BLOCK_DIM=triton.next_power_of_2(dim), BLOCK=config.block, num_warps=config.warps,
+        num_stages=config.stages)
+    return combine(query, partial_acc, partial_max, partial_sum)
+
+
+def op_config(chunks: int | None, block: int | None, warps: int | None, stages: int | None) -> KernelConfig:
+    """The op arguments' KernelConfig: each left out (None) taken from ``DEFAULT_CONFIG``, read now."""
+    given = {"chunks": chunks, "block": block, "warps": warps, "stages": stages}
+    return dataclasses.replace(DEFAULT_CONFIG, **{name: value for name, value in given.items() if value is not None})
+
+
+def empty_partials(query: torch.Tensor, chunks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The partial kernel's outputs for ``query`` (batch, heads, new, dim) in ``chunks`` chunks, fp32:
+    acc (rows, chunks, dim), largest score and exp-sum (rows, chunks), rows = batch x heads x new."""
+    rows, dim = query.shape[:3].numel(), query.shape[3]
+    partial_max = query.new_empty((rows, chunks), dtype=torch.float32)
+    return query.new_empty((rows, chunks, dim), dtype=torch.float32), partial_max, torch.empty_like(partial_max)
+
+
+def combine(query, partial_acc, partial_max, partial_sum) -> torch.Tensor:
+    """The chunks' partials merged (``split_kv_attention_combine``): the attention output, the query's
+    shape and dtype, contiguous."""
+    rows, chunks, dim = partial_acc.shape
+    output = query.new_empty(query.shape)
+    split_kv_attention_combine[(rows,)](partial_acc, partial_max, partial_sum, output, chunks, DIM=dim,
+                                        BLOCK_DIM=triton.next_power_of_2(dim),
+                                        BLOCK_CHUNKS=triton.next_power_of_2(chunks))
     return output
 
 

@@ -27,13 +27,21 @@ FP16_BYTES = 2
 GROUP_SIDE_BYTES = 4  # an fp16 scale and an fp16 zero point
 
 
-def fake_quantize(x: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
+def quantize_groups(x: torch.Tensor, bits: int, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``x`` rounded to ``bits``-bit integers along ``dim`` (asymmetric min-max, one group per
-    slice; scale and zero point rounded to fp16 as stored), returned dequantized in x's dtype."""
+    slice): (codes, scale, zero point), all in x's dtype, the codes whole numbers in [0, 2**bits - 1],
+    scale and zero point (the group's minimum) rounded to fp16 as stored, kept as size-1 ``dim``.
+    x is code * scale + zero point, give or take half a scale."""
     levels = 2**bits - 1
     low = x.amin(dim, keepdim=True).half().to(x.dtype)
     scale = ((x.amax(dim, keepdim=True) - low) / levels).clamp(min=1e-6).half().to(x.dtype)
-    return ((x - low) / scale).round().clamp(0, levels) * scale + low
+    return ((x - low) / scale).round().clamp(0, levels), scale, low
+
+
+def fake_quantize(x: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
+    """``x`` through quantize_groups and back, dequantized in x's dtype."""
+    codes, scale, low = quantize_groups(x, bits, dim)
+    return codes * scale + low
 
 
 def channel_stats(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

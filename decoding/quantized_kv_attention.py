@@ -1,0 +1,265 @@
+"""Decode attention that reads 8-bit or 4-bit keys and values directly: split-KV (Flash-Decoding,
+decoding/split_kv_attention.py) over a quantized cache, dequantized in registers.
+
+Why: presses/quantize.py's stores save memory but the decode step reads the dequantized fp16
+tensors, so quantization never turns into speed. Decode attention is bound by the cache's bytes;
+this kernel reads the codes (1 or 1/2 byte per element) and each (token, head)'s fp16 scale and zero
+point (4 bytes), so at head dim 80 a token's keys and values take 168 bytes at 8 bits and 88 at 4
+bits instead of 320: a floor 1.9x and 3.6x lower.
+
+The storage (``QuantizedTensor``, per layer ``QuantizedKV``): per (token, head) one group over the
+head dim, rounded to the nearest of 2**bits levels between its minimum (the zero point) and maximum,
+presses/quantize.py's per-token rule (its ``quantize_groups``, so a press and this store hold the
+same numbers). At 8 bits one byte per code; at 4 bits byte i holds channel i in its low nibble and
+channel i + dim/2 in its high one, so unpacking gives the two halves of the head dim as contiguous
+tiles (the kernel works on the two halves at 8 bits too). Keys may be stored centred and scaled per
+(head, channel) first (presses/quantize.py's ``channel_stats``): then k = c * (scale_t code + zero_t) +
+mu, and q.k = (q*c).(scale_t code + zero_t) + q.mu, where q.mu is the same for every slot of the
+row, so the softmax drops it: the kernel takes the channel scale c only, folded into the query once.
+
+The partial kernel (``quantized_kv_attention_partial``) is split_kv's, but for what it loads: per
+slot, score = scale_t (q.code_t) + zero_t sum(q), and acc += (p_t scale_t) code_t + p_t zero_t,
+cheaper than dequantizing each element. Keys and values have their own bits (8 or 4 each). The
+chunking, the launch plan and the exact merge of chunks are split_kv's (imported). As there, loads
+are masked by the chunk's bounds only; the codes of an unseen slot are read but count for nothing,
+its score -inf by select, and its value scale and zero point (which could hold inf or NaN garbage:
+codes cannot) zeroed before the weighted sum.
+
+Wrapped as the custom op ``kvpress_neox::quantized_kv_attention`` with a fake implementation, so
+torch.compile (fullgraph) keeps it opaque. evaluation/quantized_kv_speed.py times it on a GPU.
+Not wired into the decode step or its KV buffer yet: nothing but the tests and the benchmark calls it.
+"""
+
+import dataclasses
+
+import torch
+import triton
+import triton.language as tl
+
+from decoding.split_kv_attention import KernelConfig, combine, empty_partials, launch_plan, op_config
+from presses.quantize import CHANNEL_STATS_BYTES, channel_stats, quantize_groups
+
+BITS = (8, 4)  # what the kernel unpacks
+
+
+def check_bits(bits: int) -> None:
+    if bits not in BITS:
+        raise ValueError(f"{bits} bits: the quantized KV kernel reads {' or '.join(map(str, BITS))}-bit codes")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedTensor:
+    """A layer's keys or values, (batch, heads, slots, dim) stored as codes and per-group fp16 sides."""
+
+    codes: torch.Tensor  # uint8 (batch, heads, slots, dim * bits / 8), packed as the module docstring says
+    scale: torch.Tensor  # fp16 (batch, heads, slots): one code step
+    zero: torch.Tensor  # fp16 (batch, heads, slots): the value of code 0, the group's minimum
+    bits: int
+
+    @property
+    def nbytes(self) -> int:
+        return sum(part.numel() * part.element_size() for part in (self.codes, self.scale, self.zero))
+
+    def dequantize(self) -> torch.Tensor:
+        """fp32 (batch, heads, slots, dim): code * scale + zero, the reference the kernel is tested against."""
+        codes = self.codes
+        if self.bits == 4:
+            codes = torch.cat([codes & 15, codes >> 4], dim=-1)
+        return codes.float() * self.scale[..., None].float() + self.zero[..., None].float()
+
+
+def quantize(x: torch.Tensor, bits: int) -> QuantizedTensor:
+    """``x`` (batch, heads, slots, dim), dim even, rounded per (token, head) by presses/quantize.py's
+    rule, computed in x's dtype as a press computes it."""
+    check_bits(bits)
+    if x.shape[-1] % 2:
+        raise ValueError(f"head dim {x.shape[-1]}: the kernel splits the head dim in halves, so it must be even")
+    codes, scale, zero = quantize_groups(x, bits)
+    codes = codes.to(torch.uint8)
+    if bits == 4:
+        low, high = codes.chunk(2, dim=-1)
+        codes = low | high << 4
+    return QuantizedTensor(codes.contiguous(), scale[..., 0].half(), zero[..., 0].half(), bits)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedKV:
+    """One layer's quantized cache. With channel statistics, the keys are stored as (k - mean) / scale."""
+
+    keys: QuantizedTensor
+    values: QuantizedTensor
+    channel_mean: torch.Tensor | None = None  # fp16 (batch, heads, dim)
+    channel_scale: torch.Tensor | None = None  # fp16 (batch, heads, dim)
+
+    @property
+    def nbytes(self) -> int:
+        stats = 0 if self.channel_scale is None else self.channel_scale.shape[:2].numel() * self.channel_scale.shape[2]
+        return self.keys.nbytes + self.values.nbytes + CHANNEL_STATS_BYTES * stats
+
+    def dequantize(self) -> tuple[torch.Tensor, torch.Tensor]:
+        keys = self.keys.dequantize()
+        if self.channel_scale is not None:
+            keys = keys * self.channel_scale[:, :, None].float() + self.channel_mean[:, :, None].float()
+        return keys, self.values.dequantize()
+
+
+def quantize_kv(keys: torch.Tensor, values: torch.Tensor, key_bits: int, value_bits: int,
+                centre_keys: bool = False) -> QuantizedKV:
+    """Keys and values (batch, heads, slots, dim) quantized; with ``centre_keys`` the keys are first
+    centred and scaled by their channel statistics over the slots, as quantize_per_token(stats=...) does."""
+    if not centre_keys:
+        return QuantizedKV(quantize(keys, key_bits), quantize(values, value_bits))
+    mean, scale = channel_stats(keys)
+    return QuantizedKV(quantize((keys - mean) / scale, key_bits), quantize(values, value_bits),
+                       mean[:, :, 0].half(), scale[:, :, 0].half())
+
+
+@triton.jit
+def load_codes(rows, slot, s_stride, d_stride, halves, tile, HALF: tl.constexpr, BITS: tl.constexpr):
+    """The codes of ``slot``'s two halves of the head dim, each a (block, BLOCK_HALF) fp32 tile."""
+    first = rows + slot[:, None] * s_stride + halves[None, :] * d_stride
+    if BITS == 8:
+        low = tl.load(first, mask=tile, other=0)
+        high = tl.load(first + HALF * d_stride, mask=tile, other=0)
+    else:
+        packed = tl.load(first, mask=tile, other=0)
+        low = packed & 15
+        high = packed >> 4
+    return low.to(tl.float32), high.to(tl.float32)
+
+
+@triton.jit(do_not_specialize=["chunk", "chunks"])
+def quantized_kv_attention_partial(
+    query, key_codes, key_scale, key_zero, value_codes, value_scale, value_zero, channel_scale, visible,
+    partial_acc, partial_max, partial_sum, scale,
+    heads, new, slots, chunk, chunks,
+    q_b, q_h, q_n, q_d, k_b, k_h, k_s, k_d, ks_b, ks_h, ks_s, v_b, v_h, v_s, v_d, vs_b, vs_h, vs_s,
+    c_b, c_h, c_d, m_b, m_n, m_s,
+    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK: tl.constexpr,
+    KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, CHANNEL_SCALE: tl.constexpr,
+):
+    row, split = tl.program_id(0), tl.program_id(1)  # row: (batch, head, new token) flattened
+    batch, head, token = (row // (heads * new)).to(tl.int64), (row // new) % heads, row % new
+    halves = tl.arange(0, BLOCK_HALF)
+    in_half = halves < HALF
+    q_row = query + batch * q_b + head * q_h + token * q_n
+    q_low = tl.load(q_row + halves * q_d, mask=in_half, other=0.0).to(tl.float32) * scale
+    q_high = tl.load(q_row + (halves + HALF) * q_d, mask=in_half, other=0.0).to(tl.float32) * scale
+    if CHANNEL_SCALE:
+        c_row = channel_scale + batch * c_b + head * c_h
+        q_low *= tl.load(c_row + halves * c_d, mask=in_half, other=0.0).to(tl.float32)
+        q_high *= tl.load(c_row + (halves + HALF) * c_d, mask=in_half, other=0.0).to(tl.float32)
+    q_total = tl.sum(q_low, axis=0) + tl.sum(q_high, axis=0)  # what each key's zero point adds, per unit
+    key_rows = key_codes + batch * k_b + head * k_h
+    value_rows = value_codes + batch * v_b + head * v_h
+    key_sides = batch * ks_b + head * ks_h  # scale and zero point share their strides (the op checks)
+    value_sides = batch * vs_b + head * vs_h
+    mask_row = visible + batch * m_b + token * m_n
+    largest = tl.full([], float("-inf"), tl.float32)
+    total = tl.full([], 0.0, tl.float32)
+    acc_low = tl.zeros([BLOCK_HALF], tl.float32)
+    acc_high = tl.zeros([BLOCK_HALF], tl.float32)
+    start = split * chunk
+    end = tl.minimum(start + chunk, slots)
+    for first in range(start, end, BLOCK):
+        slot = first + tl.arange(0, BLOCK)
+        in_chunk = slot < end
+        # bounds only, as in split_kv: nothing here waits for another load
+        tile = in_chunk[:, None] & in_half[None, :]
+        k_low, k_high = load_codes(key_rows, slot, k_s, k_d, halves, tile, HALF, KEY_BITS)
+        v_low, v_high = load_codes(value_rows, slot, v_s, v_d, halves, tile, HALF, VALUE_BITS)
+        k_step = tl.load(key_scale + key_sides + slot * ks_s, mask=in_chunk, other=0.0).to(tl.float32)
+        k_zero = tl.load(key_zero + key_sides + slot * ks_s, mask=in_chunk, other=0.0).to(tl.float32)
+        v_step = tl.load(value_scale + value_sides + slot * vs_s, mask=in_chunk, other=0.0).to(tl.float32)
+        v_zero = tl.load(value_zero + value_sides + slot * vs_s, mask=in_chunk, other=0.0).to(tl.float32)
+        seen = tl.load(mask_row + slot * m_s, mask=in_chunk, other=0) != 0
+        dot = tl.sum(k_low * q_low[None, :], axis=1) + tl.sum(k_high * q_high[None, :], axis=1)
+        score = tl.where(seen, k_step * dot + k_zero * q_total, float("-inf"))
+        new_largest = tl.maximum(largest, tl.max(score, axis=0))
+        shift = tl.where(new_largest == float("-inf"), 0.0, new_largest)  # nothing seen yet: exp(-inf) = 0
+        weight = tl.exp(score - shift)
+        rescale = tl.exp(largest - shift)
+        # per slot, not per element: an unseen slot's weight is 0, and its scale and zero point are zeroed
+        # so that garbage there (inf, NaN) cannot make 0 * inf = NaN
+        v_step = tl.where(seen, weight * v_step, 0.0)
+        v_offset = tl.sum(tl.where(seen, weight * v_zero, 0.0), axis=0)
+        acc_low = acc_low * rescale + tl.sum(v_step[:, None] * v_low, axis=0) + v_offset
+        acc_high = acc_high * rescale + tl.sum(v_step[:, None] * v_high, axis=0) + v_offset
+        total = total * rescale + tl.sum(weight, axis=0)
+        largest = new_largest
+    part = row * chunks + split
+    tl.store(partial_acc + part * 2 * HALF + halves, acc_low, mask=in_half)
+    tl.store(partial_acc + part * 2 * HALF + HALF + halves, acc_high, mask=in_half)
+    tl.store(partial_max + part, largest)
+    tl.store(partial_sum + part, total)
+
+
+def check_shapes(query, key_codes, key_scale, key_zero, value_codes, value_scale, value_zero, key_bits, value_bits,
+                 key_channel_scale) -> None:
+    """ValueError unless the stored tensors fit the query (batch, heads, new, dim) and the bits."""
+    batch, heads, _, dim = query.shape
+    slots = key_codes.shape[2]
+    if dim % 2:
+        raise ValueError(f"head dim {dim}: must be even")
+    for name, codes, bits, step, zero in [("key", key_codes, key_bits, key_scale, key_zero),
+                                          ("value", value_codes, value_bits, value_scale, value_zero)]:
+        check_bits(bits)
+        if codes.dtype != torch.uint8 or tuple(codes.shape) != (batch, heads, slots, dim * bits // 8):
+            raise ValueError(f"{name} codes {codes.dtype} {tuple(codes.shape)}: uint8 (batch, heads, slots, "
+                             f"{dim * bits // 8}) for {bits} bits at head dim {dim}")
+        if tuple(step.shape) != (batch, heads, slots) or step.shape != zero.shape or step.stride() != zero.stride():
+            raise ValueError(f"{name} scale {tuple(step.shape)} and zero {tuple(zero.shape)}: both (batch, heads, "
+                             "slots), with the same strides")
+    if key_channel_scale is not None and tuple(key_channel_scale.shape) != (batch, heads, dim):
+        raise ValueError(f"key channel scale {tuple(key_channel_scale.shape)}: (batch, heads, dim)")
+
+
+@torch.library.custom_op("kvpress_neox::quantized_kv_attention", mutates_args=())
+def quantized_kv_attention(query: torch.Tensor, key_codes: torch.Tensor, key_scale: torch.Tensor,
+                           key_zero: torch.Tensor, value_codes: torch.Tensor, value_scale: torch.Tensor,
+                           value_zero: torch.Tensor, visible: torch.Tensor, scale: float, key_bits: int,
+                           value_bits: int, key_channel_scale: torch.Tensor | None = None, chunks: int | None = None,
+                           block: int | None = None, warps: int | None = None,
+                           stages: int | None = None) -> torch.Tensor:
+    """Attention of ``query`` (batch, heads, new, dim) over a quantized cache (``QuantizedTensor``'s
+    fields for keys and values, the keys' channel scale if they were stored centred) where ``visible``
+    (batch, new, slots) is True; returns (batch, heads, new, dim), contiguous, in the query's dtype.
+    ``chunks``, ``block``, ``warps``, ``stages``: the launch, as for split_kv_attention."""
+    check_shapes(query, key_codes, key_scale, key_zero, value_codes, value_scale, value_zero, key_bits, value_bits,
+                 key_channel_scale)
+    batch, heads, new, dim = query.shape
+    slots, rows = key_codes.shape[2], batch * heads * new
+    config = op_config(chunks, block, warps, stages)
+    chunk, chunks = launch_plan(rows, slots, query.device, config)
+    partial_acc, partial_max, partial_sum = empty_partials(query, chunks)
+    # without a channel scale the kernel never reads its pointer: the query stands in for it
+    channel = query if key_channel_scale is None else key_channel_scale
+    channel_strides = (0, 0, 0) if key_channel_scale is None else key_channel_scale.stride()
+    quantized_kv_attention_partial[(rows, chunks)](
+        query, key_codes, key_scale, key_zero, value_codes, value_scale, value_zero, channel, visible,
+        partial_acc, partial_max, partial_sum, scale, heads, new, slots, chunk, chunks,
+        *query.stride(), *key_codes.stride(), *key_scale.stride(), *value_codes.stride(), *value_scale.stride(),
+        *channel_strides, *visible.stride(),
+        HALF=dim // 2, BLOCK_HALF=triton.next_power_of_2(dim // 2), BLOCK=config.block, KEY_BITS=key_bits,
+        VALUE_BITS=value_bits, CHANNEL_SCALE=key_channel_scale is not None, num_warps=config.warps,
+        num_stages=config.stages)
+    return combine(query, partial_acc, partial_max, partial_sum)
+
+
+@quantized_kv_attention.register_fake
+def _(query, key_codes, key_scale, key_zero, value_codes, value_scale, value_zero, visible, scale, key_bits,
+      value_bits, key_channel_scale=None, chunks=None, block=None, warps=None, stages=None):
+    check_shapes(query, key_codes, key_scale, key_zero, value_codes, value_scale, value_zero, key_bits, value_bits,
+                 key_channel_scale)
+    return query.new_empty(query.shape)
+
+
+def attend_quantized(query: torch.Tensor, cache: QuantizedKV, visible: torch.Tensor, scale: float,
+                     config: KernelConfig | None = None) -> torch.Tensor:
+    """``quantized_kv_attention`` over ``cache``, launched by ``config`` (None: DEFAULT_CONFIG's)."""
+    launch = dataclasses.astuple(config) if config is not None else (None,) * 4
+    block, warps, stages, chunks = launch
+    keys, values = cache.keys, cache.values
+    return quantized_kv_attention(query, keys.codes, keys.scale, keys.zero, values.codes, values.scale, values.zero,
+                                  visible, scale, keys.bits, values.bits, cache.channel_scale, chunks, block, warps,
+                                  stages)
