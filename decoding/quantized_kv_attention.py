@@ -137,9 +137,14 @@ def quantized_kv_attention_partial(
     c_b, c_h, c_d, m_b, m_n, m_s,
     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK: tl.constexpr,
     KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, CHANNEL_SCALE: tl.constexpr,
+    KEY_ALIGN: tl.constexpr, VALUE_ALIGN: tl.constexpr,
 ):
     row, split = tl.program_id(0), tl.program_id(1)  # row: (batch, head, new token) flattened
     batch, head, token = (row // (heads * new)).to(tl.int64), (row // new) % heads, row % new
+    # Triton knows only strides that are multiples of 16; a 4-bit row of 40 bytes is not, and without
+    # the hint every byte would be loaded alone (measured: 4-bit 3.3x slower than 8-bit on the H200)
+    k_b, k_h, k_s = tl.multiple_of(k_b, KEY_ALIGN), tl.multiple_of(k_h, KEY_ALIGN), tl.multiple_of(k_s, KEY_ALIGN)
+    v_b, v_h, v_s = tl.multiple_of(v_b, VALUE_ALIGN), tl.multiple_of(v_h, VALUE_ALIGN), tl.multiple_of(v_s, VALUE_ALIGN)
     halves = tl.arange(0, BLOCK_HALF)
     in_half = halves < HALF
     q_row = query + batch * q_b + head * q_h + token * q_n
@@ -214,6 +219,11 @@ def check_shapes(query, key_codes, key_scale, key_zero, value_codes, value_scale
         raise ValueError(f"key channel scale {tuple(key_channel_scale.shape)}: (batch, heads, dim)")
 
 
+def alignment(strides) -> int:
+    """The largest power of two, up to 16 bytes, that divides every one of the codes' ``strides``."""
+    return min([16, *(stride & -stride for stride in strides if stride)])
+
+
 @torch.library.custom_op("kvpress_neox::quantized_kv_attention", mutates_args=())
 def quantized_kv_attention(query: torch.Tensor, key_codes: torch.Tensor, key_scale: torch.Tensor,
                            key_zero: torch.Tensor, value_codes: torch.Tensor, value_scale: torch.Tensor,
@@ -241,7 +251,9 @@ def quantized_kv_attention(query: torch.Tensor, key_codes: torch.Tensor, key_sca
         *query.stride(), *key_codes.stride(), *key_scale.stride(), *value_codes.stride(), *value_scale.stride(),
         *channel_strides, *visible.stride(),
         HALF=dim // 2, BLOCK_HALF=triton.next_power_of_2(dim // 2), BLOCK=config.block, KEY_BITS=key_bits,
-        VALUE_BITS=value_bits, CHANNEL_SCALE=key_channel_scale is not None, num_warps=config.warps,
+        VALUE_BITS=value_bits, CHANNEL_SCALE=key_channel_scale is not None,
+        KEY_ALIGN=alignment(key_codes.stride()[:3]), VALUE_ALIGN=alignment(value_codes.stride()[:3]),
+        num_warps=config.warps,
         num_stages=config.stages)
     return combine(query, partial_acc, partial_max, partial_sum)
 
