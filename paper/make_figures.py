@@ -108,6 +108,8 @@ SOURCES = {
     # baselines and RD-KV at the settings selected on WikiText-2's tuning windows)
     "rdkv_ablation": "results/smollm2-135m_equal_bytes_h200/call14/ablation_*.json",
     "rdkv_half": "results/smollm2-135m_equal_bytes_h200/call14/budget50_*.json",
+    # RD-KV's streaming press on both books at the 512-token budget, paired with each book's best baseline
+    "rdkv_streaming": "results/smollm2-135m_equal_bytes_streaming_h200/call2/rdkv_*.json",
     "rdkv_heldout": {
         "Pride and Prejudice": "results/smollm2-135m_equal_bytes_h200/call14/pg19_book0_*.json",
         "Frankenstein": "results/smollm2-135m_equal_bytes_h200/call14/pg19_book1_*.json",
@@ -1252,6 +1254,18 @@ def rdkv_checks(root: Path, numbers: Numbers, out: Path, selection: dict) -> Non
         raise ValueError("RD-KV misses a goal over dense on a held-out book: the text says both books meet them")
     numbers["heldWins"], numbers["heldTies"] = cells["win"], cells["tie"]
     numbers["heldCells"] = sum(cells.values())
+
+    # streaming: the text says RD-KV's press is worse than the best baseline in every setting and book run
+    streaming = [row for path in result_files(SOURCES["rdkv_streaming"], root)
+                 for row in json.loads(path.read_text())["rows"] if is_rdkv(row)]
+    if not streaming or any(row["versus_pct"] <= 0 for row in streaming):
+        raise ValueError("a streaming RD-KV row is not worse than its book's best baseline: the text says every one is")
+    budgets = {budget for path in result_files(SOURCES["rdkv_streaming"], root)
+               for budget in json.loads(path.read_text())["budget_tokens"]}
+    if len(budgets) != 1:
+        raise ValueError(f"streaming RD-KV at budgets {sorted(budgets)}: the text names one")
+    numbers["streamRdkvBudget"] = budgets.pop()
+    numbers["streamRdkvBestVs"] = signed(min(row["versus_pct"] for row in streaming), 1)
 
 
 def best_press(rows: list[dict]) -> str:

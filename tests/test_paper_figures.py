@@ -292,3 +292,14 @@ def test_rdkv_selected_setting_ran_at_todays_defaults(built):
     with pytest.raises(ValueError, match="H2O keeps tokens first"):
         generator.check_ran_at_defaults(_row("call11/selected_0.125.json", "rdkv[after_h2o=0.75 evict_weight=16]", 0.125),
                                         REPO, defaults)
+
+
+def test_streaming_rdkv_claim_is_the_result_files(built):
+    """The limitations' streaming sentence: every RD-KV streaming row of call2 worse than its book's best
+    baseline (paired), the smallest gap the one the text gives."""
+    generator, _, values = built
+    rows = [row for path in generator.result_files(generator.SOURCES["rdkv_streaming"], REPO)
+            for row in json.loads(path.read_text())["rows"] if row["method"].startswith("rdkv")]
+    assert len(rows) == 4 and all(row["versus_pct"] > 0 for row in rows)
+    assert values["streamRdkvBestVs"] == f"{min(row['versus_pct'] for row in rows):+.1f}"
+    assert values["streamRdkvBudget"] == "512"
