@@ -53,8 +53,9 @@ SOURCES = {
     # speed: random-init Pythia-2.8B, H200
     "speed_same_run": "results/pythia-2.8b_random_grid_h200/same_run/summary.json",
     "speed_presses": "results/pythia-2.8b_random_grid_h200/presses/summary.json",
-    "speed_batch_dense": "results/pythia-2.8b_random_grid_h200/batch/dense/summary.json",
-    "speed_batch_snapkv": "results/pythia-2.8b_random_grid_h200/batch/snapkv/summary.json",
+    # the largest-batch search, dense and SnapKV keeping 25%, one call (expandable segments)
+    "speed_batch_dense": "results/pythia-2.8b_random_speed_frontier_h200/batch_c864b68/batch_dense/summary.json",
+    "speed_batch_snapkv": "results/pythia-2.8b_random_speed_frontier_h200/batch_c864b68/batch_snapkv/summary.json",
     # KV quantization: random-init Pythia-2.8B, H100, two calls each with its own fp16 reference
     "kvquant_calls": {
         "int4": "results/pythia-2.8b_random_kv_quant_h100/int4",
@@ -540,6 +541,12 @@ def levels(root: Path, numbers: Numbers, out: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # speed (H200)
+def largest_fit(summary: dict) -> dict:
+    """The row the batch search marked the largest that fit (evaluation/grid.py), with its call's commit."""
+    (row,) = [r for r in summary["rows"] if r.get("largest_fit")]
+    return dict(row, environment_commit=summary["environment"]["git_commit"])
+
+
 def speed(root: Path, numbers: Numbers, out: Path) -> None:
     same_run = _load(SOURCES["speed_same_run"], root)
     rows = {r["decoder"]: r for r in same_run["rows"]}
@@ -561,8 +568,11 @@ def speed(root: Path, numbers: Numbers, out: Path) -> None:
     numbers["pressTpotMax"] = f(max(r["tpot_ms"] for r in pressed), 3)
     numbers["denseTpotPresses"] = f(next(r for r in presses if r["method"] == "dense")["tpot_ms"], 3)
 
-    batch_dense = max(_load(SOURCES["speed_batch_dense"], root)["rows"], key=lambda r: r["batch_size"])
-    batch_snap = max(_load(SOURCES["speed_batch_snapkv"], root)["rows"], key=lambda r: r["batch_size"])
+    batch_dense, batch_snap = (largest_fit(_load(SOURCES[name], root)) for name in ("speed_batch_dense", "speed_batch_snapkv"))
+    if batch_dense["environment_commit"] != batch_snap["environment_commit"]:
+        raise ValueError("the dense and SnapKV batch rows come from different calls: the text compares them")
+    refused = [r for r in _load(SOURCES["speed_batch_snapkv"], root)["rows"] if r.get("error")]
+    numbers["batchSnapOut"] = min(r["batch_size"] for r in refused)  # the smallest batch that did not fit
     numbers["batchDense"] = batch_dense["batch_size"]
     numbers["batchDenseTps"] = thousands(batch_dense["decode_tokens_per_s"])
     numbers["batchDenseGiB"] = f(batch_dense["peak_memory_gib"], 1)
