@@ -59,9 +59,9 @@ class TwoStreamStep:
         self.kept_buffer = None  # with keep_buffer: the last generation's buffer
         self.captured_for = None  # a weak reference to the buffer the graph was captured over
 
-    def load_buffer(self, groups, new_tokens: int) -> KVBuffer:
+    def load_buffer(self, groups, new_tokens: int, kv_bits: tuple[int, int] | None = None) -> KVBuffer:
         """``load_buffer`` into the kept buffer where it fits (see the class docstring)."""
-        buffer = load_buffer(groups, new_tokens, self._hand_over_kept_buffer())
+        buffer = load_buffer(groups, new_tokens, self._hand_over_kept_buffer(), kv_bits)
         if self.keep_buffer:
             self.kept_buffer = buffer
         return buffer

@@ -20,13 +20,20 @@ Flash-Decoding style), ``eager`` (matmul, fp32 softmax, matmul, as transformers'
 ``split_kv`` (decoding/split_kv_attention.py: a Triton split-KV decode kernel, Flash-Decoding).
 ``generate`` runs the prompt's prefill through transformers' attention of the same name (``split_kv``:
 SDPA's), so one name picks the back end of both phases.
+
+With ``kv_bits`` (key bits, value bits: 8 or 4) the buffer holds each layer's keys and values as
+decoding/quantized_kv_attention.py's ``QuantizedTensor`` (codes, and one fp16 scale and zero point per
+(token, head)), written as the tensors are (the pressed caches quantized layer by layer, each new
+token's key and value quantized inside the step) and read by that module's kernel. Keys are quantized
+per token only: the kernel can take keys centred per channel, but the buffer does not store them so.
+
 Greedy or sampled (temperature, top-k), sampling through the Gumbel-max trick so the random
 draw is an input of the step and the same noise gives the same tokens on any path.
 """
 
 import contextlib
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, NamedTuple, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +46,9 @@ from decoding.kv_cache import kv_bytes, tensor_bytes
 from decoding.reference import END, FIRST_TOKEN, START, Generation, PhaseMarker, no_mark
 from patches.gpt_neox import split_qkv
 
+if TYPE_CHECKING:  # imported where used: it needs Triton (see ``attend``)
+    from decoding.quantized_kv_attention import QuantizedTensor
+
 ATTENTION_BACKENDS = ("sdpa", "flex", "eager", "split_kv")
 # transformers' names; split_kv is a decode kernel (one query per sequence and head): SDPA prefills
 PREFILL_ATTENTION = {"sdpa": "sdpa", "flex": "flex_attention", "eager": "eager", "split_kv": "sdpa"}
@@ -47,8 +57,8 @@ PREFILL_ATTENTION = {"sdpa": "sdpa", "flex": "flex_attention", "eager": "eager",
 class LayerKV(NamedTuple):
     """One layer's part of the KVBuffer."""
 
-    keys: torch.Tensor
-    values: torch.Tensor
+    keys: "torch.Tensor | QuantizedTensor"
+    values: "torch.Tensor | QuantizedTensor"
     kept: torch.Tensor
     first_valid: torch.Tensor
 
@@ -56,11 +66,12 @@ class LayerKV(NamedTuple):
 @dataclass
 class KVBuffer:
     """Per layer (batch, heads, slots, head_dim) keys and values, in the patched (kvpress)
-    head basis; ``kept`` (layers,): slots filled after prefill, where the first new token goes;
-    ``first_valid`` (layers, batch): the first slot holding a real token."""
+    head basis: tensors, or with ``kv_bits`` quantized stores (see ``QuantizedTensor``); ``kept``
+    (layers,): slots filled after prefill, where the first new token goes; ``first_valid``
+    (layers, batch): the first slot holding a real token."""
 
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
+    keys: list["torch.Tensor | QuantizedTensor"]
+    values: list["torch.Tensor | QuantizedTensor"]
     kept: torch.Tensor
     first_valid: torch.Tensor
 
@@ -68,16 +79,33 @@ class KVBuffer:
         return LayerKV(self.keys[index], self.values[index], self.kept[index], self.first_valid[index])
 
     def nbytes(self) -> int:
-        return sum(tensor_bytes(t) for t in self.keys + self.values)
+        return sum(tensor_bytes(t) if isinstance(t, torch.Tensor) else t.nbytes for t in self.keys + self.values)
+
+
+def empty_store(like: torch.Tensor, shape: tuple, bits: int | None):
+    """Zeroed keys or values of ``shape``: a tensor like ``like`` (``bits`` None) or a quantized store."""
+    if bits is not None:
+        from decoding.quantized_kv_attention import empty_quantized  # needs Triton (see ``attend``)
+        return empty_quantized(shape, bits, like.device)
+    store = like.new_zeros(shape)
+    # Fixed addresses: the compiled step writes into these in place, replay after replay.
+    torch._dynamo.mark_static_address(store)
+    return store
+
+
+def store_layout(store) -> tuple:
+    """What a refilled store must match: its shape and dtype, or its shape and bits."""
+    return tuple(store.shape), store.dtype if isinstance(store, torch.Tensor) else store.bits
 
 
 def load_buffer(groups: list[tuple[list[int], DynamicCache]], new_tokens: int,
-                into: KVBuffer | None = None) -> KVBuffer:
+                into: KVBuffer | None = None, kv_bits: tuple[int, int] | None = None) -> KVBuffer:
     """Right-align the pressed caches into one buffer with ``new_tokens`` free slots. ``groups``:
     (rows of the batch, the cache prefilled for them together). Each source layer is emptied once
     copied, so the pressed caches and the buffer never both hold everything (large batches fit).
     ``into``: a buffer to refill rather than allocate (a CUDA graph captured over it reads the same
-    addresses again); used if every layer has the shape needed, else dropped before allocating."""
+    addresses again); used if every layer has the shape needed, else dropped before allocating.
+    ``kv_bits``: (key bits, value bits), 8 or 4, to store each (token, head) quantized (see ``QuantizedTensor``)."""
     batch = sum(len(rows) for rows, _ in groups)
     layers = len(groups[0][1].layers)
     lengths = torch.zeros(layers, batch, dtype=torch.long)
@@ -87,17 +115,16 @@ def load_buffer(groups: list[tuple[list[int], DynamicCache]], new_tokens: int,
     kept = lengths.max(dim=1).values
     sample = groups[0][1].layers[0].keys
     shapes = [(batch, sample.shape[1], int(end) + new_tokens, sample.shape[3]) for end in kept]
-    if into is not None and [(tuple(keys.shape), keys.dtype) for keys in into.keys] != [
-            (shape, sample.dtype) for shape in shapes]:
+    key_bits, value_bits = kv_bits or (None, None)
+    if into is not None and [(store_layout(k), store_layout(v)) for k, v in zip(into.keys, into.values)] != [
+            ((shape, sample.dtype if key_bits is None else key_bits),
+             (shape, sample.dtype if value_bits is None else value_bits)) for shape in shapes]:
         into = None  # the caller handed over its reference: the old buffer is freed here
     keys, values = [], []
     for layer, shape in enumerate(shapes):
         end = int(kept[layer])
         if into is None:
-            layer_keys, layer_values = sample.new_zeros(shape), sample.new_zeros(shape)
-            # Fixed addresses: the compiled step writes into these in place, replay after replay.
-            torch._dynamo.mark_static_address(layer_keys)
-            torch._dynamo.mark_static_address(layer_values)
+            layer_keys, layer_values = empty_store(sample, shape, key_bits), empty_store(sample, shape, value_bits)
         else:  # zeroed, so that a refilled buffer holds exactly what a new one would
             layer_keys, layer_values = into.keys[layer].zero_(), into.values[layer].zero_()
         for rows, cache in groups:
@@ -134,13 +161,26 @@ class StepState:
     top_k: int | None = None
 
 
+def check_kv_bits(kv_bits: tuple[int, int]) -> None:
+    """ValueError unless ``kv_bits`` is (key bits, value bits), each one the quantized kernel reads."""
+    from decoding.quantized_kv_attention import check_bits  # needs Triton (see ``attend``)
+    if len(kv_bits) != 2:
+        raise ValueError(f"kv_bits {kv_bits!r}: (key bits, value bits)")
+    for bits in kv_bits:
+        check_bits(bits)
+
+
 def unknown_backend(backend: str) -> ValueError:
     return ValueError(f"unknown attention back end {backend!r}; choose from {', '.join(ATTENTION_BACKENDS)}")
 
 
 def attend(query, keys, values, visible, scaling: float, backend: str):
     """Attention of the new tokens' queries (batch, heads, new, dim) over the buffer's slots
-    where ``visible`` (batch, new, slots) is True."""
+    where ``visible`` (batch, new, slots) is True. Quantized stores are read by the one kernel
+    that reads codes, whatever ``backend`` says."""
+    if not isinstance(keys, torch.Tensor):
+        from decoding.quantized_kv_attention import QuantizedKV, attend_quantized  # needs Triton, as split_kv
+        return attend_quantized(query, QuantizedKV(keys, values), visible, scaling)
     if backend == "sdpa":
         return F.scaled_dot_product_attention(query, keys, values, attn_mask=visible[:, None], scale=scaling)
     if backend == "flex":
@@ -201,7 +241,7 @@ def attention_output(attention, query, key, value, cos, sin, layer_kv: LayerKV, 
     slot = layer_kv.kept + new_index
     keys.index_copy_(2, slot, key)
     values.index_copy_(2, slot, value)
-    slots = torch.arange(keys.shape[2], device=keys.device)
+    slots = torch.arange(keys.shape[2], device=slot.device)
     # (batch, new, slots): a real token (not padding in front of a shorter sequence) already written
     visible = (slots <= slot[:, None]) & (slots >= layer_kv.first_valid[:, None, None])
     attended = attend(query, keys, values, visible, attention.scaling, backend)
@@ -313,21 +353,27 @@ class OwnsBuffer(Protocol):
     ``TwoStreamStep``): ``generate`` loads the pressed caches through it, so that it can refill
     that buffer in place."""
 
-    def load_buffer(self, groups: list[tuple[list[int], DynamicCache]], new_tokens: int) -> KVBuffer: ...
+    def load_buffer(self, groups: list[tuple[list[int], DynamicCache]], new_tokens: int,
+                    kv_bits: tuple[int, int] | None = None) -> KVBuffer: ...
 
 
 @torch.no_grad()
 def generate(model, prompts: list[torch.Tensor], press, new_tokens: int, step=decode_step, backend: str = "sdpa",
              temperature: float = 0.0, top_k: int | None = None, generator: torch.Generator | None = None,
-             mark: PhaseMarker = no_mark, prefill_batch: int | None = None) -> Generation:
+             mark: PhaseMarker = no_mark, prefill_batch: int | None = None,
+             kv_bits: tuple[int, int] | None = None) -> Generation:
     """Exactly ``new_tokens`` tokens (no early stop) after each prompt (1, length_i), the press
     applied at prefill; returns the tokens (batch, new_tokens) and the cache sizes (kept: each
     layer's longest kept sequence). ``step``: ``decode_step`` or one from
     decoding/neox_cuda_graphs.py's ``compiled_step``; ``backend``: the attention of the decode step
     and of the prefill. ``mark``: see decoding/reference.py (the first token is marked after the
-    copy into the buffer). ``prefill_batch``: see ``prefill``."""
+    copy into the buffer). ``prefill_batch``: see ``prefill``. ``kv_bits``: (key bits, value bits),
+    8 or 4: the buffer quantized per (token, head), read by the quantized kernel (``backend``
+    then picks the prefill's attention only)."""
     if backend not in ATTENTION_BACKENDS:
         raise unknown_backend(backend)
+    if kv_bits is not None:
+        check_kv_bits(kv_bits)
     device = model.device
     batch = len(prompts)
     sampled = temperature > 0
@@ -337,7 +383,8 @@ def generate(model, prompts: list[torch.Tensor], press, new_tokens: int, step=de
         logits, groups = prefill(model, prompts, press, prefill_batch)
     token = next_token(logits[:, None], temperature, top_k, _noise(noise_shape, device, generator) if sampled else None)
     kept_bytes = sum(kv_bytes(cache) for _, cache in groups)
-    buffer = step.load_buffer(groups, new_tokens) if isinstance(step, OwnsBuffer) else load_buffer(groups, new_tokens)
+    load = step.load_buffer if isinstance(step, OwnsBuffer) else load_buffer
+    buffer = load(groups, new_tokens, kv_bits=kv_bits)
     mark(FIRST_TOKEN)
     lengths = torch.tensor([[prompt.shape[1]] for prompt in prompts], device=device)
     generated = [token]

@@ -27,7 +27,8 @@ codes cannot) zeroed before the weighted sum.
 
 Wrapped as the custom op ``kvpress_neox::quantized_kv_attention`` with a fake implementation, so
 torch.compile (fullgraph) keeps it opaque. evaluation/quantized_kv_speed.py times it on a GPU.
-Not wired into the decode step or its KV buffer yet: nothing but the tests and the benchmark calls it.
+decoding/neox_decode.py's ``kv_bits`` decodes over a buffer of ``QuantizedTensor``s through it (keys
+per token, not centred: the buffer keeps no channel statistics).
 """
 
 import dataclasses
@@ -60,6 +61,31 @@ class QuantizedTensor:
     def nbytes(self) -> int:
         return sum(part.numel() * part.element_size() for part in (self.codes, self.scale, self.zero))
 
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """(batch, heads, slots, dim): the shape of what it stores."""
+        return (*self.codes.shape[:3], self.codes.shape[3] * 8 // self.bits)
+
+    # Written like an fp KV buffer's tensors (decoding/neox_decode.py): the fp values given are
+    # quantized per (token, head) and their codes and sides stored at the same slots.
+    def __setitem__(self, index: tuple, x: torch.Tensor) -> None:
+        """``index`` (rows, heads, slots) of the stored shape's first three dims, as tensor indexing."""
+        stored = quantize(x, self.bits)
+        self.codes[index], self.scale[index], self.zero[index] = stored.codes, stored.scale, stored.zero
+
+    def index_copy_(self, dim: int, index: torch.Tensor, x: torch.Tensor) -> "QuantizedTensor":
+        """``x`` (batch, heads, len(index), dim) quantized into the slots ``index`` (``dim`` 2):
+        plain tensor operations, so a compiled step can run it inside a CUDA graph."""
+        stored = quantize(x, self.bits)
+        for part, new in zip((self.codes, self.scale, self.zero), (stored.codes, stored.scale, stored.zero)):
+            part.index_copy_(dim, index, new)
+        return self
+
+    def zero_(self) -> "QuantizedTensor":
+        for part in (self.codes, self.scale, self.zero):
+            part.zero_()
+        return self
+
     def dequantize(self) -> torch.Tensor:
         """fp32 (batch, heads, slots, dim): code * scale + zero, the reference the kernel is tested against."""
         codes = self.codes
@@ -80,6 +106,19 @@ def quantize(x: torch.Tensor, bits: int) -> QuantizedTensor:
         low, high = codes.chunk(2, dim=-1)
         codes = low | high << 4
     return QuantizedTensor(codes.contiguous(), scale[..., 0].half(), zero[..., 0].half(), bits)
+
+
+def empty_quantized(shape: tuple[int, int, int, int], bits: int, device) -> QuantizedTensor:
+    """A zeroed store of ``shape`` (batch, heads, slots, dim), its tensors at fixed addresses:
+    a compiled decode step writes into them in place, replay after replay."""
+    check_bits(bits)
+    *groups, dim = shape
+    stored = QuantizedTensor(torch.zeros(*groups, dim * bits // 8, dtype=torch.uint8, device=device),
+                             torch.zeros(groups, dtype=torch.float16, device=device),
+                             torch.zeros(groups, dtype=torch.float16, device=device), bits)
+    for part in (stored.codes, stored.scale, stored.zero):
+        torch._dynamo.mark_static_address(part)
+    return stored
 
 
 @dataclasses.dataclass(frozen=True)

@@ -198,8 +198,10 @@ class RingStep:
     def __init__(self, n_sink: int, budget: int, inv_freq: torch.Tensor, step=decode_step):
         self.n_sink, self.budget, self.inv_freq, self.step = n_sink, budget, inv_freq, step
 
-    def load_buffer(self, groups, new_tokens: int) -> RingBuffer:
+    def load_buffer(self, groups, new_tokens: int, kv_bits: tuple[int, int] | None = None) -> RingBuffer:
         """The ring: its size is the budget's, whatever ``new_tokens``."""
+        if kv_bits is not None:
+            raise ValueError("the ring holds fp keys and values: no kv_bits")
         return load_ring(groups, self.n_sink, self.budget, self.inv_freq)
 
     def __call__(self, model, state: StepState):

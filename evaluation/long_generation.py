@@ -56,10 +56,10 @@ class BinTimer:
         self.calls, self.points, self.memory, self.peaks, self.at = 0, [], [], [], {}
         self.first_step_s = None
 
-    def load_buffer(self, groups, new_tokens: int):
+    def load_buffer(self, groups, new_tokens: int, kv_bits: tuple[int, int] | None = None):
         if isinstance(self.step, neox_decode.OwnsBuffer):
-            return self.step.load_buffer(groups, new_tokens)
-        return neox_decode.load_buffer(groups, new_tokens)
+            return self.step.load_buffer(groups, new_tokens, kv_bits)
+        return neox_decode.load_buffer(groups, new_tokens, kv_bits=kv_bits)
 
     def _point(self) -> None:
         if self.device.type == "cuda":
