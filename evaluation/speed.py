@@ -11,7 +11,7 @@
 - ``static``: decoding/static_cache.py (the pressed KV in a StaticCache, the HF step as a CUDA graph);
 - ``neox``: decoding/neox_decode.py (GPT-NeoX's step written out and replayed as one CUDA graph,
   by default the two-stream graph that keeps its buffer between generations; attention back end
-  by name).
+  by name; with ``kv_bits`` the KV buffer quantized, read by decoding/quantized_kv_attention.py's kernel).
 
 The generation length is forced (no early stop at EOS) so every method makes the same number
 of steps. Timings are wall-clock with CUDA synchronisation, after warm-up, median of repeats;
@@ -114,11 +114,12 @@ def neox_settings(decoder: str, compile_mode: str, keep_buffer: bool) -> dict:
 
 def run_once_for(model, prompt: torch.Tensor, press, new_tokens: int, decoder: str, kv_quant: str = "none",
                  backend: str = "sdpa", compile_mode: str = "two-stream", keep_buffer: bool = True, step=None,
-                 prefill_batch: int | None = None):
+                 prefill_batch: int | None = None, kv_bits: tuple[int, int] | None = None):
     """A no-argument function generating once with ``decoder`` (see the module docstring).
     ``step``: the neox decoder's step, instead of ``compiled_step(compile_mode, keep_buffer)``
     (evaluation/speed_frontier.py: the folded step). ``prefill_batch``: the neox decoder prefills
-    in micro-batches of this many sequences (decoding/neox_decode.py's ``prefill``; None: at once)."""
+    in micro-batches of this many sequences (decoding/neox_decode.py's ``prefill``; None: at once).
+    ``kv_bits``: (key bits, value bits), the neox decoder's KV buffer quantized (None: fp)."""
     compile = model.device.type == "cuda"  # CUDA graphs need CUDA; on CPU the same steps run eagerly
     if decoder not in DECODERS:
         raise ValueError(f"unknown decoder {decoder!r}; choose from {', '.join(DECODERS)}")
@@ -126,6 +127,8 @@ def run_once_for(model, prompt: torch.Tensor, press, new_tokens: int, decoder: s
         raise ValueError("a quantized KV cache runs on the kvpress decoder only (--decoder kvpress)")
     if prefill_batch is not None and decoder != "neox":
         raise ValueError("micro-batched prefill (prefill_batch) is the neox decoder's only")
+    if kv_bits is not None and decoder != "neox":
+        raise ValueError("a quantized KV buffer (kv_bits) is the neox decoder's only")
     hf_attention = decoder_named(decoder).hf_attention
     if hf_attention is not None:
         if press is not None:
@@ -141,20 +144,21 @@ def run_once_for(model, prompt: torch.Tensor, press, new_tokens: int, decoder: s
     if decoder == "neox":
         step = step or neox_cuda_graphs.compiled_step(compile, compile_mode, keep_buffer)
         return functools.partial(timed, neox_decode.generate, device, model, list(prompt.split(1)), press, new_tokens,
-                                 step=step, backend=backend, prefill_batch=prefill_batch)
+                                 step=step, backend=backend, prefill_batch=prefill_batch, kv_bits=kv_bits)
     return functools.partial(timed, kvpress_generate, device, model, prompt, press, new_tokens, kv_quant)
 
 
 def measure(model, prompt: torch.Tensor, press, new_tokens: int, repeats: int = 3, warmup: int = 1,
             decoder: str = "kvpress", kv_quant: str = "none", backend: str = "sdpa",
             compile_mode: str = "two-stream", keep_buffer: bool = True, ceilings: Ceilings | None = None,
-            step=None, weight_quant: str = "none", prefill_batch: int | None = None) -> dict:
+            step=None, weight_quant: str = "none", prefill_batch: int | None = None,
+            kv_bits: tuple[int, int] | None = None) -> dict:
     """Median timings over ``repeats`` runs after ``warmup`` runs (compilation happens there),
     peak memory of the last run, and the TPOT floors (evaluation/roofline.py) at every layer's own
     kept length over ``ceilings`` (default: measured on the model's device once per process,
     evaluation/ceilings.py). ``step``: see ``run_once_for``; ``weight_quant``: the scheme the
     model's weights are in (decoding/weight_quant.py), for the floors' bytes; ``prefill_batch``:
-    see ``run_once_for`` (recorded in the row).
+    see ``run_once_for`` (recorded in the row); ``kv_bits``: see ``run_once_for``, the floors' KV at its bytes.
 
     The cost of the first call, for every decoder alike: ``first_call_s`` is the wall time (host
     clock, CUDA-synchronised) of the first warm-up run, one whole generation as the timed runs
@@ -170,7 +174,7 @@ def measure(model, prompt: torch.Tensor, press, new_tokens: int, repeats: int = 
         raise ValueError("--new_tokens must be at least 2 to time decode steps")
     device = model.device
     run_once = run_once_for(model, prompt, press, new_tokens, decoder, kv_quant, backend, compile_mode, keep_buffer,
-                            step, prefill_batch)
+                            step, prefill_batch, kv_bits)
     ceilings = ceilings or machine_ceilings(device)
     warmup_s = []
     for _ in range(warmup):
@@ -191,7 +195,7 @@ def measure(model, prompt: torch.Tensor, press, new_tokens: int, repeats: int = 
     kept = last["kept_tokens_per_layer"]
     decode_work = flops.decode_flops(config, kept, new_tokens - 1)
     tpot_ms = 1e3 * decode / (new_tokens - 1)
-    floors = roofline.decode_floors(config, batch, kept, new_tokens, ceilings, weight_quant)
+    floors = roofline.decode_floors(config, batch, kept, new_tokens, ceilings, weight_quant, kv_bits)
     first_call_s = warmup_s[0] if warmup_s else None
     median_run_s = statistics.median(run_s)
     return {
@@ -199,6 +203,7 @@ def measure(model, prompt: torch.Tensor, press, new_tokens: int, repeats: int = 
         "decode_attention": backend if decoder == "neox" else model.config._attn_implementation,
         **neox_settings(decoder, compile_mode, keep_buffer),
         "kv_quant": kv_quant,
+        "kv_bits": None if kv_bits is None else "x".join(map(str, kv_bits)),
         "weight_quant": weight_quant,
         "batch_size": batch,
         "prompt_tokens": prompt_len,

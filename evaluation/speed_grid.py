@@ -31,7 +31,10 @@ down until one batch fits and another does not, then bisection to ``--max_batch_
 batch is a row (the ones out of memory with their error and ``oom_detail``: what could not be
 allocated, where), the largest that fit marked ``largest_fit``. ``--prefill_batch N``: the neox
 decoder prefills N sequences at a time (large batches: the prefill's activations, not the KV
-cache, are then what is left to fit). Errors in the arguments exit with code 2 and one line, writing no file.
+cache, are then what is left to fit). ``--kv_bits 8x4``: the neox decoder's KV buffer quantized (keys
+8-bit, values 4-bit) for every cell of the call, its bytes in the floors; cell file names do not say
+so, so time it against fp16 in another --output_dir (a --merge of both does not tell them apart in the
+speed-ups or plots). Errors in the arguments exit with code 2 and one line, writing no file.
 
 Over the GPUs of a host (evaluation/sweep.py): ``accelerate launch --num_processes N
 evaluation/speed_grid.py ...`` gives each process whole families of cells (one method's batch
@@ -45,7 +48,7 @@ from pathlib import Path
 
 from decoding import registry
 from decoding.neox_cuda_graphs import COMPILE_MODES
-from decoding.neox_decode import ATTENTION_BACKENDS
+from decoding.neox_decode import ATTENTION_BACKENDS, check_kv_bits
 from decoding.registry import DECODER_NAMES
 from evaluation import cli, sweep
 from evaluation.grid import (MAX_BATCH, RANDOM_PROMPT, batch_size_arg, cell_name, cells, families, measure_cells,
@@ -56,6 +59,19 @@ from evaluation.models import TokenizedText, check_attn_implementation, data_dir
 from evaluation.protocols import ProtocolError
 from presses import PressConfigError, make_press
 from presses.registry import check_compression_ratio
+
+
+def kv_bits_arg(text: str) -> tuple[int, int]:
+    """A --kv_bits value: KEYxVALUE, e.g. 8x4, each bits the quantized-KV kernel reads."""
+    try:
+        key_bits, value_bits = map(int, text.split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"KEYxVALUE bits, e.g. 8x4, not {text!r}") from None
+    try:
+        check_kv_bits((key_bits, value_bits))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return key_bits, value_bits
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -74,6 +90,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="two-stream: keep the KV buffer (and so the graph) from one generation to the next "
                              "of the same shape; --no-keep_buffer where the next prefill needs that memory")
     cli.add_kv_quant(parser, "the kvpress decoder only")
+    parser.add_argument("--kv_bits", type=kv_bits_arg,
+                        help="neox decoder: its KV buffer quantized per (token, head), KEYxVALUE bits, 8 or 4 each "
+                             "(8x8, 4x4, 8x4), read by the quantized-KV kernel (decode attention then ignores "
+                             "--decode_attention, which still picks the prefill's); every cell of the call")
     press = parser.add_argument_group("press")
     press.add_argument("--press", nargs="*", default=["snapkv"], help="methods beside dense (registry names)")
     press.add_argument("--compression_ratio", type=float, nargs="+", default=[0.5, 0.75])
@@ -130,6 +150,8 @@ def check_args(args) -> None:
             raise PressConfigError(f"--{option} must be at least 1, got {min(values)}")
     if args.prefill_batch is not None and "neox" not in args.decoder:
         raise PressConfigError("--prefill_batch is the neox decoder's: --decoder neox")
+    if args.kv_bits is not None and set(args.decoder) != {"neox"}:
+        raise PressConfigError("--kv_bits quantizes the neox decoder's KV buffer: --decoder neox")
     if args.repeats < 1:
         raise PressConfigError(f"--repeats must be at least 1, got {args.repeats}")
     if args.bandwidth is not None and args.peak_tflops is None:

@@ -226,3 +226,33 @@ def test_unknown_press_is_refused_before_loading(tmp_path, capsys):
     assert exit_info.value.code == 2
     assert "known presses: " in capsys.readouterr().err
     assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
+def test_kv_bits_times_the_quantized_buffer_and_counts_its_bytes_in_the_floor(tmp_path):
+    from evaluation import roofline
+
+    fp, quantized = tmp_path / "fp", tmp_path / "k8v4"
+    common = SMALL + ["--decoder", "neox", "--press", "--bandwidth", "3", "--peak_tflops", "700"]
+    speed_grid.main(common + ["--output_dir", str(fp)])
+    speed_grid.main(common + ["--kv_bits", "8x4", "--output_dir", str(quantized)])
+    fp_row = json.loads((fp / "summary.json").read_text())["rows"][0]
+    row = json.loads((quantized / "summary.json").read_text())["rows"][0]
+    assert fp_row["kv_bits"] is None and row["kv_bits"] == "8x4"
+    # pythia-70m: 6 layers, 8 heads of dim 64; 83 slots of batch 1; fp32 on the CPU against 64 + 4 + 32 + 4 bytes
+    groups = 6 * 8 * 83
+    assert fp_row["kv_mib_final"] * 2**20 == groups * 2 * 64 * 4
+    assert row["kv_mib_final"] * 2**20 == groups * (64 + 4 + 32 + 4)
+    config = roofline.load_config("EleutherAI/pythia-70m")
+    cache = [80 + 3 / 2] * config.num_hidden_layers
+    saved = (2 * 64 * 2 - (64 + 4 + 32 + 4)) * 8 * 6 * (cache[0] + 1 + 1)  # attention reads and the write, fp16 vs k8v4
+    assert fp_row["step_gb"] * 1e9 - row["step_gb"] * 1e9 == pytest.approx(saved)
+    assert row["step_gb"] == pytest.approx(roofline.step_bytes(config, 1, 1, cache, kv_bits=(8, 4)) / 1e9)
+
+
+@pytest.mark.parametrize("options, message", [(["--kv_bits", "3x8"], "reads 8 or 4-bit codes"),
+                                              (["--kv_bits", "8"], "KEYxVALUE"),
+                                              (["--kv_bits", "8x8", "--decoder", "kvpress"], "--decoder neox")])
+def test_bad_kv_bits_are_refused_before_loading(tmp_path, capsys, options, message):
+    with pytest.raises(SystemExit) as exit_info:
+        speed_grid.main(SMALL + ["--decoder", "neox", "--press"] + options + ["--output_dir", str(tmp_path)])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
