@@ -17,7 +17,7 @@ eviction then quantization. Quantized rows give tokens their places in the text 
 (StreamingLLM and TreeKV in fp16 count them in the cache). ``--part rdkv``: RDKVBudgetPress with each --rdkv setting
 (evaluation/equal_bytes.py's syntax), RD-KV re-allocating the whole cache whenever a call pushes
 it past the budget (its own settings beside RD-KV's: carry_received=0 for the call's evidence alone,
-realloc_slack=N, h2o_keep=x for H2O's keep set of x budgets' tokens first).
+whole_key_groups=0 for partial key groups quantized per token (the press before the fix), realloc_slack=N, h2o_keep=x for H2O's keep set of x budgets' tokens first).
 
 Every row is scored on the tokens past the budget (the first --budget_tokens tokens every
 method scores against an uncompressed cache), in 1024-token stretches: PPL with its 95%
@@ -83,7 +83,7 @@ def rdkv_presses(settings: list[str], budget: int) -> list[tuple[str, object]]:
         streaming, rest = {}, []
         for item in text.split():
             key, _, value = item.partition("=")
-            if key == "carry_received":
+            if key in ("carry_received", "whole_key_groups"):
                 streaming[key] = flag(key, value, text)
             elif key == "realloc_slack":
                 streaming[key] = int(value)

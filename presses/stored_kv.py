@@ -77,14 +77,17 @@ class StoredLayer:
 
 
 def narrowed(keys: torch.Tensor, values: torch.Tensor, state: StoredLayer, key_bits: torch.Tensor,
-             value_bits: torch.Tensor, key_layout: str, group_tokens: int):
+             value_bits: torch.Tensor, key_layout: str, group_tokens: int, whole_groups: bool = False):
     """``keys`` and ``values`` (1, kv_heads, tokens, dim), stored as ``state`` says, stored at the
     widths ``key_bits`` and ``value_bits`` (kv_heads, tokens) instead, none wider than now. Each
     (head, token) whose width changes is quantized from the values it holds: values per token;
     keys per token after the channel statistics (``key_layout="token"``), or with ``"channel"``
     in KIVI's per-channel groups of ``group_tokens``, formed per head among the keys newly given
-    one width, in cache order (the last partial group per token, as RD-KV's prefill stores it).
-    The rest keep their values and groups. Returns keys, values and their state."""
+    one width, in cache order (the last partial group per token, as RD-KV's prefill stores it;
+    with ``whole_groups`` its keys keep their stored width instead, as KIVI keeps its residual:
+    a key quantized per token is centred and scaled by the channel statistics, fixed once, and
+    while text streams in those fit the later keys ever worse). The rest keep their values and
+    groups. Returns keys, values and their state."""
     if bool((key_bits > state.key_bits).any() or (value_bits > state.value_bits).any()):
         raise ValueError("a stored token can keep its width or narrow, not widen: its fp16 values are gone")
     stats, given_keys = state.stats, keys
@@ -103,14 +106,19 @@ def narrowed(keys: torch.Tensor, values: torch.Tensor, state: StoredLayer, key_b
             quantized = quantize_per_token(keys, bits, stats)
             keys = torch.where((changed & (key_bits == bits))[None, :, :, None], quantized, keys)
     else:
-        keys = keys.clone()
+        keys, target = keys.clone(), key_bits
+        key_bits = key_bits.clone()
         for head in range(keys.shape[1]):
-            for bits in key_bits[head, changed[head]].unique().tolist():
-                members = (changed[head] & (key_bits[head] == bits)).nonzero().squeeze(1)
+            for bits in target[head, changed[head]].unique().tolist():
+                members = (changed[head] & (target[head] == bits)).nonzero().squeeze(1)
                 part = keys[:, head : head + 1, members]
                 whole = members.numel() // group_tokens * group_tokens
                 quantized = quantize_per_channel(part, bits, group_tokens)
-                if whole < members.numel():
+                if whole_groups:  # the partial group's keys wait at their width for a whole group
+                    rest = members[whole:]
+                    key_bits[head, rest], groups[head, rest] = state.key_bits[head, rest], state.key_group[head, rest]
+                    quantized[:, :, whole:] = part[:, :, whole:]
+                elif whole < members.numel():
                     stats = needed_stats()
                     head_stats = tuple(stat[:, head : head + 1] for stat in stats)
                     quantized[:, :, whole:] = quantize_per_token(part[:, :, whole:], bits, head_stats)

@@ -319,3 +319,36 @@ def test_h2o_keep_refuses_bad_values():
     with pytest.raises(PressConfigError, match="carry_received"):
         RDKVBudgetPress(budget_tokens=64, carry_received=False, h2o_keep=2)
     RDKVBudgetPress(RDKVPress(accumulated=0), budget_tokens=64, h2o_keep=2)  # H2O's sums carried without RD-KV's
+
+
+def test_narrowing_with_whole_groups_leaves_a_widths_partial_group_at_its_stored_width():
+    keys, values = torch.randn(1, 1, 12, 8), torch.randn(1, 1, 12, 8)
+    state = StoredLayer.empty(1, "cpu")
+    state.grow(12)
+    four = torch.full((1, 12), 4)
+    eight = torch.full((1, 12), 8)
+    new_keys, _, new = narrowed(keys, values, state, four, four, "channel", 8, whole_groups=True)
+    assert new.key_bits.tolist() == [[4] * 8 + [16] * 4] and new.value_bits.tolist() == [[4] * 12]
+    assert torch.equal(new_keys[0, 0, 8:], keys[0, 0, 8:]) and (new.key_group[0, 8:] == -1).all()
+    assert new.stats is None  # no key was quantized per token
+    # narrowing again: a key waiting at 8 bits whose target is 8 is not regrouped, nor quantized again
+    eight_keys, _, at_eight = narrowed(keys, values, state, eight, eight, "channel", 8)  # 8 grouped, 4 per token
+    target = torch.tensor([[4] * 8 + [8] * 4])
+    again_keys, _, again = narrowed(eight_keys, values, at_eight, target, target, "channel", 8, whole_groups=True)
+    assert again.key_bits.tolist() == [[4] * 8 + [8] * 4] and torch.equal(again_keys[0, 0, 8:], eight_keys[0, 0, 8:])
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+def test_streaming_keys_are_never_quantized_per_token_in_the_channel_layout(config):
+    # per-token keys are scaled by channel statistics fixed at the first allocation, which fit the
+    # later keys ever worse over a long stream, an error the allocation's per-channel proxy does not see
+    model, budget = build(config), 64
+    for whole, press in ((True, RDKVBudgetPress(RDKVPress(group_tokens=8), budget_tokens=budget)),
+                         (False, RDKVBudgetPress(RDKVPress(group_tokens=8), budget_tokens=budget, whole_key_groups=False))):
+        _, snapshots = _stream(model, press, tokens=417)
+        per_token = sum(int(((state.key_group < 0) & (state.key_bits < 16)).sum())
+                        for snapshot in snapshots for _, state, _, _ in snapshot.values())
+        quantized = sum(int((state.key_bits < 16).sum()) for snapshot in snapshots for _, state, _, _ in snapshot.values())
+        held = [layer[0] for snapshot in snapshots for layer in snapshot.values()]
+        assert quantized > 0 and max(held) <= _budget_bytes(config, budget)
+        assert (per_token == 0) == whole, press  # the press as it was stored some keys per token
