@@ -37,7 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
-from decoding.split_kv_attention import KernelConfig, combine, empty_partials, launch_plan, op_config
+from decoding.split_kv_attention import (KernelConfig, combine, empty_partials, launch_plan, online_softmax_step,
+                                         op_config)
 from presses.quantize import CHANNEL_STATS_BYTES, channel_stats, quantize_groups
 
 BITS = (8, 4)  # what the kernel unpacks
@@ -219,10 +220,7 @@ def quantized_kv_attention_partial(
         seen = tl.load(mask_row + slot * m_s, mask=in_chunk, other=0) != 0
         dot = tl.sum(k_low * q_low[None, :], axis=1) + tl.sum(k_high * q_high[None, :], axis=1)
         score = tl.where(seen, k_step * dot + k_zero * q_total, float("-inf"))
-        new_largest = tl.maximum(largest, tl.max(score, axis=0))
-        shift = tl.where(new_largest == float("-inf"), 0.0, new_largest)  # nothing seen yet: exp(-inf) = 0
-        weight = tl.exp(score - shift)
-        rescale = tl.exp(largest - shift)
+        new_largest, weight, rescale = online_softmax_step(largest, score)
         # per slot, not per element: an unseen slot's weight is 0, and its scale and zero point are zeroed
         # so that garbage there (inf, NaN) cannot make 0 * inf = NaN
         v_step = tl.where(seen, weight * v_step, 0.0)

@@ -108,6 +108,16 @@ def multiprocessors(device: torch.device) -> int:
     return INTERPRETER_MULTIPROCESSORS
 
 
+@triton.jit
+def online_softmax_step(largest, score):
+    """One block of the online softmax: the largest score so far with this block's ``score``s, the
+    block's weights exp(score - that) and the factor exp(old largest - that) the running sums take."""
+    new_largest = tl.maximum(largest, tl.max(score, axis=0))
+    # Nothing seen yet: shift by 0, so exp(-inf - 0) = 0 rather than exp(-inf + inf) = nan.
+    shift = tl.where(new_largest == float("-inf"), 0.0, new_largest)
+    return new_largest, tl.exp(score - shift), tl.exp(largest - shift)
+
+
 # Not specialized on the chunking (Triton would compile apart chunk sizes divisible by 16 or not, and
 # one chunk), so a launch config compiles once for every chunk count the GPU sweep tries: their
 # divisibility would tell only of store indices and of slot offsets that k_s's already aligns.
@@ -145,11 +155,7 @@ def split_kv_attention_partial(
         seen = tl.load(mask_row + slot * m_s, mask=in_chunk, other=0) != 0
         # a select, not arithmetic: an unseen slot's score is -inf even where its keys are NaN or inf
         score = tl.where(seen, tl.sum(k.to(tl.float32) * q[None, :], axis=1), float("-inf"))
-        new_largest = tl.maximum(largest, tl.max(score, axis=0))
-        # Nothing seen yet: shift by 0, so exp(-inf - 0) = 0 rather than exp(-inf + inf) = nan.
-        shift = tl.where(new_largest == float("-inf"), 0.0, new_largest)
-        weight = tl.exp(score - shift)
-        rescale = tl.exp(largest - shift)
+        new_largest, weight, rescale = online_softmax_step(largest, score)
         # An unseen slot's weight is 0, but 0 times a NaN or inf value is NaN: its values are zeroed.
         v = tl.where(seen[:, None], v.to(tl.float32), 0.0)
         acc = acc * rescale + tl.sum(weight[:, None] * v, axis=0)
