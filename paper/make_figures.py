@@ -1153,24 +1153,31 @@ def ablation_name(ran: dict[str, str], selection: dict[str, str]) -> str:
     return named[0]
 
 
+def reported_window_rows(entry, root: Path, reported_dense: dict) -> list[dict]:
+    """The non-dense rows of the files ``entry`` names, each with its file's commit; every file's
+    dense row must be the reported windows' (else its rows would pair with other windows)."""
+    rows = []
+    for path in result_files(entry, root):
+        payload = json.loads(path.read_text())
+        if next(r for r in payload["rows"] if r["method"] == "dense")["unit_nll"] != reported_dense["unit_nll"]:
+            raise ValueError(f"{path.name} ran on other windows than the reported ones")
+        rows += [dict(r, commit=payload["environment"]["git_commit"]) for r in payload["rows"] if r["method"] != "dense"]
+    return rows
+
+
 def rdkv_checks(root: Path, numbers: Numbers, out: Path, selection: dict) -> None:
     """RD-KV beyond its selection: the ablations of the 25% setting (paired against it), the 50%
     budget against its best baseline, and both PG-19-style books, never tuned on, against theirs."""
     chosen, reported, defaults = selection["chosen"], selection["reported"], selection["defaults"]
     quarter = chosen[0.25]
-    ablation_files = [json.loads(path.read_text()) for path in result_files(SOURCES["rdkv_ablation"], root)]
     reported_dense = next(r for r in reported if r["method"] == "dense")
     rows = []
-    for payload in ablation_files:
-        dense = next(r for r in payload["rows"] if r["method"] == "dense")
-        if dense["unit_nll"] != reported_dense["unit_nll"]:
-            raise ValueError("an ablation ran on other windows than the reported ones")
-        for row in payload["rows"]:
-            if is_rdkv(row):
-                if row["target"] != quarter["target"]:
-                    raise ValueError(f"an ablation at {row['target']}: the table says the 25% target")
-                ran = rdkv_run_setting(dict(row, commit=payload["environment"]["git_commit"]), root, defaults)
-                rows.append((ablation_name(ran, rdkv_run_setting(quarter, root, defaults)), row, paired(row, quarter)))
+    for row in reported_window_rows(SOURCES["rdkv_ablation"], root, reported_dense):
+        if is_rdkv(row):
+            if row["target"] != quarter["target"]:
+                raise ValueError(f"an ablation at {row['target']}: the table says the 25% target")
+            ran = rdkv_run_setting(row, root, defaults)
+            rows.append((ablation_name(ran, rdkv_run_setting(quarter, root, defaults)), row, paired(row, quarter)))
     if len(rows) != len(ABLATIONS):
         raise ValueError(f"{len(rows)} ablation rows, {len(ABLATIONS)} named")
     hurts = [name for name, _, diff in rows if verdict(diff) == "loss"]
@@ -1200,9 +1207,7 @@ def rdkv_checks(root: Path, numbers: Numbers, out: Path, selection: dict) -> Non
     (out / "table_rdkv_ablation.tex").write_text("\n".join(lines) + "\n")
 
     # the 50% budget: RD-KV at the 25% setting, the baselines there with the reported ones
-    half = [row for path in result_files(SOURCES["rdkv_half"], root) for payload in [json.loads(path.read_text())]
-            for row in payload["rows"] if row["method"] != "dense"
-            and next(r for r in payload["rows"] if r["method"] == "dense")["unit_nll"] == reported_dense["unit_nll"]]
+    half = reported_window_rows(SOURCES["rdkv_half"], root, reported_dense)
     ours_half = [r for r in half if is_rdkv(r)]
     if len(ours_half) != 1 or ours_half[0]["method"] != quarter["method"]:
         raise ValueError("the 50% budget's RD-KV row is not the 25% selection's setting, once")
