@@ -65,7 +65,8 @@ def baselines(args, budget: int) -> tuple[list[tuple[str, object]], dict[str, st
         except PressConfigError as error:
             not_run[name] = str(error)
             continue
-        configs.append((name, press))
+        if not args.quantized_only:
+            configs.append((name, press))
         for layout in args.key_layouts:
             for bits in args.bits:
                 configs.append((f"{name}+{layout}{bits}", QuantizedBudgetPress(
@@ -172,6 +173,8 @@ def main(argv=None) -> None:
     study.add_argument("--scorers", nargs="+", choices=SCORERS, default=list(SCORERS), help="--part baselines: eviction rules")
     study.add_argument("--bits", type=int, nargs="+", choices=[2, 3, 4, 8], default=[2, 4, 8],
                        help="--part baselines: widths the quantized baselines store")
+    study.add_argument("--quantized_only", action="store_true",
+                       help="--part baselines: leave out each rule's fp16 row (only its quantized rows: one pass less)")
     study.add_argument("--key_layouts", nargs="+", choices=["kivi", "token"], default=["kivi"],
                        help="--part baselines: KIVI's per-channel key groups, or per-token keys")
     study.add_argument("--recent_tokens", type=int, default=32, help="--part baselines: the newest tokens kept in fp16")

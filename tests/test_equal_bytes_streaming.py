@@ -62,6 +62,16 @@ def test_first_token_streams_a_later_stretch_and_is_not_paired_with_another(tiny
     assert result.returncode == 2 and "first_token" in result.stderr
 
 
+def test_quantized_only_leaves_out_the_fp16_rows_and_keeps_the_quantized_ones(tiny_pythia_folder, tmp_path):
+    output = tmp_path / "quantized.json"
+    result = run_cli(tiny_pythia_folder, "--part", "baselines", "--scorers", "h2o", "tova", "--bits", "4",
+                     "--recent_tokens", "16", "--quantized_only", "--output", str(output))
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(output.read_text())["rows"]
+    assert [row["method"] for row in rows] == ["dense", "h2o+kivi4", "tova+kivi4"]
+    assert all(row["ppl"] != rows[0]["ppl"] and row["peak_kv_bytes_fraction"] <= 1 for row in rows[1:])
+
+
 def test_chunks_of_one_token_leave_out_snapkv_and_say_why(tiny_pythia_folder, tmp_path):
     output = tmp_path / "chunk1.json"
     result = run_cli(tiny_pythia_folder, "--part", "baselines", "--scorers", "snapkv", "streaming_llm", "--bits", "8",

@@ -21,6 +21,8 @@
 # visible 0.75 without h2o_keep (24.675, a tie). 19 settings tried there: the margin (~0.6%) is partly selection.
 # A full-book rdkv process (64 calls, ~1300 cached tokens) is expected to take well over 10 minutes:
 # the chunk 128 run on 1537 tokens took 2:42 on the H200; run it with BUDGETS/SETTINGS in pieces.
+# SCORERS="h2o treekv", BASELINE_BITS=4 and BASELINE_FLAGS=--quantized_only narrow the baselines part (one
+# process per rule and book as before) to the contenders, when the whole part does not fit one call.
 # Each process runs its own dense row on its text; logs in logs/; the files come back as
 # $OUT/equal_bytes_streaming.tgz, made on exit (also when cut short).
 # Same three calls as quality_sweep_smollm2.sh (the GGUF in three parts, evaluation/device/smollm2_sweep.sh):
@@ -50,11 +52,11 @@ fi
 if [[ $parts == *" baselines "* ]]; then
   for book in 0 1; do
     for budget in $budgets; do
-      for scorer in streaming_llm h2o tova scissorhands treekv snapkv; do
+      for scorer in ${SCORERS:-streaming_llm h2o tova scissorhands treekv snapkv}; do
         bits=4
         [ $scorer = streaming_llm ] && bits="2 4 8"
         run baselines_book${book}_${budget}_$scorer $text --sample_idx $book --budget_tokens $budget --part baselines \
-          --scorers $scorer --bits $bits
+          --scorers $scorer --bits ${BASELINE_BITS:-$bits} ${BASELINE_FLAGS:-}
         baseline_jobs+=($!)
       done
     done
