@@ -205,10 +205,12 @@ def split_kv_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Te
     return combine(query, partial_acc, partial_max, partial_sum)
 
 
-def op_config(chunks: int | None, block: int | None, warps: int | None, stages: int | None) -> KernelConfig:
-    """The op arguments' KernelConfig: each left out (None) taken from ``DEFAULT_CONFIG``, read now."""
+def op_config(chunks: int | None, block: int | None, warps: int | None, stages: int | None,
+              default: KernelConfig | None = None) -> KernelConfig:
+    """The op arguments' KernelConfig: each left out (None) taken from ``default`` (None: this module's
+    ``DEFAULT_CONFIG``, read now)."""
     given = {"chunks": chunks, "block": block, "warps": warps, "stages": stages}
-    return dataclasses.replace(DEFAULT_CONFIG, **{name: value for name, value in given.items() if value is not None})
+    return dataclasses.replace(default or DEFAULT_CONFIG, **{name: value for name, value in given.items() if value is not None})
 
 
 def empty_partials(query: torch.Tensor, chunks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
