@@ -42,11 +42,6 @@ from decoding.split_kv_attention import (KernelConfig, combine, empty_partials, 
 from presses.quantize import CHANNEL_STATS_BYTES, channel_stats, quantize_groups
 
 BITS = (8, 4)  # what the kernel unpacks
-# The launch when the op's arguments leave it out: 128 slots a loop, 2 warps, 4 stages was the fastest
-# or within 7% of it for 8-bit KV at every shape timed on the H200 (batch 1 and 64 over 2000 slots, batch
-# 1 over 8000: results/pythia-2.8b_random_quantized_kv_h200/run_c864b68/), where split_kv's default
-# (64 x 4 x 3) took 1.6-1.9x as long: 19.4 against 11.7 us a layer at batch 1 over 2000 slots.
-DEFAULT_CONFIG = KernelConfig(block=128, warps=2, stages=4)
 
 
 def check_bits(bits: int) -> None:
@@ -281,7 +276,7 @@ def quantized_kv_attention(query: torch.Tensor, key_codes: torch.Tensor, key_sca
                  key_channel_scale)
     batch, heads, new, dim = query.shape
     slots, rows = key_codes.shape[2], batch * heads * new
-    config = op_config(chunks, block, warps, stages, DEFAULT_CONFIG)
+    config = op_config(chunks, block, warps, stages)
     chunk, chunks = launch_plan(rows, slots, query.device, config)
     partial_acc, partial_max, partial_sum = empty_partials(query, chunks)
     # without a channel scale the kernel never reads its pointer: the query stands in for it
@@ -310,7 +305,7 @@ def _(query, key_codes, key_scale, key_zero, value_codes, value_scale, value_zer
 
 def attend_quantized(query: torch.Tensor, cache: QuantizedKV, visible: torch.Tensor, scale: float,
                      config: KernelConfig | None = None) -> torch.Tensor:
-    """``quantized_kv_attention`` over ``cache``, launched by ``config`` (None: this module's DEFAULT_CONFIG)."""
+    """``quantized_kv_attention`` over ``cache``, launched by ``config`` (None: DEFAULT_CONFIG's)."""
     launch = dataclasses.astuple(config) if config is not None else (None,) * 4
     block, warps, stages, chunks = launch
     keys, values = cache.keys, cache.values

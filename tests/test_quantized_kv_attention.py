@@ -58,24 +58,6 @@ def test_one_chunk_or_the_split_plans_give_the_same_attention(chunks):
     assert torch.allclose(attended, expected, atol=1e-5, rtol=0)
 
 
-def test_a_launch_left_out_is_the_quantized_kernels_own_default_not_split_kvs(monkeypatch):
-    from decoding import quantized_kv_attention as module
-    from decoding import split_kv_attention
-
-    assert module.DEFAULT_CONFIG != split_kv_attention.DEFAULT_CONFIG  # else this test could not fail
-    planned = []
-
-    def recording_plan(rows, slots, device, config):
-        planned.append(config)
-        return split_kv_attention.launch_plan(rows, slots, device, config)
-
-    monkeypatch.setattr(module, "launch_plan", recording_plan)
-    query, keys, values = random_cache(80)
-    attend_quantized(query, quantize_kv(keys, values, 8, 8, False), masked_visible(), 0.7)
-    attend_quantized(query, quantize_kv(keys, values, 8, 8, False), masked_visible(), 0.7, KernelConfig(32, 2, 1))
-    assert planned == [module.DEFAULT_CONFIG, KernelConfig(32, 2, 1)]
-
-
 def test_fp16_query_gives_fp16_output():
     query, keys, values = random_cache(80)
     cache = quantize_kv(keys.half(), values.half(), 8, 4)
