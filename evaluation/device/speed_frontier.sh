@@ -1,5 +1,5 @@
 # Issue 16, items 1-3, on the H200: random-init Pythia-2.8B, fp16, prompt 2000, 256 forced new tokens.
-#   source evaluation/device/setup_env.sh && bash evaluation/device/speed_frontier.sh frontier|fp16|quant|batch
+#   source evaluation/device/setup_env.sh && bash evaluation/device/speed_frontier.sh frontier|fp16|quant|batch|kv_bits
 # Needs torchao 0.18.0 and optimum-quanto 0.2.7 in .whl/ (the command: docs/speed.md, "Speed frontier").
 # One part per device call; each under 9 minutes including compiles, each stage under its own time
 # limit (a stage cut short loses itself, not the rest), every stage's stderr kept as its log.txt. The
@@ -20,6 +20,9 @@
 #             micro-batches of 16), then decode attention's kernels (SDPA) at the largest dense batch that
 #             fit, and at batch 64 with FlexAttention's split-KV decoding kernel if the budget leaves time,
 #             against the KV bytes over the copy bandwidth (profile_step.py).
+#   kv_bits:  the decode step over an fp16, an 8-bit and a 4-bit KV buffer (speed_grid.py --kv_bits, the
+#             Triton quantized-KV kernel), dense and SnapKV keeping 25%, batch 1 and 64, 3 repeats each: the
+#             same cells in one call (results/pythia-2.8b_random_kv_bits_decode_h200/ has the first, one run).
 set -u
 part=${1:-frontier}
 work=/tmp/speed_frontier_$part
@@ -77,6 +80,13 @@ print(max([row["batch_size"] for row in rows if "tpot_ms" in row] or [64]))' "$w
       stage 80 "attention_b$1_$2" $profile --cell plain:fp16 --batch_size $1 --backend $2 --steps 10 \
         --graph_steps 20 --prefill_batch 16 --output "$work/attention_b$1_$2/profile.json"
     done ;;
-  *) echo "usage: speed_frontier.sh frontier|fp16|quant|batch" >&2; exit 2 ;;
+  kv_bits)
+    for bits in fp16 8x8 4x4; do
+      option=""
+      [ $bits != fp16 ] && option="--kv_bits $bits"
+      stage 150 "kv_bits_$bits" evaluation/speed_grid.py $common --new_tokens 256 --decoder neox --repeats 3 \
+        --press snapkv --compression_ratio 0.75 --batch_size 1 64 $option --output_dir "$work/kv_bits_$bits"
+    done ;;
+  *) echo "usage: speed_frontier.sh frontier|fp16|quant|batch|kv_bits" >&2; exit 2 ;;
 esac
 echo "== done at $((SECONDS - start))s" >&2
