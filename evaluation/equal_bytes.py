@@ -79,7 +79,7 @@ def rdkv_setting(text: str) -> dict:
             setting[key] = tuple(int(b) for b in value.split(","))
         elif key in ("prior", "evict_weight", "after_h2o", "accumulated", "protect_recent"):
             setting[key] = float(value)
-        elif key in ("separate_widths", "evict_per_head", "rotate"):
+        elif key in ("separate_widths", "evict_per_head", "rotate", "merge_evicted"):
             setting[key] = flag(key, value, text)
         elif key in ("window_size", "recent_tokens", "group_tokens"):
             setting[key] = int(value)

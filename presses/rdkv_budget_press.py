@@ -100,6 +100,8 @@ class RDKVBudgetPress(BasePress):
         if self.rdkv.rotate or self.rdkv.protect_recent:  # the stored-width bookkeeping has neither yet
             raise PressConfigError("RDKVBudgetPress does not support RD-KV's rotate or protect_recent yet "
                                    "(prefill RDKVPress does)")
+        if self.rdkv.merge_evicted:  # its evictions go through its own state, which does not merge
+            raise PressConfigError("RDKVBudgetPress does not support RD-KV's merge_evicted yet (prefill RDKVPress does)")
         widths = sorted(self.rdkv.bits)
         self.widths = widths + [FP16_WIDTH]  # option index -> width; the last is fp16
         options = len(self.widths)

@@ -54,6 +54,12 @@ class RDKVPress(BasePress):
     rotation (QuaRot's; presses/quantize.py), at the same bytes. ``evict_weight`` scales the
     eviction distortion: the first-order model prices each eviction alone, while evicting many
     tokens also renormalises the attention over the rest.
+    With ``merge_evicted`` an evicted token's value is not thrown away but folded into the kept
+    token of the same KV head whose key is most similar (cosine; CaM's and D2O's idea), weighted by
+    the expected attention p the allocation priced: v_k <- (p_k v_k + sum_j p_j v_j) / (p_k + sum_j p_j)
+    over the tokens j merged into k, so that the output a near-duplicate key would have drawn from j
+    is kept in the value mix instead of lost; it happens before the kept values are quantized, at
+    the widths already chosen, so the stored bytes are the same.
     Prefill only; one sequence per call."""
 
     compression_ratio: float = 0.0  # fraction of the layer's fp16 KV bytes removed
@@ -75,6 +81,7 @@ class RDKVPress(BasePress):
     evict_weight: float = 4.0  # multiplies the eviction distortion
     evict_per_head: bool = False  # each head evicts its own tokens (as many per head), not every head the same
     rotate: bool = False  # per-token groups quantized after a fixed random rotation (QuaRot's; presses/quantize.py)
+    merge_evicted: bool = False  # evicted values folded into the most key-similar kept token (CaM's, D2O's), same bytes
     stored_bytes: dict = field(default_factory=dict, repr=False)
     chosen_bits: dict = field(default_factory=dict, repr=False)  # per layer, keys and values: share of (token, head) entries at each width (0: evicted)
 
@@ -95,6 +102,8 @@ class RDKVPress(BasePress):
             raise PressConfigError(f"protect_recent must be in [0, 1], got {self.protect_recent}")
         if self.evict_weight <= 0:
             raise PressConfigError(f"evict_weight must be positive, got {self.evict_weight}")
+        if not isinstance(self.merge_evicted, bool):
+            raise PressConfigError(f"merge_evicted must be True or False, got {self.merge_evicted!r}")
 
     def compress(self, module: nn.Module, hidden_states, keys: torch.Tensor, values: torch.Tensor, attentions, kwargs):
         batch, kv_heads, tokens, head_dim = keys.shape
@@ -113,7 +122,8 @@ class RDKVPress(BasePress):
             key_options = [quantize_per_token(keys, b, stats, self.rotate) for b in self.bits]
             key_price = [token_bytes(b, head_dim) for b in self.bits]
         value_options = [quantize_per_token(values, b, rotate=self.rotate) for b in self.bits]
-        key_error, value_error, evict = self._distortions(module, hidden_states, keys, values, key_options, value_options, kwargs)
+        key_error, value_error, evict, mass = self._distortions(module, hidden_states, keys, values, key_options,
+                                                                value_options, kwargs, with_mass=True)
         widths = len(self.bits) + 1  # the last: fp16, no error
         pairs = [(k, v) for k in range(widths) for v in range(widths)] if self.separate_widths else [(w, w) for w in range(widths)]
         tag = math.ceil(math.log2(len(pairs))) / 8  # per kept (token, head): which option its key and value took
@@ -140,6 +150,9 @@ class RDKVPress(BasePress):
             side: {b: ((chosen == i) & keep).float().mean().item() for i, b in enumerate(list(self.bits) + [16])}
             | {0: 1 - keep.float().mean().item()} for side, chosen in (("keys", key_choice), ("values", value_choice))}
         kept = keep.nonzero()[:, 1].view(kv_heads, -1)  # (heads, kept) token indices, in cache order: as many per head
+        if self.merge_evicted and not bool(keep.all()):  # the kept values absorb the evicted, then are quantized
+            values = _merge_evicted(keys, values, keep, mass[0])
+            value_options = [quantize_per_token(values, b, rotate=self.rotate) for b in self.bits]
         values = _pick(values, value_options, value_choice, kept)
         value_bytes = value_price[value_choice].gather(1, kept).sum().item()  # the precision tags ride with the values
         if self.key_layout == "channel":  # the key bytes as the width groups really fall
@@ -150,12 +163,14 @@ class RDKVPress(BasePress):
         self.stored_bytes[module.layer_idx] = key_bytes + value_bytes + side_bytes
         return keys, values
 
-    def _distortions(self, module, hidden_states, keys, values, key_options, value_options, kwargs, received=None):
+    def _distortions(self, module, hidden_states, keys, values, key_options, value_options, kwargs, received=None,
+                     with_mass=False):
         """(batch, kv_heads, tokens, len(bits)) distortions of each quantized key and of each
         quantized value, and (batch, kv_heads, tokens) of eviction, summed over the window's
         queries and the query heads that share each KV head. ``received`` (batch, heads, tokens),
         when given, is the accumulated evidence in place of the call's own (``_received``): the
-        streaming press's, carried over its calls."""
+        streaming press's, carried over its calls. With ``with_mass`` also (batch, kv_heads, tokens)
+        the expected attention p (prior included) summed the same way: ``merge_evicted``'s weights."""
         window = min(self.window_size, hidden_states.shape[1])
         cos, sin = kwargs["position_embeddings"]
         window_kwargs = {**kwargs, "position_embeddings": (cos[:, -window:], sin[:, -window:])}
@@ -172,7 +187,8 @@ class RDKVPress(BasePress):
             if received is None:
                 received = self._received(module, hidden_states, keys, kwargs)
             expected = (1 - self.accumulated) * probs + self.accumulated * received.unsqueeze(2)  # (b, h, 1, n)
-        weight = (expected + self._prior(keys.shape[2], probs.device)) ** 2
+        expected = expected + self._prior(keys.shape[2], probs.device)
+        weight = expected**2
         evict = per_kv_head((weight * spread).sum(2), keys.shape[1])
         key_error, value_error = [], []
         for quantized_keys, quantized_values in zip(key_options, value_options):
@@ -180,7 +196,10 @@ class RDKVPress(BasePress):
             logit_error = queries @ repeat_kv(quantized_keys - keys, groups).float().transpose(2, 3) / math.sqrt(keys.shape[-1])
             value_error.append(per_kv_head(weight.sum(2) * repeat_kv(value_sq.unsqueeze(-1), groups).squeeze(-1), keys.shape[1]))
             key_error.append(per_kv_head((weight * logit_error**2 * spread).sum(2), keys.shape[1]))
-        return torch.stack(key_error, dim=-1), torch.stack(value_error, dim=-1), evict
+        distortions = torch.stack(key_error, dim=-1), torch.stack(value_error, dim=-1), evict
+        if with_mass:
+            return *distortions, per_kv_head(expected.expand_as(probs).sum(2), keys.shape[1])
+        return distortions
 
     def _received(self, module, hidden_states, keys, kwargs) -> torch.Tensor:
         """(batch, heads, tokens): the mean attention each token received from the call's queries."""
@@ -274,6 +293,23 @@ def _keys_by_precision(keys: torch.Tensor, stats, choice: torch.Tensor, bits: tu
             stored[:, head : head + 1, members] = quantized
             total += per_channel_bytes(whole, b, head_dim, group_tokens) + (members.numel() - whole) * token_bytes(b, head_dim)
     return stored, total
+
+
+def _merge_evicted(keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+    """``values`` (1, heads, tokens, dim) with each evicted (head, token) j folded into the kept
+    token k of its head whose key has the highest cosine with j's: v_k <- (p_k v_k + sum_j p_j v_j)
+    / (p_k + sum_j p_j), ``mass`` (heads, tokens) the p; ``keep`` (heads, tokens). Kept tokens that
+    absorb nothing, and the evicted ones, are returned as they were."""
+    unit = nn.functional.normalize(keys[0].float(), dim=-1)
+    similarity = (unit @ unit.transpose(1, 2)).masked_fill(~keep.unsqueeze(1), float("-inf"))  # (heads, from, to)
+    own = torch.arange(keep.shape[1], device=keep.device).expand_as(keep)
+    into = torch.where(keep, own, similarity.argmax(-1))  # (heads, tokens): where each token's value goes
+    weighted = mass.unsqueeze(-1) * values[0].float()
+    total = torch.zeros_like(weighted).scatter_add_(1, into.unsqueeze(-1).expand_as(weighted), weighted)
+    weights = torch.zeros_like(mass).scatter_add_(1, into, mass)
+    absorbed = torch.zeros_like(mass).scatter_add_(1, into, (~keep).float()) > 0  # kept tokens some value went into
+    merged = (total / weights.unsqueeze(-1)).to(values.dtype)
+    return torch.where(absorbed.unsqueeze(-1), merged, values[0]).unsqueeze(0)
 
 
 def _gather(x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,9 @@ def test_rdkv_settings_parse_and_bad_ones_are_named():
     assert rdkv_setting("prior=8 bits=2,4,8 window_size=16") == {"prior": 8.0, "bits": (2, 4, 8), "window_size": 16}
     with pytest.raises(ValueError, match="unknown RD-KV setting 'windows'"):
         rdkv_setting("windows=3")
+    assert rdkv_setting("merge_evicted=1 rotate=0") == {"merge_evicted": True, "rotate": False}
+    with pytest.raises(ValueError, match="merge_evicted is 0 or 1"):
+        rdkv_setting("merge_evicted=yes")
 
 
 def test_rdkv_after_h2o_gives_h2o_the_tokens_and_rdkv_the_rest_of_the_bytes():

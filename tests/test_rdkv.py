@@ -13,7 +13,7 @@ from presses.quantize import fake_quantize, per_channel_bytes, quantize_per_chan
 from presses.quantized_kv_press import QuantizedKVPress
 from presses.attention import per_kv_head
 from presses.h2o_press import H2OPress
-from presses.rdkv_press import RDKVPress, _allocate
+from presses.rdkv_press import RDKVPress, _allocate, _merge_evicted
 from tests.conftest import build, tiny_llama_config, tiny_neox_config
 
 
@@ -225,3 +225,63 @@ def test_rdkv_protects_only_what_the_budget_pays_for():
                 assert keys.shape[2] >= 48
     with pytest.raises(PressConfigError, match="protect_recent"):
         RDKVPress(0.5, protect_recent=2.0)
+
+
+@pytest.mark.parametrize("config", [tiny_neox_config(), tiny_llama_config()], ids=["neox", "llama"])
+@pytest.mark.parametrize("per_head", [False, True], ids=["every-head", "per-head"])
+@pytest.mark.parametrize("layout", ["token", "channel"])
+def test_merging_evicted_values_keeps_the_bytes_and_keys_and_changes_the_kept_values(config, per_head, layout):
+    model = build(config)
+    presses = {merge: RDKVPress(0.875, window_size=8, evict_weight=1, key_layout=layout, evict_per_head=per_head,
+                                group_tokens=8, merge_evicted=merge) for merge in (False, True)}
+    caches = {merge: _prefill(model, press) for merge, press in presses.items()}
+    assert presses[True].stored_bytes == presses[False].stored_bytes  # the same widths at the same bytes
+    assert presses[True].chosen_bits == presses[False].chosen_bits
+    for plain, merged in zip(caches[False].layers, caches[True].layers):
+        assert plain.keys.shape[2] < 96  # tokens were evicted
+        assert torch.equal(plain.keys, merged.keys) and plain.values.shape == merged.values.shape
+        changed = (plain.values - merged.values).abs().amax(-1)  # (1, heads, kept)
+        assert (changed > 1e-3).any()  # kept tokens absorbed evicted values (a real change, not rounding)
+    with pytest.raises(PressConfigError, match="merge_evicted"):
+        RDKVPress(0.5, merge_evicted="yes")
+
+
+def test_merged_values_bring_the_attention_output_closer_to_the_dense_one():
+    # two heads, 6 tokens: in head 0 tokens 1 and 2 nearly repeat token 0's key, in head 1 token 1
+    # nearly repeats token 4's and token 2 token 5's; tokens 1 and 2 are evicted, their values differ
+    generator = torch.Generator().manual_seed(0)
+    dim = 8
+    keys = torch.randn(1, 2, 6, dim, generator=generator)
+    keys[0, 0, 0] = 4 * keys[0, 0, 0] / keys[0, 0, 0].norm()
+    keys[0, 0, 1:3] = keys[0, 0, 0] + 0.05 * torch.randn(2, dim, generator=generator)
+    keys[0, 1, 1], keys[0, 1, 2] = keys[0, 1, 4] + 0.01, keys[0, 1, 5] - 0.01
+    values = 3 * torch.randn(1, 2, 6, dim, generator=generator)
+    query = keys[0, :, 0:1].clone()  # head 0's query favours the near-duplicate tokens
+    query[1] = keys[0, 1, 4:5] + keys[0, 1, 5:6]
+    probs = torch.softmax(query @ keys[0].transpose(1, 2) / dim**0.5, -1)  # (heads, 1, tokens)
+    keep = torch.tensor([True, False, False, True, True, True]).expand(2, 6)
+    merged = _merge_evicted(keys, values, keep, probs[:, 0])
+    p, v = probs[:, 0], values[0]
+    torch.testing.assert_close(merged[0, 0, 0], (p[0, :3, None] * v[0, :3]).sum(0) / p[0, :3].sum())
+    torch.testing.assert_close(merged[0, 1, 4], (p[1, [1, 4], None] * v[1, [1, 4]]).sum(0) / p[1, [1, 4]].sum())
+    assert torch.equal(merged[0, 0, 3:], values[0, 0, 3:]) and torch.equal(merged[0, 1, [0, 3]], values[0, 1, [0, 3]])
+
+    def output(stored):  # the query's attention output over the kept tokens
+        kept_probs = torch.softmax(query @ keys[0, :, keep[0]].transpose(1, 2) / dim**0.5, -1)
+        return kept_probs @ stored[0, :, keep[0]]
+
+    dense = probs @ values[0]
+    evicted_error = (output(values) - dense).norm(dim=-1)
+    merged_error = (output(merged) - dense).norm(dim=-1)
+    assert (merged_error < 0.5 * evicted_error).all()
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.4])
+def test_merging_with_nothing_evicted_is_the_plain_press_exactly(ratio):
+    model = build(tiny_llama_config())
+    presses = {merge: RDKVPress(ratio, window_size=8, evict_weight=1e6, merge_evicted=merge) for merge in (False, True)}
+    caches = {merge: _prefill(model, press) for merge, press in presses.items()}
+    assert presses[True].stored_bytes == presses[False].stored_bytes
+    for plain, merged in zip(caches[False].layers, caches[True].layers):
+        assert plain.keys.shape[2] == 96  # quantization alone paid for the ratio
+        assert torch.equal(plain.keys, merged.keys) and torch.equal(plain.values, merged.values)

@@ -173,6 +173,8 @@ def test_bad_settings_are_refused():
     for setting in ({"rotate": True}, {"protect_recent": 0.5}):
         with pytest.raises(PressConfigError, match="rotate or protect_recent"):
             RDKVBudgetPress(RDKVPress(**setting))
+    with pytest.raises(PressConfigError, match="merge_evicted"):
+        RDKVBudgetPress(RDKVPress(merge_evicted=True))
     scorer = make_streaming_press("h2o", Settings(budget=64)).base_press
     with pytest.raises(PressConfigError, match="bits"):
         QuantizedBudgetPress(scorer, bits=5)
