@@ -181,10 +181,12 @@ def quantized_kv_attention_partial(
 ):
     row, split = tl.program_id(0), tl.program_id(1)  # row: (batch, head, new token) flattened
     batch, head, token = (row // (heads * new)).to(tl.int64), (row // new) % heads, row % new
-    # Triton knows only strides that are multiples of 16; a 4-bit row of 40 bytes is not, and without
-    # the hint every byte would be loaded alone (measured: 4-bit 3.3x slower than 8-bit on the H200)
-    k_b, k_h, k_s = tl.multiple_of(k_b, KEY_ALIGN), tl.multiple_of(k_h, KEY_ALIGN), tl.multiple_of(k_s, KEY_ALIGN)
-    v_b, v_h, v_s = tl.multiple_of(v_b, VALUE_ALIGN), tl.multiple_of(v_h, VALUE_ALIGN), tl.multiple_of(v_s, VALUE_ALIGN)
+    # Triton knows only integer arguments that are multiples of 16, and a 4-bit row of 40 bytes is not: the
+    # codes' strides come divided by their alignment and are multiplied back by it here, a constant the
+    # compiler sees. Without that (tl.multiple_of on the argument did not do it) every code byte is loaded
+    # alone: sm_90 PTX of 4-bit, 258 ld.global.b8 a thread against 8-bit's 64 ld.global.v2.b32.
+    k_b, k_h, k_s = k_b * KEY_ALIGN, k_h * KEY_ALIGN, k_s * KEY_ALIGN
+    v_b, v_h, v_s = v_b * VALUE_ALIGN, v_h * VALUE_ALIGN, v_s * VALUE_ALIGN
     halves = tl.arange(0, BLOCK_HALF)
     in_half = halves < HALF
     q_row = query + batch * q_b + head * q_h + token * q_n
@@ -261,6 +263,32 @@ def alignment(strides) -> int:
     return min([16, *(stride & -stride for stride in strides if stride)])
 
 
+def aligned_strides(codes: torch.Tensor, align: int) -> tuple[int, int, int, int]:
+    """The codes' batch, head and slot strides divided by ``align`` (the kernel multiplies them back),
+    and the byte stride."""
+    *outer, byte = codes.stride()
+    return (*(stride // align for stride in outer), byte)
+
+
+def partial_arguments(query, key_codes, key_scale, key_zero, value_codes, value_scale, value_zero, visible, scale,
+                      key_bits, value_bits, key_channel_scale, partials, chunk, chunks, block):
+    """The partial kernel's arguments in order, and its constants: what the op launches, and what
+    evaluation/kernel_loads.py compiles for a GPU without one."""
+    heads, new, dim = query.shape[1], query.shape[2], query.shape[3]
+    key_align, value_align = alignment(key_codes.stride()[:3]), alignment(value_codes.stride()[:3])
+    # without a channel scale the kernel never reads its pointer: the query stands in for it
+    channel = query if key_channel_scale is None else key_channel_scale
+    channel_strides = (0, 0, 0) if key_channel_scale is None else key_channel_scale.stride()
+    arguments = [query, key_codes, key_scale, key_zero, value_codes, value_scale, value_zero, channel, visible,
+                 *partials, scale, heads, new, key_codes.shape[2], chunk, chunks,
+                 *query.stride(), *aligned_strides(key_codes, key_align), *key_scale.stride(),
+                 *aligned_strides(value_codes, value_align), *value_scale.stride(), *channel_strides, *visible.stride()]
+    constants = dict(HALF=dim // 2, BLOCK_HALF=triton.next_power_of_2(dim // 2), BLOCK=block, KEY_BITS=key_bits,
+                     VALUE_BITS=value_bits, CHANNEL_SCALE=key_channel_scale is not None, KEY_ALIGN=key_align,
+                     VALUE_ALIGN=value_align)
+    return arguments, constants
+
+
 @torch.library.custom_op("kvpress_neox::quantized_kv_attention", mutates_args=())
 def quantized_kv_attention(query: torch.Tensor, key_codes: torch.Tensor, key_scale: torch.Tensor,
                            key_zero: torch.Tensor, value_codes: torch.Tensor, value_scale: torch.Tensor,
@@ -279,19 +307,11 @@ def quantized_kv_attention(query: torch.Tensor, key_codes: torch.Tensor, key_sca
     config = op_config(chunks, block, warps, stages)
     chunk, chunks = launch_plan(rows, slots, query.device, config)
     partial_acc, partial_max, partial_sum = empty_partials(query, chunks)
-    # without a channel scale the kernel never reads its pointer: the query stands in for it
-    channel = query if key_channel_scale is None else key_channel_scale
-    channel_strides = (0, 0, 0) if key_channel_scale is None else key_channel_scale.stride()
-    quantized_kv_attention_partial[(rows, chunks)](
-        query, key_codes, key_scale, key_zero, value_codes, value_scale, value_zero, channel, visible,
-        partial_acc, partial_max, partial_sum, scale, heads, new, slots, chunk, chunks,
-        *query.stride(), *key_codes.stride(), *key_scale.stride(), *value_codes.stride(), *value_scale.stride(),
-        *channel_strides, *visible.stride(),
-        HALF=dim // 2, BLOCK_HALF=triton.next_power_of_2(dim // 2), BLOCK=config.block, KEY_BITS=key_bits,
-        VALUE_BITS=value_bits, CHANNEL_SCALE=key_channel_scale is not None,
-        KEY_ALIGN=alignment(key_codes.stride()[:3]), VALUE_ALIGN=alignment(value_codes.stride()[:3]),
-        num_warps=config.warps,
-        num_stages=config.stages)
+    arguments, constants = partial_arguments(query, key_codes, key_scale, key_zero, value_codes, value_scale, value_zero,
+                                             visible, scale, key_bits, value_bits, key_channel_scale,
+                                             (partial_acc, partial_max, partial_sum), chunk, chunks, config.block)
+    quantized_kv_attention_partial[(rows, chunks)](*arguments, **constants, num_warps=config.warps,
+                                                   num_stages=config.stages)
     return combine(query, partial_acc, partial_max, partial_sum)
 
 
