@@ -26,30 +26,33 @@ from evaluation.cli import one_line_errors
 TARGET = ("cuda", 90, 32)  # Hopper: the H100 and H200 the project times on
 
 
-def compiled_ptx(bits: int, batch: int, heads: int, dim: int, slots: int, block: int, warps: int, stages: int) -> str:
-    """The PTX of the partial kernel for ``bits``-bit keys and values at this shape and launch."""
+def compiled_ptx(bits: int, batch: int, heads: int, dim: int, slots: int, config) -> str:
+    """The PTX of the partial kernel for ``bits``-bit keys and values at this shape and launch (a
+    split_kv ``KernelConfig``)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise ValueError("TRITON_INTERPRET=1 replaces kernels by the interpreter: run with TRITON_INTERPRET=0")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile, make_backend
     from triton.runtime.jit import create_function_from_signature
 
-    from decoding.quantized_kv_attention import empty_partials, partial_arguments, quantize_kv
+    from decoding.quantized_kv_attention import partial_arguments, quantize_kv
     from decoding.quantized_kv_attention import quantized_kv_attention_partial as kernel
+    from decoding.split_kv_attention import empty_partials, launch_plan
 
     query = torch.randn(batch, heads, 1, dim, dtype=torch.float16)
     keys, values = torch.randn(2, batch, heads, slots, dim, dtype=torch.float16)
     cache = quantize_kv(keys, values, bits, bits, centre_keys=False)
     visible = torch.ones(batch, 1, slots, dtype=torch.bool)
-    chunks = 8
+    # the chunking is the op's own plan (on this CPU, the interpreter's): the kernel is not specialised on it
+    chunk, chunks = launch_plan(batch * heads, slots, query.device, config)
     arguments, constants = partial_arguments(
         query, cache.keys.codes, cache.keys.scale, cache.keys.zero, cache.values.codes, cache.values.scale,
-        cache.values.zero, visible, dim**-0.5, bits, bits, None, empty_partials(query, chunks),
-        -(-slots // chunks), chunks, block)
+        cache.values.zero, visible, dim**-0.5, bits, bits, None, empty_partials(query, chunks), chunk, chunks,
+        config.block)
     target = GPUTarget(*TARGET)
     backend = make_backend(target)
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
-    launch = constants | {"num_warps": warps, "num_stages": stages}
+    launch = constants | {"num_warps": config.warps, "num_stages": config.stages}
     bound, specialization, options = binder(*arguments, **launch)
     options, signature, constexprs, attrs = kernel._pack_args(backend, launch, bound, specialization, options)
     return compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__).asm["ptx"]
@@ -72,8 +75,8 @@ def main(argv=None) -> None:
     from decoding.split_kv_attention import parse_config
 
     config = parse_config(args.config)
-    report = {str(bits): global_loads(compiled_ptx(bits, args.batch, args.heads, args.dim, args.slots, config.block,
-                                                   config.warps, config.stages)) for bits in args.bits}
+    report = {str(bits): global_loads(compiled_ptx(bits, args.batch, args.heads, args.dim, args.slots, config))
+              for bits in args.bits}
     print(json.dumps({"target": "sm_%d" % TARGET[1], "config": args.config, "loads_per_thread": report}, indent=1))
 
 

@@ -122,8 +122,9 @@ class RDKVPress(BasePress):
             key_options = [quantize_per_token(keys, b, stats, self.rotate) for b in self.bits]
             key_price = [token_bytes(b, head_dim) for b in self.bits]
         value_options = [quantize_per_token(values, b, rotate=self.rotate) for b in self.bits]
-        key_error, value_error, evict, mass = self._distortions(module, hidden_states, keys, values, key_options,
-                                                                value_options, kwargs, with_mass=True)
+        distortions = self._distortions(module, hidden_states, keys, values, key_options, value_options, kwargs,
+                                        with_mass=self.merge_evicted)
+        key_error, value_error, evict = distortions[:3]
         widths = len(self.bits) + 1  # the last: fp16, no error
         pairs = [(k, v) for k in range(widths) for v in range(widths)] if self.separate_widths else [(w, w) for w in range(widths)]
         tag = math.ceil(math.log2(len(pairs))) / 8  # per kept (token, head): which option its key and value took
@@ -151,7 +152,7 @@ class RDKVPress(BasePress):
             | {0: 1 - keep.float().mean().item()} for side, chosen in (("keys", key_choice), ("values", value_choice))}
         kept = keep.nonzero()[:, 1].view(kv_heads, -1)  # (heads, kept) token indices, in cache order: as many per head
         if self.merge_evicted and not bool(keep.all()):  # the kept values absorb the evicted, then are quantized
-            values = _merge_evicted(keys, values, keep, mass[0])
+            values = _merge_evicted(keys, values, keep, distortions[3][0])
             value_options = [quantize_per_token(values, b, rotate=self.rotate) for b in self.bits]
         values = _pick(values, value_options, value_choice, kept)
         value_bytes = value_price[value_choice].gather(1, kept).sum().item()  # the precision tags ride with the values
