@@ -54,8 +54,8 @@ SOURCES = {
     "speed_same_run": "results/pythia-2.8b_random_grid_h200/same_run/summary.json",
     "speed_presses": "results/pythia-2.8b_random_grid_h200/presses/summary.json",
     # the largest-batch search, dense and SnapKV keeping 25%, one call (expandable segments)
-    "speed_batch_dense": "results/pythia-2.8b_random_speed_frontier_h200/batch_c864b68/batch_dense/summary.json",
-    "speed_batch_snapkv": "results/pythia-2.8b_random_speed_frontier_h200/batch_c864b68/batch_snapkv/summary.json",
+    "speed_batch_dense": "results/pythia-2.8b_random_speed_frontier_h200/batch_b9ca22a/batch_dense/summary.json",
+    "speed_batch_snapkv": "results/pythia-2.8b_random_speed_frontier_h200/batch_b9ca22a/batch_snapkv/summary.json",
     # KV quantization: random-init Pythia-2.8B, H100, two calls each with its own fp16 reference
     "kvquant_calls": {
         "int4": "results/pythia-2.8b_random_kv_quant_h100/int4",
@@ -109,9 +109,11 @@ SOURCES = {
     # baselines and RD-KV at the settings selected on WikiText-2's tuning windows)
     "rdkv_ablation": "results/smollm2-135m_equal_bytes_h200/call14/ablation_*.json",
     "rdkv_half": "results/smollm2-135m_equal_bytes_h200/call14/budget50_*.json",
-    # RD-KV's streaming press on both books at the 512-token budget, paired with each book's best baseline
-    # the setting chosen first on the held-out stretch, one file per book (book0: P&P, book1: Frankenstein)
-    "rdkv_streaming": "results/smollm2-135m_equal_bytes_streaming_h200/call4/rdkv_book*_1.json",
+    # RD-KV's streaming press on both books at budgets 512 (call4) and 256, 1024 (call5), each row paired with
+    # its book's and budget's best baseline; the setting chosen first on the held-out stretch, one file per
+    # book and budget (book0: P&P, book1: Frankenstein)
+    "rdkv_streaming": ["results/smollm2-135m_equal_bytes_streaming_h200/call4/rdkv_book*_512_1.json",
+                       "results/smollm2-135m_equal_bytes_streaming_h200/call5/rdkv_book*_1.json"],
     "rdkv_heldout": {
         "Pride and Prejudice": "results/smollm2-135m_equal_bytes_h200/call14/pg19_book0_*.json",
         "Frankenstein": "results/smollm2-135m_equal_bytes_h200/call14/pg19_book1_*.json",
@@ -1271,23 +1273,30 @@ def rdkv_checks(root: Path, numbers: Numbers, out: Path, selection: dict) -> Non
     numbers["heldWins"], numbers["heldTies"] = cells["win"], cells["tie"]
     numbers["heldCells"] = sum(cells.values())
 
-    # streaming: the text says RD-KV's press ties the best baseline on each book (interval across zero)
+    # streaming: the text says RD-KV's press ties the best baseline in every (book, budget) cell (interval across zero)
     paths = result_files(SOURCES["rdkv_streaming"], root)
-    payloads = [json.loads(path.read_text()) for path in paths]
-    streaming = [[row for row in payload["rows"] if is_rdkv(row)] for payload in payloads]
-    if [path.name.split("_")[1] for path in paths] != ["book0", "book1"] or any(len(rows) != 1 for rows in streaming):
-        raise ValueError(f"streaming RD-KV: expected one row in each of book0's and book1's files, got {paths}")
-    budgets = {budget for payload in payloads for budget in payload["budget_tokens"]}
-    if len(budgets) != 1:
-        raise ValueError(f"streaming RD-KV at budgets {sorted(budgets)}: the text names one")
-    numbers["streamRdkvBudget"] = budgets.pop()
-    for book, (row,) in zip("AB", streaming):
+    cells = {}
+    for path in paths:
+        book = path.name.split("_")[1]
+        for row in json.loads(path.read_text())["rows"]:
+            if is_rdkv(row):
+                if (book, row["budget_tokens"]) in cells:
+                    raise ValueError(f"streaming RD-KV: two rows for {book} at budget {row['budget_tokens']}")
+                cells[(book, row["budget_tokens"])] = row
+    budgets = sorted({budget for _, budget in cells})
+    if sorted(cells) != sorted((book, budget) for book in ("book0", "book1") for budget in budgets) or len(budgets) < 2:
+        raise ValueError(f"streaming RD-KV: expected both books at each of several budgets, got {sorted(cells)}")
+    for (book, budget), row in cells.items():
         low, high = row["versus_pct_ci95"]
         if not low < 0 < high:
-            raise ValueError(f"streaming RD-KV vs {row['versus_method']}: [{low:.2f}, {high:.2f}] excludes zero, "
-                             "the text says it ties")
-        numbers[f"streamRdkvVs{book}"] = signed(row["versus_pct"], 2)
-        numbers[f"streamRdkvDense{book}"] = signed(row["delta_pct"], 1)
+            raise ValueError(f"streaming RD-KV ({book}, {budget}) vs {row['versus_method']}: [{low:.2f}, {high:.2f}] "
+                             "excludes zero, the text says it ties")
+    numbers["streamRdkvBudgets"] = ", ".join(map(str, budgets[:-1])) + f" and {budgets[-1]}"
+    differences = [row["versus_pct"] for row in cells.values()]
+    numbers["streamRdkvVsMin"], numbers["streamRdkvVsMax"] = signed(min(differences), 2), signed(max(differences), 2)
+    numbers["streamRdkvTop"] = budgets[-1]
+    for book, letter in (("book0", "A"), ("book1", "B")):
+        numbers[f"streamRdkvDense{letter}"] = signed(cells[(book, budgets[-1])]["delta_pct"], 2)
 
 
 def best_press(rows: list[dict]) -> str:

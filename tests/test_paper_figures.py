@@ -295,12 +295,15 @@ def test_rdkv_selected_setting_ran_at_todays_defaults(built):
 
 
 def test_streaming_rdkv_claim_is_the_result_files(built):
-    """The limitations' streaming sentence: the chosen setting's row per book (call4) ties its book's best
-    baseline (paired interval across zero), the numbers the text gives its own."""
+    """The limitations' streaming sentence: the chosen setting's row per book and budget (call4: 512,
+    call5: 256 and 1024) ties its best baseline (paired interval across zero), the range and the
+    dense gaps at the largest budget the text gives its own."""
     generator, _, values = built
     paths = generator.result_files(generator.SOURCES["rdkv_streaming"], REPO)
     rows = [row for path in paths for row in json.loads(path.read_text())["rows"] if row["method"].startswith("rdkv")]
-    assert len(rows) == 2 and all(row["versus_pct_ci95"][0] < 0 < row["versus_pct_ci95"][1] for row in rows)
-    assert [values["streamRdkvVsA"], values["streamRdkvVsB"]] == [f"{row['versus_pct']:+.2f}" for row in rows]
-    assert [values["streamRdkvDenseA"], values["streamRdkvDenseB"]] == [f"{row['delta_pct']:+.1f}" for row in rows]
-    assert values["streamRdkvBudget"] == "512"
+    assert len(rows) == 6 and all(row["versus_pct_ci95"][0] < 0 < row["versus_pct_ci95"][1] for row in rows)
+    differences = [row["versus_pct"] for row in rows]
+    assert [values["streamRdkvVsMin"], values["streamRdkvVsMax"]] == [f"{min(differences):+.2f}", f"{max(differences):+.2f}"]
+    top = [row for row in rows if row["budget_tokens"] == 1024]
+    assert [values["streamRdkvDenseA"], values["streamRdkvDenseB"]] == [f"{row['delta_pct']:+.2f}" for row in top]
+    assert values["streamRdkvBudgets"] == "256, 512 and 1024" and values["streamRdkvTop"] == "1024"
