@@ -1,11 +1,14 @@
-"""How the quantized-KV decode kernel reads memory, seen without a GPU: its partial kernel
-(decoding/quantized_kv_attention.py) compiled for an H100/H200 (sm_90) from the arguments the op
-would launch it with at a given shape, specialised by Triton's own rules (its binder: integers that
-are 1 or multiples of 16, pointer alignment), and the PTX's global loads counted by width.
+"""How the quantized-KV decode kernel reads and converts its codes, seen without a GPU: its partial
+kernel (decoding/quantized_kv_attention.py) compiled for an H100/H200 (sm_90) from the arguments the
+op would launch it with at a given shape, specialised by Triton's own rules (its binder: integers
+that are 1 or multiples of 16, pointer alignment), and the PTX's global loads counted by width and
+its conversions (``cvt``) by form.
 
 A code tile loaded byte by byte (``ld.global.b8``, one per element) instead of in vectors
 (``ld.global.v2.b32``, 8 bytes) is what made 4-bit KV 3x slower than 8-bit on the H200
-(results/pythia-2.8b_random_quantized_kv_h200/); tests/test_kernel_loads.py keeps it from coming back.
+(results/pythia-2.8b_random_quantized_kv_h200/); an integer-to-float conversion per code element
+(``cvt.rn.f32.u32``: 16 a clock per SM on Hopper, against 128 fp32 adds) is the next suspect for
+both widths' cost at batch 64. tests/test_kernel_loads.py keeps both from coming back.
 
     TRITON_INTERPRET=0 python evaluation/kernel_loads.py --bits 8 4 --slots 2000
 
@@ -63,6 +66,11 @@ def global_loads(ptx: str) -> dict[str, int]:
     return dict(Counter(re.findall(r"ld\.global(?:\.\w+)*", ptx)).most_common())
 
 
+def conversions(ptx: str) -> dict[str, int]:
+    """Count of each ``cvt`` instruction form (``cvt.rn.f32.u32``: integer to float, ...)."""
+    return dict(Counter(re.findall(r"\bcvt(?:\.\w+)+", ptx)).most_common())
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bits", type=int, nargs="+", default=[8, 4], choices=[8, 4])
@@ -75,9 +83,10 @@ def main(argv=None) -> None:
     from decoding.split_kv_attention import parse_config
 
     config = parse_config(args.config)
-    report = {str(bits): global_loads(compiled_ptx(bits, args.batch, args.heads, args.dim, args.slots, config))
-              for bits in args.bits}
-    print(json.dumps({"target": "sm_%d" % TARGET[1], "config": args.config, "loads_per_thread": report}, indent=1))
+    ptx = {str(bits): compiled_ptx(bits, args.batch, args.heads, args.dim, args.slots, config) for bits in args.bits}
+    print(json.dumps({"target": "sm_%d" % TARGET[1], "config": args.config,
+                      "loads_per_thread": {bits: global_loads(text) for bits, text in ptx.items()},
+                      "conversions_per_thread": {bits: conversions(text) for bits, text in ptx.items()}}, indent=1))
 
 
 if __name__ == "__main__":
