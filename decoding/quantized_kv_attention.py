@@ -157,9 +157,10 @@ def quantize_kv(keys: torch.Tensor, values: torch.Tensor, key_bits: int, value_b
 @triton.jit
 def code_float(codes):
     """Codes (integers 0..255) as exact fp32 without an integer-to-float conversion: the float of bits
-    0x4B000000 | code is 2**23 + code, so subtracting 2**23 leaves the code. Hopper converts 16 integers
-    to floats a clock per SM but adds 128 floats: one conversion per code element was most of the
-    kernel's arithmetic (sm_90 PTX: 512 cvt.rn.f32.u32 against 501 fma a thread at 128 x 2 x 4)."""
+    0x4B000000 | code is 2**23 + code, so subtracting 2**23 leaves the code. An integer-to-float
+    conversion runs at a fraction of the fp32 add rate (16 against 128 a clock per SM in the CUDA
+    programming guide's throughput table; not measured here), and there was one per code element
+    (sm_90 PTX: 512 cvt.rn.f32.u32 against 501 fma a thread at 128 x 2 x 4)."""
     return (codes.to(tl.uint32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
 

@@ -7,7 +7,7 @@ its conversions (``cvt``) by form.
 A code tile loaded byte by byte (``ld.global.b8``, one per element) instead of in vectors
 (``ld.global.v2.b32``, 8 bytes) is what made 4-bit KV 3x slower than 8-bit on the H200
 (results/pythia-2.8b_random_quantized_kv_h200/); an integer-to-float conversion per code element
-(``cvt.rn.f32.u32``: 16 a clock per SM on Hopper, against 128 fp32 adds) is the next suspect for
+(``cvt.rn.f32.u32``: by the CUDA guide's table 16 a clock per SM against 128 fp32 adds) is the next suspect for
 both widths' cost at batch 64. tests/test_kernel_loads.py keeps both from coming back.
 
     TRITON_INTERPRET=0 python evaluation/kernel_loads.py --bits 8 4 --slots 2000
