@@ -64,10 +64,10 @@ case "$part" in
     export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
     grid="evaluation/speed_grid.py $common --new_tokens 256 --decoder neox --repeats 1 --no-keep_buffer
       --batch_size max --max_batch_step 16 --prefill_batch 16"
-    # dense starts at the largest batch the last H200 search found (160; 176 out of memory, batch_81963b9/):
-    # two tries (a fitting one takes about 45 s: 40 s let c864b68's search stop after 160) leave the
-    # budget to SnapKV's search
-    stage 150 batch_dense $grid --press --max_batch_start 160 --max_batch_tries 2 --max_batch_time_s 60 \
+    # dense starts at the largest batch the last H200 search found (176 under expandable segments,
+    # batch_b9ca22a/; 192 not tried): two tries (a fitting one takes about 45 s) leave the budget to
+    # SnapKV's search
+    stage 150 batch_dense $grid --press --max_batch_start 176 --max_batch_tries 2 --max_batch_time_s 60 \
       --output_dir "$work/batch_dense"
     stage 220 batch_snapkv $grid --press snapkv --compression_ratio 0.75 --no-dense --max_batch_tries 6 --max_batch_time_s 120 \
       --output_dir "$work/batch_snapkv"
