@@ -165,9 +165,10 @@ def code_float(codes):
 
 
 @triton.jit
-def load_codes(rows, slot, s_stride, d_stride, halves, tile, HALF: tl.constexpr, BITS: tl.constexpr):
-    """The codes of ``slot``'s two halves of the head dim, each a (block, BLOCK_HALF) fp32 tile."""
-    first = rows + slot[:, None] * s_stride + halves[None, :] * d_stride
+def load_codes(rows, slot, s_stride, d_stride, dims, tile, HALF: tl.constexpr, BITS: tl.constexpr):
+    """The codes of ``slot``'s channels ``dims`` of the first half of the head dim and of the same
+    channels of the second half (``dims`` + HALF), each a (block, len(dims)) fp32 tile."""
+    first = rows + slot[:, None] * s_stride + dims[None, :] * d_stride
     if BITS == 8:
         low = tl.load(first, mask=tile, other=0)
         high = tl.load(first + HALF * d_stride, mask=tile, other=0)
@@ -178,6 +179,17 @@ def load_codes(rows, slot, s_stride, d_stride, halves, tile, HALF: tl.constexpr,
     return code_float(low), code_float(high)
 
 
+@triton.jit
+def load_query(q_row, c_row, dims, in_half, q_d, c_d, scale, HALF: tl.constexpr, CHANNEL_SCALE: tl.constexpr):
+    """The query's channels ``dims`` of each half, scaled (and by the keys' channel scale), fp32."""
+    low = tl.load(q_row + dims * q_d, mask=in_half, other=0.0).to(tl.float32) * scale
+    high = tl.load(q_row + (dims + HALF) * q_d, mask=in_half, other=0.0).to(tl.float32) * scale
+    if CHANNEL_SCALE:
+        low *= tl.load(c_row + dims * c_d, mask=in_half, other=0.0).to(tl.float32)
+        high *= tl.load(c_row + (dims + HALF) * c_d, mask=in_half, other=0.0).to(tl.float32)
+    return low, high
+
+
 @triton.jit(do_not_specialize=["chunk", "chunks"])
 def quantized_kv_attention_partial(
     query, key_codes, key_scale, key_zero, value_codes, value_scale, value_zero, channel_scale, visible,
@@ -185,7 +197,7 @@ def quantized_kv_attention_partial(
     heads, new, slots, chunk, chunks,
     q_b, q_h, q_n, q_d, k_b, k_h, k_s, k_d, ks_b, ks_h, ks_s, v_b, v_h, v_s, v_d, vs_b, vs_h, vs_s,
     c_b, c_h, c_d, m_b, m_n, m_s,
-    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK: tl.constexpr,
+    HALF: tl.constexpr, PIECE: tl.constexpr, BLOCK_REST: tl.constexpr, BLOCK: tl.constexpr,
     KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, CHANNEL_SCALE: tl.constexpr,
     KEY_ALIGN: tl.constexpr, VALUE_ALIGN: tl.constexpr,
 ):
@@ -197,16 +209,18 @@ def quantized_kv_attention_partial(
     # alone: sm_90 PTX of 4-bit, 258 ld.global.b8 a thread against 8-bit's 64 ld.global.v2.b32.
     k_b, k_h, k_s = k_b * KEY_ALIGN, k_h * KEY_ALIGN, k_s * KEY_ALIGN
     v_b, v_h, v_s = v_b * VALUE_ALIGN, v_h * VALUE_ALIGN, v_s * VALUE_ALIGN
-    halves = tl.arange(0, BLOCK_HALF)
-    in_half = halves < HALF
+    # Each half of the head dim in two tiles whose widths are powers of two, as Triton's are: PIECE
+    # channels, then the rest (Pythia's 40 = 32 + 8). One tile padded to 64 left 24 of its 64 lanes
+    # idle in every load and every multiply.
+    dims_a = tl.arange(0, PIECE)
+    dims_b = PIECE + tl.arange(0, BLOCK_REST)
+    in_a, in_b = dims_a < HALF, dims_b < HALF
     q_row = query + batch * q_b + head * q_h + token * q_n
-    q_low = tl.load(q_row + halves * q_d, mask=in_half, other=0.0).to(tl.float32) * scale
-    q_high = tl.load(q_row + (halves + HALF) * q_d, mask=in_half, other=0.0).to(tl.float32) * scale
-    if CHANNEL_SCALE:
-        c_row = channel_scale + batch * c_b + head * c_h
-        q_low *= tl.load(c_row + halves * c_d, mask=in_half, other=0.0).to(tl.float32)
-        q_high *= tl.load(c_row + (halves + HALF) * c_d, mask=in_half, other=0.0).to(tl.float32)
-    q_total = tl.sum(q_low, axis=0) + tl.sum(q_high, axis=0)  # what each key's zero point adds, per unit
+    c_row = channel_scale + batch * c_b + head * c_h
+    q_a_low, q_a_high = load_query(q_row, c_row, dims_a, in_a, q_d, c_d, scale, HALF, CHANNEL_SCALE)
+    q_b_low, q_b_high = load_query(q_row, c_row, dims_b, in_b, q_d, c_d, scale, HALF, CHANNEL_SCALE)
+    # what each key's zero point adds, per unit
+    q_total = tl.sum(q_a_low, axis=0) + tl.sum(q_a_high, axis=0) + tl.sum(q_b_low, axis=0) + tl.sum(q_b_high, axis=0)
     key_rows = key_codes + batch * k_b + head * k_h
     value_rows = value_codes + batch * v_b + head * v_h
     key_sides = batch * ks_b + head * ks_h  # scale and zero point share their strides (the op checks)
@@ -214,36 +228,46 @@ def quantized_kv_attention_partial(
     mask_row = visible + batch * m_b + token * m_n
     largest = tl.full([], float("-inf"), tl.float32)
     total = tl.full([], 0.0, tl.float32)
-    acc_low = tl.zeros([BLOCK_HALF], tl.float32)
-    acc_high = tl.zeros([BLOCK_HALF], tl.float32)
+    acc_a_low = tl.zeros([PIECE], tl.float32)
+    acc_a_high = tl.zeros([PIECE], tl.float32)
+    acc_b_low = tl.zeros([BLOCK_REST], tl.float32)
+    acc_b_high = tl.zeros([BLOCK_REST], tl.float32)
     start = split * chunk
     end = tl.minimum(start + chunk, slots)
     for first in range(start, end, BLOCK):
         slot = first + tl.arange(0, BLOCK)
         in_chunk = slot < end
         # bounds only, as in split_kv: nothing here waits for another load
-        tile = in_chunk[:, None] & in_half[None, :]
-        k_low, k_high = load_codes(key_rows, slot, k_s, k_d, halves, tile, HALF, KEY_BITS)
-        v_low, v_high = load_codes(value_rows, slot, v_s, v_d, halves, tile, HALF, VALUE_BITS)
+        tile_a, tile_b = in_chunk[:, None] & in_a[None, :], in_chunk[:, None] & in_b[None, :]
+        k_a_low, k_a_high = load_codes(key_rows, slot, k_s, k_d, dims_a, tile_a, HALF, KEY_BITS)
+        k_b_low, k_b_high = load_codes(key_rows, slot, k_s, k_d, dims_b, tile_b, HALF, KEY_BITS)
+        v_a_low, v_a_high = load_codes(value_rows, slot, v_s, v_d, dims_a, tile_a, HALF, VALUE_BITS)
+        v_b_low, v_b_high = load_codes(value_rows, slot, v_s, v_d, dims_b, tile_b, HALF, VALUE_BITS)
         k_step = tl.load(key_scale + key_sides + slot * ks_s, mask=in_chunk, other=0.0).to(tl.float32)
         k_zero = tl.load(key_zero + key_sides + slot * ks_s, mask=in_chunk, other=0.0).to(tl.float32)
         v_step = tl.load(value_scale + value_sides + slot * vs_s, mask=in_chunk, other=0.0).to(tl.float32)
         v_zero = tl.load(value_zero + value_sides + slot * vs_s, mask=in_chunk, other=0.0).to(tl.float32)
         seen = tl.load(mask_row + slot * m_s, mask=in_chunk, other=0) != 0
-        dot = tl.sum(k_low * q_low[None, :], axis=1) + tl.sum(k_high * q_high[None, :], axis=1)
+        dot = (tl.sum(k_a_low * q_a_low[None, :], axis=1) + tl.sum(k_a_high * q_a_high[None, :], axis=1)
+               + tl.sum(k_b_low * q_b_low[None, :], axis=1) + tl.sum(k_b_high * q_b_high[None, :], axis=1))
         score = tl.where(seen, k_step * dot + k_zero * q_total, float("-inf"))
         new_largest, weight, rescale = online_softmax_step(largest, score)
         # per slot, not per element: an unseen slot's weight is 0, and its scale and zero point are zeroed
         # so that garbage there (inf, NaN) cannot make 0 * inf = NaN
         v_step = tl.where(seen, weight * v_step, 0.0)
         v_offset = tl.sum(tl.where(seen, weight * v_zero, 0.0), axis=0)
-        acc_low = acc_low * rescale + tl.sum(v_step[:, None] * v_low, axis=0) + v_offset
-        acc_high = acc_high * rescale + tl.sum(v_step[:, None] * v_high, axis=0) + v_offset
+        acc_a_low = acc_a_low * rescale + tl.sum(v_step[:, None] * v_a_low, axis=0) + v_offset
+        acc_a_high = acc_a_high * rescale + tl.sum(v_step[:, None] * v_a_high, axis=0) + v_offset
+        acc_b_low = acc_b_low * rescale + tl.sum(v_step[:, None] * v_b_low, axis=0) + v_offset
+        acc_b_high = acc_b_high * rescale + tl.sum(v_step[:, None] * v_b_high, axis=0) + v_offset
         total = total * rescale + tl.sum(weight, axis=0)
         largest = new_largest
+    out = partial_acc + (row * chunks + split) * 2 * HALF
+    tl.store(out + dims_a, acc_a_low, mask=in_a)
+    tl.store(out + HALF + dims_a, acc_a_high, mask=in_a)
+    tl.store(out + dims_b, acc_b_low, mask=in_b)
+    tl.store(out + HALF + dims_b, acc_b_high, mask=in_b)
     part = row * chunks + split
-    tl.store(partial_acc + part * 2 * HALF + halves, acc_low, mask=in_half)
-    tl.store(partial_acc + part * 2 * HALF + HALF + halves, acc_high, mask=in_half)
     tl.store(partial_max + part, largest)
     tl.store(partial_sum + part, total)
 
@@ -293,9 +317,11 @@ def partial_arguments(query, key_codes, key_scale, key_zero, value_codes, value_
                  *partials, scale, heads, new, key_codes.shape[2], chunk, chunks,
                  *query.stride(), *aligned_strides(key_codes, key_align), *key_scale.stride(),
                  *aligned_strides(value_codes, value_align), *value_scale.stride(), *channel_strides, *visible.stride()]
-    constants = dict(HALF=dim // 2, BLOCK_HALF=triton.next_power_of_2(dim // 2), BLOCK=block, KEY_BITS=key_bits,
-                     VALUE_BITS=value_bits, CHANNEL_SCALE=key_channel_scale is not None, KEY_ALIGN=key_align,
-                     VALUE_ALIGN=value_align)
+    half = dim // 2
+    piece = 1 << (half.bit_length() - 1)  # the largest power of two in the half; the rest in a second tile
+    constants = dict(HALF=half, PIECE=piece, BLOCK_REST=triton.next_power_of_2(max(half - piece, 1)), BLOCK=block,
+                     KEY_BITS=key_bits, VALUE_BITS=value_bits, CHANNEL_SCALE=key_channel_scale is not None,
+                     KEY_ALIGN=key_align, VALUE_ALIGN=value_align)
     return arguments, constants
 
 

@@ -34,7 +34,7 @@ def masked_visible():
     return visible_mask([0, 10], [72, 73, 74], SLOTS)
 
 
-@pytest.mark.parametrize("dim", [80, 64])
+@pytest.mark.parametrize("dim", [80, 64, 112])  # halves of 40 = 32 + 8, 32, 56 = 32 + 24 (the rest padded)
 @pytest.mark.parametrize("key_bits, value_bits, centre_keys", [(8, 8, False), (4, 4, True), (8, 4, True),
                                                                (4, 8, False)])
 def test_equals_sdpa_over_the_dequantized_cache(dim, key_bits, value_bits, centre_keys):
