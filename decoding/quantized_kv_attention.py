@@ -206,7 +206,7 @@ def quantized_kv_attention_partial(
     # Triton knows only integer arguments that are multiples of 16, and a 4-bit row of 40 bytes is not: the
     # codes' strides come divided by their alignment and are multiplied back by it here, a constant the
     # compiler sees. Without that (tl.multiple_of on the argument did not do it) every code byte is loaded
-    # alone: sm_90 PTX of 4-bit, 258 ld.global.b8 a thread against 8-bit's 64 ld.global.v2.b32.
+    # alone: sm_90 PTX of 4-bit had 258 ld.global.b8 a thread where 8-bit's codes came in ld.global.v2.b32.
     k_b, k_h, k_s = k_b * KEY_ALIGN, k_h * KEY_ALIGN, k_s * KEY_ALIGN
     v_b, v_h, v_s = v_b * VALUE_ALIGN, v_h * VALUE_ALIGN, v_s * VALUE_ALIGN
     # Each half of the head dim in two tiles whose widths are powers of two, as Triton's are: PIECE
@@ -262,12 +262,12 @@ def quantized_kv_attention_partial(
         acc_b_high = acc_b_high * rescale + tl.sum(v_step[:, None] * v_b_high, axis=0) + v_offset
         total = total * rescale + tl.sum(weight, axis=0)
         largest = new_largest
-    out = partial_acc + (row * chunks + split) * 2 * HALF
+    part = row * chunks + split
+    out = partial_acc + part * 2 * HALF
     tl.store(out + dims_a, acc_a_low, mask=in_a)
     tl.store(out + HALF + dims_a, acc_a_high, mask=in_a)
     tl.store(out + dims_b, acc_b_low, mask=in_b)
     tl.store(out + HALF + dims_b, acc_b_high, mask=in_b)
-    part = row * chunks + split
     tl.store(partial_max + part, largest)
     tl.store(partial_sum + part, total)
 

@@ -16,6 +16,7 @@ Files are grouped by their text (``data``, ``first_token``, ``max_tokens``, ``ch
 budget. Writes OUTPUT.json and OUTPUT.md (atomically) and prints the table.
 """
 
+import functools
 import json
 import math
 import re
@@ -25,6 +26,7 @@ import torch
 from kvpress import StreamingLLMPress
 
 from evaluation.cli import Parser, fail
+from evaluation.equal_bytes_report import is_ours
 from evaluation.intervals import paired_difference, ppl_interval
 from evaluation.results import write_json_atomic, write_text_atomic
 from presses.quantize import FP16_BYTES
@@ -34,6 +36,7 @@ from presses.stored_kv import StoredLayer
 QUANTIZED = re.compile(r"\+(kivi|token)(\d+)$")  # evaluation/equal_bytes_streaming.py's baseline names
 
 
+@functools.cache  # one simulation per setting, however many files share it
 def quantized_fill_end(budget: int, head_dim: int, bits: int, layout: str, chunk: int, recent: int) -> int:
     """The tokens streamed when a baseline's store, every token past the newest ``recent``
     quantized to ``bits`` as the press stores it, first takes more than ``budget`` tokens' fp16
@@ -107,10 +110,10 @@ def steady_state(rows: list[tuple[dict, int]]) -> dict:
         scored.append({"method": method, "fill_end": ends[method],
                        "whole_run_kv_bytes_fraction": row["kv_bytes_fraction"]}
                       | ppl_interval(nll, tokens) | paired_difference(nll, dense_nll, tokens))
-    baselines = [row for row in scored if row["method"] != "dense" and not row["method"].startswith("rdkv")]
+    baselines = [row for row in scored if row["method"] != "dense" and not is_ours(row)]
     best = min(baselines, key=lambda row: row["ppl"]) if baselines else None
     for row in scored:
-        if row["method"].startswith("rdkv") and best is not None:
+        if is_ours(row) and best is not None:
             versus = paired_difference(part(by_method[row["method"]])[0], part(by_method[best["method"]])[0], tokens)
             row |= {"versus_method": best["method"], "versus_pct": versus["delta_pct"],
                     "versus_pct_ci95": versus["delta_pct_ci95"]}
