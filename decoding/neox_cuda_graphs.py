@@ -14,20 +14,20 @@ from dataclasses import replace
 import torch
 
 from decoding.neox_decode import (KVBuffer, StepState, attention_branch, decode_step, final_logits, layer_outputs,
-                                  load_buffer, mlp_branch, next_token)
+                                  load_buffer, mlp_branch, mlp_hidden, mlp_output, next_token)
 
 COMPILE_MODES = ("two-stream", "reduce-overhead", "max-autotune")
 
 
-def compiled_step(compile: bool, mode: str = "reduce-overhead", keep_buffer: bool = True):
+def compiled_step(compile: bool, mode: str = "reduce-overhead", keep_buffer: bool = True, split_mlp: bool = False):
     """The decode step compiled whole (CUDA-graph replay with ``reduce-overhead`` and
     ``max-autotune``), or as is. ``max-autotune`` also benchmarks Triton matmul templates
     against cuBLAS and, as gpt-fast does, tunes the fused kernels' launch shapes.
-    ``two-stream``: ``TwoStreamStep(keep_buffer)``."""
+    ``two-stream``: ``TwoStreamStep(keep_buffer, split_mlp)``."""
     if not compile:
         return decode_step
     if mode == "two-stream":
-        return TwoStreamStep(keep_buffer)
+        return TwoStreamStep(keep_buffer, split_mlp)
     if mode == "max-autotune":
         torch._inductor.config.coordinate_descent_tuning = True
     return torch.compile(decode_step, mode=mode, fullgraph=True)
@@ -47,11 +47,22 @@ class TwoStreamStep:
     transformers keeps its StaticCache between generate calls, and ``load_buffer`` refills it
     when the shapes match: the next generation of the same shape replays the same graph. The
     price is the buffer's memory held from one generation's end through the next one's prefill,
-    which at large batches is most of the GPU's: there pass ``keep_buffer=False``."""
+    which at large batches is most of the GPU's: there pass ``keep_buffer=False``. ``split_mlp``:
+    each MLP compiled as two branches, the GELU between them written out (see ``__init__``)."""
 
-    def __init__(self, keep_buffer: bool = True):
+    def __init__(self, keep_buffer: bool = True, split_mlp: bool = False):
         self.attention_fn = torch.compile(attention_branch, fullgraph=True)
-        self.mlp_fn = torch.compile(mlp_branch, fullgraph=True)
+        if split_mlp:
+            # The MLP's two GEMVs compiled apart, so the GELU is written out between them. Compiled
+            # whole over quantized weights, inductor decomposes the output GEMV into a reduction and
+            # inlines the GELU into it, which then runs once per block of output rows instead of
+            # once per input (torchao int8 on the H200: that kernel read its weight at 1.35 TB/s,
+            # the input GEMV at 2.59; results/pythia-2.8b_random_speed_frontier_h200/quant_f140e83/).
+            hidden_fn = torch.compile(mlp_hidden, fullgraph=True)
+            output_fn = torch.compile(mlp_output, fullgraph=True)
+            self.mlp_fn = lambda layer, parts: output_fn(layer, hidden_fn(layer, parts))
+        else:
+            self.mlp_fn = torch.compile(mlp_branch, fullgraph=True)
         # Compiled too: eager, a quantized output head converts its whole weight to fp16 at every
         # step (torchao int8: a 0.33 ms copy per step on the H200, frontier_4e58fce's profile).
         self.logits_fn = torch.compile(final_logits, fullgraph=True)

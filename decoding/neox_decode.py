@@ -253,6 +253,17 @@ def mlp_branch(layer, parts):
     return layer.mlp(layer.post_attention_layernorm(sum_in_order(parts)))
 
 
+def mlp_hidden(layer, parts):
+    """``mlp_branch`` up to its activation: the input GEMV and the GELU (``mlp_output`` finishes it)."""
+    mlp = layer.mlp
+    return mlp.act(mlp.dense_h_to_4h(layer.post_attention_layernorm(sum_in_order(parts))))
+
+
+def mlp_output(layer, hidden):
+    """The rest of ``mlp_branch`` after ``mlp_hidden``: the output GEMV."""
+    return layer.mlp.dense_4h_to_h(hidden)
+
+
 def sum_in_order(parts):
     total = parts[0]
     for part in parts[1:]:

@@ -5,8 +5,10 @@ through torchao and optimum-quanto, dense and with a press, each cell's tokens c
   python evaluation/speed_frontier.py --model EleutherAI/pythia-2.8b --random-init \\
       --cells plain:fp16 folded:fp16 folded:int8_torchao --press snapkv --compression_ratio 0.75
 
-A cell is STEP:WEIGHTS. STEP: ``plain`` (decoding/neox_cuda_graphs.py's two-stream graph) or
-``folded`` (each layer's LayerNorms folded into one QKV + MLP-in GEMM, two-stream). WEIGHTS:
+A cell is STEP:WEIGHTS. STEP: ``plain`` (decoding/neox_cuda_graphs.py's two-stream graph),
+``split`` (the same with each MLP compiled in two parts, its GELU written out between the two
+GEMVs: ``TwoStreamStep(split_mlp=True)``) or ``folded`` (each layer's LayerNorms folded into one
+QKV + MLP-in GEMM, two-stream). WEIGHTS:
 ``fp16`` (the model's own), ``fp16_triton`` (the same, each Linear as matmul + bias compiled with
 inductor's coordinate-descent tuning: Triton GEMVs with tuned reductions instead of cuBLAS's;
 decoding/weight_quant.py's ``as_matmuls``), ``int8_torchao``, ``int8_quanto``,
@@ -20,7 +22,7 @@ split-KV kernel, decoding/split_kv_attention.py); the references keep their own 
 check covers it. ``--split_kv_config BLOCKxWARPSxSTAGES[xCHUNKS]``: the kernel's launch in the step
 (default: its ``DEFAULT_CONFIG``), e.g. the best of evaluation/split_kv_speed.py's sweep. Greedy
 tokens: the first ``--check_tokens`` of the last timed run against a reference on the same weights,
-uncompiled: the kvpress loop (decoding/reference.py) for plain cells and for folded fp16 ones
+uncompiled: the kvpress loop (decoding/reference.py) for plain and split cells and for folded fp16 ones
 (whose weights differ from the model's by rounding only), the folded step for folded quantized
 ones (the loop has no folded matrix). Where they part, the reference's gap
 between its two best logits there (near 0: a tie that rounding decides, as in
@@ -46,7 +48,7 @@ from evaluation.check_decoders import agreement, at_first_differences, margin_re
 from evaluation.results import table, write_json_atomic
 from presses import make_press
 
-STEPS = ("plain", "folded")
+STEPS = ("plain", "split", "folded")
 # name: (weight_quant scheme, library, inductor GEMVs for fp16 weights)
 WEIGHTS = {
     "fp16": ("none", None, False),
@@ -105,15 +107,15 @@ def cell_step(cell: Cell, compile: bool):
     """The cell's decode step (two-stream CUDA graph on a GPU, keeping its buffer; as is on a CPU)."""
     if cell.step == "folded":
         return fused_projections.compiled_step(compile)
-    return neox_cuda_graphs.compiled_step(compile, "two-stream")
+    return neox_cuda_graphs.compiled_step(compile, "two-stream", split_mlp=cell.step == "split")
 
 
 def reference(cell: Cell, model, decoded, prompt: torch.Tensor, press, tokens: int) -> tuple[torch.Tensor, torch.Tensor, str]:
     """Greedy tokens (batch, tokens) of the cell's reference (see the module docstring), the
     reference's gap between its two best logits at each step, and what the reference was."""
     margins = []
-    if cell.step == "plain" or cell.scheme == "none":
-        expected = kvpress_generate(decoded if cell.step == "plain" else model, prompt, press, tokens,
+    if cell.step != "folded" or cell.scheme == "none":
+        expected = kvpress_generate(decoded if cell.step != "folded" else model, prompt, press, tokens,
                                     margins=margins).tokens
         return expected, torch.stack(margins, dim=1), "the kvpress loop" + (
             ", unfolded weights" if cell.step == "folded" else ", same weights")

@@ -74,27 +74,42 @@ def test_a_prefill_in_micro_batches_gives_the_tokens_and_buffer_of_one_prefill(m
         neox_decode.prefill(model, batch, press, prefill_batch=0)
 
 
-def test_branches_compiled_apart_give_the_same_tokens_and_compile_once_for_all_layers():
-    # The two-stream step (CUDA) compiles each layer's attention and MLP branch on its own; every
-    # layer must reuse those graphs (a recompile per layer would hit dynamo's limit and fall back).
+@pytest.mark.parametrize("split_mlp, graphs", [(False, 4), (True, 5)])
+def test_branches_compiled_apart_give_the_same_tokens_and_compile_once_for_all_layers(split_mlp, graphs):
+    # The two-stream step (CUDA) compiles each layer's attention and MLP branch on its own (with
+    # split_mlp the MLP as two, the GELU between them written out); every layer must reuse those
+    # graphs (a recompile per layer would hit dynamo's limit and fall back). Its compiled branches,
+    # built on the CPU, run here in the plain layer loop.
     from torch._dynamo.utils import counters
+
+    from decoding.neox_cuda_graphs import TwoStreamStep
 
     model = build(tiny_neox_config(num_hidden_layers=4), attn_implementation="sdpa")
     torch._dynamo.reset()
     counters.clear()
-    attention_fn = torch.compile(neox_decode.attention_branch, fullgraph=True)
-    mlp_fn = torch.compile(neox_decode.mlp_branch, fullgraph=True)
+    branches = TwoStreamStep(split_mlp=split_mlp)
 
     def step(model, state):
-        logits = neox_decode.final_logits(model, neox_decode.layer_outputs(model, state, attention_fn, mlp_fn))
-        return neox_decode.next_token(logits, state.temperature, state.top_k, state.noise)
+        parts = neox_decode.layer_outputs(model, state, branches.attention_fn, branches.mlp_fn)
+        return neox_decode.next_token(neox_decode.final_logits(model, parts), state.temperature, state.top_k,
+                                      state.noise)
 
     prompt = prompts(1, 100)
     press = make_press("snapkv", 0.5)
     expected = kvpress_generate(model, prompt, press, new_tokens=5).tokens
     assert torch.equal(neox_decode.generate(model, [prompt], press, 5, step=step).tokens, expected)
-    # attention and MLP, each for the first layer's one input part and the later layers' three
-    assert counters["stats"]["unique_graphs"] == 4
+    # attention and MLP (its first half, with split_mlp), each for the first layer's one input part
+    # and the later layers' three; with split_mlp one more, the output GEMV, the same for every layer
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_the_mlp_split_in_two_is_the_mlp():
+    model = build(tiny_neox_config(num_hidden_layers=1), attn_implementation="sdpa")
+    layer = model.gpt_neox.layers[0]
+    parts = tuple(torch.randn(2, 1, model.config.hidden_size) for _ in range(3))
+    whole = neox_decode.mlp_branch(layer, parts)
+    assert torch.equal(neox_decode.mlp_output(layer, neox_decode.mlp_hidden(layer, parts)), whole)
+    assert whole.abs().sum() > 0
 
 
 def test_compiled_step_gives_the_same_tokens(model):

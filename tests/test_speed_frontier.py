@@ -19,8 +19,8 @@ def test_every_cell_decodes_its_references_tokens():
     presses = [("dense", None), ("snapkv", make_press("snapkv", 0.5))]
     measured = ceilings.given(1e11, 1e12)
     rows = []
-    cells = ("plain:fp16", "folded:fp16", "folded:fp16_triton", "plain:int8_torchao", "folded:int8_torchao",
-             "plain:int8_quanto")
+    cells = ("plain:fp16", "folded:fp16", "folded:fp16_triton", "plain:int8_torchao", "split:int8_torchao",
+             "folded:int8_torchao", "plain:int8_quanto")
     for cell in cells:
         speed_frontier.measure_cell(args, model, speed_frontier.parse_cell(cell), prompt, presses, measured, rows)
     assert [row["identical"] for row in rows] == [True] * 2 * len(cells)

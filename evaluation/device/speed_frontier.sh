@@ -9,16 +9,17 @@
 #             (inductor's tuned reductions instead of cuBLAS), dense and SnapKV keeping 25%, the copy
 #             bandwidth measured at the process's start, tokens checked; (2) evaluation/profile_step.py, the
 #             plain step's two-stream kernels grouped against their bytes; (3) int8 weights: plain fp16 (paired),
-#             plain and folded torchao, dense and SnapKV 25%; (4) the int8 steps' profiles (plain, folded); (5) fp8
-#             weights (torchao, folded), dense and SnapKV 25%.
+#             torchao on the plain and split steps (split: the GELU written out between the MLP's GEMVs),
+#             dense and SnapKV 25%; (4) the split int8 step's profile; (5) fp8 weights (torchao, plain and
+#             split), dense and SnapKV 25%.
 #   fp16:     (1), then the profiles of the plain, folded and folded Triton steps.
 #   quant:    (3)-(5) alone (when frontier's budget cuts its last stages).
 #   batch:    the largest batch at a 2k context, dense and SnapKV keeping 25% (evaluation/speed_grid.py
 #             --batch_size max: from the estimate of what the free memory holds, up or down until a batch
 #             fits and one does not, bisected to 16; each tried batch a full 256-token row, one warm-up and
 #             one timed run, out of memory recorded as such; two-stream, --no-keep_buffer, the prefill in
-#             micro-batches of 16), then decode attention's kernels (SDPA) at the largest dense batch that
-#             fit, and at batch 64 with FlexAttention's split-KV decoding kernel if the budget leaves time,
+#             micro-batches of 16), then the SnapKV step's kernels at its largest batch, decode attention's kernels (SDPA) at the
+#             largest dense batch that fit, and at batch 64 with FlexAttention's split-KV decoding kernel if the budget leaves time,
 #             against the KV bytes over the copy bandwidth (profile_step.py).
 #   kv_bits:  the decode step over an fp16, an 8-bit and a 4-bit KV buffer (speed_grid.py --kv_bits, the
 #             Triton quantized-KV kernel), dense and SnapKV keeping 25%, batch 1 and 64, 3 repeats each: the
@@ -45,11 +46,13 @@ quant_cells() {
   # plain fp16 in the int8 process, so that int8 against fp16 is paired (same process, same bandwidth);
   # quanto's int8 is left out of this part: 5x slower than torchao's in both calls that timed it
   # (11.65 ms, frontier_4e58fce/ and quant_b3755ff/), it took a third of the stage
-  stage 200 int8 $frontier --cells plain:fp16 plain:int8_torchao folded:int8_torchao --press snapkv \
+  # split: the plain step with the GELU written out between the MLP's GEMVs (inlined into the
+  # output GEMV's reduction, that kernel read its int8 weight at 1.35 TB/s, quant_f140e83/); the folded
+  # int8 step is out: slower than the plain one in quant_b3755ff/ and quant_f140e83/
+  stage 200 int8 $frontier --cells plain:fp16 plain:int8_torchao split:int8_torchao --press snapkv \
     --compression_ratio 0.75 --time_limit_s 140 --output "$work/int8/frontier_int8.json"
-  profile_cell plain_int8 plain:int8_torchao
-  profile_cell folded_int8 folded:int8_torchao
-  stage 120 fp8 $frontier --cells folded:fp8_torchao --press snapkv --compression_ratio 0.75 \
+  profile_cell split_int8 split:int8_torchao
+  stage 120 fp8 $frontier --cells plain:fp8_torchao split:fp8_torchao --press snapkv --compression_ratio 0.75 \
     --output "$work/fp8/frontier_fp8.json"
 }
 case "$part" in
@@ -79,6 +82,14 @@ case "$part" in
     largest=$(python3 -c 'import json, sys
 rows = [json.load(open(path))["rows"][0] for path in sys.argv[1:]]
 print(max([row["batch_size"] for row in rows if "tpot_ms" in row] or [64]))' "$work"/batch_dense/neox_*.json 2>/dev/null || echo 64)
+    largest_snapkv=$(python3 -c 'import json, sys
+rows = [json.load(open(path))["rows"][0] for path in sys.argv[1:]]
+print(max([row["batch_size"] for row in rows if "tpot_ms" in row] or [64]))' "$work"/batch_snapkv/neox_*.json 2>/dev/null || echo 64)
+    # where SnapKV's step at its largest batch is further from its floor than dense's (1.45x against 1.24x,
+    # batch_f140e83/), which is what keeps the throughput ratio under the batches' ratio
+    stage 90 "snapkv_b${largest_snapkv}_sdpa" $profile --cell plain:fp16 --press snapkv --compression_ratio 0.75 \
+      --batch_size $largest_snapkv --steps 10 --graph_steps 20 --prefill_batch 16 \
+      --output "$work/snapkv_b${largest_snapkv}_sdpa/profile.json"
     for run in "$largest sdpa" "64 flex"; do
       set -- $run
       stage 80 "attention_b$1_$2" $profile --cell plain:fp16 --batch_size $1 --backend $2 --steps 10 \
