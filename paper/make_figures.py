@@ -54,8 +54,13 @@ SOURCES = {
     "speed_same_run": "results/pythia-2.8b_random_grid_h200/same_run/summary.json",
     "speed_presses": "results/pythia-2.8b_random_grid_h200/presses/summary.json",
     # the largest-batch search, dense and SnapKV keeping 25%, one call (expandable segments)
-    "speed_batch_dense": "results/pythia-2.8b_random_speed_frontier_h200/batch_b9ca22a/batch_dense/summary.json",
-    "speed_batch_snapkv": "results/pythia-2.8b_random_speed_frontier_h200/batch_b9ca22a/batch_snapkv/summary.json",
+    "speed_batch_dense": "results/pythia-2.8b_random_speed_frontier_h200/batch_f140e83/batch_dense/summary.json",
+    "speed_batch_snapkv": "results/pythia-2.8b_random_speed_frontier_h200/batch_f140e83/batch_snapkv/summary.json",
+    # the decode step over an fp16 and a 4-bit KV buffer (our Triton kernel), one call
+    "speed_kv_bits": {
+        "fp16": "results/pythia-2.8b_random_kv_bits_decode_h200/call3/kv_bits_fp16/summary.json",
+        "4x4": "results/pythia-2.8b_random_kv_bits_decode_h200/call3/kv_bits_4x4/summary.json",
+    },
     # KV quantization: random-init Pythia-2.8B, H100, two calls each with its own fp16 reference
     "kvquant_calls": {
         "int4": "results/pythia-2.8b_random_kv_quant_h100/int4",
@@ -574,8 +579,9 @@ def speed(root: Path, numbers: Numbers, out: Path) -> None:
     batch_dense, batch_snap = (largest_fit(_load(SOURCES[name], root)) for name in ("speed_batch_dense", "speed_batch_snapkv"))
     if batch_dense["environment_commit"] != batch_snap["environment_commit"]:
         raise ValueError("the dense and SnapKV batch rows come from different calls: the text compares them")
-    refused = [r for r in _load(SOURCES["speed_batch_snapkv"], root)["rows"] if r.get("error")]
-    numbers["batchSnapOut"] = min(r["batch_size"] for r in refused)  # the smallest batch that did not fit
+    for name, key in (("speed_batch_dense", "batchDenseOut"), ("speed_batch_snapkv", "batchSnapOut")):
+        refused = [r for r in _load(SOURCES[name], root)["rows"] if r.get("error")]
+        numbers[key] = min(r["batch_size"] for r in refused)  # the smallest batch that did not fit
     numbers["batchDense"] = batch_dense["batch_size"]
     numbers["batchDenseTps"] = thousands(batch_dense["decode_tokens_per_s"])
     numbers["batchDenseGiB"] = f(batch_dense["peak_memory_gib"], 1)
@@ -583,6 +589,16 @@ def speed(root: Path, numbers: Numbers, out: Path) -> None:
     numbers["batchSnapKept"] = kept_percent(batch_snap["compression_ratio"])
     numbers["batchSnapTps"] = thousands(batch_snap["decode_tokens_per_s"])
     numbers["batchRatio"] = f(batch_snap["decode_tokens_per_s"] / batch_dense["decode_tokens_per_s"])
+
+    kv_bits = {name: _load(path, root) for name, path in SOURCES["speed_kv_bits"].items()}
+    if len({summary["environment"]["git_commit"] for summary in kv_bits.values()}) != 1:
+        raise ValueError("the fp16 and 4-bit KV rows come from different calls: the text compares them")
+    fp16, four = (next(r for r in kv_bits[name]["rows"] if r["method"] == "dense" and r["batch_size"] == 64)
+                  for name in ("fp16", "4x4"))
+    numbers["kvFourBatch"] = four["batch_size"]
+    numbers["kvFourTpot"], numbers["kvFpTpot"] = f(four["tpot_ms"]), f(fp16["tpot_ms"])
+    numbers["kvFourFaster"] = f(100 * (1 - four["tpot_ms"] / fp16["tpot_ms"]), 1)
+    numbers["kvFourGiB"], numbers["kvFpGiB"] = f(four["peak_memory_gib"], 1), f(fp16["peak_memory_gib"], 1)
 
     order = ["hf_eager", "hf_sdpa", "kvpress", "hf_static", "static", "neox"]
     left = [
