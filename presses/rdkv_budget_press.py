@@ -102,6 +102,8 @@ class RDKVBudgetPress(BasePress):
                                    "(prefill RDKVPress does)")
         if self.rdkv.merge_evicted:  # its evictions go through its own state, which does not merge
             raise PressConfigError("RDKVBudgetPress does not support RD-KV's merge_evicted yet (prefill RDKVPress does)")
+        if self.rdkv.allocate_over != "layer":  # each layer's calls hold its own budget, one at a time
+            raise PressConfigError("RDKVBudgetPress allocates per layer: allocate_over='model' is prefill RDKVPress's")
         widths = sorted(self.rdkv.bits)
         self.widths = widths + [FP16_WIDTH]  # option index -> width; the last is fp16
         options = len(self.widths)

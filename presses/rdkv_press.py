@@ -60,6 +60,13 @@ class RDKVPress(BasePress):
     over the tokens j merged into k, so that the output a near-duplicate key would have drawn from j
     is kept in the value mix instead of lost; it happens before the kept values are quantized, at
     the widths already chosen, so the stored bytes are the same.
+    With ``allocate_over="model"`` one lambda serves every layer instead of one per layer: the
+    model's bytes (the sum of the layers' budgets) go where a byte removes the most distortion, so
+    a layer whose tokens matter more keeps more of them. The allocation then waits for the last
+    layer's prefill (the earlier layers' caches are compressed then; the prefill's own attention
+    never reads a compressed cache, so nothing it computes changes). A layer's distortions are
+    first divided by its window outputs' energy (sum of |o|^2, ``layer_scale="output"``: an output
+    moved by 1% costs the same in every layer) or left as they are (``"none"``).
     Prefill only; one sequence per call."""
 
     compression_ratio: float = 0.0  # fraction of the layer's fp16 KV bytes removed
@@ -82,6 +89,8 @@ class RDKVPress(BasePress):
     evict_per_head: bool = False  # each head evicts its own tokens (as many per head), not every head the same
     rotate: bool = False  # per-token groups quantized after a fixed random rotation (QuaRot's; presses/quantize.py)
     merge_evicted: bool = False  # evicted values folded into the most key-similar kept token (CaM's, D2O's), same bytes
+    allocate_over: str = "layer"  # "model": one lambda for all layers, the bytes of all their budgets
+    layer_scale: str = "output"  # with allocate_over="model": each layer's distortions over its outputs' energy, or "none"
     stored_bytes: dict = field(default_factory=dict, repr=False)
     chosen_bits: dict = field(default_factory=dict, repr=False)  # per layer, keys and values: share of (token, head) entries at each width (0: evicted)
 
@@ -104,6 +113,11 @@ class RDKVPress(BasePress):
             raise PressConfigError(f"evict_weight must be positive, got {self.evict_weight}")
         if not isinstance(self.merge_evicted, bool):
             raise PressConfigError(f"merge_evicted must be True or False, got {self.merge_evicted!r}")
+        if self.allocate_over not in ("layer", "model"):
+            raise PressConfigError(f"allocate_over must be 'layer' or 'model', got {self.allocate_over!r}")
+        if self.layer_scale not in ("output", "none"):
+            raise PressConfigError(f"layer_scale must be 'output' or 'none', got {self.layer_scale!r}")
+        self._waiting = {}  # allocate_over="model": layer index -> (plan, cache), until the last layer
 
     def compress(self, module: nn.Module, hidden_states, keys: torch.Tensor, values: torch.Tensor, attentions, kwargs):
         batch, kv_heads, tokens, head_dim = keys.shape
@@ -113,6 +127,43 @@ class RDKVPress(BasePress):
         if self.compression_ratio == 0:
             self.stored_bytes[module.layer_idx] = dense_bytes
             return keys, values
+        plan = self._plan(module, hidden_states, keys, values, kwargs, dense_bytes)
+        if self.allocate_over == "layer":
+            keep, choice = _allocate(plan.distortion, plan.evict, plan.price, plan.budget, self.evict_per_head,
+                                     plan.protected)
+            return self._store(module.layer_idx, plan, keep, choice)
+        self._waiting[module.layer_idx] = plan, kwargs["past_key_values"]
+        if module.layer_idx < module.config.num_hidden_layers - 1:
+            return keys, values  # compressed with the last layer
+        return self._allocate_model(module.layer_idx)
+
+    def _allocate_model(self, last: int):
+        """``allocate_over="model"``: one lambda for every waiting layer, each stored; the earlier
+        layers written into their caches, the last one's returned."""
+        waiting, self._waiting = self._waiting, {}
+        if sorted(waiting) != list(range(last + 1)):
+            raise PressConfigError(f"RD-KV's model-wide allocation needs every layer's prefill in one call, "
+                                   f"got layers {sorted(waiting)}")
+        plans = [plan for plan, _ in waiting.values()]
+        scales = [1 / plan.energy if self.layer_scale == "output" else 1.0 for plan in plans]
+        # side by side along the token axis: a token is still kept or dropped within its own layer's heads
+        keep, choice = _allocate(torch.cat([plan.distortion * scale for plan, scale in zip(plans, scales)], 1),
+                                 torch.cat([plan.evict * scale for plan, scale in zip(plans, scales)], 1),
+                                 plans[0].price, sum(plan.budget for plan in plans), self.evict_per_head,
+                                 torch.cat([plan.protected for plan in plans]))
+        offsets = [0]
+        for plan in plans:
+            offsets.append(offsets[-1] + plan.keys.shape[2])
+        for index, (plan, cache) in waiting.items():
+            part = slice(offsets[index], offsets[index + 1])
+            stored = self._store(index, plan, keep[:, part], choice[:, part])
+            if index == last:
+                return stored
+            cache.layers[index].keys, cache.layers[index].values = stored
+
+    def _plan(self, module, hidden_states, keys, values, kwargs, dense_bytes: float) -> "_Plan":
+        """A layer's options, their prices and distortions, its budget and the tokens it must keep."""
+        kv_heads, tokens, head_dim = keys.shape[1:]
         stats = channel_stats(keys)
         if self.key_layout == "channel":  # the error of KIVI's layout over the whole context, as the proxy
             key_options = [quantize_per_channel(keys, b, self.group_tokens) for b in self.bits]
@@ -123,8 +174,8 @@ class RDKVPress(BasePress):
             key_price = [token_bytes(b, head_dim) for b in self.bits]
         value_options = [quantize_per_token(values, b, rotate=self.rotate) for b in self.bits]
         distortions = self._distortions(module, hidden_states, keys, values, key_options, value_options, kwargs,
-                                        with_mass=self.merge_evicted)
-        key_error, value_error, evict = distortions[:3]
+                                        with_mass=True, with_energy=True)
+        key_error, value_error, evict, mass, energy = distortions
         widths = len(self.bits) + 1  # the last: fp16, no error
         pairs = [(k, v) for k in range(widths) for v in range(widths)] if self.separate_widths else [(w, w) for w in range(widths)]
         tag = math.ceil(math.log2(len(pairs))) / 8  # per kept (token, head): which option its key and value took
@@ -145,33 +196,41 @@ class RDKVPress(BasePress):
         affordable = recent + int((budget - recent * kv_heads * price[-1].item()) // (kv_heads * price.min().item()))
         protected = torch.zeros(tokens, dtype=torch.bool, device=keys.device)
         protected[tokens - min(max(int(self.protect_recent * tokens), recent), affordable) :] = True
-        keep, choice = _allocate(distortion[0], self.evict_weight * evict[0], price, budget, self.evict_per_head, protected)
-        key_choice, value_choice = key_of[choice], value_of[choice]
-        self.chosen_bits[module.layer_idx] = {
+        return _Plan(keys, values, stats, key_options, value_options, key_of, value_of, key_price, value_price,
+                     distortion[0], self.evict_weight * evict[0], mass[0], price, budget, side_bytes, protected, energy)
+
+    def _store(self, layer: int, plan: "_Plan", keep: torch.Tensor, choice: torch.Tensor):
+        """The layer's keys and values as stored for the allocation ``keep``, ``choice`` (heads,
+        tokens); records their bytes and widths."""
+        keys, values, value_options = plan.keys, plan.values, plan.value_options
+        key_choice, value_choice = plan.key_of[choice], plan.value_of[choice]
+        self.chosen_bits[layer] = {
             side: {b: ((chosen == i) & keep).float().mean().item() for i, b in enumerate(list(self.bits) + [16])}
             | {0: 1 - keep.float().mean().item()} for side, chosen in (("keys", key_choice), ("values", value_choice))}
-        kept = keep.nonzero()[:, 1].view(kv_heads, -1)  # (heads, kept) token indices, in cache order: as many per head
+        kept = keep.nonzero()[:, 1].view(keys.shape[1], -1)  # (heads, kept) token indices, in cache order: as many per head
         if self.merge_evicted and not bool(keep.all()):  # the kept values absorb the evicted, then are quantized
-            values = _merge_evicted(keys, values, keep, distortions[3][0])
+            values = _merge_evicted(keys, values, keep, plan.mass)
             value_options = [quantize_per_token(values, b, rotate=self.rotate) for b in self.bits]
         values = _pick(values, value_options, value_choice, kept)
-        value_bytes = value_price[value_choice].gather(1, kept).sum().item()  # the precision tags ride with the values
+        value_bytes = plan.value_price[value_choice].gather(1, kept).sum().item()  # the precision tags ride with the values
         if self.key_layout == "channel":  # the key bytes as the width groups really fall
-            keys, key_bytes = _keys_by_precision(_gather(keys, kept), stats, key_choice.gather(1, kept), self.bits,
+            keys, key_bytes = _keys_by_precision(_gather(keys, kept), plan.stats, key_choice.gather(1, kept), self.bits,
                                                  self.group_tokens, self.rotate)
         else:
-            keys, key_bytes = _pick(keys, key_options, key_choice, kept), key_price[key_choice].gather(1, kept).sum().item()
-        self.stored_bytes[module.layer_idx] = key_bytes + value_bytes + side_bytes
+            keys = _pick(keys, plan.key_options, key_choice, kept)
+            key_bytes = plan.key_price[key_choice].gather(1, kept).sum().item()
+        self.stored_bytes[layer] = key_bytes + value_bytes + plan.side_bytes
         return keys, values
 
     def _distortions(self, module, hidden_states, keys, values, key_options, value_options, kwargs, received=None,
-                     with_mass=False):
+                     with_mass=False, with_energy=False):
         """(batch, kv_heads, tokens, len(bits)) distortions of each quantized key and of each
         quantized value, and (batch, kv_heads, tokens) of eviction, summed over the window's
         queries and the query heads that share each KV head. ``received`` (batch, heads, tokens),
         when given, is the accumulated evidence in place of the call's own (``_received``): the
         streaming press's, carried over its calls. With ``with_mass`` also (batch, kv_heads, tokens)
-        the expected attention p (prior included) summed the same way: ``merge_evicted``'s weights."""
+        the expected attention p (prior included) summed the same way: ``merge_evicted``'s weights;
+        with ``with_energy`` also the window outputs' sum of |o|^2 (a float: ``layer_scale``'s)."""
         window = min(self.window_size, hidden_states.shape[1])
         cos, sin = kwargs["position_embeddings"]
         window_kwargs = {**kwargs, "position_embeddings": (cos[:, -window:], sin[:, -window:])}
@@ -199,7 +258,9 @@ class RDKVPress(BasePress):
             key_error.append(per_kv_head((weight * logit_error**2 * spread).sum(2), keys.shape[1]))
         distortions = torch.stack(key_error, dim=-1), torch.stack(value_error, dim=-1), evict
         if with_mass:
-            return *distortions, per_kv_head(expected.expand_as(probs).sum(2), keys.shape[1])
+            distortions += (per_kv_head(expected.expand_as(probs).sum(2), keys.shape[1]),)
+        if with_energy:
+            distortions += ((outputs**2).sum().clamp(min=1e-30).item(),)
         return distortions
 
     def _received(self, module, hidden_states, keys, kwargs) -> torch.Tensor:
@@ -229,6 +290,29 @@ class RDKVPress(BasePress):
             return torch.full((tokens,), self.prior / tokens, device=device)
         closeness = 1 / torch.arange(tokens, 0, -1, device=device, dtype=torch.float32)
         return self.prior * closeness / closeness.sum()
+
+
+@dataclass
+class _Plan:
+    """One layer's allocation problem (``RDKVPress._plan``) and what storing its answer needs."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    stats: tuple
+    key_options: list
+    value_options: list
+    key_of: torch.Tensor  # per option: its key width's index
+    value_of: torch.Tensor
+    key_price: torch.Tensor  # bytes per (token, head) of each key width
+    value_price: torch.Tensor
+    distortion: torch.Tensor  # (heads, tokens, options)
+    evict: torch.Tensor  # (heads, tokens), evict_weight applied
+    mass: torch.Tensor  # (heads, tokens) the expected attention p
+    price: torch.Tensor  # (options,)
+    budget: float
+    side_bytes: float
+    protected: torch.Tensor  # (tokens,)
+    energy: float  # the window outputs' sum of |o|^2
 
 
 def _allocate(distortion: torch.Tensor, evict: torch.Tensor, price: torch.Tensor, budget: float, per_head: bool = False,

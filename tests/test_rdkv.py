@@ -285,3 +285,51 @@ def test_merging_with_nothing_evicted_is_the_plain_press_exactly(ratio):
     for plain, merged in zip(caches[False].layers, caches[True].layers):
         assert plain.keys.shape[2] == 96  # quantization alone paid for the ratio
         assert torch.equal(plain.keys, merged.keys) and torch.equal(plain.values, merged.values)
+
+
+@pytest.mark.parametrize("config", [tiny_neox_config(num_hidden_layers=3), tiny_llama_config(num_hidden_layers=3)],
+                         ids=["neox", "llama"])
+@pytest.mark.parametrize("scale", ["output", "none"])
+def test_one_lambda_for_the_model_fits_the_models_bytes_and_moves_them_between_layers(config, scale):
+    model = build(config)
+    setting = dict(window_size=8, key_layout="token", evict_weight=1)
+    per_layer, whole = RDKVPress(0.8, **setting), RDKVPress(0.8, allocate_over="model", layer_scale=scale, **setting)
+    per_layer_cache, cache = _prefill(model, per_layer), _prefill(model, whole)
+    budget = 0.2 * fp16_kv_bytes(model.config, 96)
+    assert 0.9 * budget <= stored_bytes(whole, cache) <= budget
+    layer_budget = budget / 3
+    for layer in range(3):  # each layer within its own budget when allocated alone
+        assert per_layer.stored_bytes[layer] <= layer_budget
+    # one lambda: some layer holds more than its own budget would give it, another less
+    assert max(whole.stored_bytes.values()) > 1.05 * layer_budget > 1.1 * min(whole.stored_bytes.values())
+    for layer, held in enumerate(cache.layers):  # every layer's cache is the one it stored
+        assert held.keys.shape[2] == round((1 - whole.chosen_bits[layer]["keys"][0]) * 96)
+    assert not torch.equal(cache.layers[0].values, per_layer_cache.layers[0].values)
+    assert whole._waiting == {}  # nothing held over for the next call
+
+
+def test_one_lambda_for_a_one_layer_model_is_the_per_layer_press_exactly():
+    model = build(tiny_llama_config(num_hidden_layers=1))
+    setting = dict(window_size=8, key_layout="token", evict_weight=1, layer_scale="none")
+    caches = [_prefill(model, RDKVPress(0.8, allocate_over=over, **setting)) for over in ("layer", "model")]
+    assert torch.equal(caches[0].layers[0].keys, caches[1].layers[0].keys)
+    assert torch.equal(caches[0].layers[0].values, caches[1].layers[0].values)
+
+
+def test_one_lambda_after_h2o_scores_within_the_bytes_and_refuses_bad_settings():
+    from evaluation.equal_bytes import rdkv_press
+    from presses.rdkv_budget_press import RDKVBudgetPress
+
+    tiny_llama = build(tiny_llama_config(num_hidden_layers=3), attn_implementation="sdpa")
+    ids = torch.randint(0, 1000, (3 * 161,), generator=torch.Generator().manual_seed(2))
+    results = [context_nll(tiny_llama, ids, rdkv_press(0.125, {"after_h2o": 0.6, "window_size": 4, "allocate_over": over},
+                                                      144), 144, 16, num_windows=3) for over in ("layer", "model")]
+    for result in results:
+        assert result.stored_kv_bytes <= 0.125 * result.dense_kv_bytes + 1e-6
+    assert results[0].nll_sum != results[1].nll_sum
+    with pytest.raises(PressConfigError, match="allocate_over"):
+        RDKVPress(0.5, allocate_over="head")
+    with pytest.raises(PressConfigError, match="layer_scale"):
+        RDKVPress(0.5, allocate_over="model", layer_scale="norm")
+    with pytest.raises(PressConfigError, match="allocates per layer"):
+        RDKVBudgetPress(RDKVPress(allocate_over="model"))
