@@ -184,6 +184,7 @@ def main(argv=None) -> None:
     study.add_argument("--eval_tokens", type=int, default=512)
     study.add_argument("--first_window", type=int, default=0, help="windows skipped first (a tuning set apart)")
     study.add_argument("--num_windows", type=int, default=32)
+    study.add_argument("--only", nargs="+", help="of the part's configurations, only these names (e.g. h2o+kivi_rot4)")
     study.add_argument("--output", type=Path, required=True)
     args = parser.parse_args(argv)
     for target in args.targets:
@@ -199,6 +200,12 @@ def main(argv=None) -> None:
                "composites": lambda: composites(args.targets, head_dim, args.context_tokens, args.composed_with),
                "rdkv": lambda: rdkv_configs(args.targets, args.rdkv, args.context_tokens),
                "selected": lambda: selected(args.targets, args.select_from, args.context_tokens)}[args.part]()
+    if args.only:
+        unknown = sorted(set(args.only) - {name for name, _, _ in configs})
+        if unknown:
+            parser.error(f"--only: no configuration {', '.join(unknown)} in --part {args.part}; it has "
+                         f"{', '.join(sorted({name for name, _, _ in configs}))}")
+        configs = [config for config in configs if config[0] in args.only]
 
     def measure(press):
         return context_nll(loaded.model, text.ids, press, args.context_tokens, args.eval_tokens, args.num_windows,

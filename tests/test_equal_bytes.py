@@ -72,3 +72,18 @@ def test_the_best_baseline_holds_no_more_bytes_than_the_target_allows():
     table = markdown(rows)
     assert "| 0.25 | h2o+kivi4 (10.300) | 0.2504 |" in table
     assert "rdkv[prior=2] (10.200)" in table
+
+
+def test_only_runs_the_named_configurations_and_names_the_known_ones(tiny_pythia_folder, tmp_path, capsys):
+    from evaluation import equal_bytes
+
+    out = tmp_path / "only.json"
+    common = ["--model", str(tiny_pythia_folder), "--dtype", "float32", "--device", "cpu", "--part", "composites",
+              "--targets", "0.25", "--context_tokens", "96", "--eval_tokens", "32", "--num_windows", "1",
+              "--composed_with", "h2o", "--output", str(out)]
+    equal_bytes.main(common + ["--only", "h2o+kivi4", "h2o+token_rot8"])
+    assert [row["method"] for row in json.loads(out.read_text())["rows"]] == ["dense", "h2o+kivi4", "h2o+token_rot8"]
+    with pytest.raises(SystemExit):
+        equal_bytes.main(common + ["--only", "h2o+kivi5"])
+    error = capsys.readouterr().err
+    assert "no configuration h2o+kivi5" in error and "h2o+kivi_rot4" in error
