@@ -28,6 +28,17 @@ if [[ $parts == *" tune "* ]]; then
   run tune_one_width_after_h2o0.3 $tune --part rdkv --rdkv "after_h2o=0.3 evict_weight=16 separate_widths=0"
   run tune_token_after_h2o0.3 $tune --part rdkv --rdkv "after_h2o=0.3 evict_weight=16 key_layout=token"
   run tune_one_width_rotate $tune --part rdkv --rdkv "rotate=1 key_layout=channel separate_widths=0"
+  # one lambda for the model (allocate_over=model, 2e119d7), around each target's selection: the CPU's
+  # tuning grid (results/smollm2-135m_equal_bytes_model_lambda_cpu/) found it below the per-layer
+  # selection at 12.5% and 6.25%, not at 25%
+  run tune_model_lambda_h2o0.6 $tune --part rdkv --rdkv \
+    "after_h2o=0.6 evict_weight=4 rotate=1 key_layout=token allocate_over=model" \
+    "after_h2o=0.6 evict_weight=8 rotate=1 key_layout=token allocate_over=model" \
+    "after_h2o=0.6 evict_weight=16 rotate=1 key_layout=token allocate_over=model"
+  run tune_model_lambda_h2o0.3 $tune --part rdkv --rdkv \
+    "after_h2o=0.3 evict_weight=16 separate_widths=0 allocate_over=model" \
+    "after_h2o=0.3 evict_weight=8 separate_widths=0 allocate_over=model"
+  run tune_model_lambda_alone $tune --part rdkv --rdkv "rotate=1 allocate_over=model"
 fi
 if [[ $parts == *" tune_baselines "* ]]; then  # the best baseline of windows 0-31 on the tuning windows (call9/)
   for target in 0.25 0.125 0.0625; do
