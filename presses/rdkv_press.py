@@ -137,6 +137,11 @@ class RDKVPress(BasePress):
             return keys, values  # compressed with the last layer
         return self._allocate_model(module.layer_idx)
 
+    @property
+    def layer_scale_needed(self) -> bool:
+        """Whether the layers' output energies are measured (a host sync per layer, so only when used)."""
+        return self.allocate_over == "model" and self.layer_scale == "output"
+
     def _allocate_model(self, last: int):
         """``allocate_over="model"``: one lambda for every waiting layer, each stored; the earlier
         layers written into their caches, the last one's returned."""
@@ -145,7 +150,7 @@ class RDKVPress(BasePress):
             raise PressConfigError(f"RD-KV's model-wide allocation needs every layer's prefill in one call, "
                                    f"got layers {sorted(waiting)}")
         plans = [plan for plan, _ in waiting.values()]
-        scales = [1 / plan.energy if self.layer_scale == "output" else 1.0 for plan in plans]
+        scales = [1 / plan.energy if self.layer_scale_needed else 1.0 for plan in plans]
         # side by side along the token axis: a token is still kept or dropped within its own layer's heads
         keep, choice = _allocate(torch.cat([plan.distortion * scale for plan, scale in zip(plans, scales)], 1),
                                  torch.cat([plan.evict * scale for plan, scale in zip(plans, scales)], 1),
@@ -174,8 +179,10 @@ class RDKVPress(BasePress):
             key_price = [token_bytes(b, head_dim) for b in self.bits]
         value_options = [quantize_per_token(values, b, rotate=self.rotate) for b in self.bits]
         distortions = self._distortions(module, hidden_states, keys, values, key_options, value_options, kwargs,
-                                        with_mass=True, with_energy=True)
-        key_error, value_error, evict, mass, energy = distortions
+                                        with_mass=self.merge_evicted, with_energy=self.layer_scale_needed)
+        key_error, value_error, evict = distortions[:3]
+        mass = distortions[3][0] if self.merge_evicted else None
+        energy = distortions[-1] if self.layer_scale_needed else None
         widths = len(self.bits) + 1  # the last: fp16, no error
         pairs = [(k, v) for k in range(widths) for v in range(widths)] if self.separate_widths else [(w, w) for w in range(widths)]
         tag = math.ceil(math.log2(len(pairs))) / 8  # per kept (token, head): which option its key and value took
@@ -197,7 +204,7 @@ class RDKVPress(BasePress):
         protected = torch.zeros(tokens, dtype=torch.bool, device=keys.device)
         protected[tokens - min(max(int(self.protect_recent * tokens), recent), affordable) :] = True
         return _Plan(keys, values, stats, key_options, value_options, key_of, value_of, key_price, value_price,
-                     distortion[0], self.evict_weight * evict[0], mass[0], price, budget, side_bytes, protected, energy)
+                     distortion[0], self.evict_weight * evict[0], mass, price, budget, side_bytes, protected, energy)
 
     def _store(self, layer: int, plan: "_Plan", keep: torch.Tensor, choice: torch.Tensor):
         """The layer's keys and values as stored for the allocation ``keep``, ``choice`` (heads,
@@ -307,12 +314,12 @@ class _Plan:
     value_price: torch.Tensor
     distortion: torch.Tensor  # (heads, tokens, options)
     evict: torch.Tensor  # (heads, tokens), evict_weight applied
-    mass: torch.Tensor  # (heads, tokens) the expected attention p
+    mass: torch.Tensor | None  # (heads, tokens) the expected attention p (merge_evicted only)
     price: torch.Tensor  # (options,)
     budget: float
     side_bytes: float
     protected: torch.Tensor  # (tokens,)
-    energy: float  # the window outputs' sum of |o|^2
+    energy: float | None  # the window outputs' sum of |o|^2 (allocate_over="model" with layer_scale="output" only)
 
 
 def _allocate(distortion: torch.Tensor, evict: torch.Tensor, price: torch.Tensor, budget: float, per_head: bool = False,
