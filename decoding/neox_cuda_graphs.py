@@ -19,15 +19,19 @@ from decoding.neox_decode import (KVBuffer, StepState, attention_branch, decode_
 COMPILE_MODES = ("two-stream", "reduce-overhead", "max-autotune")
 
 
-def compiled_step(compile: bool, mode: str = "reduce-overhead", keep_buffer: bool = True, split_mlp: bool = False):
+PREFIX_BUCKET = 64  # new slots per prefix bucket of the two-stream step (see TwoStreamStep)
+
+
+def compiled_step(compile: bool, mode: str = "reduce-overhead", keep_buffer: bool = True, split_mlp: bool = False,
+                  prefix_bucket: int = PREFIX_BUCKET):
     """The decode step compiled whole (CUDA-graph replay with ``reduce-overhead`` and
     ``max-autotune``), or as is. ``max-autotune`` also benchmarks Triton matmul templates
     against cuBLAS and, as gpt-fast does, tunes the fused kernels' launch shapes.
-    ``two-stream``: ``TwoStreamStep(keep_buffer, split_mlp)``."""
+    ``two-stream``: ``TwoStreamStep(keep_buffer, split_mlp, prefix_bucket)``."""
     if not compile:
         return decode_step
     if mode == "two-stream":
-        return TwoStreamStep(keep_buffer, split_mlp)
+        return TwoStreamStep(keep_buffer, split_mlp, prefix_bucket)
     if mode == "max-autotune":
         torch._inductor.config.coordinate_descent_tuning = True
     return torch.compile(decode_step, mode=mode, fullgraph=True)
@@ -48,9 +52,22 @@ class TwoStreamStep:
     when the shapes match: the next generation of the same shape replays the same graph. The
     price is the buffer's memory held from one generation's end through the next one's prefill,
     which at large batches is most of the GPU's: there pass ``keep_buffer=False``. ``split_mlp``:
-    each MLP compiled as two branches, the GELU between them written out (see ``__init__``)."""
+    each MLP compiled as two branches, the GELU between them written out (see ``__init__``).
 
-    def __init__(self, keep_buffer: bool = True, split_mlp: bool = False):
+    Prefix buckets: a graph replays fixed shapes, so a graph over the whole buffer reads (and masks)
+    every slot at every step, the new tokens' slots not yet written included: 256 of a SnapKV
+    buffer's 756 slots at a 2000-token prompt keeping 25%, about a fifth of what its attention reads
+    on average. With ``prefix_bucket`` B the step keeps one graph per B new slots, the n-th over each
+    layer's kept slots and the first n * B new ones (``KVBuffer.prefix``), and replays the one that
+    covers the slots in use (``StepState.filled``): the attention then reads on average B / 2 slots
+    past them. The graphs share one memory pool (they replay one after the other); the first is
+    captured after three warm-up steps, each later one after one (a new shape: its compile and its
+    cuDNN plan happen there, off the capture). 0, a step without ``filled``, or a quantized buffer:
+    one graph over the whole buffer."""
+
+    def __init__(self, keep_buffer: bool = True, split_mlp: bool = False, prefix_bucket: int = PREFIX_BUCKET):
+        if prefix_bucket < 0:
+            raise ValueError(f"prefix_bucket must be at least 0 (0: read the whole buffer), got {prefix_bucket}")
         self.attention_fn = torch.compile(attention_branch, fullgraph=True)
         if split_mlp:
             # The MLP's two GEMVs compiled apart, so the GELU is written out between them. Compiled
@@ -67,8 +84,10 @@ class TwoStreamStep:
         # step (torchao int8: a 0.33 ms copy per step on the H200, frontier_4e58fce's profile).
         self.logits_fn = torch.compile(final_logits, fullgraph=True)
         self.keep_buffer = keep_buffer
+        self.prefix_bucket = prefix_bucket
         self.kept_buffer = None  # with keep_buffer: the last generation's buffer
-        self.captured_for = None  # a weak reference to the buffer the graph was captured over
+        self.captured_for = None  # a weak reference to the buffer the graphs were captured over
+        self.graphs, self.outputs = {}, {}  # by the new slots each reads (None: the whole buffer)
 
     def load_buffer(self, groups, new_tokens: int, kv_bits: tuple[int, int] | None = None) -> KVBuffer:
         """``load_buffer`` into the kept buffer where it fits (see the class docstring)."""
@@ -94,36 +113,52 @@ class TwoStreamStep:
         torch.cuda.current_stream().wait_stream(self.side_stream)  # the last layer's MLP output
         return next_token(self.logits_fn(model, parts), state.temperature, state.top_k, state.noise)
 
-    def _capture(self, model, state: StepState):
+    def _reset(self, model, state: StepState):
+        """Drop the graphs (their memory pool with them) and set up the inputs they will read."""
         if not all(layer.use_parallel_residual for layer in model.gpt_neox.layers):
             raise ValueError("the two-stream step needs GPT-NeoX's parallel residual (use_parallel_residual)")
-        self.graph = self.output = None  # the old graph's memory pool, freed before the new capture
-        # The graph reads its inputs from these copies; each call copies the step's inputs in.
-        static = replace(state, token=state.token.clone(), position=state.position.clone(),
-                         new_index=state.new_index.clone(), noise=None if state.noise is None else state.noise.clone())
-        self.inputs = (static.token, static.position, static.new_index, static.noise)
+        self.graphs, self.outputs = {}, {}
+        self.pool = torch.cuda.graph_pool_handle()
+        # The graphs read their inputs from these copies; each call copies the step's inputs in.
+        self.inputs = (state.token.clone(), state.position.clone(), state.new_index.clone(),
+                       None if state.noise is None else state.noise.clone())
         self.side_stream = torch.cuda.Stream()
+        # A weak reference: without keep_buffer, holding the buffer here would keep a finished
+        # generation's KV alive while the next one prefills (no view of it is kept either).
+        self.captured_for, self.settings = weakref.ref(state.buffer), settings(state)
+
+    def bucket(self, state: StepState) -> int | None:
+        """The new slots the graph for this step reads: the smallest multiple of the bucket that
+        covers ``state.filled`` (at most the buffer's), or None for the whole buffer."""
+        buffer = state.buffer
+        if (not self.prefix_bucket or state.filled is None or not isinstance(buffer, KVBuffer)
+                or not all(isinstance(store, torch.Tensor) for store in buffer.keys + buffer.values)):
+            return None
+        return min(buffer.new_slots(), -(-state.filled // self.prefix_bucket) * self.prefix_bucket)
+
+    def _capture(self, model, state: StepState, new_slots: int | None):
+        token, position, new_index, noise = self.inputs
+        static = replace(state, token=token, position=position, new_index=new_index, noise=noise,
+                         buffer=state.buffer if new_slots is None else state.buffer.prefix(new_slots))
         # Compile and warm up (cuBLAS and cuDNN set up their workspaces) off the capture.
         warmup_stream = torch.cuda.Stream()
         warmup_stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(warmup_stream):
-            for _ in range(3):  # rewrites the slot this step writes anyway, with the same values
+            for _ in range(1 if self.graphs else 3):  # rewrites the slot this step writes anyway, with the same values
                 self._step(model, static)
         torch.cuda.current_stream().wait_stream(warmup_stream)
         # cuBLAS keeps one workspace per (handle, stream), and a graph replays the raw address it
         # captured. Others' CUDA graphs (torch.compile's cudagraph trees, which record with their
         # own clear) drop those cached workspaces; one shared with the eager pool is then reused
         # while this graph still writes to it (an illegal memory access on the H100, pytorch issue
-        # 193402). Dropped here, so the capture allocates its own in this graph's private pool,
-        # where nothing else allocates.
+        # 193402). Dropped here, so the capture allocates its own in the graphs' private pool,
+        # where nothing else allocates (the graphs sharing it replay one at a time).
         torch.cuda.synchronize()
         torch._C._cuda_clearCublasWorkspaces()
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.output = self._step(model, static)
-        # A weak reference, and ``static`` not kept: without keep_buffer, holding the buffer here
-        # would keep a finished generation's KV alive while the next one prefills.
-        self.captured_for, self.settings = weakref.ref(state.buffer), settings(state)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            self.outputs[new_slots] = self._step(model, static)
+        self.graphs[new_slots] = graph
 
     def uncaptured(self, model, state: StepState):
         """The step's compiled branches launched one by one on the two streams, no graph: the
@@ -135,12 +170,15 @@ class TwoStreamStep:
     def __call__(self, model, state: StepState):
         captured = self.captured_for is not None and self.captured_for() is state.buffer
         if not captured or settings(state) != self.settings:
-            self._capture(model, state)
+            self._reset(model, state)
         for static, tensor in zip(self.inputs, (state.token, state.position, state.new_index, state.noise)):
             if tensor is not None:
                 static.copy_(tensor)
-        self.graph.replay()
-        return self.output
+        new_slots = self.bucket(state)
+        if new_slots not in self.graphs:
+            self._capture(model, state, new_slots)
+        self.graphs[new_slots].replay()
+        return self.outputs[new_slots]
 
 
 def settings(state: StepState) -> tuple:

@@ -68,15 +68,31 @@ class KVBuffer:
     """Per layer (batch, heads, slots, head_dim) keys and values, in the patched (kvpress)
     head basis: tensors, or with ``kv_bits`` quantized stores (see ``QuantizedTensor``); ``kept``
     (layers,): slots filled after prefill, where the first new token goes; ``first_valid``
-    (layers, batch): the first slot holding a real token."""
+    (layers, batch): the first slot holding a real token; ``kept_slots``: ``kept`` on the host."""
 
     keys: list["torch.Tensor | QuantizedTensor"]
     values: list["torch.Tensor | QuantizedTensor"]
     kept: torch.Tensor
     first_valid: torch.Tensor
+    kept_slots: tuple[int, ...]
 
     def layer(self, index: int) -> LayerKV:
         return LayerKV(self.keys[index], self.values[index], self.kept[index], self.first_valid[index])
+
+    def new_slots(self) -> int:
+        """Slots for new tokens after each layer's kept ones (the same in every layer)."""
+        return self.keys[0].shape[2] - self.kept_slots[0]
+
+    def prefix(self, new_slots: int) -> "KVBuffer":
+        """Each layer cut to its kept slots and the first ``new_slots`` new ones: views of the same
+        memory (writes land in this buffer), so that attention reads and masks no slot past them.
+        Tensors only: quantized stores are not cut."""
+        if not 0 < new_slots <= self.new_slots():
+            raise ValueError(f"new_slots must be in [1, {self.new_slots()}], got {new_slots}")
+        ends = [kept + new_slots for kept in self.kept_slots]
+        return KVBuffer([keys[:, :, :end] for keys, end in zip(self.keys, ends)],
+                        [values[:, :, :end] for values, end in zip(self.values, ends)],
+                        self.kept, self.first_valid, self.kept_slots)
 
     def nbytes(self) -> int:
         return sum(tensor_bytes(t) if isinstance(t, torch.Tensor) else t.nbytes for t in self.keys + self.values)
@@ -137,9 +153,10 @@ def load_buffer(groups: list[tuple[list[int], DynamicCache]], new_tokens: int,
         values.append(layer_values)
     first_valid = kept[:, None] - lengths
     if into is None:
-        return KVBuffer(keys, values, kept.to(sample.device), first_valid.to(sample.device))
+        return KVBuffer(keys, values, kept.to(sample.device), first_valid.to(sample.device), tuple(kept.tolist()))
     into.kept.copy_(kept)  # in place too: the captured graph reads these tensors
     into.first_valid.copy_(first_valid)
+    into.kept_slots = tuple(kept.tolist())
     return into
 
 
@@ -149,7 +166,9 @@ class StepState:
     the new tokens and their text positions; ``new_index`` (new,): how many tokens were generated
     before each (they go to slot kept + new_index of every layer; each new token sees the ones
     before it). One token per sequence is a decode step; several are a speculative verify pass.
-    ``noise``: the sampling draw (see ``choice_scores``; None when greedy)."""
+    ``noise``: the sampling draw (see ``choice_scores``; None when greedy). ``filled``: on the host,
+    the new slots in use once this step has written (max(new_index) + 1), for a step that reads
+    only the buffer's filled part (decoding/neox_cuda_graphs.py's prefix buckets); None: unknown."""
 
     buffer: KVBuffer
     token: torch.Tensor
@@ -159,6 +178,7 @@ class StepState:
     backend: str = "sdpa"
     temperature: float = 0.0
     top_k: int | None = None
+    filled: int | None = None
 
 
 def check_kv_bits(kv_bits: tuple[int, int]) -> None:
@@ -405,7 +425,7 @@ def generate(model, prompts: list[torch.Tensor], press, new_tokens: int, step=de
         # step instead of running ahead of the GPU.
         new_index = torch.full((1,), index, device=device)
         noise = _noise(noise_shape, device, generator) if sampled else None
-        state = StepState(buffer, token, lengths + index, new_index, noise, backend, temperature, top_k)
+        state = StepState(buffer, token, lengths + index, new_index, noise, backend, temperature, top_k, index + 1)
         # CUDA graphs reuse their output buffers: clone before the next replay overwrites it.
         token = step(model, state).clone()
         generated.append(token)

@@ -31,7 +31,7 @@ OUT_OF_MEMORY = "CUDA out of memory"
 NOT_RUN = "not run: a smaller batch was already out of memory"
 MAX_BATCH = "max"  # --batch_size max: search for the largest batch that fits (``largest_batch``)
 # What a cell prints when it is done (and summary.md's columns, evaluation/grid_summary.py).
-COLUMNS = ["decoder", "decode_attention", "compile_mode", "keep_buffer", "kv_bits", "method", "compression_ratio", "batch_size", "prompt_tokens",
+COLUMNS = ["decoder", "decode_attention", "compile_mode", "keep_buffer", "prefix_bucket", "kv_bits", "method", "compression_ratio", "batch_size", "prompt_tokens",
            "new_tokens", "kept_tokens_mean", "ttft_ms", "tpot_ms", "tpot_floor_ms", "tpot_over_floor",
            "tpot_floor_gemv_ms", "tpot_floor_datasheet_ms", "tpot_speedup", "decode_tokens_per_s",
            "end_to_end_tokens_per_s", "first_call_s", "compile_s", "peak_memory_gib", "kv_mib_after_prefill",
@@ -127,7 +127,8 @@ def run_cell(loaded: LoadedModel, cell: dict, args, ceilings: Ceilings, text_ids
         kv_bits = getattr(args, "kv_bits", None) if neox else None
         row |= measure(model, prompt, press, cell["new_tokens"], repeats=args.repeats, decoder=cell["decoder"],
                        kv_quant=args.kv_quant, backend=cell["backend"] or "sdpa", compile_mode=args.compile_mode,
-                       keep_buffer=args.keep_buffer, ceilings=ceilings, prefill_batch=prefill_batch, kv_bits=kv_bits)
+                       keep_buffer=args.keep_buffer, ceilings=ceilings, prefill_batch=prefill_batch, kv_bits=kv_bits,
+                       prefix_bucket=args.prefix_bucket)
     except Exception as error:  # noqa: BLE001 -- one failing cell (e.g. a compiler error) must not lose the grid
         # Out of memory is a result too (this batch does not fit this method); cuDNN reports it
         # as a generic accelerator error, and a CUDA-graph capture that ran out ends in a capture error.
@@ -172,7 +173,7 @@ def release_memory(device) -> None:
 
 def failed(cell: dict, args, error: str) -> dict:
     return {key: cell[key] for key in ("decoder", "batch_size", "prompt_tokens", "new_tokens")} | {
-        "decode_attention": cell["backend"], **neox_settings(cell["decoder"], args.compile_mode, args.keep_buffer),
+        "decode_attention": cell["backend"], **neox_settings(cell["decoder"], args.compile_mode, args.keep_buffer, args.prefix_bucket),
         "error": error}
 
 

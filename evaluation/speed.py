@@ -105,18 +105,22 @@ def static_cache_for(model, prompt: torch.Tensor, new_tokens: int) -> StaticCach
     return StaticCache(config=model.config, max_cache_len=prompt.shape[1] + new_tokens)
 
 
-def neox_settings(decoder: str, compile_mode: str, keep_buffer: bool) -> dict:
-    """How the step was compiled, for a result row: only the neox decoder has these settings."""
+def neox_settings(decoder: str, compile_mode: str, keep_buffer: bool, prefix_bucket: int | None) -> dict:
+    """How the step was compiled, for a result row: only the neox decoder has these settings, and
+    only its two-stream step keeps a buffer and reads it by prefix buckets."""
     if decoder != "neox":
-        return {"compile_mode": None, "keep_buffer": None}
-    return {"compile_mode": compile_mode, "keep_buffer": keep_buffer if compile_mode == "two-stream" else None}
+        return {"compile_mode": None, "keep_buffer": None, "prefix_bucket": None}
+    two_stream = compile_mode == "two-stream"
+    return {"compile_mode": compile_mode, "keep_buffer": keep_buffer if two_stream else None,
+            "prefix_bucket": prefix_bucket if two_stream else None}
 
 
 def run_once_for(model, prompt: torch.Tensor, press, new_tokens: int, decoder: str, kv_quant: str = "none",
                  backend: str = "sdpa", compile_mode: str = "two-stream", keep_buffer: bool = True, step=None,
-                 prefill_batch: int | None = None, kv_bits: tuple[int, int] | None = None):
+                 prefill_batch: int | None = None, kv_bits: tuple[int, int] | None = None,
+                 prefix_bucket: int = neox_cuda_graphs.PREFIX_BUCKET):
     """A no-argument function generating once with ``decoder`` (see the module docstring).
-    ``step``: the neox decoder's step, instead of ``compiled_step(compile_mode, keep_buffer)``
+    ``step``: the neox decoder's step, instead of ``compiled_step(compile_mode, keep_buffer, prefix_bucket)``
     (evaluation/speed_frontier.py: the folded step). ``prefill_batch``: the neox decoder prefills
     in micro-batches of this many sequences (decoding/neox_decode.py's ``prefill``; None: at once).
     ``kv_bits``: (key bits, value bits), the neox decoder's KV buffer quantized (None: fp)."""
@@ -142,7 +146,7 @@ def run_once_for(model, prompt: torch.Tensor, press, new_tokens: int, decoder: s
         step = static_cache.compiled_step(compile)
         return functools.partial(timed, static_cache.generate, device, model, prompt, press, new_tokens, step=step)
     if decoder == "neox":
-        step = step or neox_cuda_graphs.compiled_step(compile, compile_mode, keep_buffer)
+        step = step or neox_cuda_graphs.compiled_step(compile, compile_mode, keep_buffer, prefix_bucket=prefix_bucket)
         return functools.partial(timed, neox_decode.generate, device, model, list(prompt.split(1)), press, new_tokens,
                                  step=step, backend=backend, prefill_batch=prefill_batch, kv_bits=kv_bits)
     return functools.partial(timed, kvpress_generate, device, model, prompt, press, new_tokens, kv_quant)
@@ -152,13 +156,14 @@ def measure(model, prompt: torch.Tensor, press, new_tokens: int, repeats: int = 
             decoder: str = "kvpress", kv_quant: str = "none", backend: str = "sdpa",
             compile_mode: str = "two-stream", keep_buffer: bool = True, ceilings: Ceilings | None = None,
             step=None, weight_quant: str = "none", prefill_batch: int | None = None,
-            kv_bits: tuple[int, int] | None = None) -> dict:
+            kv_bits: tuple[int, int] | None = None, prefix_bucket: int = neox_cuda_graphs.PREFIX_BUCKET) -> dict:
     """Median timings over ``repeats`` runs after ``warmup`` runs (compilation happens there),
     peak memory of the last run, and the TPOT floors (evaluation/roofline.py) at every layer's own
     kept length over ``ceilings`` (default: measured on the model's device once per process,
     evaluation/ceilings.py). ``step``: see ``run_once_for``; ``weight_quant``: the scheme the
     model's weights are in (decoding/weight_quant.py), for the floors' bytes; ``prefill_batch``:
-    see ``run_once_for`` (recorded in the row); ``kv_bits``: see ``run_once_for``, the floors' KV at its bytes.
+    see ``run_once_for`` (recorded in the row); ``kv_bits``: see ``run_once_for``, the floors' KV at its bytes;
+    ``prefix_bucket``: the two-stream step's (decoding/neox_cuda_graphs.py; a given ``step``'s own is recorded).
 
     The cost of the first call, for every decoder alike: ``first_call_s`` is the wall time (host
     clock, CUDA-synchronised) of the first warm-up run, one whole generation as the timed runs
@@ -174,7 +179,9 @@ def measure(model, prompt: torch.Tensor, press, new_tokens: int, repeats: int = 
         raise ValueError("--new_tokens must be at least 2 to time decode steps")
     device = model.device
     run_once = run_once_for(model, prompt, press, new_tokens, decoder, kv_quant, backend, compile_mode, keep_buffer,
-                            step, prefill_batch, kv_bits)
+                            step, prefill_batch, kv_bits, prefix_bucket)
+    if step is not None:
+        prefix_bucket = getattr(step, "prefix_bucket", None)
     ceilings = ceilings or machine_ceilings(device)
     warmup_s = []
     for _ in range(warmup):
@@ -201,7 +208,7 @@ def measure(model, prompt: torch.Tensor, press, new_tokens: int, repeats: int = 
     return {
         "decoder": decoder,
         "decode_attention": backend if decoder == "neox" else model.config._attn_implementation,
-        **neox_settings(decoder, compile_mode, keep_buffer),
+        **neox_settings(decoder, compile_mode, keep_buffer, prefix_bucket),
         "kv_quant": kv_quant,
         "kv_bits": None if kv_bits is None else "x".join(map(str, kv_bits)),
         "weight_quant": weight_quant,

@@ -47,7 +47,7 @@ import sys
 from pathlib import Path
 
 from decoding import registry
-from decoding.neox_cuda_graphs import COMPILE_MODES
+from decoding.neox_cuda_graphs import COMPILE_MODES, PREFIX_BUCKET
 from decoding.neox_decode import ATTENTION_BACKENDS, check_kv_bits
 from decoding.registry import DECODER_NAMES
 from evaluation import cli, sweep
@@ -89,6 +89,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--keep_buffer", action=argparse.BooleanOptionalAction, default=True,
                         help="two-stream: keep the KV buffer (and so the graph) from one generation to the next "
                              "of the same shape; --no-keep_buffer where the next prefill needs that memory")
+    parser.add_argument("--prefix_bucket", type=int, default=PREFIX_BUCKET,
+                        help="two-stream: one CUDA graph per this many new slots, each reading the buffer only up "
+                             "to its bucket's end (decoding/neox_cuda_graphs.py); 0: one graph over the whole buffer")
     cli.add_kv_quant(parser, "the kvpress decoder only")
     parser.add_argument("--kv_bits", type=kv_bits_arg,
                         help="neox decoder: its KV buffer quantized per (token, head), KEYxVALUE bits, 8 or 4 each "
@@ -152,6 +155,8 @@ def check_args(args) -> None:
         raise PressConfigError("--prefill_batch is the neox decoder's: --decoder neox")
     if args.kv_bits is not None and set(args.decoder) != {"neox"}:
         raise PressConfigError("--kv_bits quantizes the neox decoder's KV buffer: --decoder neox")
+    if args.prefix_bucket < 0:
+        raise PressConfigError(f"--prefix_bucket must be at least 0 (0: the whole buffer), got {args.prefix_bucket}")
     if args.repeats < 1:
         raise PressConfigError(f"--repeats must be at least 1, got {args.repeats}")
     if args.bandwidth is not None and args.peak_tflops is None:

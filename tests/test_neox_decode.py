@@ -287,3 +287,60 @@ def test_decoder_check_finds_every_path_identical_on_the_cpu(tmp_path):
     assert {(row["method"], row["path"]) for row in rows} == {
         (method, path) for method in ("dense", "snapkv") for path in ("static", "neox", "neox_two_stream")}
     assert all(row["identical"] and row["reference_margin_there"] == [None, None] for row in rows)
+
+
+@pytest.mark.parametrize("backend", neox_decode.ATTENTION_BACKENDS)
+def test_a_prefix_of_the_buffer_decodes_as_the_whole_buffer(model, backend):
+    """The two-stream step's prefix buckets: attention over each layer's kept slots and the first
+    new ones (views of the buffer) gives the logits of attention over every slot, the slots past
+    them masked; the keys and values land in the buffer itself. Ragged on both axes: PyramidKV's
+    layers keep different lengths, and the shorter prompt leaves padding slots in front."""
+    press = PyramidKVPress(0.5, window_size=4, beta=2)
+    batch = [prompts(1, 70, seed=4), prompts(1, 100, seed=5)]
+    whole = neox_decode.load_buffer(neox_decode.prefill(model, batch, press)[1], 8)
+    cut = neox_decode.load_buffer(neox_decode.prefill(model, batch, press)[1], 8)
+    assert len(set(cut.kept_slots)) > 1 and cut.first_valid.max() > 0, "ragged layers and rows, or the test means little"
+    assert cut.kept_slots == tuple(cut.kept.tolist()) and cut.new_slots() == 8
+    for index in range(8):
+        token, position = prompts(2, 1, seed=index), torch.tensor([[70 + index], [100 + index]])
+        new_slots = 4 if index < 4 else 8  # buckets of 4 new slots
+        view = cut.prefix(new_slots)
+        assert [keys.shape[2] for keys in view.keys] == [kept + new_slots for kept in cut.kept_slots]
+        states = [StepState(buffer, token, position, torch.tensor([index]), backend=backend) for buffer in (whole, view)]
+        with torch.no_grad():
+            expected, logits = (neox_decode.forward_logits(model, state) for state in states)
+        torch.testing.assert_close(logits, expected)  # shorter reductions: round-off only
+    for written_whole, written_cut in zip(whole.keys + whole.values, cut.keys + cut.values):
+        torch.testing.assert_close(written_cut, written_whole)
+
+
+def test_prefix_refuses_slots_the_buffer_does_not_have(model):
+    buffer = neox_decode.load_buffer(neox_decode.prefill(model, [prompts(1, 40)])[1], 8)
+    for new_slots in (0, 9):
+        with pytest.raises(ValueError, match=r"new_slots must be in \[1, 8\]"):
+            buffer.prefix(new_slots)
+
+
+def test_two_stream_step_picks_the_bucket_that_covers_the_slots_in_use(model):
+    buffer = neox_decode.load_buffer(neox_decode.prefill(model, [prompts(1, 40)])[1], 100)
+
+    def bucket(step, filled):
+        return step.bucket(StepState(buffer, prompts(1, 1), torch.tensor([[40]]), torch.tensor([0]), filled=filled))
+
+    step = neox_cuda_graphs.TwoStreamStep(prefix_bucket=32)
+    assert [bucket(step, filled) for filled in (1, 32, 33, 64, 65, 96, 97, 100)] == [32, 32, 64, 64, 96, 96, 100, 100]
+    assert bucket(step, None) is None  # a caller that does not say what is filled: the whole buffer
+    assert bucket(neox_cuda_graphs.TwoStreamStep(prefix_bucket=0), 1) is None
+    with pytest.raises(ValueError, match="prefix_bucket must be at least 0"):
+        neox_cuda_graphs.TwoStreamStep(prefix_bucket=-1)
+
+
+def test_generate_tells_the_step_how_many_new_slots_are_in_use(model):
+    seen = []
+
+    def step(model, state):
+        seen.append(state.filled)
+        return neox_decode.decode_step(model, state)
+
+    neox_decode.generate(model, [prompts(1, 40)], None, 5, step=step)
+    assert seen == [1, 2, 3, 4]  # the first new token comes from the prefill; step i writes slot kept + i

@@ -1,5 +1,5 @@
 # Issue 16, items 1-3, on the H200: random-init Pythia-2.8B, fp16, prompt 2000, 256 forced new tokens.
-#   source evaluation/device/setup_env.sh && bash evaluation/device/speed_frontier.sh frontier|fp16|quant|batch|kv_bits
+#   source evaluation/device/setup_env.sh && bash evaluation/device/speed_frontier.sh PART (the parts below)
 # Needs torchao 0.18.0 and optimum-quanto 0.2.7 in .whl/ (the command: docs/speed.md, "Speed frontier").
 # One part per device call; each under 9 minutes including compiles, each stage under its own time
 # limit (a stage cut short loses itself, not the rest), every stage's stderr kept as its log.txt. The
@@ -21,6 +21,12 @@
 #             micro-batches of 16), then the SnapKV step's kernels at its largest batch, decode attention's kernels (SDPA) at the
 #             largest dense batch that fit, and at batch 64 with FlexAttention's split-KV decoding kernel if the budget leaves time,
 #             against the KV bytes over the copy bandwidth (profile_step.py).
+#   prefix_small / prefix_large: the two-stream step's prefix buckets (decoding/neox_cuda_graphs.py: one
+#             graph per 64 new slots, each reading the buffer only that far) against one graph over the
+#             whole buffer (--prefix_bucket 0), each setting in its own process of the same call, 0 first:
+#             small: batch 1 (dense and SnapKV keeping 25%, 3 repeats) and dense at batch 176; large: SnapKV
+#             keeping 25% at batch 560 (176 and 560: the largest batches of batch_f140e83/, one warm-up and one
+#             timed run, as the batch part runs them).
 #   kv_bits:  the decode step over an fp16, an 8-bit and a 4-bit KV buffer (speed_grid.py --kv_bits, the
 #             Triton quantized-KV kernel), dense and SnapKV keeping 25%, batch 1 and 64, 3 repeats each: the
 #             same cells in one call (results/pythia-2.8b_random_kv_bits_decode_h200/ has the first, one run).
@@ -95,6 +101,24 @@ print(max([row["batch_size"] for row in rows if "tpot_ms" in row] or [64]))' "$w
       stage 80 "attention_b$1_$2" $profile --cell plain:fp16 --batch_size $1 --backend $2 --steps 10 \
         --graph_steps 20 --prefill_batch 16 --output "$work/attention_b$1_$2/profile.json"
     done ;;
+  prefix_small)
+    for bucket in 0 64; do
+      stage 100 "b1_bucket$bucket" evaluation/speed_grid.py $common --new_tokens 256 --decoder neox --repeats 3 \
+        --press snapkv --compression_ratio 0.75 --batch_size 1 --prefix_bucket $bucket --output_dir "$work/b1_bucket$bucket"
+    done
+    export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True  # as the batch part
+    for bucket in 0 64; do
+      stage 120 "dense_b176_bucket$bucket" evaluation/speed_grid.py $common --new_tokens 256 --decoder neox --repeats 1 \
+        --no-keep_buffer --prefill_batch 16 --press --batch_size 176 --prefix_bucket $bucket \
+        --output_dir "$work/dense_b176_bucket$bucket"
+    done ;;
+  prefix_large)
+    export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+    for bucket in 0 64; do
+      stage 200 "snapkv_b560_bucket$bucket" evaluation/speed_grid.py $common --new_tokens 256 --decoder neox --repeats 1 \
+        --no-keep_buffer --prefill_batch 16 --press snapkv --compression_ratio 0.75 --no-dense --batch_size 560 \
+        --prefix_bucket $bucket --output_dir "$work/snapkv_b560_bucket$bucket"
+    done ;;
   kv_bits)
     for bits in fp16 8x8 4x4; do
       option=""
@@ -102,6 +126,6 @@ print(max([row["batch_size"] for row in rows if "tpot_ms" in row] or [64]))' "$w
       stage 150 "kv_bits_$bits" evaluation/speed_grid.py $common --new_tokens 256 --decoder neox --repeats 3 \
         --press snapkv --compression_ratio 0.75 --batch_size 1 64 $option --output_dir "$work/kv_bits_$bits"
     done ;;
-  *) echo "usage: speed_frontier.sh frontier|fp16|quant|batch|kv_bits" >&2; exit 2 ;;
+  *) echo "usage: speed_frontier.sh frontier|fp16|quant|batch|prefix_small|prefix_large|kv_bits" >&2; exit 2 ;;
 esac
 echo "== done at $((SECONDS - start))s" >&2
