@@ -61,9 +61,9 @@ class TwoStreamStep:
     layer's kept slots and the first n * B new ones (``KVBuffer.prefix``), and replays the one that
     covers the slots in use (``StepState.filled``): the attention then reads on average B / 2 slots
     past them. The graphs share one memory pool (they replay one after the other); the first is
-    captured after three warm-up steps, each later one after one (a new shape: its compile and its
-    cuDNN plan happen there, off the capture). 0, a step without ``filled``, or a quantized buffer:
-    one graph over the whole buffer."""
+    captured after three warm-up runs of its step, each later one after one (a new shape: its
+    compile and its cuDNN plan happen there, off the capture), the last run's tokens being the
+    step's. 0, a step without ``filled``, or a quantized buffer: one graph over the whole buffer."""
 
     def __init__(self, keep_buffer: bool = True, split_mlp: bool = False, prefix_bucket: int = PREFIX_BUCKET):
         if prefix_bucket < 0:
@@ -140,12 +140,14 @@ class TwoStreamStep:
         token, position, new_index, noise = self.inputs
         static = replace(state, token=token, position=position, new_index=new_index, noise=noise,
                          buffer=state.buffer if new_slots is None else state.buffer.prefix(new_slots))
-        # Compile and warm up (cuBLAS and cuDNN set up their workspaces) off the capture.
+        # Compile and warm up (cuBLAS and cuDNN set up their workspaces) off the capture. Each warm-up
+        # run is this very step (it rewrites the slot the step writes, with the same values), so the
+        # last one's tokens are the step's: the capture records and runs nothing, and no replay follows.
         warmup_stream = torch.cuda.Stream()
         warmup_stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(warmup_stream):
-            for _ in range(1 if self.graphs else 3):  # rewrites the slot this step writes anyway, with the same values
-                self._step(model, static)
+            for _ in range(1 if self.graphs else 3):
+                tokens = self._step(model, static)
         torch.cuda.current_stream().wait_stream(warmup_stream)
         # cuBLAS keeps one workspace per (handle, stream), and a graph replays the raw address it
         # captured. Others' CUDA graphs (torch.compile's cudagraph trees, which record with their
@@ -159,6 +161,7 @@ class TwoStreamStep:
         with torch.cuda.graph(graph, pool=self.pool):
             self.outputs[new_slots] = self._step(model, static)
         self.graphs[new_slots] = graph
+        return tokens
 
     def uncaptured(self, model, state: StepState):
         """The step's compiled branches launched one by one on the two streams, no graph: the
@@ -176,7 +179,7 @@ class TwoStreamStep:
                 static.copy_(tensor)
         new_slots = self.bucket(state)
         if new_slots not in self.graphs:
-            self._capture(model, state, new_slots)
+            return self._capture(model, state, new_slots)
         self.graphs[new_slots].replay()
         return self.outputs[new_slots]
 
