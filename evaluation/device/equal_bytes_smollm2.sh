@@ -20,17 +20,14 @@ report="--first_window 0 --num_windows 32"
 parts=" ${*:-tune uniform eviction composites selected} "
 date
 if [[ $parts == *" tune "* ]]; then
-  # call14 (call13's rotation grid is in results/smollm2-135m_equal_bytes_h200/call13/): keys and values
-  # sharing one width (separate_widths=0), the CPU's best at 6.25% around call13's selection
-  # (results/smollm2-135m_equal_bytes_tuning_cpu/: 16.306 against 16.382), and per-token keys there, at
-  # every target. Run with selected and EXTRA_TUNING naming call11's tune_acc*, call12's and call13's tune files.
-  # one process per setting (in parallel: a 135M model is launch-bound, one GPU serves several)
-  run tune_one_width_after_h2o0.3 $tune --part rdkv --rdkv "after_h2o=0.3 evict_weight=16 separate_widths=0"
-  run tune_token_after_h2o0.3 $tune --part rdkv --rdkv "after_h2o=0.3 evict_weight=16 key_layout=token"
-  run tune_one_width_rotate $tune --part rdkv --rdkv "rotate=1 key_layout=channel separate_widths=0"
-  # one lambda for the model (allocate_over=model, 2e119d7), around each target's selection: the CPU's
+  # call15 (call11-call14's grids are in results/smollm2-135m_equal_bytes_h200/callN/: run with selected and
+  # EXTRA_TUNING naming call11's tune_acc*.json and call12's to call14's tune_*.json). One process per
+  # setting list (in parallel: a 135M model is launch-bound, one GPU serves several).
+  # One lambda for the model (allocate_over=model, 2e119d7), around each target's selection: the CPU's
   # tuning grid (results/smollm2-135m_equal_bytes_model_lambda_cpu/) found it below the per-layer
-  # selection at 12.5% and 6.25%, not at 25%
+  # selection at 12.5% and 6.25%, not at 25%; and the per-layer lambda at the eviction weight that grid
+  # chose at 12.5% (4), which on the CPU accounts for most of its gain
+  run tune_per_layer_ew4_h2o0.6 $tune --part rdkv --rdkv "after_h2o=0.6 evict_weight=4 rotate=1 key_layout=token"
   run tune_model_lambda_h2o0.6 $tune --part rdkv --rdkv \
     "after_h2o=0.6 evict_weight=4 rotate=1 key_layout=token allocate_over=model" \
     "after_h2o=0.6 evict_weight=8 rotate=1 key_layout=token allocate_over=model" \
