@@ -56,6 +56,11 @@ SOURCES = {
     # the largest-batch search, dense and SnapKV keeping 25%, one call (expandable segments)
     "speed_batch_dense": "results/pythia-2.8b_random_speed_frontier_h200/batch_f140e83/batch_dense/summary.json",
     "speed_batch_snapkv": "results/pythia-2.8b_random_speed_frontier_h200/batch_f140e83/batch_snapkv/summary.json",
+    # the largest batches again, one graph over the whole buffer (bucket 0) and prefix buckets of 64, one call
+    "speed_prefix": {
+        (method, bucket): f"results/pythia-2.8b_random_speed_frontier_h200/prefix_4c6f56a/{method}_bucket{bucket}/summary.json"
+        for method in ("dense_b176", "snapkv_b560") for bucket in (0, 64)
+    },
     # the decode step over an fp16 and a 4-bit KV buffer (our Triton kernel), one call
     "speed_kv_bits": {
         "fp16": "results/pythia-2.8b_random_kv_bits_decode_h200/call3/kv_bits_fp16/summary.json",
@@ -589,6 +594,14 @@ def speed(root: Path, numbers: Numbers, out: Path) -> None:
     numbers["batchSnapKept"] = kept_percent(batch_snap["compression_ratio"])
     numbers["batchSnapTps"] = thousands(batch_snap["decode_tokens_per_s"])
     numbers["batchRatio"] = f(batch_snap["decode_tokens_per_s"] / batch_dense["decode_tokens_per_s"])
+
+    prefix = {cell: _load(path, root) for cell, path in SOURCES["speed_prefix"].items()}
+    if len({summary["environment"]["git_commit"] for summary in prefix.values()}) != 1:
+        raise ValueError("the prefix-bucket rows come from different calls: the text compares them")
+    throughput = {cell: summary["rows"][0]["decode_tokens_per_s"] for cell, summary in prefix.items()}
+    for bucket, key in ((0, "prefixRatioWhole"), (64, "prefixRatio")):
+        numbers[key] = f(throughput["snapkv_b560", bucket] / throughput["dense_b176", bucket])
+    numbers["prefixSnapFaster"] = f(100 * (throughput["snapkv_b560", 64] / throughput["snapkv_b560", 0] - 1), 1)
 
     kv_bits = {name: _load(path, root) for name, path in SOURCES["speed_kv_bits"].items()}
     if len({summary["environment"]["git_commit"] for summary in kv_bits.values()}) != 1:
