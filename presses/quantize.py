@@ -18,7 +18,9 @@ Two layouts:
   channels keys are known for (KIVI, KVQuant) do not set every token's range; the statistics
   cost 4 bytes per channel and head, stored once per layer.
 - per channel (KIVI's keys): one group per (channel, head) over ``group_tokens`` consecutive
-  tokens; tokens past the last whole group stay in fp16 (KIVI's residual).
+  tokens; tokens past the last whole group stay in fp16 (KIVI's residual). The channels of a head
+  may take different widths (``query_weighted_widths``, ours): a key error in channel c moves every
+  logit by q_c dk_c, so the bits go where the queries look, a channel no query reads taking none.
 """
 
 import torch
@@ -29,13 +31,13 @@ GROUP_SIDE_BYTES = 4  # an fp16 scale and an fp16 zero point
 
 def quantize_groups(x: torch.Tensor, bits: int, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``x`` rounded to ``bits``-bit integers along ``dim`` (asymmetric min-max, one group per
-    slice): (codes, scale, zero point), all in x's dtype, the codes whole numbers in [0, 2**bits - 1],
+    slice; ``bits`` an int or a tensor of positive widths broadcast over the groups): (codes, scale, zero point), all in x's dtype, the codes whole numbers in [0, 2**bits - 1],
     scale and zero point (the group's minimum) rounded to fp16 as stored, kept as size-1 ``dim``.
     x is code * scale + zero point, give or take half a scale."""
     levels = 2**bits - 1
     low = x.amin(dim, keepdim=True).half().to(x.dtype)
     scale = ((x.amax(dim, keepdim=True) - low) / levels).clamp(min=1e-6).half().to(x.dtype)
-    return ((x - low) / scale).round().clamp(0, levels), scale, low
+    return torch.minimum(((x - low) / scale).round().clamp(min=0), torch.as_tensor(levels, dtype=x.dtype)), scale, low
 
 
 def fake_quantize(x: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
@@ -84,16 +86,60 @@ def quantize_per_token(x: torch.Tensor, bits: int, stats: tuple[torch.Tensor, to
     return quantized * scale + mean
 
 
-def quantize_per_channel(x: torch.Tensor, bits: int, group_tokens: int) -> torch.Tensor:
+def quantize_per_channel(x: torch.Tensor, bits: int | torch.Tensor, group_tokens: int) -> torch.Tensor:
     """(batch, heads, tokens, dim): one group per channel and head over each ``group_tokens``
-    consecutive tokens; the tokens past the last whole group are left as they are (fp16)."""
+    consecutive tokens; the tokens past the last whole group are left as they are (fp16).
+    ``bits``: one width, or (batch, heads, dim) widths per channel (``query_weighted_widths``); a
+    channel of width 0 stores no codes, its group's zero point holding the group's mean."""
     whole = x.shape[2] // group_tokens * group_tokens
     if whole == 0:
         return x
     b, h, _, d = x.shape
     grouped = x[:, :, :whole].reshape(b, h, whole // group_tokens, group_tokens, d)
-    quantized = fake_quantize(grouped, bits, dim=3).reshape(b, h, whole, d)
-    return torch.cat([quantized, x[:, :, whole:]], dim=2)
+    if isinstance(bits, int):
+        quantized = fake_quantize(grouped, bits, dim=3)
+    else:
+        widths = bits.view(b, h, 1, 1, d)
+        quantized = torch.where(widths == 0, grouped.mean(3, keepdim=True).half().to(x.dtype),
+                                fake_quantize(grouped, widths.clamp(min=1), dim=3))
+    return torch.cat([quantized.reshape(b, h, whole, d), x[:, :, whole:]], dim=2)
+
+
+CHANNEL_WIDTHS = (0, 2, 3, 4, 5, 6, 7, 8)  # 1 bit (a group's minimum or maximum) does worse than its mean
+WIDTH_TABLE_BITS = 3  # per channel and head, per average width: which of CHANNEL_WIDTHS it takes
+
+
+def query_weighted_widths(keys: torch.Tensor, queries: torch.Tensor, bits: int, group_tokens: int) -> torch.Tensor:
+    """(batch, kv_heads, dim) key channel widths from CHANNEL_WIDTHS, at most dim * ``bits`` bits per
+    head, that minimise the expected squared logit error of KIVI's per-channel groups (ours).
+
+    A key error dk_c in channel c moves a logit by q_c dk_c, so channel c weighs w_c = E[q_c^2],
+    the mean over ``queries`` (batch, heads, q, dim; the prefill's, rotated as attention sees them)
+    summed over the query heads sharing the KV head. A group of range R quantized to b bits errs
+    by R^2 / (12 (2^b - 1)^2) in the mean square, at 0 bits (the group's mean) by the group's
+    variance: the widths minimising sum_c w_c D_c(b_c) + lambda * b_c, for the smallest lambda
+    that fits the bits (bisection per head), are reverse water-filling over the channels.
+    ``keys`` (batch, kv_heads, tokens, dim): the whole groups in cache order give R and the
+    variance; with no whole group every channel takes ``bits``."""
+    b, kv_heads, tokens, d = keys.shape
+    whole = tokens // group_tokens * group_tokens
+    if whole == 0:
+        return torch.full((b, kv_heads, d), bits, dtype=torch.long, device=keys.device)
+    grouped = keys[:, :, :whole].float().reshape(b, kv_heads, whole // group_tokens, group_tokens, d)
+    spread = ((grouped.amax(3) - grouped.amin(3)) ** 2).mean(2)  # (b, kv_heads, d)
+    variance = grouped.var(3, correction=0).mean(2)
+    weight = (queries.float() ** 2).mean(2).view(b, kv_heads, -1, d).sum(2)
+    widths = torch.tensor(CHANNEL_WIDTHS, device=keys.device, dtype=torch.float32)
+    error = torch.where(widths == 0, variance.unsqueeze(-1),
+                        spread.unsqueeze(-1) / (12 * (2**widths - 1).clamp(min=1) ** 2))
+    distortion = weight.unsqueeze(-1) * error  # (b, kv_heads, d, widths)
+    scale = distortion.mean().clamp(min=1e-30).log()
+    low, high = torch.full((b, kv_heads, 1, 1), -60.0, device=keys.device) + scale, torch.full((b, kv_heads, 1, 1), 60.0, device=keys.device) + scale
+    for _ in range(50):  # the smallest log lambda whose widths fit, per head
+        middle = (low + high) / 2
+        fits = widths[(distortion + middle.exp() * widths).argmin(-1)].sum(-1, keepdim=True).unsqueeze(-1) <= d * bits
+        high, low = torch.where(fits, middle, high), torch.where(fits, low, middle)
+    return widths[(distortion + high.exp() * widths).argmin(-1)].long()
 
 
 def token_bytes(bits: int, head_dim: int) -> float:

@@ -6,9 +6,10 @@ import torch
 from kvpress import BasePress
 from torch import nn
 
+from presses.attention import rotated_queries
 from presses.errors import PressConfigError
-from presses.quantize import (FP16_BYTES, channel_stats, quantize_per_channel, quantize_per_token,
-                              quantized_head_bytes)
+from presses.quantize import (FP16_BYTES, WIDTH_TABLE_BITS, channel_stats, per_channel_bytes, quantize_per_channel,
+                              quantize_per_token, quantized_head_bytes, query_weighted_widths)
 
 
 @dataclass
@@ -18,7 +19,9 @@ class QuantizedKVPress(BasePress):
     token; keys per channel over groups of ``group_tokens`` tokens (``key_layout="channel"``,
     KIVI, Liu et al. 2024) or per token after centring and scaling each channel
     (``key_layout="token"``, presses/quantize.py); with ``rotate`` every per-token group (the values,
-    per-token keys) is quantized after a fixed random rotation (QuaRot's, presses/quantize.py). It removes no token (``compression_ratio`` stays 0): composed
+    per-token keys) is quantized after a fixed random rotation (QuaRot's, presses/quantize.py); with
+    ``channel_widths="query"`` KIVI's key channels take widths by the prefill queries' energy on
+    them, ``bits`` on average (ours, presses/quantize.py; their table counted). It removes no token (``compression_ratio`` stays 0): composed
     after an eviction press it quantizes what that press kept. ``stored_bytes`` holds, per
     layer, the bytes one sequence's keys and values take in that form, scales included."""
 
@@ -27,6 +30,7 @@ class QuantizedKVPress(BasePress):
     group_tokens: int = 32
     recent_tokens: int = 0
     rotate: bool = False
+    channel_widths: str = "uniform"  # "query": KIVI key channels' widths by the queries' energy on them
     compression_ratio: float = 0.0
     stored_bytes: dict = field(default_factory=dict, repr=False)
 
@@ -37,18 +41,30 @@ class QuantizedKVPress(BasePress):
             raise PressConfigError(f"key_layout must be 'channel' or 'token', got {self.key_layout!r}")
         if self.group_tokens < 1 or self.recent_tokens < 0:
             raise PressConfigError("group_tokens must be at least 1 and recent_tokens at least 0")
+        if self.channel_widths not in ("uniform", "query"):
+            raise PressConfigError(f"channel_widths must be 'uniform' or 'query', got {self.channel_widths!r}")
+        if self.channel_widths == "query" and self.key_layout != "channel":
+            raise PressConfigError("channel_widths='query' sets the widths of KIVI's key channels: use key_layout='channel'")
 
     def compress(self, module: nn.Module, hidden_states, keys: torch.Tensor, values: torch.Tensor, attentions, kwargs):
         batch, heads, tokens, head_dim = keys.shape
         old = max(tokens - self.recent_tokens, 0)
-        if self.key_layout == "channel":
+        recent_bytes = 2 * (tokens - old) * FP16_BYTES * head_dim
+        quantized_bytes = quantized_head_bytes(old, self.bits, head_dim, self.key_layout, self.group_tokens)
+        if self.channel_widths == "query":
+            widths = query_weighted_widths(keys[:, :, :old], rotated_queries(module, hidden_states, kwargs), self.bits,
+                                           self.group_tokens)
+            quantized_keys = quantize_per_channel(keys[:, :, :old], widths, self.group_tokens)
+            # the packed key bits as the widths fall (at most bits on average), and their table
+            quantized_bytes += (per_channel_bytes(old, widths.float().mean().item(), head_dim, self.group_tokens)
+                                - per_channel_bytes(old, self.bits, head_dim, self.group_tokens)
+                                + head_dim * WIDTH_TABLE_BITS / 8)
+        elif self.key_layout == "channel":
             quantized_keys = quantize_per_channel(keys[:, :, :old], self.bits, self.group_tokens)
         else:
             quantized_keys = quantize_per_token(keys[:, :, :old], self.bits, channel_stats(keys[:, :, :old]), self.rotate)
         quantized_values = quantize_per_token(values[:, :, :old], self.bits, rotate=self.rotate)
-        recent_bytes = 2 * (tokens - old) * FP16_BYTES * head_dim
-        self.stored_bytes[module.layer_idx] = heads * (
-            quantized_head_bytes(old, self.bits, head_dim, self.key_layout, self.group_tokens) + recent_bytes)
+        self.stored_bytes[module.layer_idx] = heads * (quantized_bytes + recent_bytes)
         keys = torch.cat([quantized_keys, keys[:, :, old:]], dim=2)
         values = torch.cat([quantized_values, values[:, :, old:]], dim=2)
         return keys, values

@@ -10,8 +10,9 @@ from transformers.models.llama.modeling_llama import repeat_kv
 
 from presses.attention import attention_rows, current_attention, per_kv_head, rotated_queries
 from presses.errors import PressConfigError
-from presses.quantize import (CHANNEL_STATS_BYTES, FP16_BYTES, GROUP_SIDE_BYTES, channel_stats, per_channel_bytes,
-                              quantize_per_channel, quantize_per_token, token_bytes)
+from presses.quantize import (CHANNEL_STATS_BYTES, FP16_BYTES, GROUP_SIDE_BYTES, WIDTH_TABLE_BITS, channel_stats,
+                              per_channel_bytes, quantize_per_channel, quantize_per_token, query_weighted_widths,
+                              token_bytes)
 
 GRID = 64  # lambdas tried at once
 
@@ -67,6 +68,9 @@ class RDKVPress(BasePress):
     never reads a compressed cache, so nothing it computes changes). A layer's distortions are
     first divided by its window outputs' energy (sum of |o|^2, ``layer_scale="output"``: an output
     moved by 1% costs the same in every layer) or left as they are (``"none"``).
+    With ``channel_widths="query"`` (KIVI's key layout) a key width b is an average: each channel
+    of a head takes the width the prefill's queries' energy on it pays for, dim * b bits in all
+    (presses/quantize.py, ``query_weighted_widths``; the widths' table is counted in the bytes).
     Prefill only; one sequence per call."""
 
     compression_ratio: float = 0.0  # fraction of the layer's fp16 KV bytes removed
@@ -91,6 +95,7 @@ class RDKVPress(BasePress):
     merge_evicted: bool = False  # evicted values folded into the most key-similar kept token (CaM's, D2O's), same bytes
     allocate_over: str = "layer"  # "model": one lambda for all layers, the bytes of all their budgets
     layer_scale: str = "output"  # with allocate_over="model": each layer's distortions over its outputs' energy, or "none"
+    channel_widths: str = "uniform"  # "query": KIVI key channels take widths by the queries' energy on them (ours)
     stored_bytes: dict = field(default_factory=dict, repr=False)
     chosen_bits: dict = field(default_factory=dict, repr=False)  # per layer, keys and values: share of (token, head) entries at each width (0: evicted)
 
@@ -117,6 +122,10 @@ class RDKVPress(BasePress):
             raise PressConfigError(f"allocate_over must be 'layer' or 'model', got {self.allocate_over!r}")
         if self.layer_scale not in ("output", "none"):
             raise PressConfigError(f"layer_scale must be 'output' or 'none', got {self.layer_scale!r}")
+        if self.channel_widths not in ("uniform", "query"):
+            raise PressConfigError(f"channel_widths must be 'uniform' or 'query', got {self.channel_widths!r}")
+        if self.channel_widths == "query" and self.key_layout != "channel":
+            raise PressConfigError("channel_widths='query' sets the widths of KIVI's key channels: use key_layout='channel'")
         self._waiting = {}  # allocate_over="model": layer index -> (plan, cache), until the last layer
 
     def compress(self, module: nn.Module, hidden_states, keys: torch.Tensor, values: torch.Tensor, attentions, kwargs):
@@ -170,8 +179,14 @@ class RDKVPress(BasePress):
         """A layer's options, their prices and distortions, its budget and the tokens it must keep."""
         kv_heads, tokens, head_dim = keys.shape[1:]
         stats = channel_stats(keys)
+        side_bytes = kv_heads * head_dim * CHANNEL_STATS_BYTES  # the keys' channel statistics
+        key_widths = list(self.bits)  # per width on offer: it, or its channel widths
+        if self.channel_widths == "query":
+            queries = rotated_queries(module, hidden_states, kwargs)
+            key_widths = [query_weighted_widths(keys, queries, b, self.group_tokens) for b in self.bits]
+            side_bytes += len(self.bits) * kv_heads * head_dim * WIDTH_TABLE_BITS / 8
         if self.key_layout == "channel":  # the error of KIVI's layout over the whole context, as the proxy
-            key_options = [quantize_per_channel(keys, b, self.group_tokens) for b in self.bits]
+            key_options = [quantize_per_channel(keys, widths, self.group_tokens) for widths in key_widths]
             # a width's last partial group is stored per token: the dearer of the two prices keeps the budget
             key_price = [max(head_dim * (b / 8 + GROUP_SIDE_BYTES / self.group_tokens), token_bytes(b, head_dim)) for b in self.bits]
         else:
@@ -193,7 +208,6 @@ class RDKVPress(BasePress):
         no_error = torch.zeros_like(key_error[..., :1])
         distortion = torch.cat([key_error, no_error], -1)[..., key_of] + torch.cat([value_error, no_error], -1)[..., value_of]
         price = key_price[key_of] + value_price[value_of]  # the last option: fp16 keys and values
-        side_bytes = kv_heads * head_dim * CHANNEL_STATS_BYTES  # the keys' channel statistics
         budget = (1 - self.compression_ratio) * dense_bytes - side_bytes
         recent = self.window_size if self.recent_tokens is None else self.recent_tokens
         recent = min(recent, tokens, int(budget // (kv_heads * price[-1].item())))
@@ -203,7 +217,7 @@ class RDKVPress(BasePress):
         affordable = recent + int((budget - recent * kv_heads * price[-1].item()) // (kv_heads * price.min().item()))
         protected = torch.zeros(tokens, dtype=torch.bool, device=keys.device)
         protected[tokens - min(max(int(self.protect_recent * tokens), recent), affordable) :] = True
-        return _Plan(keys, values, stats, key_options, value_options, key_of, value_of, key_price, value_price,
+        return _Plan(keys, values, stats, key_widths, key_options, value_options, key_of, value_of, key_price, value_price,
                      distortion[0], self.evict_weight * evict[0], mass, price, budget, side_bytes, protected, energy)
 
     def _store(self, layer: int, plan: "_Plan", keep: torch.Tensor, choice: torch.Tensor):
@@ -222,7 +236,8 @@ class RDKVPress(BasePress):
         value_bytes = plan.value_price[value_choice].gather(1, kept).sum().item()  # the precision tags ride with the values
         if self.key_layout == "channel":  # the key bytes as the width groups really fall
             keys, key_bytes = _keys_by_precision(_gather(keys, kept), plan.stats, key_choice.gather(1, kept), self.bits,
-                                                 self.group_tokens, self.rotate)
+                                                 self.group_tokens, self.rotate,
+                                                 plan.key_widths if self.channel_widths == "query" else None)
         else:
             keys = _pick(keys, plan.key_options, key_choice, kept)
             key_bytes = plan.key_price[key_choice].gather(1, kept).sum().item()
@@ -306,6 +321,7 @@ class _Plan:
     keys: torch.Tensor
     values: torch.Tensor
     stats: tuple
+    key_widths: list  # per width on offer: it, or with channel_widths="query" its (1, heads, dim) channel widths
     key_options: list
     value_options: list
     key_of: torch.Tensor  # per option: its key width's index
@@ -362,11 +378,12 @@ def _allocate(distortion: torch.Tensor, evict: torch.Tensor, price: torch.Tensor
 
 
 def _keys_by_precision(keys: torch.Tensor, stats, choice: torch.Tensor, bits: tuple[int, ...], group_tokens: int,
-                       rotate: bool = False):
+                       rotate: bool = False, channel_widths: list | None = None):
     """Kept keys (1, heads, kept, dim) stored in KIVI's layout: per head, the tokens given one
-    width form groups of ``group_tokens`` in cache order, each channel quantized over its group;
-    the last partial group of a width is quantized per token (centred and scaled per channel, and
-    rotated with ``rotate``).
+    width form groups of ``group_tokens`` in cache order, each channel quantized over its group
+    (with ``channel_widths``, per width on offer its (1, heads, dim) channel widths, averaging at
+    most that width); the last partial group of a width is quantized per token (centred and
+    scaled per channel, and rotated with ``rotate``).
     Returns the stored keys and their bytes (packed integers and group scales; fp16 ones as they are)."""
     stored, head_dim, total = keys.clone(), keys.shape[-1], 0.0
     for head in range(keys.shape[1]):
@@ -377,13 +394,17 @@ def _keys_by_precision(keys: torch.Tensor, stats, choice: torch.Tensor, bits: tu
             if b == 16:
                 total += members.numel() * FP16_BYTES * head_dim
                 continue
+            widths, packed = b, b  # the channels' widths, and their mean: the bits a group's channels hold
+            if channel_widths is not None:
+                widths = channel_widths[index][:, head : head + 1]
+                packed = widths.float().mean().item()
             part = keys[:, head : head + 1, members]
             whole = members.numel() // group_tokens * group_tokens
-            quantized = quantize_per_channel(part, b, group_tokens)
+            quantized = quantize_per_channel(part, widths, group_tokens)
             head_stats = tuple(stat[:, head : head + 1] for stat in stats)
             quantized[:, :, whole:] = quantize_per_token(part[:, :, whole:], b, head_stats, rotate)
             stored[:, head : head + 1, members] = quantized
-            total += per_channel_bytes(whole, b, head_dim, group_tokens) + (members.numel() - whole) * token_bytes(b, head_dim)
+            total += per_channel_bytes(whole, packed, head_dim, group_tokens) + (members.numel() - whole) * token_bytes(b, head_dim)
     return stored, total
 
 

@@ -20,22 +20,24 @@ report="--first_window 0 --num_windows 32"
 parts=" ${*:-tune uniform eviction composites selected} "
 date
 if [[ $parts == *" tune "* ]]; then
-  # call15 (call11-call14's grids are in results/smollm2-135m_equal_bytes_h200/callN/: run with selected and
-  # EXTRA_TUNING naming call11's tune_acc*.json and call12's to call14's tune_*.json). One process per
-  # setting list (in parallel: a 135M model is launch-bound, one GPU serves several).
-  # One lambda for the model (allocate_over=model, 2e119d7), around each target's selection: the CPU's
-  # tuning grid (results/smollm2-135m_equal_bytes_model_lambda_cpu/) found it below the per-layer
-  # selection at 12.5% and 6.25%, not at 25%; and the per-layer lambda at the eviction weight that grid
-  # chose at 12.5% (4), which on the CPU accounts for most of its gain
-  run tune_per_layer_ew4_h2o0.6 $tune --part rdkv --rdkv "after_h2o=0.6 evict_weight=4 rotate=1 key_layout=token"
-  run tune_model_lambda_h2o0.6 $tune --part rdkv --rdkv \
-    "after_h2o=0.6 evict_weight=4 rotate=1 key_layout=token allocate_over=model" \
-    "after_h2o=0.6 evict_weight=8 rotate=1 key_layout=token allocate_over=model" \
-    "after_h2o=0.6 evict_weight=16 rotate=1 key_layout=token allocate_over=model"
-  run tune_model_lambda_h2o0.3 $tune --part rdkv --rdkv \
-    "after_h2o=0.3 evict_weight=16 separate_widths=0 allocate_over=model" \
-    "after_h2o=0.3 evict_weight=8 separate_widths=0 allocate_over=model"
-  run tune_model_lambda_alone $tune --part rdkv --rdkv "rotate=1 allocate_over=model"
+  # call16 (call11-call15's grids are in results/smollm2-135m_equal_bytes_h200/callN/: run with selected and
+  # EXTRA_TUNING naming call11's tune_acc*.json and call12's to call15's tune_*.json). One process per
+  # setting (in parallel: a 135M model is launch-bound, one GPU serves several), each at every target.
+  # KIVI's key channels at widths by the prefill queries' energy on them (channel_widths=query), around
+  # each target's selection: on the CPU, every token at 2 bits that way cost +2.9% over dense against
+  # +17% with one width for all channels, so 2 bits are on offer too
+  i=0
+  for setting in "rotate=1 channel_widths=query" "rotate=1 channel_widths=query bits=2,3,4,8" \
+      "rotate=1 channel_widths=query allocate_over=model" \
+      "after_h2o=0.6 evict_weight=4 rotate=1 allocate_over=model channel_widths=query" \
+      "after_h2o=0.6 evict_weight=4 rotate=1 allocate_over=model channel_widths=query bits=2,3,4,8" \
+      "after_h2o=0.8 evict_weight=4 rotate=1 allocate_over=model channel_widths=query bits=2,3,4,8" \
+      "after_h2o=0.3 evict_weight=16 separate_widths=0 allocate_over=model channel_widths=query" \
+      "after_h2o=0.3 evict_weight=16 separate_widths=0 allocate_over=model channel_widths=query bits=2,3,4,8" \
+      "after_h2o=0.5 evict_weight=16 separate_widths=0 allocate_over=model channel_widths=query bits=2,3,4,8"; do
+    i=$((i + 1))
+    run "tune_query_widths_$i" $tune --part rdkv --rdkv "$setting"
+  done
 fi
 if [[ $parts == *" tune_baselines "* ]]; then  # the best baseline of windows 0-31 on the tuning windows (call9/)
   for target in 0.25 0.125 0.0625; do
