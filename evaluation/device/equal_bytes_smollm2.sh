@@ -44,11 +44,12 @@ if [[ $parts == *" tune_baselines "* ]]; then  # the best baseline of windows 0-
     run tuning_h2o_$target $tune --part composites --targets $target --composed_with h2o
   done
 fi
-# The settings call13 selected per target (pooled over call11-call13's tuning grids on windows 32-39):
-# 25% RD-KV alone, its defaults rotated; 12.5% and 6.25% H2O's tokens first (accumulated=0 there)
-selected_25="rotate=1 key_layout=channel"
-selected_125="after_h2o=0.6 evict_weight=16 rotate=1 key_layout=token"
-selected_625="after_h2o=0.3 evict_weight=16"
+# The settings call16 selected per target (pooled over call11-call16's tuning grids on windows 32-39;
+# the ablations and budget50 of call14 ran call13's: rotate=1 key_layout=channel at 25%):
+# 25% RD-KV alone, rotated, query-weighted key widths; 12.5% and 6.25% H2O's tokens first (accumulated=0 there)
+selected_25="rotate=1 channel_widths=query"
+selected_125="after_h2o=0.6 evict_weight=4 rotate=1 allocate_over=model channel_widths=query"
+selected_625="after_h2o=0.3 evict_weight=16 separate_widths=0 allocate_over=model"
 if [[ $parts == *" ablation "* ]]; then
   # RD-KV's components one at a time off the 25% selection (its defaults, rotated), on the reported
   # windows (issue 15's ablations): rotation, the accumulated evidence, keys and values choosing widths
