@@ -9,7 +9,8 @@ from transformers import DynamicCache
 from decoding.kv_cache import fp16_kv_bytes
 from evaluation.protocols import context_nll, stored_bytes
 from presses.errors import PressConfigError
-from presses.quantize import fake_quantize, per_channel_bytes, quantize_per_channel, quantize_per_token, rotation, token_bytes
+from presses.quantize import (CHANNEL_WIDTHS, WIDTH_TABLE_BITS, fake_quantize, per_channel_bytes, quantize_per_channel,
+                              quantize_per_token, query_weighted_widths, rotation, token_bytes)
 from presses.quantized_kv_press import QuantizedKVPress
 from presses.attention import per_kv_head
 from presses.h2o_press import H2OPress
@@ -333,3 +334,97 @@ def test_one_lambda_after_h2o_scores_within_the_bytes_and_refuses_bad_settings()
         RDKVPress(0.5, allocate_over="model", layer_scale="norm")
     with pytest.raises(PressConfigError, match="allocates per layer"):
         RDKVBudgetPress(RDKVPress(allocate_over="model"))
+
+
+def _heterogeneous_keys_and_queries():
+    """Keys (1, 2, 128, 16) whose channel scales span 1000x, and GQA queries (1, 4, 24, 16) whose
+    energy falls the other way (more slowly) and is zero on channel 5."""
+    generator = torch.Generator().manual_seed(0)
+    keys = torch.randn(1, 2, 128, 16, generator=generator) * torch.logspace(-1.5, 1.5, 16)
+    queries = torch.randn(1, 4, 24, 16, generator=generator) * torch.logspace(1, -1, 16)
+    queries[..., 5] = 0
+    return keys, queries
+
+
+def _query_energy(queries, kv_heads):  # (1, kv_heads, dim): E[q_c^2] summed over the query heads of a KV head
+    return (queries**2).mean(2).view(1, kv_heads, -1, queries.shape[-1]).sum(2)
+
+
+def test_query_weighted_widths_fit_the_bits_and_follow_the_queries():
+    keys, queries = _heterogeneous_keys_and_queries()
+    widths = query_weighted_widths(keys, queries, 3, 32)
+    assert widths.shape == (1, 2, 16)
+    assert (widths.sum(-1) <= 16 * 3).all()
+    assert all(w in CHANNEL_WIDTHS for w in widths.flatten().tolist())
+    assert (widths[..., 5] == 0).all()  # no query reads channel 5
+    groups = keys.view(1, 2, 4, 32, 16)
+    spread = ((groups.amax(3) - groups.amin(3)) ** 2).mean(2)  # (1, heads, dim): a group's squared range
+    busiest = (_query_energy(queries, 2) * spread).argmax(-1)  # per head, the channel of the largest logit error
+    assert (widths.gather(-1, busiest.unsqueeze(-1)) > 3).all()
+
+
+def test_per_channel_widths_tensor_matches_one_width_and_width_zero_keeps_the_group_mean():
+    x = torch.randn(1, 2, 70, 8, generator=torch.Generator().manual_seed(0)) * 3 + 1
+    threes = torch.full((1, 2, 8), 3, dtype=torch.long)
+    assert torch.equal(quantize_per_channel(x, threes, 32), quantize_per_channel(x, 3, 32))
+    widths = threes.clone()
+    widths[0, 1, 2] = 0
+    quantized = quantize_per_channel(x, widths, 32)
+    means = x[0, 1, :64, 2].view(2, 32).mean(1, keepdim=True).expand(2, 32).reshape(64)
+    torch.testing.assert_close(quantized[0, 1, :64, 2], means, atol=2e-3, rtol=1e-3)  # stored in fp16
+    assert torch.equal(quantized[:, :, 64:], x[:, :, 64:])  # the tail past the last whole group
+    assert torch.equal(quantized[0, 0], quantize_per_channel(x, 3, 32)[0, 0])  # the other head as before
+
+
+def test_query_weighted_widths_lower_the_expected_logit_error_at_the_same_bits():
+    keys, queries = _heterogeneous_keys_and_queries()
+    weight = _query_energy(queries, 2)
+
+    def logit_error(quantized):  # sum_c w_c * mean((kq_c - k_c)^2)
+        return (weight * ((quantized - keys) ** 2).mean(2)).sum()
+
+    allocated = logit_error(quantize_per_channel(keys, query_weighted_widths(keys, queries, 3, 32), 32))
+    assert allocated < 0.7 * logit_error(quantize_per_channel(keys, 3, 32))  # measured: 0.35x
+
+
+def test_query_widths_need_kivis_key_layout():
+    for bad in (lambda: RDKVPress(0.75, channel_widths="query", key_layout="token"),
+                lambda: QuantizedKVPress(channel_widths="query", key_layout="token")):
+        with pytest.raises(PressConfigError, match="key_layout='channel'"):
+            bad()
+    for bad in (lambda: RDKVPress(0.75, channel_widths="bad"), lambda: QuantizedKVPress(channel_widths="bad")):
+        with pytest.raises(PressConfigError, match="channel_widths"):
+            bad()
+
+
+def _skew_key_channels(model):
+    """Scale each head's key channels by 0.1x to 10x (a rotary pair (c, c + dim/2) alike): a seeded
+    tiny model's channels are alike, and query widths then stay uniform."""
+    config = model.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    scale = torch.logspace(-1, 1, head_dim // 2).repeat(2)
+    with torch.no_grad():
+        for layer in model.base_model.layers:
+            if config.model_type == "llama":
+                layer.self_attn.k_proj.weight.view(-1, head_dim, config.hidden_size).mul_(scale[:, None])
+            else:  # GPT-NeoX's fused projection: per head its query, key and value rows
+                layer.attention.query_key_value.weight.view(-1, 3, head_dim, config.hidden_size)[:, 1].mul_(scale[:, None])
+                layer.attention.query_key_value.bias.view(-1, 3, head_dim)[:, 1].mul_(scale)
+    return model
+
+
+@pytest.mark.parametrize("config", [tiny_neox_config(), tiny_llama_config()], ids=["neox", "llama"])
+def test_query_widths_in_the_presses_fit_their_bytes_and_change_the_keys(config):
+    model = _skew_key_channels(build(config, attn_implementation="sdpa"))
+    uniform, query = QuantizedKVPress(bits=3), QuantizedKVPress(bits=3, channel_widths="query")
+    caches = _prefill(model, uniform), _prefill(model, query)
+    heads, head_dim = caches[0].layers[0].keys.shape[1], caches[0].layers[0].keys.shape[3]
+    for layer in uniform.stored_bytes:
+        assert query.stored_bytes[layer] <= uniform.stored_bytes[layer] + heads * head_dim * WIDTH_TABLE_BITS / 8
+    assert not torch.equal(caches[0].layers[0].keys, caches[1].layers[0].keys)
+    setting = dict(window_size=8, group_tokens=8)
+    rdkv = RDKVPress(0.75, channel_widths="query", **setting)
+    cache = _prefill(model, rdkv, tokens=128)
+    assert stored_bytes(rdkv, cache) <= 0.25 * fp16_kv_bytes(model.config, 128)
+    plain = _prefill(model, RDKVPress(0.75, **setting), tokens=128).layers[0].keys
+    assert plain.shape != cache.layers[0].keys.shape or not torch.equal(plain, cache.layers[0].keys)
