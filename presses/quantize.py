@@ -25,6 +25,8 @@ Two layouts:
 
 import torch
 
+from presses.errors import PressConfigError
+
 FP16_BYTES = 2
 GROUP_SIDE_BYTES = 4  # an fp16 scale and an fp16 zero point
 
@@ -107,6 +109,14 @@ def quantize_per_channel(x: torch.Tensor, bits: int | torch.Tensor, group_tokens
 
 CHANNEL_WIDTHS = (0, 2, 3, 4, 5, 6, 7, 8)  # 1 bit (a group's minimum or maximum) does worse than its mean
 WIDTH_TABLE_BITS = 3  # per channel and head, per average width: which of CHANNEL_WIDTHS it takes
+
+
+def check_channel_widths(channel_widths: str, key_layout: str) -> None:
+    """A press's ``channel_widths`` setting: "uniform", or "query" (``query_weighted_widths``) with KIVI's key layout."""
+    if channel_widths not in ("uniform", "query"):
+        raise PressConfigError(f"channel_widths must be 'uniform' or 'query', got {channel_widths!r}")
+    if channel_widths == "query" and key_layout != "channel":
+        raise PressConfigError("channel_widths='query' sets the widths of KIVI's key channels: use key_layout='channel'")
 
 
 def query_weighted_widths(keys: torch.Tensor, queries: torch.Tensor, bits: int, group_tokens: int) -> torch.Tensor:

@@ -8,7 +8,7 @@ from torch import nn
 
 from presses.attention import rotated_queries
 from presses.errors import PressConfigError
-from presses.quantize import (FP16_BYTES, WIDTH_TABLE_BITS, channel_stats, per_channel_bytes, quantize_per_channel,
+from presses.quantize import (check_channel_widths, FP16_BYTES, WIDTH_TABLE_BITS, channel_stats, per_channel_bytes, quantize_per_channel,
                               quantize_per_token, quantized_head_bytes, query_weighted_widths)
 
 
@@ -41,10 +41,7 @@ class QuantizedKVPress(BasePress):
             raise PressConfigError(f"key_layout must be 'channel' or 'token', got {self.key_layout!r}")
         if self.group_tokens < 1 or self.recent_tokens < 0:
             raise PressConfigError("group_tokens must be at least 1 and recent_tokens at least 0")
-        if self.channel_widths not in ("uniform", "query"):
-            raise PressConfigError(f"channel_widths must be 'uniform' or 'query', got {self.channel_widths!r}")
-        if self.channel_widths == "query" and self.key_layout != "channel":
-            raise PressConfigError("channel_widths='query' sets the widths of KIVI's key channels: use key_layout='channel'")
+        check_channel_widths(self.channel_widths, self.key_layout)
 
     def compress(self, module: nn.Module, hidden_states, keys: torch.Tensor, values: torch.Tensor, attentions, kwargs):
         batch, heads, tokens, head_dim = keys.shape

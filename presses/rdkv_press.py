@@ -10,7 +10,7 @@ from transformers.models.llama.modeling_llama import repeat_kv
 
 from presses.attention import attention_rows, current_attention, per_kv_head, rotated_queries
 from presses.errors import PressConfigError
-from presses.quantize import (CHANNEL_STATS_BYTES, FP16_BYTES, GROUP_SIDE_BYTES, WIDTH_TABLE_BITS, channel_stats,
+from presses.quantize import (check_channel_widths, CHANNEL_STATS_BYTES, FP16_BYTES, GROUP_SIDE_BYTES, WIDTH_TABLE_BITS, channel_stats,
                               per_channel_bytes, quantize_per_channel, quantize_per_token, query_weighted_widths,
                               token_bytes)
 
@@ -122,10 +122,7 @@ class RDKVPress(BasePress):
             raise PressConfigError(f"allocate_over must be 'layer' or 'model', got {self.allocate_over!r}")
         if self.layer_scale not in ("output", "none"):
             raise PressConfigError(f"layer_scale must be 'output' or 'none', got {self.layer_scale!r}")
-        if self.channel_widths not in ("uniform", "query"):
-            raise PressConfigError(f"channel_widths must be 'uniform' or 'query', got {self.channel_widths!r}")
-        if self.channel_widths == "query" and self.key_layout != "channel":
-            raise PressConfigError("channel_widths='query' sets the widths of KIVI's key channels: use key_layout='channel'")
+        check_channel_widths(self.channel_widths, self.key_layout)
         self._waiting = {}  # allocate_over="model": layer index -> (plan, cache), until the last layer
 
     def compress(self, module: nn.Module, hidden_states, keys: torch.Tensor, values: torch.Tensor, attentions, kwargs):
