@@ -73,16 +73,89 @@ def rotation(dim: int, device, dtype) -> torch.Tensor:
     return _rotations[key]
 
 
+LEVELS = ("uniform", "gaussian")
+GAUSSIAN_SAMPLES = 4096  # seeded Gaussian groups the levels are fitted on
+
+
+_gaussian_levels: dict[tuple[int, int], torch.Tensor | None] = {}
+
+
+def gaussian_levels(dim: int, bits: int) -> torch.Tensor | None:
+    """The 2**bits levels (float64, ascending) that minimise the mean squared error of a group of
+    ``dim`` Gaussian entries stored as its mean, its RMS around the mean (fp16 each: the bytes of
+    a scale and a zero point) and each entry's nearest level times the RMS plus the mean
+    (Lloyd-Max's quantizer, fitted by Lloyd's iterations on seeded Gaussian groups); None where
+    min-max uniform levels err less on the same groups (from 4 bits on a 64-dim group: the min and
+    max pin a short group's tails better than a fixed codebook does). A rotated group's entries
+    are near Gaussian (a random rotation mixes every dimension into each), the reason QuIP#'s and
+    NF4's codebooks fit rotated or normal weights; here it is KV's per-token groups."""
+    key = (dim, bits)
+    if key not in _gaussian_levels:
+        groups = torch.randn(GAUSSIAN_SAMPLES, dim, generator=torch.Generator().manual_seed(ROTATION_SEED),
+                             dtype=torch.float64)
+        mean, rms = _mean_and_rms(groups)
+        entries = ((groups - mean) / rms).flatten()
+        count = 2**bits
+        levels = torch.quantile(entries, (torch.arange(count, dtype=torch.float64) + 0.5) / count)
+        for _ in range(100):
+            nearest = _nearest(entries, levels)
+            levels = torch.zeros(count, dtype=torch.float64).index_add_(0, nearest, entries) / torch.bincount(
+                nearest, minlength=count).clamp(min=1)
+            levels = (levels - levels.flip(0)) / 2  # the normal law is symmetric: so are its levels
+        # Lloyd's levels are the cells' means, so a stored entry shrinks toward the mean by the error's
+        # share of the variance, the same way in every token: an attention output, which averages many
+        # tokens' values, would shrink with them. Stretched by E[x^2] / E[x Q(x)], the error is
+        # uncorrelated with the entry (as rounding's is), and averages out over the tokens
+        stored = levels[_nearest(entries, levels)]
+        levels = levels * (entries**2).mean() / (entries * stored).mean()
+        error = ((levels[_nearest(entries, levels)] - entries) ** 2).mean() * (rms**2).mean()
+        uniform_error = ((fake_quantize(groups, bits) - groups) ** 2).mean()
+        _gaussian_levels[key] = levels if error < uniform_error else None
+    return _gaussian_levels[key]
+
+
+def _mean_and_rms(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per group along the last dim: the mean and the RMS around it, rounded to fp16 as stored."""
+    mean = x.mean(-1, keepdim=True).half().to(x.dtype)
+    rms = ((x - mean) ** 2).mean(-1, keepdim=True).sqrt().clamp(min=1e-6).half().to(x.dtype)
+    return mean, rms
+
+
+def _nearest(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """The index of each entry's nearest level (``levels`` ascending): bisection at the midpoints."""
+    return torch.bucketize(x, (levels[1:] + levels[:-1]) / 2)
+
+
+def level_quantize(x: torch.Tensor, bits: int, levels: str = "uniform") -> torch.Tensor:
+    """``x`` with one group per slice along the last dim, dequantized: min-max uniform levels
+    (``fake_quantize``) or, with ``levels="gaussian"``, ``gaussian_levels`` where they err less."""
+    table = gaussian_levels(x.shape[-1], bits) if levels == "gaussian" else None
+    if table is None:
+        return fake_quantize(x, bits)
+    mean, rms = _mean_and_rms(x)
+    table = table.to(device=x.device, dtype=x.dtype)
+    return table[_nearest((x - mean) / rms, table)] * rms + mean
+
+
+def check_levels(levels: str, rotate: bool) -> None:
+    """A press's ``levels`` setting: "uniform", or "gaussian" on rotated groups (unrotated ones are not near Gaussian)."""
+    if levels not in LEVELS:
+        raise PressConfigError(f"levels must be one of {', '.join(LEVELS)}, got {levels!r}")
+    if levels == "gaussian" and not rotate:
+        raise PressConfigError("levels='gaussian' fits rotated groups (their entries near Gaussian): use rotate=True")
+
+
 def quantize_per_token(x: torch.Tensor, bits: int, stats: tuple[torch.Tensor, torch.Tensor] | None = None,
-                       rotate: bool = False) -> torch.Tensor:
+                       rotate: bool = False, levels: str = "uniform") -> torch.Tensor:
     """(batch, heads, tokens, dim): one group per token and head; with ``stats``
     (channel_stats) each channel is centred and scaled first, and restored after; with ``rotate``
-    the group is quantized in the basis of ``rotation`` (see the module docstring)."""
+    the group is quantized in the basis of ``rotation`` (see the module docstring), with
+    ``levels="gaussian"`` (rotated groups only) to ``gaussian_levels``."""
     mean, scale = stats if stats is not None else (0.0, 1.0)
     x = (x - mean) / scale
     if rotate:
         turn = rotation(x.shape[-1], x.device, x.dtype)
-        quantized = fake_quantize(x @ turn, bits) @ turn.T
+        quantized = level_quantize(x @ turn, bits, levels) @ turn.T
     else:
         quantized = fake_quantize(x, bits)
     return quantized * scale + mean

@@ -8,7 +8,7 @@ from torch import nn
 
 from presses.attention import rotated_queries
 from presses.errors import PressConfigError
-from presses.quantize import (check_channel_widths, FP16_BYTES, WIDTH_TABLE_BITS, channel_stats, per_channel_bytes, quantize_per_channel,
+from presses.quantize import (check_channel_widths, check_levels, FP16_BYTES, WIDTH_TABLE_BITS, channel_stats, per_channel_bytes, quantize_per_channel,
                               quantize_per_token, quantized_head_bytes, query_weighted_widths)
 
 
@@ -21,7 +21,8 @@ class QuantizedKVPress(BasePress):
     (``key_layout="token"``, presses/quantize.py); with ``rotate`` every per-token group (the values,
     per-token keys) is quantized after a fixed random rotation (QuaRot's, presses/quantize.py); with
     ``channel_widths="query"`` KIVI's key channels take widths by the prefill queries' energy on
-    them, ``bits`` on average (ours, presses/quantize.py; their table counted). It removes no token (``compression_ratio`` stays 0): composed
+    them, ``bits`` on average (ours, presses/quantize.py; their table counted); with ``levels="gaussian"``
+    rotated groups round to Lloyd-Max's levels for normal entries at 2 and 3 bits (same bytes). It removes no token (``compression_ratio`` stays 0): composed
     after an eviction press it quantizes what that press kept. ``stored_bytes`` holds, per
     layer, the bytes one sequence's keys and values take in that form, scales included."""
 
@@ -31,6 +32,7 @@ class QuantizedKVPress(BasePress):
     recent_tokens: int = 0
     rotate: bool = False
     channel_widths: str = "uniform"  # "query": KIVI key channels' widths by the queries' energy on them
+    levels: str = "uniform"  # "gaussian": rotated per-token groups at Lloyd-Max's levels for normal entries
     compression_ratio: float = 0.0
     stored_bytes: dict = field(default_factory=dict, repr=False)
 
@@ -42,6 +44,7 @@ class QuantizedKVPress(BasePress):
         if self.group_tokens < 1 or self.recent_tokens < 0:
             raise PressConfigError("group_tokens must be at least 1 and recent_tokens at least 0")
         check_channel_widths(self.channel_widths, self.key_layout)
+        check_levels(self.levels, self.rotate)
 
     def compress(self, module: nn.Module, hidden_states, keys: torch.Tensor, values: torch.Tensor, attentions, kwargs):
         batch, heads, tokens, head_dim = keys.shape
@@ -59,8 +62,9 @@ class QuantizedKVPress(BasePress):
         elif self.key_layout == "channel":
             quantized_keys = quantize_per_channel(keys[:, :, :old], self.bits, self.group_tokens)
         else:
-            quantized_keys = quantize_per_token(keys[:, :, :old], self.bits, channel_stats(keys[:, :, :old]), self.rotate)
-        quantized_values = quantize_per_token(values[:, :, :old], self.bits, rotate=self.rotate)
+            quantized_keys = quantize_per_token(keys[:, :, :old], self.bits, channel_stats(keys[:, :, :old]), self.rotate,
+                                                self.levels)
+        quantized_values = quantize_per_token(values[:, :, :old], self.bits, rotate=self.rotate, levels=self.levels)
         self.stored_bytes[module.layer_idx] = heads * (quantized_bytes + recent_bytes)
         keys = torch.cat([quantized_keys, keys[:, :, old:]], dim=2)
         values = torch.cat([quantized_values, values[:, :, old:]], dim=2)

@@ -10,7 +10,7 @@ from transformers.models.llama.modeling_llama import repeat_kv
 
 from presses.attention import attention_rows, current_attention, per_kv_head, rotated_queries
 from presses.errors import PressConfigError
-from presses.quantize import (check_channel_widths, CHANNEL_STATS_BYTES, FP16_BYTES, GROUP_SIDE_BYTES, WIDTH_TABLE_BITS, channel_stats,
+from presses.quantize import (check_channel_widths, check_levels, CHANNEL_STATS_BYTES, FP16_BYTES, GROUP_SIDE_BYTES, WIDTH_TABLE_BITS, channel_stats,
                               per_channel_bytes, quantize_per_channel, quantize_per_token, query_weighted_widths,
                               token_bytes)
 
@@ -71,6 +71,9 @@ class RDKVPress(BasePress):
     With ``channel_widths="query"`` (KIVI's key layout) a key width b is an average: each channel
     of a head takes the width the prefill's queries' energy on it pays for, dim * b bits in all
     (presses/quantize.py, ``query_weighted_widths``; the widths' table is counted in the bytes).
+    With ``levels="gaussian"`` (rotated groups) the per-token groups round to the levels that
+    err least on Gaussian entries where they beat uniform ones (2 and 3 bits; presses/quantize.py
+    ``gaussian_levels``), at the same bytes.
     Prefill only; one sequence per call."""
 
     compression_ratio: float = 0.0  # fraction of the layer's fp16 KV bytes removed
@@ -96,6 +99,7 @@ class RDKVPress(BasePress):
     allocate_over: str = "layer"  # "model": one lambda for all layers, the bytes of all their budgets
     layer_scale: str = "output"  # with allocate_over="model": each layer's distortions over its outputs' energy, or "none"
     channel_widths: str = "uniform"  # "query": KIVI key channels take widths by the queries' energy on them (ours)
+    levels: str = "uniform"  # "gaussian": rotated per-token groups at Lloyd-Max's levels for normal entries (2, 3 bits)
     stored_bytes: dict = field(default_factory=dict, repr=False)
     chosen_bits: dict = field(default_factory=dict, repr=False)  # per layer, keys and values: share of (token, head) entries at each width (0: evicted)
 
@@ -123,6 +127,7 @@ class RDKVPress(BasePress):
         if self.layer_scale not in ("output", "none"):
             raise PressConfigError(f"layer_scale must be 'output' or 'none', got {self.layer_scale!r}")
         check_channel_widths(self.channel_widths, self.key_layout)
+        check_levels(self.levels, self.rotate)
         self._waiting = {}  # allocate_over="model": layer index -> (plan, cache), until the last layer
 
     def compress(self, module: nn.Module, hidden_states, keys: torch.Tensor, values: torch.Tensor, attentions, kwargs):
@@ -187,9 +192,9 @@ class RDKVPress(BasePress):
             # a width's last partial group is stored per token: the dearer of the two prices keeps the budget
             key_price = [max(head_dim * (b / 8 + GROUP_SIDE_BYTES / self.group_tokens), token_bytes(b, head_dim)) for b in self.bits]
         else:
-            key_options = [quantize_per_token(keys, b, stats, self.rotate) for b in self.bits]
+            key_options = [quantize_per_token(keys, b, stats, self.rotate, self.levels) for b in self.bits]
             key_price = [token_bytes(b, head_dim) for b in self.bits]
-        value_options = [quantize_per_token(values, b, rotate=self.rotate) for b in self.bits]
+        value_options = [quantize_per_token(values, b, rotate=self.rotate, levels=self.levels) for b in self.bits]
         distortions = self._distortions(module, hidden_states, keys, values, key_options, value_options, kwargs,
                                         with_mass=self.merge_evicted, with_energy=self.layer_scale_needed)
         key_error, value_error, evict = distortions[:3]
@@ -228,13 +233,13 @@ class RDKVPress(BasePress):
         kept = keep.nonzero()[:, 1].view(keys.shape[1], -1)  # (heads, kept) token indices, in cache order: as many per head
         if self.merge_evicted and not bool(keep.all()):  # the kept values absorb the evicted, then are quantized
             values = _merge_evicted(keys, values, keep, plan.mass)
-            value_options = [quantize_per_token(values, b, rotate=self.rotate) for b in self.bits]
+            value_options = [quantize_per_token(values, b, rotate=self.rotate, levels=self.levels) for b in self.bits]
         values = _pick(values, value_options, value_choice, kept)
         value_bytes = plan.value_price[value_choice].gather(1, kept).sum().item()  # the precision tags ride with the values
         if self.key_layout == "channel":  # the key bytes as the width groups really fall
             keys, key_bytes = _keys_by_precision(_gather(keys, kept), plan.stats, key_choice.gather(1, kept), self.bits,
                                                  self.group_tokens, self.rotate,
-                                                 plan.key_widths if self.channel_widths == "query" else None)
+                                                 plan.key_widths if self.channel_widths == "query" else None, self.levels)
         else:
             keys = _pick(keys, plan.key_options, key_choice, kept)
             key_bytes = plan.key_price[key_choice].gather(1, kept).sum().item()
@@ -375,12 +380,12 @@ def _allocate(distortion: torch.Tensor, evict: torch.Tensor, price: torch.Tensor
 
 
 def _keys_by_precision(keys: torch.Tensor, stats, choice: torch.Tensor, bits: tuple[int, ...], group_tokens: int,
-                       rotate: bool = False, channel_widths: list | None = None):
+                       rotate: bool = False, channel_widths: list | None = None, levels: str = "uniform"):
     """Kept keys (1, heads, kept, dim) stored in KIVI's layout: per head, the tokens given one
     width form groups of ``group_tokens`` in cache order, each channel quantized over its group
     (with ``channel_widths``, per width on offer its (1, heads, dim) channel widths, averaging at
     most that width); the last partial group of a width is quantized per token (centred and
-    scaled per channel, and rotated with ``rotate``).
+    scaled per channel, and rotated with ``rotate``, to ``levels``).
     Returns the stored keys and their bytes (packed integers and group scales; fp16 ones as they are)."""
     stored, head_dim, total = keys.clone(), keys.shape[-1], 0.0
     for head in range(keys.shape[1]):
@@ -399,7 +404,7 @@ def _keys_by_precision(keys: torch.Tensor, stats, choice: torch.Tensor, bits: tu
             whole = members.numel() // group_tokens * group_tokens
             quantized = quantize_per_channel(part, widths, group_tokens)
             head_stats = tuple(stat[:, head : head + 1] for stat in stats)
-            quantized[:, :, whole:] = quantize_per_token(part[:, :, whole:], b, head_stats, rotate)
+            quantized[:, :, whole:] = quantize_per_token(part[:, :, whole:], b, head_stats, rotate, levels)
             stored[:, head : head + 1, members] = quantized
             total += per_channel_bytes(whole, packed, head_dim, group_tokens) + (members.numel() - whole) * token_bytes(b, head_dim)
     return stored, total

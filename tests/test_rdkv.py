@@ -9,7 +9,8 @@ from transformers import DynamicCache
 from decoding.kv_cache import fp16_kv_bytes
 from evaluation.protocols import context_nll, stored_bytes
 from presses.errors import PressConfigError
-from presses.quantize import (CHANNEL_WIDTHS, WIDTH_TABLE_BITS, fake_quantize, per_channel_bytes, quantize_per_channel,
+from presses.quantize import (CHANNEL_WIDTHS, WIDTH_TABLE_BITS, fake_quantize, gaussian_levels, per_channel_bytes,
+                              quantize_per_channel,
                               quantize_per_token, query_weighted_widths, rotation, token_bytes)
 from presses.quantized_kv_press import QuantizedKVPress
 from presses.attention import per_kv_head
@@ -428,3 +429,42 @@ def test_query_widths_in_the_presses_fit_their_bytes_and_change_the_keys(config)
     assert stored_bytes(rdkv, cache) <= 0.25 * fp16_kv_bytes(model.config, 128)
     plain = _prefill(model, RDKVPress(0.75, **setting), tokens=128).layers[0].keys
     assert plain.shape != cache.layers[0].keys.shape or not torch.equal(plain, cache.layers[0].keys)
+
+
+def test_gaussian_levels_fit_rotated_groups_where_they_beat_uniform_ones():
+    for bits in (2, 3):
+        levels = gaussian_levels(64, bits)
+        assert levels.numel() == 2**bits and torch.allclose(levels, -levels.flip(0))  # symmetric, as the normal law
+    assert gaussian_levels(64, 4) is None and gaussian_levels(64, 8) is None  # min-max uniform errs less there
+    assert gaussian_levels(80, 3) is not None and gaussian_levels(80, 4) is None  # Pythia's head dim
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 2, 200, 64, generator=generator) * torch.linspace(0.1, 4, 64)  # outlier-ish channels
+    for bits, gain in ((2, 0.7), (3, 0.95)):
+        gaussian = quantize_per_token(x, bits, rotate=True, levels="gaussian")
+        uniform = quantize_per_token(x, bits, rotate=True)
+        assert ((gaussian - x) ** 2).mean() < gain * ((uniform - x) ** 2).mean()
+        turn = rotation(64, x.device, x.dtype)
+        assert (gaussian @ turn)[0, 0, 0].round(decimals=3).unique().numel() == 2**bits  # a group holds 2**bits levels
+    assert torch.equal(quantize_per_token(x, 4, rotate=True, levels="gaussian"), quantize_per_token(x, 4, rotate=True))
+
+
+def test_gaussian_levels_change_the_stored_kv_at_the_same_bytes():
+    model = build(tiny_llama_config())  # head dim 16: Gaussian levels at 2 bits only (uniform ones err less from 3)
+    assert gaussian_levels(16, 2) is not None and gaussian_levels(16, 3) is None
+    plain, gaussian = (QuantizedKVPress(bits=2, key_layout="token", rotate=True, levels=levels) for levels in ("uniform", "gaussian"))
+    caches = _prefill(model, plain), _prefill(model, gaussian)
+    assert plain.stored_bytes == gaussian.stored_bytes
+    assert not torch.equal(caches[0].layers[0].values, caches[1].layers[0].values)
+    rdkv = RDKVPress(0.8, bits=(2, 3, 8), rotate=True, key_layout="token", window_size=8, levels="gaussian")
+    cache = _prefill(model, rdkv)
+    assert stored_bytes(rdkv, cache) <= 0.2 * fp16_kv_bytes(model.config, 96)
+    uniform = _prefill(model, RDKVPress(0.8, bits=(2, 3, 8), rotate=True, key_layout="token", window_size=8))
+    assert any(not torch.equal(a.values, b.values) for a, b in zip(uniform.layers, cache.layers))
+
+
+@pytest.mark.parametrize("press", [RDKVPress, QuantizedKVPress])
+def test_gaussian_levels_need_rotated_groups(press):
+    with pytest.raises(PressConfigError, match="use rotate=True"):
+        press(levels="gaussian")
+    with pytest.raises(PressConfigError, match="levels must be one of uniform, gaussian"):
+        press(levels="nf4", rotate=True)
