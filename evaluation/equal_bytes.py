@@ -34,7 +34,7 @@ from evaluation.models import SMOLLM2_ALIAS, data_dir, tokenized_text
 from evaluation.protocols import context_nll
 from evaluation.results import write_json_atomic
 from presses import Settings, make_press
-from presses.quantize import FP16_BYTES, quantized_head_bytes
+from presses.quantize import FP16_BYTES, gaussian_levels, quantized_head_bytes
 from presses.quantized_kv_press import QuantizedKVPress
 from presses.rdkv_press import RDKVPress
 
@@ -44,23 +44,39 @@ COMPOSED_BITS = (2, 3, 4, 8)
 KIVI_GROUP = 32  # QuantizedKVPress's default group_tokens
 COMPOSED_WITH = ("snapkv", "h2o")  # eviction presses whose kept tokens are then quantized
 # quantized layouts: KIVI's (per-channel keys) or per-token keys, values per token; "_rot": every
-# per-token group after QuaRot's random rotation (presses/quantize.py), at the same bytes
-LAYOUTS = ("kivi", "token", "kivi_rot", "token_rot")
+# per-token group after QuaRot's random rotation (presses/quantize.py), at the same bytes; "_gauss":
+# rotated, to Lloyd-Max's levels for normal entries (run only at the widths where those are used)
+LAYOUTS = ("kivi", "token", "kivi_rot", "token_rot", "kivi_rot_gauss", "token_rot_gauss")
 
 
-def quantizer(layout: str, bits: int) -> QuantizedKVPress:
+def quantizer(layout: str, bits: int, group: int = KIVI_GROUP) -> QuantizedKVPress:
     return QuantizedKVPress(bits=bits, key_layout="channel" if layout.startswith("kivi") else "token",
-                            rotate=layout.endswith("_rot"))
+                            group_tokens=group, rotate="_rot" in layout,
+                            levels="gaussian" if layout.endswith("_gauss") else "uniform")
 
 
-def kept_for(target: float, layout: str, bits: int, head_dim: int, tokens: int) -> int:
+def layouts(groups: tuple[int, ...], bits: int, head_dim: int) -> list[tuple[str, int]]:
+    """(layout, key group) of every quantized layout at ``bits``: KIVI's once per key group in
+    ``groups``, per-token keys once (they have no key groups); the Gaussian levels only where
+    they are used (elsewhere they are the rotated layout's rows again)."""
+    return [(layout, group) for layout in LAYOUTS
+            if not layout.endswith("_gauss") or gaussian_levels(head_dim, bits) is not None
+            for group in (groups if layout.startswith("kivi") else (KIVI_GROUP,))]
+
+
+def quantized_name(layout: str, bits: int, group: int) -> str:
+    """'kivi_rot4'; past the default key group 'kivi_rot4_g64' (fewer scales per token, coarser groups)."""
+    return f"{layout}{bits}" + ("" if group == KIVI_GROUP else f"_g{group}")
+
+
+def kept_for(target: float, layout: str, bits: int, head_dim: int, tokens: int, group: int = KIVI_GROUP) -> int:
     """The fewest tokens, of a ``tokens``-token context, whose quantized keys and values take at
     least ``target`` of the context's fp16 bytes: a composite baseline never gets fewer bytes
-    than the target. KIVI's layout keeps the tokens past its last whole 32-token group in fp16."""
+    than the target. KIVI's layout keeps the tokens past its last whole ``group``-token group in fp16."""
     key_layout = "channel" if layout.startswith("kivi") else "token"
     budget = target * tokens * 2 * FP16_BYTES * head_dim
     return next((kept for kept in range(1, tokens + 1)
-                 if quantized_head_bytes(kept, bits, head_dim, key_layout, KIVI_GROUP) >= budget), tokens)
+                 if quantized_head_bytes(kept, bits, head_dim, key_layout, group) >= budget), tokens)
 
 
 def flag(key: str, value: str, text: str) -> bool:
@@ -83,16 +99,18 @@ def rdkv_setting(text: str) -> dict:
             setting[key] = flag(key, value, text)
         elif key in ("window_size", "recent_tokens", "group_tokens"):
             setting[key] = int(value)
-        elif key in ("key_layout", "prior_shape", "accumulated_over", "allocate_over", "layer_scale", "channel_widths"):
+        elif key in ("key_layout", "prior_shape", "accumulated_over", "allocate_over", "layer_scale", "channel_widths",
+                     "levels"):
             setting[key] = value
         else:
             raise ValueError(f"unknown RD-KV setting {key!r} in {text!r}")
     return setting
 
 
-def uniform() -> list[tuple[str, None, object]]:
+def uniform(head_dim: int, groups: tuple[int, ...] = (KIVI_GROUP,)) -> list[tuple[str, None, object]]:
     """(name, None, press): every token quantized, at the bytes that makes."""
-    return [(f"{layout}{bits}", None, quantizer(layout, bits)) for bits in UNIFORM_BITS for layout in LAYOUTS]
+    return [(quantized_name(layout, bits, group), None, quantizer(layout, bits, group))
+            for bits in UNIFORM_BITS for layout, group in layouts(groups, bits, head_dim)]
 
 
 def eviction(targets: list[float]) -> list[tuple[str, float, object]]:
@@ -108,19 +126,21 @@ def keeping(press_name: str, fraction: float, tokens: int):
     return make_press(press_name, 1 - keep, Settings(compression_ratio=1 - keep))
 
 
-def composites(targets: list[float], head_dim: int, tokens: int, presses=COMPOSED_WITH) -> list[tuple[str, float, object]]:
+def composites(targets: list[float], head_dim: int, tokens: int, presses=COMPOSED_WITH,
+               groups: tuple[int, ...] = (KIVI_GROUP,)) -> list[tuple[str, float, object]]:
     """(name, target, press): SnapKV or H2O keeping as many tokens of the ``tokens``-token
-    context as the target pays for at each bit width (``kept_for``), then quantizing them."""
+    context as the target pays for at each bit width and layout (``kept_for``; KIVI's at each
+    key group in ``groups``), then quantizing them."""
     configs = []
     for target in targets:
         for press_name in presses:
-            for layout in LAYOUTS:
-                for bits in COMPOSED_BITS:
-                    kept = kept_for(target, layout, bits, head_dim, tokens)
+            for bits in COMPOSED_BITS:
+                for layout, group in layouts(groups, bits, head_dim):
+                    kept = kept_for(target, layout, bits, head_dim, tokens, group)
                     if kept < tokens:
-                        configs.append((f"{press_name}+{layout}{bits}", target, ComposedPress(
+                        configs.append((f"{press_name}+{quantized_name(layout, bits, group)}", target, ComposedPress(
                             [keeping(press_name, kept / tokens, tokens),
-                             quantizer(layout, bits)])))
+                             quantizer(layout, bits, group)])))
     return configs
 
 
@@ -178,6 +198,8 @@ def main(argv=None) -> None:
     study.add_argument("--part", choices=["uniform", "eviction", "composites", "rdkv", "selected"], required=True)
     study.add_argument("--composed_with", nargs="+", choices=COMPOSED_WITH, default=COMPOSED_WITH,
                        help="--part composites: the eviction presses whose kept tokens are quantized")
+    study.add_argument("--kivi_groups", type=int, nargs="+", default=[KIVI_GROUP],
+                       help="--part uniform / composites: KIVI's key groups (tokens) to run, each its own rows")
     study.add_argument("--rdkv", nargs="+", default=[""], help="RD-KV settings, e.g. 'prior=8 bits=2,4,8'")
     study.add_argument("--select_from", type=Path, nargs="+", help="--part selected: the tuning files of --part rdkv")
     study.add_argument("--context_tokens", type=int, default=1536)
@@ -190,14 +212,17 @@ def main(argv=None) -> None:
     for target in args.targets:
         if not 0 < target <= 1:
             parser.error(f"--targets are fractions of the fp16 bytes in (0, 1], got {target}")
+    if any(group < 1 for group in args.kivi_groups):
+        parser.error(f"--kivi_groups are token counts of at least 1, got {args.kivi_groups}")
     if args.part == "selected" and args.select_from is None:
         parser.error("--part selected needs --select_from TUNING.json")
     rdkv_configs(args.targets, args.rdkv, args.context_tokens)  # bad settings fail before the model loads
     text = tokenized_text(args.model, args.random_init, args.dataset, data_dir(args.data_dir), args.sample_idx)
     loaded = load(args, data_dir=args.data_dir)
     head_dim = head_shape(loaded.model.config)[1]
-    configs = {"uniform": uniform, "eviction": lambda: eviction(args.targets),
-               "composites": lambda: composites(args.targets, head_dim, args.context_tokens, args.composed_with),
+    groups = tuple(args.kivi_groups)
+    configs = {"uniform": lambda: uniform(head_dim, groups), "eviction": lambda: eviction(args.targets),
+               "composites": lambda: composites(args.targets, head_dim, args.context_tokens, args.composed_with, groups),
                "rdkv": lambda: rdkv_configs(args.targets, args.rdkv, args.context_tokens),
                "selected": lambda: selected(args.targets, args.select_from, args.context_tokens)}[args.part]()
     if args.only:

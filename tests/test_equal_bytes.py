@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from evaluation.equal_bytes import kept_for, rdkv_press, rdkv_setting, selected
+from evaluation.equal_bytes import composites, kept_for, rdkv_press, rdkv_setting, selected
 from evaluation.equal_bytes_report import best_baselines, markdown
 from presses.quantize import per_channel_bytes, token_bytes
 
@@ -22,6 +22,18 @@ def test_a_composite_keeps_the_fewest_tokens_that_reach_the_target(layout, bits)
 
     budget = target * tokens * 2 * 2 * head_dim
     assert stored(kept) >= budget > stored(kept - 1)
+
+
+def test_coarser_kivi_key_groups_are_their_own_baselines_at_their_own_bytes():
+    head_dim, tokens = 64, 1536
+    rows = {name: press for name, _, press in composites([0.125], head_dim, tokens, ["h2o"], groups=(32, 64))}
+    assert "h2o+kivi_rot4" in rows and "h2o+kivi_rot4_g64" in rows and "h2o+token4_g64" not in rows
+    assert rows["h2o+kivi_rot4_g64"].presses[1].group_tokens == 64 and rows["h2o+kivi_rot4"].presses[1].group_tokens == 32
+    # half the key scales per whole group, a longer fp16 tail: the tokens kept are counted at group 64's bytes
+    kept = kept_for(0.125, "kivi", 4, head_dim, tokens, 64)
+    stored = lambda n: per_channel_bytes(n, 4, head_dim, 64) + n * token_bytes(4, head_dim)
+    assert stored(kept) >= 0.125 * tokens * 2 * 2 * head_dim > stored(kept - 1)
+    assert kept != kept_for(0.125, "kivi", 4, head_dim, tokens)
 
 
 def test_rdkv_settings_parse_and_bad_ones_are_named():

@@ -12,7 +12,7 @@
 # Same three calls as quality_sweep_smollm2.sh (the GGUF in three parts, evaluation/device/smollm2_sweep.sh):
 # Call 2 (carry .gguf_b): mkdir -p /tmp/gg && cp .gguf_b/part /tmp/gg/b
 # Call 3 (carry .gguf_c .sweepdata): export KVPRESS_NEOX_COMMIT=<hash> PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-#                                    bash evaluation/device/equal_bytes_smollm2.sh [tune] [tune_baselines] [ablation] [budget50] [pg19] [uniform] [eviction] [composites] [selected]
+#                                    bash evaluation/device/equal_bytes_smollm2.sh [tune] [tune_baselines] [gauss_baselines] [group_baselines] [ablation] [budget50] [pg19] [pg19_groups] [uniform] [eviction] [composites] [selected]
 sweep=equal_bytes program=evaluation/equal_bytes.py MAX_JOBS=${MAX_JOBS:-16}
 source evaluation/device/smollm2_sweep.sh
 tune="--first_window 32 --num_windows 8"  # windows 32-39: never reported
@@ -20,23 +20,46 @@ report="--first_window 0 --num_windows 32"
 parts=" ${*:-tune uniform eviction composites selected} "
 date
 if [[ $parts == *" tune "* ]]; then
-  # call16 (call11-call15's grids are in results/smollm2-135m_equal_bytes_h200/callN/: run with selected and
-  # EXTRA_TUNING naming call11's tune_acc*.json and call12's to call15's tune_*.json). One process per
+  # call17 (call11-call16's grids are in results/smollm2-135m_equal_bytes_h200/callN/: run with selected and
+  # EXTRA_TUNING naming call11's tune_acc*.json and call12's to call16's tune_*.json). One process per
   # setting (in parallel: a 135M model is launch-bound, one GPU serves several), each at every target.
-  # KIVI's key channels at widths by the prefill queries' energy on them (channel_widths=query), around
-  # each target's selection: on the CPU, every token at 2 bits that way cost +2.9% over dense against
-  # +17% with one width for all channels, so 2 bits are on offer too
+  # Around each target's selection: Lloyd-Max's levels for the rotated per-token groups (levels=gaussian,
+  # 2 and 3 bits: 44% and 11% less squared error than min-max rounding on Gaussian groups of 64; on the CPU,
+  # windows 32-33 at 12.5%, PPL 17.79 against 17.72 uniform, so they are not expected to win), KIVI's key
+  # groups of 64 tokens (a 32-token group's fp16 scale and zero point cost 1 bit per key entry; on the CPU
+  # 17.74 against 17.72, 128 tokens 17.81), and H2O keeping other shares first
   i=0
-  for setting in "rotate=1 channel_widths=query" "rotate=1 channel_widths=query bits=2,3,4,8" \
-      "rotate=1 channel_widths=query allocate_over=model" \
-      "after_h2o=0.6 evict_weight=4 rotate=1 allocate_over=model channel_widths=query" \
-      "after_h2o=0.6 evict_weight=4 rotate=1 allocate_over=model channel_widths=query bits=2,3,4,8" \
-      "after_h2o=0.8 evict_weight=4 rotate=1 allocate_over=model channel_widths=query bits=2,3,4,8" \
-      "after_h2o=0.3 evict_weight=16 separate_widths=0 allocate_over=model channel_widths=query" \
-      "after_h2o=0.3 evict_weight=16 separate_widths=0 allocate_over=model channel_widths=query bits=2,3,4,8" \
-      "after_h2o=0.5 evict_weight=16 separate_widths=0 allocate_over=model channel_widths=query bits=2,3,4,8"; do
+  for setting in "rotate=1 channel_widths=query levels=gaussian" "rotate=1 channel_widths=query levels=gaussian bits=2,3,4,8" \
+      "rotate=1 channel_widths=query group_tokens=64" \
+      "after_h2o=0.6 evict_weight=4 rotate=1 allocate_over=model channel_widths=query levels=gaussian" \
+      "after_h2o=0.6 evict_weight=4 rotate=1 allocate_over=model channel_widths=query levels=gaussian bits=2,3,4,8" \
+      "after_h2o=0.6 evict_weight=4 rotate=1 allocate_over=model channel_widths=query group_tokens=64" \
+      "after_h2o=0.5 evict_weight=4 rotate=1 allocate_over=model channel_widths=query" \
+      "after_h2o=0.7 evict_weight=4 rotate=1 allocate_over=model channel_widths=query" \
+      "after_h2o=0.5 evict_weight=8 rotate=1 allocate_over=model channel_widths=query" \
+      "after_h2o=0.3 evict_weight=16 separate_widths=0 allocate_over=model rotate=1 levels=gaussian" \
+      "after_h2o=0.3 evict_weight=16 separate_widths=0 allocate_over=model rotate=1 levels=gaussian bits=2,3,4,8" \
+      "after_h2o=0.4 evict_weight=16 separate_widths=0 allocate_over=model rotate=1 channel_widths=query"; do
     i=$((i + 1))
-    run "tune_query_widths_$i" $tune --part rdkv --rdkv "$setting"
+    run "tune_levels_groups_$i" $tune --part rdkv --rdkv "$setting"
+  done
+fi
+if [[ $parts == *" gauss_baselines "* ]]; then
+  # the best baseline's family (H2O, then quantization) with the Gaussian levels, on the reported windows
+  # (call13's composites predate them)
+  for target in 0.25 0.125 0.0625; do
+    run "gauss_baselines_$target" $report --part composites --targets $target --composed_with h2o \
+      --only h2o+kivi_rot_gauss2 h2o+kivi_rot_gauss3 h2o+token_rot_gauss2 h2o+token_rot_gauss3
+  done
+fi
+if [[ $parts == *" group_baselines "* ]]; then
+  # the best baseline's family (H2O, then KIVI) at the coarser key groups RD-KV is offered, on the
+  # reported windows (KIVI's rows only: per-token keys have no key groups, call13 ran them)
+  for target in 0.25 0.125 0.0625; do
+    for group in 64 128; do
+      run "group_baselines_${group}_$target" $report --part composites --targets $target --composed_with h2o \
+        --kivi_groups $group --only $(for b in 2 3 4 8; do echo "h2o+kivi${b}_g$group h2o+kivi_rot${b}_g$group"; done)
+    done
   done
 fi
 if [[ $parts == *" tune_baselines "* ]]; then  # the best baseline of windows 0-31 on the tuning windows (call9/)
@@ -44,23 +67,33 @@ if [[ $parts == *" tune_baselines "* ]]; then  # the best baseline of windows 0-
     run tuning_h2o_$target $tune --part composites --targets $target --composed_with h2o
   done
 fi
-# The settings call16 selected per target (pooled over call11-call16's tuning grids on windows 32-39;
-# the ablations and budget50 of call14 ran call13's: rotate=1 key_layout=channel at 25%):
-# 25% RD-KV alone, rotated, query-weighted key widths; 12.5% and 6.25% H2O's tokens first (accumulated=0 there)
+# The settings call16 selected per target (pooled over call11-call16's tuning grids on windows 32-39):
+# 25% RD-KV alone, rotated, query-weighted key widths; 12.5% and 6.25% H2O's tokens first (accumulated=0 there).
+# SELECTED_FROM=DIR: the settings of DIR/selected_{0.25,0.125,0.0625}.json instead (a selection of this
+# machine's /tmp/equal_bytes, or a committed one), for the parts below
 selected_25="rotate=1 channel_widths=query"
 selected_125="after_h2o=0.6 evict_weight=4 rotate=1 allocate_over=model channel_widths=query"
 selected_625="after_h2o=0.3 evict_weight=16 separate_widths=0 allocate_over=model"
+if [ -n "${SELECTED_FROM:-}" ]; then
+  setting_of() { python3 -c 'import json, sys
+print(next(r["method"][5:-1] for r in json.load(open(sys.argv[1]))["rows"] if r["method"].startswith("rdkv[")))' "$1"; }
+  selected_25=$(setting_of "$SELECTED_FROM/selected_0.25.json")
+  selected_125=$(setting_of "$SELECTED_FROM/selected_0.125.json")
+  selected_625=$(setting_of "$SELECTED_FROM/selected_0.0625.json")
+  echo "selections: 25% [$selected_25] 12.5% [$selected_125] 6.25% [$selected_625]"
+fi
 if [[ $parts == *" ablation "* ]]; then
-  # RD-KV's components one at a time off the 25% selection (its defaults, rotated), on the reported
-  # windows (issue 15's ablations): rotation, the accumulated evidence, keys and values choosing widths
-  # apart, KIVI key groups, the bit widths on offer, the eviction weight, the prior, the window, and
-  # never evicting (quantization only)
+  # RD-KV's components one at a time off the 25% selection, on the reported windows (issue 15's
+  # ablations): rotation, the query-weighted key widths, the accumulated evidence, keys and values
+  # choosing widths apart, KIVI key groups (per-token keys: no channel widths either), 32-token key groups, the bit widths
+  # on offer, the eviction weight, the prior, the window, and never evicting (quantization only).
+  # A setting's later value of a key overrides the selection's (RDKVPress's keyword arguments)
   i=0
-  for setting in "" "accumulated=0" "separate_widths=0" "key_layout=token" "bits=4,8" "bits=2,3,4,8" \
-      "evict_weight=1" "prior=0" "window_size=64" "evict_weight=1000000"; do
+  for change in "rotate=0" "channel_widths=uniform" "accumulated=0" "separate_widths=0" \
+      "key_layout=token channel_widths=uniform" "group_tokens=32" "bits=4,8" "bits=2,3,4,8" "evict_weight=1" "prior=0" "window_size=64" \
+      "evict_weight=1000000"; do
     i=$((i + 1))
-    if [ -z "$setting" ]; then setting="rotate=0"; else setting="rotate=1 $setting"; fi
-    run "ablation_$i" $report --part rdkv --targets 0.25 --rdkv "$setting"  # the 25% selection's target
+    run "ablation_$i" $report --part rdkv --targets 0.25 --rdkv "$selected_25 $change"  # the 25% selection's target
   done
 fi
 if [[ $parts == *" budget50 "* ]]; then  # the 50% budget: RD-KV (the 25% selection) and the baselines there
@@ -70,13 +103,17 @@ if [[ $parts == *" budget50 "* ]]; then  # the 50% budget: RD-KV (the 25% select
 fi
 if [[ $parts == *" pg19 "* ]]; then
   # A held-out text: both PG-19-style books, never tuned on, 16 windows each (the same protocol), the
-  # baselines and RD-KV at the settings chosen on WikiText-2's tuning windows (call13's selection)
+  # baselines and RD-KV at the settings chosen on WikiText-2's tuning windows (the selection above; with
+  # pg19_groups also H2O + KIVI-3 / KIVI-4 at key groups of 64 and 128 tokens)
   for book in 0 1; do
     held="--dataset pg19 --sample_idx $book --first_window 0 --num_windows 16"
     run pg19_book${book}_uniform $held --part uniform
     run pg19_book${book}_eviction $held --part eviction
     for target in 0.25 0.125 0.0625; do
       run pg19_book${book}_composites_$target $held --part composites --targets $target --composed_with h2o
+      [[ $parts == *" pg19_groups "* ]] && run pg19_book${book}_group_baselines_$target $held --part composites \
+        --targets $target --composed_with h2o --kivi_groups 64 128 \
+        --only $(for g in 64 128; do for b in 3 4; do echo "h2o+kivi${b}_g$g h2o+kivi_rot${b}_g$g"; done; done)
     done
     run pg19_book${book}_rdkv_0.25 $held --part rdkv --targets 0.25 --rdkv "$selected_25"
     run pg19_book${book}_rdkv_0.125 $held --part rdkv --targets 0.125 --rdkv "$selected_125"
