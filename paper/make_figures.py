@@ -87,10 +87,14 @@ SOURCES = {
     "levels_speed_attention": "results/pythia-2.8b_random_attention_level_h100/pythia-2.8b_random_attention_level_h100.json",
     # KV compression at equal bytes: SmolLM2, H200, the reported windows (0-31). call13: uniform
     # quantization and eviction then quantization, each quantizer also after QuaRot's rotation;
+    # call17: H2O then quantization at Lloyd-Max's levels (2, 3 bits) and at KIVI key groups of 64
+    # and 128 tokens (12.5% and 6.25%; at 25% no 2- or 3-bit composite evicts anything);
     # call4: eviction alone (its rows with a "+" are superseded by call13's and not read)
     "equal_bytes": [
         "results/smollm2-135m_equal_bytes_h200/call13/uniform.json",
         "results/smollm2-135m_equal_bytes_h200/call13/composites_*.json",
+        "results/smollm2-135m_equal_bytes_h200/call17/gauss_baselines_*.json",
+        "results/smollm2-135m_equal_bytes_h200/call17/group_baselines_*.json",
     ],
     "equal_bytes_eviction": [
         "results/smollm2-135m_equal_bytes_h200/call4/baselines_0.25.json",
@@ -100,8 +104,8 @@ SOURCES = {
     # RD-KV: its settings on the tuning windows (tune_*.json), the baselines run on the same windows
     # (tuning_*.json) and the best setting per target run on the reported windows (selected_*.json);
     # told apart by windows and method (equal_bytes_runs). One selection pooled over call11's to
-    # call16's tuning grids (every byte counted: the precision tag at ceil(log2 m) bits, the key
-    # channel widths' table); its rows: call16's selected_*.json (the `selected` parts left call11's tune_reference.json
+    # call17's tuning grids (every byte counted: the precision tag at ceil(log2 m) bits, the key
+    # channel widths' table); its rows: call17's selected_*.json (the `selected` parts left call11's tune_reference.json
     # out, since a setting it names would rerun at today's defaults; none of its rows is the best at
     # any target, so the pool here, which holds it, selects the same rows). No call since call9 repeated the
     # tuning-window baselines (unrotated): call9's are read (same windows, same dense row, checked).
@@ -112,13 +116,14 @@ SOURCES = {
         "results/smollm2-135m_equal_bytes_h200/call14/tune_*.json",
         "results/smollm2-135m_equal_bytes_h200/call15/tune_*.json",
         "results/smollm2-135m_equal_bytes_h200/call16/tune_*.json",
-        "results/smollm2-135m_equal_bytes_h200/call16/selected_*.json",
+        "results/smollm2-135m_equal_bytes_h200/call17/tune_*.json",
+        "results/smollm2-135m_equal_bytes_h200/call17/selected_*.json",
         "results/smollm2-135m_equal_bytes_h200/call9/tuning_h2o_*.json",
     ],
     # RD-KV's checks beyond the selection (H200): one component changed at a time off call13's 25%
-    # setting, its row of call14 (windows 0-31, 25% of the bytes; not rerun off call16's), and at
-    # call16's settings the 50% budget (RD-KV at the 25% setting and the baselines there) and a
-    # text never tuned on (both PG-19-style books, 16 windows each, the baselines in the same call)
+    # setting, its row of call14 (windows 0-31, 25% of the bytes; not rerun off call16's), at
+    # call16's 25% setting (call17's too) the 50% budget (RD-KV and the baselines there), and at call17's
+    # settings a text never tuned on (both PG-19-style books, 16 windows each, the baselines in the same call)
     "rdkv_ablation": "results/smollm2-135m_equal_bytes_h200/call14/ablation_*.json",
     "rdkv_ablation_base": "results/smollm2-135m_equal_bytes_h200/call14/selected_0.25.json",
     "rdkv_half": "results/smollm2-135m_equal_bytes_h200/call16/heldout/budget50_*.json",
@@ -128,8 +133,8 @@ SOURCES = {
     "rdkv_streaming": ["results/smollm2-135m_equal_bytes_streaming_h200/call4/rdkv_book*_512_1.json",
                        "results/smollm2-135m_equal_bytes_streaming_h200/call5/rdkv_book*_1.json"],
     "rdkv_heldout": {
-        "Pride and Prejudice": "results/smollm2-135m_equal_bytes_h200/call16/heldout/pg19_book0_*.json",
-        "Frankenstein": "results/smollm2-135m_equal_bytes_h200/call16/heldout/pg19_book1_*.json",
+        "Pride and Prejudice": "results/smollm2-135m_equal_bytes_h200/call17/heldout/pg19_book0_*.json",
+        "Frankenstein": "results/smollm2-135m_equal_bytes_h200/call17/heldout/pg19_book1_*.json",
     },
     # the model's own configuration (heads, rotary fraction, training length)
     "pythia_config": "configs/models/pythia-2.8b.json",
@@ -1129,7 +1134,11 @@ def equal_bytes(root: Path, numbers: Numbers, out: Path) -> None:
         numbers[f"ebAcc{letter}"] = f"{float(setting['accumulated']):g}"
         numbers[f"ebRot{letter}"] = "rotated" if _same(setting["rotate"], "True") else "unrotated"
         keys = "per-token" if setting["key_layout"] == "token" else "KIVI"
+        if keys == "KIVI" and int(setting["group_tokens"]) != 32:
+            keys += f" in {setting['group_tokens']}-token groups"
         numbers[f"ebKeys{letter}"] = keys + (", query-weighted" if setting["channel_widths"] == "query" else "")
+        if setting.get("levels", "uniform") != "uniform":
+            raise ValueError(f"the selected setting at {target} rounds to {setting['levels']} levels: the text names uniform ones")
         numbers[f"ebLambda{letter}"] = "one $\\lambda$ for the model" if setting["allocate_over"] == "model" else "one $\\lambda$ per layer"
         numbers[f"ebWidths{letter}"] = "widths apart" if _same(setting["separate_widths"], "True") else "one width"
         if float(setting["evict_weight"]) <= 1:

@@ -148,34 +148,34 @@ def test_equal_bytes_numbers_are_the_result_files(built):
 EQUAL_BYTES = "results/smollm2-135m_equal_bytes_h200"
 
 
-def test_equal_bytes_selection_is_pooled_over_call11_to_call16(built):
-    """RD-KV's reported rows are one selection over call11's to call16's tuning files together: per
-    target the lowest-PPL setting of the grids on windows 32-39, run on windows 0-31 by call16
+def test_equal_bytes_selection_is_pooled_over_call11_to_call17(built):
+    """RD-KV's reported rows are one selection over call11's to call17's tuning files together: per
+    target the lowest-PPL setting of the grids on windows 32-39, run on windows 0-31 by call17
     (call11's selected_0.0625.json, its own grid's choice, is not one of them); every RD-KV byte
     fraction below the baseline's."""
     generator, _, values = built
     names = {path.relative_to(REPO).as_posix() for path in generator.result_files(generator.SOURCES["equal_bytes_rdkv"], REPO)}
-    assert f"{EQUAL_BYTES}/call16/selected_0.0625.json" in names
-    assert f"{EQUAL_BYTES}/call14/selected_0.0625.json" not in names  # superseded: call15's grid moved the selection
+    assert f"{EQUAL_BYTES}/call17/selected_0.0625.json" in names
+    assert f"{EQUAL_BYTES}/call16/selected_0.125.json" not in names  # superseded: call17's grid moved the selection
     assert f"{EQUAL_BYTES}/call11/selected_0.0625.json" not in names
     assert not any("/call10/" in name for name in names)  # its tag was undercounted
-    tuning = [row for folder in ("call11", "call12", "call13", "call14", "call15", "call16")
+    tuning = [row for folder in ("call11", "call12", "call13", "call14", "call15", "call16", "call17")
               for path in sorted((REPO / EQUAL_BYTES / folder).glob("tune_*.json"))
               for row in json.loads(path.read_text())["rows"] if row["method"].startswith("rdkv")]
     assert values["ebTuneSettings"] == str(len({row["method"] for row in tuning}))
-    for letter, target, name in (("A", 0.25, "call16/selected_0.25.json"), ("B", 0.125, "call16/selected_0.125.json"),
-                                 ("C", 0.0625, "call16/selected_0.0625.json")):
+    for letter, target, name in (("A", 0.25, "call17/selected_0.25.json"), ("B", 0.125, "call17/selected_0.125.json"),
+                                 ("C", 0.0625, "call17/selected_0.0625.json")):
         (ours,) = [r for r in json.loads((REPO / EQUAL_BYTES / name).read_text())["rows"] if r["method"].startswith("rdkv")]
         assert ours["method"] == min((r for r in tuning if r["target"] == target), key=lambda r: r["ppl"])["method"]
         assert values[f"ebOurs{letter}Bytes"] == f"{100 * ours['kv_bytes_fraction']:.2f}"
         assert float(values[f"ebOurs{letter}Bytes"]) < float(values[f"ebBest{letter}Bytes"])
     # the compositions ran with accumulated off (the composition's default), the 25% setting at 0.5;
     # rotation where the setting names it; the 6.25% setting has keys and values share one width;
-    # call16's 12.5% setting has query-weighted KIVI keys, it and the 6.25% one a lambda for the model
+    # call17's 12.5% setting has query-weighted KIVI keys in 64-token groups, it and the 6.25% one a lambda for the model
     assert (values["ebAccA"], values["ebAccB"], values["ebAccC"]) == ("0.5", "0", "0")
     assert (values["ebRotA"], values["ebRotB"], values["ebRotC"]) == ("rotated", "rotated", "unrotated")
     assert (values["ebWidthsB"], values["ebWidthsC"]) == ("widths apart", "one width")
-    assert values["ebKeysB"] == "KIVI, query-weighted" and values["ebLambdaC"] == "one $\\lambda$ for the model"
+    assert values["ebKeysB"] == "KIVI in 64-token groups, query-weighted" and values["ebLambdaC"] == "one $\\lambda$ for the model"
     assert values["ebOursA"] == "+0.20" and values["ebGoalA"] == "+0.5"
 
 
@@ -214,22 +214,22 @@ def test_rdkv_heldout_rows_are_the_selected_settings(built, tmp_path, monkeypatc
     at the other book's RD-KV file for a target changes nothing, but at WikiText's ablation files stops it."""
     generator, out, values = built
     table = (out / "table_rdkv_heldout.tex").read_text()
-    assert "-0.00 [-0.15, +0.12]" in table  # P&P at 25%, call16's heldout/pg19_book0_rdkv_0.25.json
+    assert "-0.00 [-0.15, +0.12]" in table  # P&P at 25%, call17's heldout/pg19_book0_rdkv_0.25.json
     assert values["heldCells"] == "6" and (values["heldWins"], values["heldTies"]) == ("5", "1")
     sources = dict(generator.SOURCES)
     sources["rdkv_heldout"] = dict(sources["rdkv_heldout"],
-                                   Frankenstein="results/smollm2-135m_equal_bytes_h200/call16/heldout/pg19_book1_[ce]*.json")
+                                   Frankenstein="results/smollm2-135m_equal_bytes_h200/call17/heldout/pg19_book1_[ce]*.json")
     monkeypatch.setattr(generator, "SOURCES", sources)
     with pytest.raises(ValueError):  # no RD-KV rows for that book
         generator.build(tmp_path)
 
 
 def test_equal_bytes_selection_without_a_grid_stops_the_build(built, tmp_path, monkeypatch):
-    """Without call16's tuning files, the best at 25% and 12.5% are earlier grids' settings, not the
-    reported rows (call16's): the build stops rather than report a row the selection did not choose."""
+    """Without call17's tuning files, the best at 12.5% is call16's setting, not the reported row
+    (call17's): the build stops rather than report a row the selection did not choose."""
     generator, _, _ = built
     sources = dict(generator.SOURCES)
-    sources["equal_bytes_rdkv"] = [entry for entry in sources["equal_bytes_rdkv"] if "call16/tune_" not in entry]
+    sources["equal_bytes_rdkv"] = [entry for entry in sources["equal_bytes_rdkv"] if "call17/tune_" not in entry]
     monkeypatch.setattr(generator, "SOURCES", sources)
     with pytest.raises(ValueError, match="not the best tuning setting"):
         generator.build(tmp_path)
@@ -285,7 +285,7 @@ def test_rdkv_selected_setting_ran_at_todays_defaults(built):
     generator, _, _ = built
     defaults = generator.rdkv_defaults(REPO)
     assert float(defaults["accumulated"]) == 0.5
-    selected = _row("call16/selected_0.25.json", "rdkv[rotate=1 channel_widths=query]", 0.25)
+    selected = _row("call17/selected_0.25.json", "rdkv[rotate=1 channel_widths=query]", 0.25)
     generator.check_ran_at_defaults(selected, REPO, defaults)
     with pytest.raises(ValueError, match="channel_widths"):
         generator.check_ran_at_defaults(_row("call14/selected_0.25.json", "rdkv[rotate=1 key_layout=channel]", 0.25),
