@@ -46,8 +46,10 @@ if [[ $parts == *" tune "* ]]; then
 fi
 if [[ $parts == *" gauss_baselines "* ]]; then
   # the best baseline's family (H2O, then quantization) with the Gaussian levels, on the reported windows
-  # (call13's composites predate them)
-  for target in 0.25 0.125 0.0625; do
+  # (call13's composites predate them; at 25% no 2- or 3-bit composite evicts anything: every token quantized
+  # is the uniform part's, run here at the Gaussian levels)
+  run gauss_uniform $report --part uniform --only kivi_rot_gauss2 kivi_rot_gauss3 token_rot_gauss2 token_rot_gauss3
+  for target in 0.125 0.0625; do
     run "gauss_baselines_$target" $report --part composites --targets $target --composed_with h2o \
       --only h2o+kivi_rot_gauss2 h2o+kivi_rot_gauss3 h2o+token_rot_gauss2 h2o+token_rot_gauss3
   done
