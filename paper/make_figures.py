@@ -120,12 +120,13 @@ SOURCES = {
         "results/smollm2-135m_equal_bytes_h200/call17/selected_*.json",
         "results/smollm2-135m_equal_bytes_h200/call9/tuning_h2o_*.json",
     ],
-    # RD-KV's checks beyond the selection (H200): one component changed at a time off call13's 25%
-    # setting, its row of call14 (windows 0-31, 25% of the bytes; not rerun off call16's), at
+    # RD-KV's checks beyond the selection (H200): one component changed at a time off the 25%
+    # selection, call17's ablation/ (windows 0-31, 25% of the bytes; ablation_6 sets group_tokens=32, the
+    # selection's own: it changes nothing and must reproduce the selection's row), at
     # call16's 25% setting (call17's too) the 50% budget (RD-KV and the baselines there), and at call17's
     # settings a text never tuned on (both PG-19-style books, 16 windows each, the baselines in the same call)
-    "rdkv_ablation": "results/smollm2-135m_equal_bytes_h200/call14/ablation_*.json",
-    "rdkv_ablation_base": "results/smollm2-135m_equal_bytes_h200/call14/selected_0.25.json",
+    "rdkv_ablation": "results/smollm2-135m_equal_bytes_h200/call17/ablation/ablation_*.json",
+    "rdkv_ablation_base": "results/smollm2-135m_equal_bytes_h200/call17/selected_0.25.json",
     "rdkv_half": "results/smollm2-135m_equal_bytes_h200/call16/heldout/budget50_*.json",
     # RD-KV's streaming press on both books at budgets 512 (call4) and 256, 1024 (call5), each row paired with
     # its book's and budget's best baseline; the setting chosen first on the held-out stretch, one file per
@@ -1177,29 +1178,32 @@ def equal_bytes(root: Path, numbers: Numbers, out: Path) -> None:
 
 
 # The ablations' changes off the 25% selection, in the table's words: (field, value as it ran) -> name.
-ABLATIONS = {
-    ("rotate", "False"): "no rotation",
-    ("accumulated", "0"): "$a=0$ (no H$_2$O evidence)",
-    ("separate_widths", "False"): "one width, key and value",
-    ("key_layout", "token"): "per-token keys",
-    ("bits", "4,8"): "widths 4/8 (no 3)",
-    ("bits", "2,3,4,8"): "2 bits offered too",
-    ("evict_weight", "1"): "$\\eta=1$",
-    ("prior", "0"): "no prior",
-    ("window_size", "64"): "window of 64 queries",
-    ("evict_weight", "1000000"): "never evict ($\\eta=10^6$)",
+ABLATIONS = {  # the fields an ablation changes off the selection (as they ran) -> its name in the table
+    (("rotate", "False"),): "no rotation",
+    (("channel_widths", "uniform"),): "one width per key head",
+    (("accumulated", "0"),): "$a=0$ (no H$_2$O evidence)",
+    (("separate_widths", "False"),): "one width, key and value",
+    # query-weighted widths are KIVI's channels': per-token keys have none either
+    (("key_layout", "token"), ("channel_widths", "uniform")): "per-token keys",
+    (("bits", "4,8"),): "widths 4/8 (no 3)",
+    (("bits", "2,3,4,8"),): "2 bits offered too",
+    (("evict_weight", "1"),): "$\\eta=1$",
+    (("prior", "0"),): "no prior",
+    (("window_size", "64"),): "window of 64 queries",
+    (("evict_weight", "1000000"),): "never evict ($\\eta=10^6$)",
 }
 
 
-def ablation_name(ran: dict[str, str], selection: dict[str, str]) -> str:
-    """The one field an ablation row changed off the selection, as ABLATIONS names it."""
-    changed = [(name, value) for name, value in ran.items() if not _same(value, selection[name])]
-    if len(changed) != 1:
-        raise ValueError(f"an ablation changes {changed or 'nothing'} off the selection: one field each")
-    (name, value), = changed
-    named = [text for (field, setting), text in ABLATIONS.items() if field == name and _same(value, setting)]
+def ablation_name(ran: dict[str, str], selection: dict[str, str]) -> str | None:
+    """The change an ablation row made off the selection, as ABLATIONS names it (None: it changed nothing)."""
+    changed = {(name, value) for name, value in ran.items() if not _same(value, selection[name])}
+    if not changed:
+        return None
+    named = [text for fields, text in ABLATIONS.items()
+             if len(fields) == len(changed) and all(any(name == field and _same(value, setting) for name, value in changed)
+                                                    for field, setting in fields)]
     if not named:
-        raise ValueError(f"no name for the ablation {name}={value}")
+        raise ValueError(f"no name for the ablation {', '.join(f'{name}={value}' for name, value in sorted(changed))}")
     return named[0]
 
 
@@ -1227,20 +1231,26 @@ def rdkv_checks(root: Path, numbers: Numbers, out: Path, selection: dict) -> Non
         if is_rdkv(row):
             if row["target"] != base["target"]:
                 raise ValueError(f"an ablation at {row['target']}: the table says the 25% target")
-            ran = rdkv_run_setting(row, root, defaults)
-            rows.append((ablation_name(ran, rdkv_run_setting(base, root, defaults)), row, paired(row, base)))
+            name = ablation_name(rdkv_run_setting(row, root, defaults), rdkv_run_setting(base, root, defaults))
+            if name is None:  # the selection itself rerun (a field set to its value): it must be the same run
+                if row["unit_nll"] != base["unit_nll"]:
+                    raise ValueError(f"{row['method']} changes nothing off the selection but scores otherwise")
+                continue
+            rows.append((name, row, paired(row, base)))
     if len(rows) != len(ABLATIONS):
         raise ValueError(f"{len(rows)} ablation rows, {len(ABLATIONS)} named")
     hurts = [name for name, _, diff in rows if verdict(diff) == "loss"]
     ties = [name for name, _, diff in rows if verdict(diff) == "tie"]
     if len(hurts) + len(ties) != len(rows):
         raise ValueError("an ablation beats the selection (its interval below zero): the text says none does")
+    if not {"no rotation", "one width per key head"} <= set(ties):
+        raise ValueError("rotation or the query-weighted widths, removed, is not a tie: the text says both are")
     numbers["ablHurt"], numbers["ablTie"], numbers["ablCount"] = len(hurts), len(ties), len(rows)
     numbers["ablTies"] = "; ".join(ties)
     numbers["ablWorst"] = max(rows, key=lambda item: item[2]["delta_pct"])[0]
     lines = [
         "\\centering",
-        "\\captionof{table}{One change to call13's 25\\% setting (windows"
+        "\\captionof{table}{One change to the 25\\% setting (windows"
         f" {numbers.values['ebFirst']}--{numbers.values['ebLast']}): PPL over dense, and paired over the setting (\\%).}}",
         "\\label{tab:ablation}",
         "{\\footnotesize\\setlength{\\tabcolsep}{2pt}",
@@ -1248,7 +1258,7 @@ def rdkv_checks(root: Path, numbers: Numbers, out: Path, selection: dict) -> Non
         "\\toprule",
         "change & dense & vs it \\\\",
         "\\midrule",
-        f"none (call13's) & {signed(base['delta_pct'], 2)} & \\\\",
+        f"none & {signed(base['delta_pct'], 2)} & \\\\",
     ]
     for name, row, diff in sorted(rows, key=lambda item: item[2]["delta_pct"], reverse=True):
         low, high = diff["delta_pct_ci95"]

@@ -180,33 +180,42 @@ def test_equal_bytes_selection_is_pooled_over_call11_to_call17(built):
 
 
 def test_rdkv_ablations_are_paired_with_the_selection(built):
-    """Table 2: each call14 ablation row paired with call13's 25% setting (its call14 row, the uniform key widths) on the same windows, as
-    evaluation/intervals.py pairs them; the counts in the text are the verdicts of those intervals."""
+    """Table 2: each call17 ablation row paired with the 25% selection (call17's row) on the same windows, as
+    evaluation/intervals.py pairs them; the counts in the text are the verdicts of those intervals. The row
+    that sets group_tokens to the selection's own 32 changes nothing: it is the selection's run again, bit
+    for bit, and not in the table."""
     from evaluation.intervals import paired_difference
 
     _, out, values = built
-    (selected,) = [r for r in json.loads((REPO / EQUAL_BYTES / "call14/selected_0.25.json").read_text())["rows"]
+    (selected,) = [r for r in json.loads((REPO / EQUAL_BYTES / "call17/selected_0.25.json").read_text())["rows"]
                    if r["method"].startswith("rdkv")]
     table = (out / "table_rdkv_ablation.tex").read_text()
     verdicts = []
-    for path in sorted((REPO / EQUAL_BYTES / "call14").glob("ablation_*.json")):
+    for path in sorted((REPO / EQUAL_BYTES / "call17/ablation").glob("ablation_*.json")):
         (row,) = [r for r in json.loads(path.read_text())["rows"] if r["method"].startswith("rdkv")]
+        if row["method"].endswith("group_tokens=32]"):
+            assert row["unit_nll"] == selected["unit_nll"]
+            continue
         diff = paired_difference(row["unit_nll"], selected["unit_nll"], row["unit_tokens"])
         low, high = diff["delta_pct_ci95"]
         assert f"{diff['delta_pct']:+.2f} [{low:+.2f}, {high:+.2f}]" in table
         verdicts.append("hurt" if low > 0 else "tie" if high >= 0 else "helps")
     assert values["ablHurt"] == str(verdicts.count("hurt")) and values["ablTie"] == str(verdicts.count("tie"))
-    assert values["ablCount"] == str(len(verdicts)) == "10"
+    assert values["ablCount"] == str(len(verdicts)) == "11"
+    assert "per-token keys" in table and "one width per key head" in table  # two fields changed, one name
 
 
 def test_rdkv_ablation_without_a_name_stops_the_build(built, tmp_path, monkeypatch):
-    """An ablation whose change the table cannot name (or that changes two fields) stops the build."""
+    """An ablation whose change the table cannot name stops the build: one field, or a pair of fields
+    named only together (per-token keys with uniform channel widths)."""
     generator, _, _ = built
-    names = dict(generator.ABLATIONS)
-    del names[("prior", "0")]
-    monkeypatch.setattr(generator, "ABLATIONS", names)
-    with pytest.raises(ValueError, match="no name for the ablation prior"):
-        generator.build(tmp_path)
+    every = dict(generator.ABLATIONS)
+    for field in ((("prior", "0"),), (("key_layout", "token"), ("channel_widths", "uniform"))):
+        names = dict(every)
+        del names[field]
+        monkeypatch.setattr(generator, "ABLATIONS", names)
+        with pytest.raises(ValueError, match=f"no name for the ablation {sorted(field)[0][0]}"):
+            generator.build(tmp_path)
 
 
 def test_rdkv_heldout_rows_are_the_selected_settings(built, tmp_path, monkeypatch):
