@@ -12,7 +12,7 @@
 # Same three calls as quality_sweep_smollm2.sh (the GGUF in three parts, evaluation/device/smollm2_sweep.sh):
 # Call 2 (carry .gguf_b): mkdir -p /tmp/gg && cp .gguf_b/part /tmp/gg/b
 # Call 3 (carry .gguf_c .sweepdata): export KVPRESS_NEOX_COMMIT=<hash> PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-#                                    bash evaluation/device/equal_bytes_smollm2.sh [tune] [tune_baselines] [gauss_baselines] [group_baselines] [ablation] [budget50] [pg19] [pg19_groups] [uniform] [eviction] [composites] [selected]
+#                                    bash evaluation/device/equal_bytes_smollm2.sh [tune] [tune_baselines] [gauss_baselines] [group_baselines] [ablation] [ablation_fresh] [budget50] [pg19] [pg19_groups] [uniform] [eviction] [composites] [selected]
 sweep=equal_bytes program=evaluation/equal_bytes.py MAX_JOBS=${MAX_JOBS:-16}
 source evaluation/device/smollm2_sweep.sh
 tune="--first_window 32 --num_windows 8"  # windows 32-39: never reported
@@ -96,6 +96,20 @@ if [[ $parts == *" ablation "* ]]; then
       "evict_weight=1000000"; do
     i=$((i + 1))
     run "ablation_$i" $report --part rdkv --targets 0.25 --rdkv "$selected_25 $change"  # the 25% selection's target
+  done
+fi
+if [[ $parts == *" ablation_fresh "* ]]; then
+  # The same changes on windows 40-103, never tuned on nor reported (64 windows: tighter intervals than
+  # the reported 32, to tell the components' small gains from noise), with the selection itself beside
+  # them (the ablation_fresh_0 row) to pair against
+  fresh="--first_window 40 --num_windows 64"
+  run ablation_fresh_0 $fresh --part rdkv --targets 0.25 --rdkv "$selected_25"
+  i=0
+  for change in "rotate=0" "channel_widths=uniform" "accumulated=0" "separate_widths=0" \
+      "key_layout=token channel_widths=uniform" "bits=4,8" "bits=2,3,4,8" "evict_weight=1" "prior=0" "window_size=64" \
+      "evict_weight=1000000"; do
+    i=$((i + 1))
+    run "ablation_fresh_$i" $fresh --part rdkv --targets 0.25 --rdkv "$selected_25 $change"
   done
 fi
 if [[ $parts == *" budget50 "* ]]; then  # the 50% budget: RD-KV (the 25% selection) and the baselines there
