@@ -84,16 +84,18 @@ print(next(r["method"][5:-1] for r in json.load(open(sys.argv[1]))["rows"] if r[
   selected_625=$(setting_of "$SELECTED_FROM/selected_0.0625.json")
   echo "selections: 25% [$selected_25] 12.5% [$selected_125] 6.25% [$selected_625]"
 fi
-if [[ $parts == *" ablation "* ]]; then
-  # RD-KV's components one at a time off the 25% selection, on the reported windows (issue 15's
-  # ablations): rotation, the query-weighted key widths, the accumulated evidence, keys and values
-  # choosing widths apart, KIVI key groups (per-token keys: no channel widths either), 32-token key groups, the bit widths
-  # on offer, the eviction weight, the prior, the window, and never evicting (quantization only).
-  # A setting's later value of a key overrides the selection's (RDKVPress's keyword arguments)
+# RD-KV's components one at a time off the 25% selection (issue 15's ablations): rotation, the
+# query-weighted key widths, the accumulated evidence, keys and values choosing widths apart, KIVI key
+# groups (per-token keys: no channel widths either), the bit widths on offer, the eviction weight, the
+# prior, the window, and never evicting (quantization only). A setting's later value of a key overrides
+# the selection's (RDKVPress's keyword arguments). (call17's ablation part, at 0ae4ab0, also ran
+# group_tokens=32, the selection's own: its ablation_6 row is the selection's, bit for bit.)
+ablation_changes=("rotate=0" "channel_widths=uniform" "accumulated=0" "separate_widths=0"
+  "key_layout=token channel_widths=uniform" "bits=4,8" "bits=2,3,4,8" "evict_weight=1" "prior=0" "window_size=64"
+  "evict_weight=1000000")
+if [[ $parts == *" ablation "* ]]; then  # on the reported windows, paired with the selection's own row
   i=0
-  for change in "rotate=0" "channel_widths=uniform" "accumulated=0" "separate_widths=0" \
-      "key_layout=token channel_widths=uniform" "group_tokens=32" "bits=4,8" "bits=2,3,4,8" "evict_weight=1" "prior=0" "window_size=64" \
-      "evict_weight=1000000"; do
+  for change in "${ablation_changes[@]}"; do
     i=$((i + 1))
     run "ablation_$i" $report --part rdkv --targets 0.25 --rdkv "$selected_25 $change"  # the 25% selection's target
   done
@@ -105,9 +107,7 @@ if [[ $parts == *" ablation_fresh "* ]]; then
   fresh="--first_window 40 --num_windows 64"
   run ablation_fresh_0 $fresh --part rdkv --targets 0.25 --rdkv "$selected_25"
   i=0
-  for change in "rotate=0" "channel_widths=uniform" "accumulated=0" "separate_widths=0" \
-      "key_layout=token channel_widths=uniform" "bits=4,8" "bits=2,3,4,8" "evict_weight=1" "prior=0" "window_size=64" \
-      "evict_weight=1000000"; do
+  for change in "${ablation_changes[@]}"; do
     i=$((i + 1))
     run "ablation_fresh_$i" $fresh --part rdkv --targets 0.25 --rdkv "$selected_25 $change"
   done
