@@ -1196,14 +1196,13 @@ ABLATIONS = {  # the fields an ablation changes off the selection (as they ran) 
 
 def ablation_name(ran: dict[str, str], selection: dict[str, str]) -> str | None:
     """The change an ablation row made off the selection, as ABLATIONS names it (None: it changed nothing)."""
-    changed = {(name, value) for name, value in ran.items() if not _same(value, selection[name])}
+    changed = sorted(name for name, value in ran.items() if not _same(value, selection[name]))
     if not changed:
         return None
     named = [text for fields, text in ABLATIONS.items()
-             if len(fields) == len(changed) and all(any(name == field and _same(value, setting) for name, value in changed)
-                                                    for field, setting in fields)]
+             if sorted(field for field, _ in fields) == changed and all(_same(ran[field], value) for field, value in fields)]
     if not named:
-        raise ValueError(f"no name for the ablation {', '.join(f'{name}={value}' for name, value in sorted(changed))}")
+        raise ValueError(f"no name for the ablation {', '.join(f'{name}={ran[name]}' for name in changed)}")
     return named[0]
 
 
