@@ -103,13 +103,14 @@ fi
 if [[ $parts == *" ablation_fresh "* ]]; then
   # The same changes on windows 40-103, never tuned on nor reported (64 windows: tighter intervals than
   # the reported 32, to tell the components' small gains from noise), with the selection itself beside
-  # them (the ablation_fresh_0 row) to pair against
-  fresh="--first_window 40 --num_windows 64"
-  run ablation_fresh_0 $fresh --part rdkv --targets 0.25 --rdkv "$selected_25"
+  # them (the ablation_fresh_0 row) to pair against. All 12 rows take about twice a 10-minute device
+  # call; FRESH_ROWS="0 1 2 3 4 5" (then "6 7 8 9 10 11" in a second call) runs those rows only
+  fresh="--first_window 40 --num_windows 64" rows=" ${FRESH_ROWS:-0 1 2 3 4 5 6 7 8 9 10 11} "
+  [[ $rows == *" 0 "* ]] && run ablation_fresh_0 $fresh --part rdkv --targets 0.25 --rdkv "$selected_25"
   i=0
   for change in "${ablation_changes[@]}"; do
     i=$((i + 1))
-    run "ablation_fresh_$i" $fresh --part rdkv --targets 0.25 --rdkv "$selected_25 $change"
+    [[ $rows == *" $i "* ]] && run "ablation_fresh_$i" $fresh --part rdkv --targets 0.25 --rdkv "$selected_25 $change"
   done
 fi
 if [[ $parts == *" budget50 "* ]]; then  # the 50% budget: RD-KV (the 25% selection) and the baselines there
