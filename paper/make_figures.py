@@ -121,12 +121,16 @@ SOURCES = {
         "results/smollm2-135m_equal_bytes_h200/call9/tuning_h2o_*.json",
     ],
     # RD-KV's checks beyond the selection (H200): one component changed at a time off the 25%
-    # selection, call17's ablation/ (windows 0-31, 25% of the bytes; ablation_6 sets group_tokens=32, the
-    # selection's own: it changes nothing and must reproduce the selection's row), at
-    # call16's 25% setting (call17's too) the 50% budget (RD-KV and the baselines there), and at call17's
-    # settings a text never tuned on (both PG-19-style books, 16 windows each, the baselines in the same call)
-    "rdkv_ablation": "results/smollm2-135m_equal_bytes_h200/call17/ablation/ablation_*.json",
-    "rdkv_ablation_base": "results/smollm2-135m_equal_bytes_h200/call17/selected_0.25.json",
+    # selection, call18's ablation_fresh/ (windows 40-103, never tuned on nor reported, 25% of the bytes;
+    # ablation_fresh_0 is the selection itself, the base the others pair with) and the same changes on the
+    # reported windows, call17's ablation/ (its ablation_6 sets group_tokens=32, the selection's own: it
+    # changes nothing and must reproduce the selection's row); at call16's 25% setting (call17's too) the 50%
+    # budget (RD-KV and the baselines there), and at call17's settings a text never tuned on (both
+    # PG-19-style books, 16 windows each, the baselines in the same call)
+    "rdkv_ablation": "results/smollm2-135m_equal_bytes_h200/call18/ablation_fresh/ablation_fresh_*.json",
+    "rdkv_ablation_base": "results/smollm2-135m_equal_bytes_h200/call18/ablation_fresh/ablation_fresh_0.json",
+    "rdkv_ablation_reported": "results/smollm2-135m_equal_bytes_h200/call17/ablation/ablation_*.json",
+    "rdkv_ablation_reported_base": "results/smollm2-135m_equal_bytes_h200/call17/selected_0.25.json",
     "rdkv_half": "results/smollm2-135m_equal_bytes_h200/call16/heldout/budget50_*.json",
     # RD-KV's streaming press on both books at budgets 512 (call4) and 256, 1024 (call5), each row paired with
     # its book's and budget's best baseline; the setting chosen first on the held-out stretch, one file per
@@ -1174,7 +1178,8 @@ def equal_bytes(root: Path, numbers: Numbers, out: Path) -> None:
     numbers["rdkvGroup"] = defaults["group_tokens"]
     numbers["rdkvAccumulated"] = f"{float(defaults['accumulated']):g}"
     equal_bytes_figure(reported, best, chosen, ours, tuning_baselines, tuning_best, runs, out)
-    return {"chosen": chosen, "reported": reported, "defaults": defaults}
+    return {"chosen": chosen, "reported": reported, "defaults": defaults,
+            "windows": {"reported": reported_key, "tuning": tuning_key}}  # (first window, count) each
 
 
 # The ablations' changes off the 25% selection, in the table's words: (field, value as it ran) -> name.
@@ -1208,25 +1213,25 @@ def ablation_name(ran: dict[str, str], selection: dict[str, str]) -> str | None:
 
 def reported_window_rows(entry, root: Path, reported_dense: dict) -> list[dict]:
     """The non-dense rows of the files ``entry`` names, each with its file's commit; every file's
-    dense row must be the reported windows' (else its rows would pair with other windows)."""
+    dense row must be ``reported_dense`` (else its rows would pair with other windows)."""
     rows = []
     for path in result_files(entry, root):
         payload = json.loads(path.read_text())
         if next(r for r in payload["rows"] if r["method"] == "dense")["unit_nll"] != reported_dense["unit_nll"]:
-            raise ValueError(f"{path.name} ran on other windows than the reported ones")
+            raise ValueError(f"{path.name} ran on other windows than its comparison's")
         rows += [dict(r, commit=payload["environment"]["git_commit"]) for r in payload["rows"] if r["method"] != "dense"]
     return rows
 
 
-def rdkv_checks(root: Path, numbers: Numbers, out: Path, selection: dict) -> None:
-    """RD-KV beyond its selection: the ablations of the 25% setting (paired against it), the 50%
-    budget against its best baseline, and both PG-19-style books, never tuned on, against theirs."""
-    chosen, reported, defaults = selection["chosen"], selection["reported"], selection["defaults"]
-    quarter = chosen[0.25]
-    reported_dense = next(r for r in reported if r["method"] == "dense")
-    (base,) = [r for r in reported_window_rows(SOURCES["rdkv_ablation_base"], root, reported_dense) if is_rdkv(r)]
+def ablations(entry: str, base_entry: str, root: Path, dense: dict, selected: dict, defaults: dict) -> list:
+    """(name, row, paired difference to the selection's row) per ablation of the 25% ``selected``
+    setting in the files ``entry`` names, all on ``dense``'s windows, the selection's own row from
+    ``base_entry``'s; a row that changes nothing must be the selection's run again, bit for bit."""
+    (base,) = [r for r in reported_window_rows(base_entry, root, dense) if is_rdkv(r)]
+    if base["method"] != selected["method"] or base["target"] != selected["target"]:
+        raise ValueError(f"the ablations' base is {base['method']} at {base['target']}, not the 25% selection")
     rows = []
-    for row in reported_window_rows(SOURCES["rdkv_ablation"], root, reported_dense):
+    for row in reported_window_rows(entry, root, dense):
         if is_rdkv(row):
             if row["target"] != base["target"]:
                 raise ValueError(f"an ablation at {row['target']}: the table says the 25% target")
@@ -1238,19 +1243,44 @@ def rdkv_checks(root: Path, numbers: Numbers, out: Path, selection: dict) -> Non
             rows.append((name, row, paired(row, base)))
     if len(rows) != len(ABLATIONS):
         raise ValueError(f"{len(rows)} ablation rows, {len(ABLATIONS)} named")
+    return rows
+
+
+def rdkv_checks(root: Path, numbers: Numbers, out: Path, selection: dict) -> None:
+    """RD-KV beyond its selection: the ablations of the 25% setting (paired against it) on windows
+    never used before and on the reported ones, the 50% budget against its best baseline, and both
+    PG-19-style books, never tuned on, against theirs."""
+    chosen, reported, defaults = selection["chosen"], selection["reported"], selection["defaults"]
+    quarter = chosen[0.25]
+    reported_dense = next(r for r in reported if r["method"] == "dense")
+    base_payload = json.loads(result_files(SOURCES["rdkv_ablation_base"], root)[0].read_text())
+    fresh_dense = next(r for r in base_payload["rows"] if r["method"] == "dense")
+    first, count = base_payload["first_window"], base_payload["num_windows"]
+    if first < sum(selection["windows"]["reported"]) or first < sum(selection["windows"]["tuning"]):
+        raise ValueError(f"the ablations' windows from {first} overlap the tuning or reported windows")
+    rows = ablations(SOURCES["rdkv_ablation"], SOURCES["rdkv_ablation_base"], root, fresh_dense, quarter, defaults)
+    on_reported = ablations(SOURCES["rdkv_ablation_reported"], SOURCES["rdkv_ablation_reported_base"], root,
+                            reported_dense, quarter, defaults)
     hurts = [name for name, _, diff in rows if verdict(diff) == "loss"]
     ties = [name for name, _, diff in rows if verdict(diff) == "tie"]
-    if len(hurts) + len(ties) != len(rows):
+    if len(hurts) + len(ties) != len(rows) or any(verdict(diff) == "win" for _, _, diff in on_reported):
         raise ValueError("an ablation beats the selection (its interval below zero): the text says none does")
-    if not {"no rotation", "one width per key head"} <= set(ties):
-        raise ValueError("rotation or the query-weighted widths, removed, is not a tie: the text says both are")
+    if not {"no rotation", "one width per key head"} <= set(hurts):
+        raise ValueError("rotation or the query-weighted widths, removed, does not cost PPL: the text says both do")
+    reported_hurts = [name for name, _, diff in on_reported if verdict(diff) == "loss"]
+    if {"no rotation", "one width per key head"} & set(reported_hurts):
+        raise ValueError("on the reported windows rotation or the query widths cost PPL: the text says both tie there")
     numbers["ablHurt"], numbers["ablTie"], numbers["ablCount"] = len(hurts), len(ties), len(rows)
     numbers["ablTies"] = "; ".join(ties)
     numbers["ablWorst"] = max(rows, key=lambda item: item[2]["delta_pct"])[0]
+    numbers["ablFirst"], numbers["ablLast"], numbers["ablWindows"] = first, first + count - 1, count
+    (base,) = [r for r in base_payload["rows"] if is_rdkv(r)]
+    numbers["ablBase"] = signed(base["delta_pct"], 2)
+    numbers["ablRepHurt"], numbers["ablRepWindows"] = len(reported_hurts), numbers.values["ebWindows"]
     lines = [
         "\\centering",
-        "\\captionof{table}{One change to the 25\\% setting (windows"
-        f" {numbers.values['ebFirst']}--{numbers.values['ebLast']}): PPL over dense, and paired over the setting (\\%).}}",
+        "\\captionof{table}{One change to the 25\\% setting, windows"
+        f" {first}--{first + count - 1} (fresh): PPL over dense, and paired over the setting (\\%).}}",
         "\\label{tab:ablation}",
         "{\\footnotesize\\setlength{\\tabcolsep}{2pt}",
         "\\begin{tabular}[t]{lrl}",

@@ -179,30 +179,56 @@ def test_equal_bytes_selection_is_pooled_over_call11_to_call17(built):
     assert values["ebOursA"] == "+0.20" and values["ebGoalA"] == "+0.5"
 
 
-def test_rdkv_ablations_are_paired_with_the_selection(built):
-    """Table 2: each call17 ablation row paired with the 25% selection (call17's row) on the same windows, as
-    evaluation/intervals.py pairs them; the counts in the text are the verdicts of those intervals. The row
-    that sets group_tokens to the selection's own 32 changes nothing: it is the selection's run again, bit
-    for bit, and not in the table."""
+def ablation_verdicts(folder: str, pattern: str, selected: dict, table: str | None) -> list[str]:
+    """Each ablation file's row paired with the 25% selection's row ``selected`` on its windows, as
+    evaluation/intervals.py pairs them (its text in ``table`` where given); a row at the selection's
+    own setting (call18's ablation_fresh_0, call17's group_tokens=32) must be that row, bit for bit."""
     from evaluation.intervals import paired_difference
 
-    _, out, values = built
-    (selected,) = [r for r in json.loads((REPO / EQUAL_BYTES / "call17/selected_0.25.json").read_text())["rows"]
-                   if r["method"].startswith("rdkv")]
-    table = (out / "table_rdkv_ablation.tex").read_text()
     verdicts = []
-    for path in sorted((REPO / EQUAL_BYTES / "call17/ablation").glob("ablation_*.json")):
+    for path in sorted((REPO / EQUAL_BYTES / folder).glob(pattern)):
         (row,) = [r for r in json.loads(path.read_text())["rows"] if r["method"].startswith("rdkv")]
-        if row["method"].endswith("group_tokens=32]"):
+        if row["method"] in (selected["method"], selected["method"][:-1] + " group_tokens=32]"):
             assert row["unit_nll"] == selected["unit_nll"]
             continue
         diff = paired_difference(row["unit_nll"], selected["unit_nll"], row["unit_tokens"])
         low, high = diff["delta_pct_ci95"]
-        assert f"{diff['delta_pct']:+.2f} [{low:+.2f}, {high:+.2f}]" in table
+        if table is not None:
+            assert f"{diff['delta_pct']:+.2f} [{low:+.2f}, {high:+.2f}]" in table
         verdicts.append("hurt" if low > 0 else "tie" if high >= 0 else "helps")
-    assert values["ablHurt"] == str(verdicts.count("hurt")) and values["ablTie"] == str(verdicts.count("tie"))
+    return verdicts
+
+
+def test_rdkv_ablations_are_paired_with_the_selection(built):
+    """Table 2: each call18 ablation row (64 windows never tuned on nor reported) paired with the 25%
+    selection run on the same windows (ablation_fresh_0, not in the table); the counts in the text are
+    the verdicts of those intervals, and the count on the reported windows is call17's ablations' against
+    call17's selection. Rotation and the query-weighted widths, removed, cost PPL on the fresh windows
+    and tie on the reported ones: the text says both."""
+    _, out, values = built
+    rdkv = lambda path: [r for r in json.loads((REPO / EQUAL_BYTES / path).read_text())["rows"]
+                         if r["method"].startswith("rdkv")][0]
+    table = (out / "table_rdkv_ablation.tex").read_text()
+    verdicts = ablation_verdicts("call18/ablation_fresh", "ablation_fresh_*.json",
+                                 rdkv("call18/ablation_fresh/ablation_fresh_0.json"), table)
+    assert values["ablHurt"] == str(verdicts.count("hurt")) == "7" and values["ablTie"] == str(verdicts.count("tie"))
     assert values["ablCount"] == str(len(verdicts)) == "11"
+    assert (values["ablFirst"], values["ablLast"], values["ablWindows"]) == ("40", "103", "64")
+    reported = ablation_verdicts("call17/ablation", "ablation_*.json", rdkv("call17/selected_0.25.json"), None)
+    assert values["ablRepHurt"] == str(reported.count("hurt")) == "3" and "helps" not in reported
     assert "per-token keys" in table and "one width per key head" in table  # two fields changed, one name
+
+
+def test_rdkv_ablations_on_used_windows_stop_the_build(built, tmp_path, monkeypatch):
+    """The table says its windows were used for nothing before: ablations whose base ran on the
+    reported windows (call17's selection) stop the build, and so do ablation files on other windows
+    than their base's."""
+    generator, _, _ = built
+    for changed in ({"rdkv_ablation_base": "results/smollm2-135m_equal_bytes_h200/call17/selected_0.25.json"},
+                    {"rdkv_ablation": "results/smollm2-135m_equal_bytes_h200/call17/ablation/ablation_*.json"}):
+        monkeypatch.setattr(generator, "SOURCES", dict(generator.SOURCES, **changed))
+        with pytest.raises(ValueError, match="overlap|other windows"):
+            generator.build(tmp_path)
 
 
 def test_rdkv_ablation_without_a_name_stops_the_build(built, tmp_path, monkeypatch):
