@@ -1,6 +1,7 @@
 """Weight-only quantization of a model's Linear layers, training-free (no calibration data):
-int8 or fp8 (e4m3) weights with one scale per output channel, activations and the KV cache in
-the model's dtype. Through one of two maintained libraries, which one chosen by measured speed
+int8 or fp8 (e4m3) weights with one scale per output channel, or int4 weights with a scale and a
+zero point per group of ``INT4_GROUP`` inputs; activations and the KV cache in the model's dtype.
+Through one of two maintained libraries, which one chosen by measured speed
 (evaluation/speed_frontier.py times both where both run):
 
 - ``torchao`` (``Int8WeightOnlyConfig`` / ``Float8WeightOnlyConfig``): each weight becomes a
@@ -8,6 +9,12 @@ the model's dtype. Through one of two maintained libraries, which one chosen by 
   inductor's coordinate-descent tuning (``compile_settings``), a batch-1 mm is decomposed into a
   multiply-and-sum reduction, so the conversion fuses into the kernel that reads the 1-byte weight
   (gpt-fast's int8 path); without it the fp16 copy of the weight is written and read again.
+- ``torchao`` ``Int4WeightOnlyConfig`` in its ``tile_packed_to_4d`` layout (int4 only): the weight
+  packed for PyTorch's tinygemm kernel (``_weight_int4pack_mm``, gpt-fast's int4 path), one opaque
+  GEMV that reads the half bytes and unpacks them in registers, whatever inductor would make of it.
+  The kernel is CUDA-only and bf16-only: the weights are cast to bf16 before they are quantized, and
+  each call casts its input to bf16 and its output back (torchao's linear does), so an fp16 model
+  keeps fp16 activations between the Linears. On a CPU the scheme is refused.
 - ``quanto`` (optimum-quanto ``qint8`` / ``qfloat8``): QLinear modules; on CUDA an int8 weight
   times fp16 activations is its custom op, which rescales the whole weight and calls matmul.
 
@@ -26,10 +33,12 @@ import contextlib
 import torch
 from torch import nn
 
-SCHEMES = ("none", "int8", "fp8")
+SCHEMES = ("none", "int8", "fp8", "int4")
 LIBRARIES = ("torchao", "quanto")
-# Bytes a decode step reads per weight and per output channel (its scale: torchao keeps fp32 scales).
-WEIGHT_BYTES = {"int8": (1, 4), "fp8": (1, 4)}
+INT4_GROUP = 128  # inputs per int4 scale and zero point (torchao's default group)
+# Bytes a decode step reads per weight and per output channel and group of inputs (int8 / fp8: one
+# group, the fp32 scale torchao keeps; int4: tinygemm's bf16 scale and zero point per INT4_GROUP inputs).
+WEIGHT_BYTES = {"int8": (1, 4), "fp8": (1, 4), "int4": (0.5, 4)}
 
 
 def check(scheme: str, library: str) -> None:
@@ -44,15 +53,27 @@ def quantize_weights(model, scheme: str, library: str = "torchao"):
     check(scheme, library)
     if scheme == "none":
         return model
+    if scheme == "int4" and library != "torchao":
+        raise ValueError("int4 weights are torchao's (its tinygemm layout); quanto's int4 is not wired here")
+    if scheme == "int4" and next(model.parameters()).device.type != "cuda":
+        raise ValueError("int4 weights need a CUDA GPU: torchao's tinygemm kernel has no CPU version here")
     if library == "torchao":
         try:
-            from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+            from torchao.quantization import (Float8WeightOnlyConfig, Int4WeightOnlyConfig, Int8WeightOnlyConfig,
+                                              quantize_)
         except ImportError:
             raise ImportError("weight quantization with torchao needs it installed: pip install torchao==0.18.0") from None
         # set_inductor_config=False: torchao would switch inductor's tuning on for the whole
         # process; compile_settings scopes it to the quantized step's compilation instead.
-        config = (Int8WeightOnlyConfig(set_inductor_config=False) if scheme == "int8"
-                  else Float8WeightOnlyConfig(set_inductor_config=False))
+        if scheme == "int4":
+            for module in model.modules():  # tinygemm reads bf16 scales and takes bf16 inputs only
+                if isinstance(module, nn.Linear):
+                    module.weight.data = module.weight.data.to(torch.bfloat16)
+            config = Int4WeightOnlyConfig(group_size=INT4_GROUP, int4_packing_format="tile_packed_to_4d",
+                                          set_inductor_config=False)
+        else:
+            config = (Int8WeightOnlyConfig(set_inductor_config=False) if scheme == "int8"
+                      else Float8WeightOnlyConfig(set_inductor_config=False))
         quantize_(model, config)
         return model
     from optimum.quanto import freeze, qfloat8, qint8, quantize
@@ -87,9 +108,10 @@ def compile_settings(scheme: str, inductor_gemv: bool = False):
     return torch._inductor.config.patch(coordinate_descent_tuning=True)
 
 
-def linear_weight_bytes(n_in: int, n_out: int, scheme: str, bytes_per_value: int) -> int:
+def linear_weight_bytes(n_in: int, n_out: int, scheme: str, bytes_per_value: int) -> float:
     """Bytes of one (n_out, n_in) weight as a decode step reads it under ``scheme``."""
     if scheme == "none":
         return bytes_per_value * n_in * n_out
-    per_weight, per_channel = WEIGHT_BYTES[scheme]
-    return per_weight * n_in * n_out + per_channel * n_out
+    per_weight, per_group = WEIGHT_BYTES[scheme]
+    groups = -(-n_in // INT4_GROUP) if scheme == "int4" else 1
+    return per_weight * n_in * n_out + per_group * groups * n_out

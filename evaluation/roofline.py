@@ -9,7 +9,8 @@ The ceilings are measured on the machine that runs (evaluation/ceilings.py: a de
 copy, a weight-sized GEMV and a matrix product) or given; datasheet figures are leads. Bytes
 assume fused attention (FlashAttention / SDPA: scores never reach memory), weights and KV in the
 given dtype read once per step (or, weight-only quantized, at the bytes of
-decoding/weight_quant.py: 1 byte a weight plus its channel's scale), activations read and written
+decoding/weight_quant.py: 1 byte a weight plus its channel's scale, int4 half a byte plus a scale and
+zero point per 128 inputs), activations read and written
 once per operator. With ``kv_bits`` the KV at the bytes decoding/neox_decode.py's quantized buffer
 holds: codes and an fp16 scale and zero point per (token, head).
 """

@@ -1,5 +1,5 @@
 """The speed frontier of GPT-NeoX decoding in one process: the fp16 step against the floor, the
-folded step (decoding/fused_projections.py) and weight-only int8 / fp8 (decoding/weight_quant.py)
+folded step (decoding/fused_projections.py) and weight-only int8 / fp8 / int4 (decoding/weight_quant.py)
 through torchao and optimum-quanto, dense and with a press, each cell's tokens checked.
 
   python evaluation/speed_frontier.py --model EleutherAI/pythia-2.8b --random-init \\
@@ -12,7 +12,7 @@ QKV + MLP-in GEMM, two-stream). WEIGHTS:
 ``fp16`` (the model's own), ``fp16_triton`` (the same, each Linear as matmul + bias compiled with
 inductor's coordinate-descent tuning: Triton GEMVs with tuned reductions instead of cuBLAS's;
 decoding/weight_quant.py's ``as_matmuls``), ``int8_torchao``, ``int8_quanto``,
-``fp8_torchao``, ``fp8_quanto``.
+``fp8_torchao``, ``fp8_quanto``, ``int4_torchao`` (bf16 tinygemm GEMVs, CUDA only).
 
 Every cell runs dense and, with ``--press``, the press: TPOT, TTFT and the floors from
 evaluation/speed.py's ``measure``, over ceilings measured once at the start (evaluation/ceilings.py),
@@ -57,6 +57,7 @@ WEIGHTS = {
     "int8_quanto": ("int8", "quanto", False),
     "fp8_torchao": ("fp8", "torchao", False),
     "fp8_quanto": ("fp8", "quanto", False),
+    "int4_torchao": ("int4", "torchao", False),  # GPU only (tinygemm)
 }
 COLUMNS = ["cell", "method", "tpot_ms", "tpot_floor_ms", "tpot_over_floor", "tpot_over_fp16_floor", "ttft_ms",
            "compile_s", "identical", "first_difference", "reference_margin_there", "error"]

@@ -28,7 +28,7 @@ def main(argv=None) -> None:
                         help="tokens already cached (after compression): one for every layer, or one per layer")
     parser.add_argument("--new_tokens", type=int, default=1, help="1: decode step; the prompt length: prefill")
     parser.add_argument("--weight_quant", default="none", choices=SCHEMES,
-                        help="weights at the bytes of decoding/weight_quant.py (1 a weight + a scale per channel)")
+                        help="weights at the bytes of decoding/weight_quant.py (int8 / fp8: 1 a weight + a scale per channel; int4: half + a scale and zero per 128 inputs)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--measure", nargs="?", const="cuda", metavar="DEVICE",
                         help="measure the ceilings on this device now (default cuda)")

@@ -69,7 +69,7 @@ def test_a_bad_split_kv_config_is_one_line_before_loading(options, capsys):
     assert "split_kv" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("cell", ["plain", "fused:fp16", "plain:int4_torchao"])
+@pytest.mark.parametrize("cell", ["plain", "fused:fp16", "plain:int2_torchao"])
 def test_a_bad_cell_is_one_line_before_loading(cell, capsys):
     with pytest.raises(SystemExit) as exit_info:
         speed_frontier.parse_args(["--cells", cell])

@@ -1,5 +1,6 @@
 """Weight-only quantization (decoding/weight_quant.py): every Linear holds int8 / fp8 weights, the
-decode paths compute the function of the de-quantized weights, and the roofline counts 1 byte a weight."""
+decode paths compute the function of the de-quantized weights, and the roofline counts 1 byte a weight
+(half a byte for int4, which runs on CUDA only: here only its refusal and its bytes are tested)."""
 
 import copy
 
@@ -97,10 +98,23 @@ def test_a_folded_view_quantizes_its_fused_projection_too(model):
 
 
 def test_unknown_schemes_and_libraries_are_refused(model):
-    with pytest.raises(ValueError, match="int4"):
-        weight_quant.quantize_weights(model, "int4")
+    with pytest.raises(ValueError, match="int2"):
+        weight_quant.quantize_weights(model, "int2")
     with pytest.raises(ValueError, match="bnb"):
         weight_quant.quantize_weights(model, "int8", "bnb")
+
+
+def test_int4_weights_are_refused_off_cuda_and_through_quanto(model):
+    """int4 is torchao's tinygemm layout, a CUDA kernel: on a CPU, and through quanto, the scheme is
+    refused before any weight changes (the model keeps its fp32 Linears)."""
+    before = {name: module.weight.clone() for name, module in linears(model).items()}
+    with pytest.raises(ValueError, match="CUDA"):
+        weight_quant.quantize_weights(model, "int4")
+    with pytest.raises(ValueError, match="torchao"):
+        weight_quant.quantize_weights(model, "int4", "quanto")
+    after = linears(model)
+    assert all(type(after[name].weight) is nn.Parameter and after[name].weight.dtype == torch.float32
+               and torch.equal(after[name].weight, weight) for name, weight in before.items())
 
 
 def test_roofline_counts_a_byte_a_weight_plus_its_channels_scale():
@@ -112,6 +126,17 @@ def test_roofline_counts_a_byte_a_weight_plus_its_channels_scale():
     assert by_name["int8"]["mlp_up"] == config.num_hidden_layers * (hidden * inner + 4 * inner + vectors)
     assert by_name["none"]["mlp_up"] == config.num_hidden_layers * (2 * hidden * inner + vectors)
     assert by_name["int8"]["attention"] == by_name["none"]["attention"]  # the KV cache stays fp16
+
+
+def test_roofline_counts_half_a_byte_an_int4_weight_plus_its_groups_scale_and_zero():
+    config = roofline.load_config("EleutherAI/pythia-2.8b")
+    ops = {op.name: op.bytes for op in roofline.operators(config, 1, 1, 2000, weight_quant="int4")}
+    hidden, inner = config.hidden_size, config.intermediate_size
+    vectors = 2 * (hidden + inner)
+    groups_up, groups_down = hidden // weight_quant.INT4_GROUP, inner // weight_quant.INT4_GROUP  # 20 and 80
+    assert ops["mlp_up"] == config.num_hidden_layers * (hidden * inner / 2 + 4 * groups_up * inner + vectors)
+    assert ops["mlp_down"] == config.num_hidden_layers * (inner * hidden / 2 + 4 * groups_down * hidden + vectors)
+    assert weight_quant.linear_weight_bytes(200, 3, "int4", 2) == 300 + 4 * 2 * 3  # a part group is a whole one
 
 
 def test_int8_folded_branches_compile_whole(model):
