@@ -14,6 +14,8 @@
 #             split), dense and SnapKV 25%.
 #   fp16:     (1), then the profiles of the plain, folded and folded Triton steps.
 #   quant:    (3)-(5) alone (when frontier's budget cuts its last stages).
+#   int4:     plain fp16 beside torchao's int4 weights (plain and split steps) in one process, then the
+#             plain int4 step profiled.
 #   batch:    the largest batch at a 2k context, dense and SnapKV keeping 25% (evaluation/speed_grid.py
 #             --batch_size max: from the estimate of what the free memory holds, up or down until a batch
 #             fits and one does not, bisected to 16; each tried batch a full 256-token row, one warm-up and
@@ -61,7 +63,15 @@ quant_cells() {
   stage 120 fp8 $frontier --cells plain:fp8_torchao split:fp8_torchao --press snapkv --compression_ratio 0.75 \
     --output "$work/fp8/frontier_fp8.json"
 }
+int4_cells() {
+  # torchao's int4 weights (tinygemm, bf16 weights, a scale and zero per 128 inputs) paired with fp16 in
+  # one process: past the fp16 floor if its GEMVs read their half bytes near the bandwidth
+  stage 220 int4 $frontier --cells plain:fp16 plain:int4_torchao split:int4_torchao --press snapkv \
+    --compression_ratio 0.75 --time_limit_s 160 --output "$work/int4/frontier_int4.json"
+  profile_cell plain_int4 plain:int4_torchao
+}
 case "$part" in
+  int4) int4_cells ;;
   frontier) fp16_cells; profile_cell plain plain:fp16; quant_cells ;;
   fp16) fp16_cells; profile_cell plain plain:fp16; profile_cell folded folded:fp16
         profile_cell folded_triton folded:fp16_triton ;;
