@@ -53,10 +53,8 @@ def quantize_weights(model, scheme: str, library: str = "torchao"):
     check(scheme, library)
     if scheme == "none":
         return model
-    if scheme == "int4" and library != "torchao":
-        raise ValueError("int4 weights are torchao's (its tinygemm layout); quanto's int4 is not wired here")
-    if scheme == "int4" and next(model.parameters()).device.type != "cuda":
-        raise ValueError("int4 weights need a CUDA GPU: torchao's tinygemm kernel has no CPU version here")
+    if scheme == "int4":
+        check_int4(model, library)
     if library == "torchao":
         try:
             from torchao.quantization import (Float8WeightOnlyConfig, Int4WeightOnlyConfig, Int8WeightOnlyConfig,
@@ -80,6 +78,20 @@ def quantize_weights(model, scheme: str, library: str = "torchao"):
     quantize(model, weights=qint8 if scheme == "int8" else qfloat8)
     freeze(model)  # the quantized weights replace the float ones
     return model
+
+
+def check_int4(model, library: str) -> None:
+    """Refuse int4 where torchao's tinygemm layout cannot hold every Linear, before any weight changes."""
+    if library != "torchao":
+        raise ValueError("int4 weights are torchao's (its tinygemm layout); quanto's int4 is not wired here")
+    # torchao skips a Linear whose inputs do not fill whole groups, which would stay in bf16 unquantized
+    ragged = [f"{name} ({module.in_features} inputs)" for name, module in model.named_modules()
+              if isinstance(module, nn.Linear) and module.in_features % INT4_GROUP]
+    if ragged:
+        raise ValueError(f"int4 weights need every Linear's inputs in whole groups of {INT4_GROUP}; not so for "
+                         + ", ".join(ragged[:3]) + (" and more" if len(ragged) > 3 else ""))
+    if next(model.parameters()).device.type != "cuda":
+        raise ValueError("int4 weights need a CUDA GPU: torchao's tinygemm kernel has no CPU version here")
 
 
 class MatmulLinear(nn.Linear):

@@ -104,17 +104,19 @@ def test_unknown_schemes_and_libraries_are_refused(model):
         weight_quant.quantize_weights(model, "int8", "bnb")
 
 
-def test_int4_weights_are_refused_off_cuda_and_through_quanto(model):
-    """int4 is torchao's tinygemm layout, a CUDA kernel: on a CPU, and through quanto, the scheme is
-    refused before any weight changes (the model keeps its fp32 Linears)."""
-    before = {name: module.weight.clone() for name, module in linears(model).items()}
-    with pytest.raises(ValueError, match="CUDA"):
-        weight_quant.quantize_weights(model, "int4")
-    with pytest.raises(ValueError, match="torchao"):
-        weight_quant.quantize_weights(model, "int4", "quanto")
-    after = linears(model)
-    assert all(type(after[name].weight) is nn.Parameter and after[name].weight.dtype == torch.float32
-               and torch.equal(after[name].weight, weight) for name, weight in before.items())
+def test_int4_weights_are_refused_where_tinygemm_cannot_hold_them(model):
+    """int4 is torchao's tinygemm layout, a CUDA kernel over whole groups of 128 inputs: through quanto,
+    with a Linear of ragged inputs (the tiny model's 64; SmolLM2's 576) and on a CPU the scheme is refused
+    before any weight changes (the Linears keep their fp32 weights)."""
+    whole = nn.Sequential(nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 8))  # inputs in whole groups
+    for target, library, message in ((model, "quanto", "torchao"), (model, "torchao", "whole groups of 128"),
+                                     (whole, "torchao", "CUDA")):
+        before = {name: module.weight.clone() for name, module in linears(target).items()}
+        with pytest.raises(ValueError, match=message):
+            weight_quant.quantize_weights(target, "int4", library)
+        after = linears(target)
+        assert all(type(after[name].weight) is nn.Parameter and after[name].weight.dtype == torch.float32
+                   and torch.equal(after[name].weight, weight) for name, weight in before.items())
 
 
 def test_roofline_counts_a_byte_a_weight_plus_its_channels_scale():
