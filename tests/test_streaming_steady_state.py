@@ -1,7 +1,8 @@
 """evaluation/streaming_steady_state.py: the fill point it computes is where the quantized baseline
 really first evicts in a streamed run (tiny GPT-NeoX and Llama models), rows are rescored on the
-stretches after the latest fill point with the best baseline chosen again there, and bad input is
-one line, exit code 2, no file."""
+stretches after the latest fill point with the best baseline chosen again there, streams of one book
+pool their stretches (the best baseline chosen over the pool), and bad input is one line, exit code 2,
+no file."""
 
 import json
 import math
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from evaluation.protocols import streaming_nll
-from evaluation.streaming_steady_state import quantized_fill_end, steady_state
+from evaluation.streaming_steady_state import check_apart, pooled, quantized_fill_end, steady_state
 from presses import Settings, make_streaming_press
 from presses.quantized_budget_press import QuantizedBudgetPress
 from tests.conftest import REPO_ROOT, build, record_cache_lengths, tiny_llama_config, tiny_neox_config
@@ -62,6 +63,38 @@ def test_rows_are_rescored_after_the_latest_fill_point_and_the_best_baseline_cho
 def test_a_text_too_short_for_the_fill_point_is_refused():
     with pytest.raises(ValueError, match="no stretch begins after token 400"):
         steady_state([(_row("dense", [1, 1, 1, 1]), 128), (_row("h2o+kivi4", [1, 1, 1, 1]), 400)])
+
+
+def test_streams_pool_their_stretches_and_the_best_baseline_is_chosen_over_the_pool():
+    """Two streams of one book: every stretch past the budget of each (--all_stretches), pooled. a is
+    the better baseline in the first stream and b in the second; over the pool b is, and RD-KV pairs
+    with it on all eight stretches."""
+    first = [(_row("dense", [100, 100, 100, 60]), 128), (_row("h2o+kivi4", [101, 101, 101, 61]), 190),
+             (_row("tova+kivi4", [103, 103, 103, 62]), 190), (_row("rdkv[]", [102, 100, 101, 60]), 128)]
+    second = [(_row("dense", [90, 90, 90, 50]), 128), (_row("h2o+kivi4", [96, 96, 96, 55]), 190),
+              (_row("tova+kivi4", [91, 91, 91, 51]), 190), (_row("rdkv[]", [91, 90, 91, 51]), 128)]
+    result = pooled([first, second], all_stretches=True)
+    assert (result["streams"], result["units"], result["scored_tokens"]) == (2, 8, 360)
+    assert result["steady_from_token"] == 100 and result["best_baseline"] == "tova+kivi4"
+    rows = {row["method"]: row for row in result["rows"]}
+    ours = (102 + 100 + 101 + 60 + 91 + 90 + 91 + 51) / 360
+    tova = (103 * 3 + 62 + 91 * 3 + 51) / 360
+    assert rows["rdkv[]"]["versus_method"] == "tova+kivi4"
+    assert rows["rdkv[]"]["versus_pct"] == pytest.approx(100 * (math.exp(ours) / math.exp(tova) - 1))
+    # each stream alone picks the other baseline first: the pool is not either stream's choice
+    assert steady_state(first, all_stretches=True)["best_baseline"] == "h2o+kivi4"
+    # past the fill points (190): the last two stretches of each stream, four in all
+    assert pooled([first, second])["units"] == 4
+
+
+def test_streams_that_differ_in_methods_or_overlap_are_refused():
+    one = [(_row("dense", [1, 1, 1, 1]), 128), (_row("h2o+kivi4", [1, 1, 1, 1]), 128)]
+    other = [(_row("dense", [1, 1, 1, 1]), 128), (_row("tova+kivi4", [1, 1, 1, 1]), 128)]
+    with pytest.raises(ValueError, match="different methods"):
+        pooled([one, other])
+    check_apart([0, 8193], 8193)
+    with pytest.raises(ValueError, match="from tokens 0 and 8192 overlap"):
+        check_apart([8192, 0], 8193)
 
 
 @pytest.mark.parametrize("args,message", [(["missing.json", "--head_dim", "64"], "no such file"),

@@ -59,15 +59,23 @@ if [[ $parts == *" chunk "* ]]; then
     run chunk${chunk}_rdkv $short --part rdkv --rdkv "${settings[0]}" --versus "$work"/chunk${chunk}_baselines_*.json
   done
 fi
+# STREAM_STARTS="0 8193 16386 24579": each book streamed from these first tokens too (--first_token; streams of
+# 8193 tokens that share none, and end before the tuning stretch at Frankenstein's token 50000), each stream its
+# own files (_fromN after the book; 0 keeps the names above), RD-KV paired with its own stream's baselines;
+# evaluation/streaming_steady_state.py --pool_streams --all_stretches then pools a book's stretches
+starts=${STREAM_STARTS:-0}
+from_name() { [ "$1" = 0 ] || echo "_from$1"; }
 if [[ $parts == *" baselines "* ]]; then
-  for book in 0 1; do
-    for budget in $budgets; do
-      for scorer in ${SCORERS:-streaming_llm h2o tova scissorhands treekv snapkv}; do
-        bits=4
-        [ $scorer = streaming_llm ] && bits="2 4 8"
-        run baselines_book${book}_${budget}_$scorer $text --sample_idx $book --budget_tokens $budget --part baselines \
-          --scorers $scorer --bits ${BASELINE_BITS:-$bits} ${BASELINE_FLAGS:-}
-        baseline_jobs+=($!)
+  for start in $starts; do
+    for book in 0 1; do
+      for budget in $budgets; do
+        for scorer in ${SCORERS:-streaming_llm h2o tova scissorhands treekv snapkv}; do
+          bits=4
+          [ $scorer = streaming_llm ] && bits="2 4 8"
+          run baselines_book${book}$(from_name $start)_${budget}_$scorer $text --first_token $start --sample_idx $book \
+            --budget_tokens $budget --part baselines --scorers $scorer --bits ${BASELINE_BITS:-$bits} ${BASELINE_FLAGS:-}
+          baseline_jobs+=($!)
+        done
       done
     done
   done
@@ -75,13 +83,16 @@ fi
 if [[ $parts == *" rdkv "* ]]; then
   # the pairing reads the baselines' files: this call's (or a previous call's on the same machine, in $work)
   [ ${#baseline_jobs[@]} -gt 0 ] && wait "${baseline_jobs[@]}"
-  for book in 0 1; do
-    for budget in $budgets; do
-      i=0
-      for setting in "${settings[@]}"; do
-        i=$((i + 1))
-        run rdkv_book${book}_${budget}_$i $text --sample_idx $book --budget_tokens $budget --part rdkv \
-          --rdkv "$setting" --versus "$work"/baselines_book${book}_${budget}_*.json
+  for start in $starts; do
+    for book in 0 1; do
+      for budget in $budgets; do
+        i=0
+        for setting in "${settings[@]}"; do
+          i=$((i + 1))
+          from=$(from_name $start)
+          run rdkv_book${book}${from}_${budget}_$i $text --first_token $start --sample_idx $book --budget_tokens $budget \
+            --part rdkv --rdkv "$setting" --versus "$work"/baselines_book${book}${from}_${budget}_*.json
+        done
       done
     done
   done
