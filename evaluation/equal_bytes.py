@@ -100,7 +100,7 @@ def rdkv_setting(text: str) -> dict:
         elif key in ("window_size", "recent_tokens", "group_tokens"):
             setting[key] = int(value)
         elif key in ("key_layout", "prior_shape", "accumulated_over", "allocate_over", "layer_scale", "channel_widths",
-                     "levels"):
+                     "levels", "head_weights"):
             setting[key] = value
         else:
             raise ValueError(f"unknown RD-KV setting {key!r} in {text!r}")

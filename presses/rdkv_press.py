@@ -17,6 +17,17 @@ from presses.quantize import (check_channel_widths, check_levels, CHANNEL_STATS_
 GRID = 64  # lambdas tried at once
 
 
+def output_head_weights(module: nn.Module, heads: int, head_dim: int) -> torch.Tensor:
+    """(heads,) each query head's block of the attention's output projection (Llama's ``o_proj``,
+    GPT-NeoX's ``dense``): its squared Frobenius norm, over the mean of the heads'."""
+    projection = getattr(module, "o_proj", None) or getattr(module, "dense", None)
+    if projection is None:
+        raise PressConfigError(f"head_weights='output' needs the attention's output projection (o_proj or dense); "
+                               f"{type(module).__name__} has neither")
+    energy = projection.weight.float().view(projection.weight.shape[0], heads, head_dim).pow(2).sum(dim=(0, 2))
+    return energy / energy.mean()
+
+
 @dataclass
 class RDKVPress(BasePress):
     """Rate-distortion KV compression (ours): after prefill, every (token, KV head) of a layer is
@@ -71,6 +82,12 @@ class RDKVPress(BasePress):
     With ``channel_widths="query"`` (KIVI's key layout) a key width b is an average: each channel
     of a head takes the width the prefill's queries' energy on it pays for, dim * b bits in all
     (presses/quantize.py, ``query_weighted_widths``; the widths' table is counted in the bytes).
+    With ``head_weights="output"`` each query head's distortions are weighted by the energy of its
+    block of the output projection W_o (its squared Frobenius norm over the head dim, the mean over
+    heads 1): an error e in head h's output moves the layer's output by W_o,h e, whose expected
+    square for an error spread over the head's channels is |W_o,h|_F^2 / d |e|^2, so bytes go to the
+    heads whose outputs the layer amplifies (the window outputs' energy of ``layer_scale`` is weighted
+    the same way).
     With ``levels="gaussian"`` (rotated groups) the per-token groups round to the levels that
     err least on Gaussian entries where they beat uniform ones (2 and 3 bits; presses/quantize.py
     ``gaussian_levels``), at the same bytes.
@@ -100,6 +117,7 @@ class RDKVPress(BasePress):
     layer_scale: str = "output"  # with allocate_over="model": each layer's distortions over its outputs' energy, or "none"
     channel_widths: str = "uniform"  # "query": KIVI key channels take widths by the queries' energy on them (ours)
     levels: str = "uniform"  # "gaussian": rotated per-token groups at Lloyd-Max's levels for normal entries (2, 3 bits)
+    head_weights: str = "uniform"  # "output": each query head's distortions times its W_o block's energy (ours)
     stored_bytes: dict = field(default_factory=dict, repr=False)
     chosen_bits: dict = field(default_factory=dict, repr=False)  # per layer, keys and values: share of (token, head) entries at each width (0: evicted)
 
@@ -126,6 +144,8 @@ class RDKVPress(BasePress):
             raise PressConfigError(f"allocate_over must be 'layer' or 'model', got {self.allocate_over!r}")
         if self.layer_scale not in ("output", "none"):
             raise PressConfigError(f"layer_scale must be 'output' or 'none', got {self.layer_scale!r}")
+        if self.head_weights not in ("uniform", "output"):
+            raise PressConfigError(f"head_weights must be 'uniform' or 'output', got {self.head_weights!r}")
         check_channel_widths(self.channel_widths, self.key_layout)
         check_levels(self.levels, self.rotate)
         self._waiting = {}  # allocate_over="model": layer index -> (plan, cache), until the last layer
@@ -272,7 +292,9 @@ class RDKVPress(BasePress):
                 received = self._received(module, hidden_states, keys, kwargs)
             expected = (1 - self.accumulated) * probs + self.accumulated * received.unsqueeze(2)  # (b, h, 1, n)
         expected = expected + self._prior(keys.shape[2], probs.device)
-        weight = expected**2
+        head_weight = (output_head_weights(module, probs.shape[1], keys.shape[-1])[None, :, None, None]
+                       if self.head_weights == "output" else 1.0)
+        weight = expected**2 * head_weight
         evict = per_kv_head((weight * spread).sum(2), keys.shape[1])
         key_error, value_error = [], []
         for quantized_keys, quantized_values in zip(key_options, value_options):
@@ -284,7 +306,7 @@ class RDKVPress(BasePress):
         if with_mass:
             distortions += (per_kv_head(expected.expand_as(probs).sum(2), keys.shape[1]),)
         if with_energy:
-            distortions += ((outputs**2).sum().clamp(min=1e-30).item(),)
+            distortions += (((outputs**2) * head_weight).sum().clamp(min=1e-30).item(),)
         return distortions
 
     def _received(self, module, hidden_states, keys, kwargs) -> torch.Tensor:

@@ -468,3 +468,34 @@ def test_gaussian_levels_need_rotated_groups(press):
         press(levels="gaussian")
     with pytest.raises(PressConfigError, match="levels must be one of uniform, gaussian"):
         press(levels="nf4", rotate=True)
+
+
+def test_output_head_weights_give_bytes_to_the_head_the_output_projection_amplifies():
+    """head_weights="output": with the first KV head's query heads amplified 10x in o_proj, their
+    values are stored more precisely than under uniform head weights (nothing evicted, the same
+    bytes), and the heads' weights are their o_proj blocks' energies over the mean."""
+    from presses.rdkv_press import output_head_weights
+
+    config = tiny_llama_config()
+    model = build(config)
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = config.hidden_size // heads
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight[:, : head_dim * heads // kv_heads] *= 10
+    attention = model.model.layers[0].self_attn
+    weights = output_head_weights(attention, heads, head_dim)
+    blocks = attention.o_proj.weight.view(-1, heads, head_dim).pow(2).sum(dim=(0, 2))
+    torch.testing.assert_close(weights, blocks / blocks.mean())
+    dense = _prefill(model, RDKVPress(0.0))
+    errors = {}
+    for choice in ("uniform", "output"):
+        press = RDKVPress(0.5, evict_weight=1e6, head_weights=choice, window_size=8)
+        cache = _prefill(model, press)
+        assert cache.layers[0].values.shape == dense.layers[0].values.shape  # nothing evicted
+        errors[choice] = torch.stack([(cache.layers[i].values - dense.layers[i].values).pow(2).sum(dim=(0, 2, 3))
+                                      for i in range(config.num_hidden_layers)]).sum(0)  # (kv_heads,)
+    assert errors["output"][0] < 0.5 * errors["uniform"][0]
+    assert errors["output"][1:].sum() > errors["uniform"][1:].sum()  # the bytes came from the other heads
+    with pytest.raises(PressConfigError, match="head_weights"):
+        RDKVPress(0.8, head_weights="bad")
