@@ -117,7 +117,7 @@ class RDKVPress(BasePress):
     layer_scale: str = "output"  # with allocate_over="model": each layer's distortions over its outputs' energy, or "none"
     channel_widths: str = "uniform"  # "query": KIVI key channels take widths by the queries' energy on them (ours)
     levels: str = "uniform"  # "gaussian": rotated per-token groups at Lloyd-Max's levels for normal entries (2, 3 bits)
-    head_weights: str = "uniform"  # "output": each query head's distortions times its W_o block's energy (ours)
+    head_weights: str = "uniform"  # "output": each query head's distortions times its W_o block's energy (worse on SmolLM2)
     stored_bytes: dict = field(default_factory=dict, repr=False)
     chosen_bits: dict = field(default_factory=dict, repr=False)  # per layer, keys and values: share of (token, head) entries at each width (0: evicted)
 
