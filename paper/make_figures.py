@@ -1223,10 +1223,10 @@ def reported_window_rows(entry, root: Path, reported_dense: dict) -> list[dict]:
     return rows
 
 
-def ablations(entry: str, base_entry: str, root: Path, dense: dict, selected: dict, defaults: dict) -> list:
-    """(name, row, paired difference to the selection's row) per ablation of the 25% ``selected``
-    setting in the files ``entry`` names, all on ``dense``'s windows, the selection's own row from
-    ``base_entry``'s; a row that changes nothing must be the selection's run again, bit for bit."""
+def ablations(entry: str, base_entry: str, root: Path, dense: dict, selected: dict, defaults: dict) -> tuple:
+    """(the selection's own row, from ``base_entry``'s files; [(name, row, paired difference to it)]
+    per ablation of the 25% ``selected`` setting in the files ``entry`` names), all on ``dense``'s
+    windows; a row that changes nothing must be the selection's run again, bit for bit."""
     (base,) = [r for r in reported_window_rows(base_entry, root, dense) if is_rdkv(r)]
     if base["method"] != selected["method"] or base["target"] != selected["target"]:
         raise ValueError(f"the ablations' base is {base['method']} at {base['target']}, not the 25% selection")
@@ -1243,7 +1243,7 @@ def ablations(entry: str, base_entry: str, root: Path, dense: dict, selected: di
             rows.append((name, row, paired(row, base)))
     if len(rows) != len(ABLATIONS):
         raise ValueError(f"{len(rows)} ablation rows, {len(ABLATIONS)} named")
-    return rows
+    return base, rows
 
 
 def rdkv_checks(root: Path, numbers: Numbers, out: Path, selection: dict) -> None:
@@ -1258,8 +1258,9 @@ def rdkv_checks(root: Path, numbers: Numbers, out: Path, selection: dict) -> Non
     first, count = base_payload["first_window"], base_payload["num_windows"]
     if first < sum(selection["windows"]["reported"]) or first < sum(selection["windows"]["tuning"]):
         raise ValueError(f"the ablations' windows from {first} overlap the tuning or reported windows")
-    rows = ablations(SOURCES["rdkv_ablation"], SOURCES["rdkv_ablation_base"], root, fresh_dense, quarter, defaults)
-    on_reported = ablations(SOURCES["rdkv_ablation_reported"], SOURCES["rdkv_ablation_reported_base"], root,
+    base, rows = ablations(SOURCES["rdkv_ablation"], SOURCES["rdkv_ablation_base"], root, fresh_dense, quarter,
+                           defaults)
+    _, on_reported = ablations(SOURCES["rdkv_ablation_reported"], SOURCES["rdkv_ablation_reported_base"], root,
                             reported_dense, quarter, defaults)
     hurts = [name for name, _, diff in rows if verdict(diff) == "loss"]
     ties = [name for name, _, diff in rows if verdict(diff) == "tie"]
@@ -1271,11 +1272,8 @@ def rdkv_checks(root: Path, numbers: Numbers, out: Path, selection: dict) -> Non
     if {"no rotation", "one width per key head"} & set(reported_hurts):
         raise ValueError("on the reported windows rotation or the query widths cost PPL: the text says both tie there")
     numbers["ablHurt"], numbers["ablTie"], numbers["ablCount"] = len(hurts), len(ties), len(rows)
-    numbers["ablTies"] = "; ".join(ties)
     numbers["ablWorst"] = max(rows, key=lambda item: item[2]["delta_pct"])[0]
     numbers["ablFirst"], numbers["ablLast"], numbers["ablWindows"] = first, first + count - 1, count
-    (base,) = [r for r in base_payload["rows"] if is_rdkv(r)]
-    numbers["ablBase"] = signed(base["delta_pct"], 2)
     numbers["ablRepHurt"], numbers["ablRepWindows"] = len(reported_hurts), numbers.values["ebWindows"]
     lines = [
         "\\centering",

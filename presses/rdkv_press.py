@@ -18,13 +18,10 @@ GRID = 64  # lambdas tried at once
 
 
 def output_head_weights(module: nn.Module, heads: int, head_dim: int) -> torch.Tensor:
-    """(heads,) each query head's block of the attention's output projection (Llama's ``o_proj``,
-    GPT-NeoX's ``dense``): its squared Frobenius norm, over the mean of the heads'."""
-    projection = getattr(module, "o_proj", None) or getattr(module, "dense", None)
-    if projection is None:
-        raise PressConfigError(f"head_weights='output' needs the attention's output projection (o_proj or dense); "
-                               f"{type(module).__name__} has neither")
-    energy = projection.weight.float().view(projection.weight.shape[0], heads, head_dim).pow(2).sum(dim=(0, 2))
+    """(heads,) each query head's block of the attention's output projection ``o_proj`` (GPT-NeoX's
+    ``dense`` under that name: patches/gpt_neox.py): its squared Frobenius norm, over the heads' mean."""
+    weight = module.o_proj.weight
+    energy = weight.float().view(weight.shape[0], heads, head_dim).pow(2).sum(dim=(0, 2))
     return energy / energy.mean()
 
 
