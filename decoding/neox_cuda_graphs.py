@@ -6,6 +6,7 @@
   speculative decoders use it).
 - ``two-stream``: ``TwoStreamStep``, each layer's two branches compiled, in one graph captured
   by hand on two streams. It owns the buffer its graph reads between generations.
+- ``one-stream``: the same step with both branches on one stream (``TwoStreamStep(overlap=False)``).
 """
 
 import weakref
@@ -16,7 +17,8 @@ import torch
 from decoding.neox_decode import (KVBuffer, StepState, attention_branch, decode_step, final_logits, layer_outputs,
                                   load_buffer, mlp_branch, mlp_hidden, mlp_output, next_token)
 
-COMPILE_MODES = ("two-stream", "reduce-overhead", "max-autotune")
+COMPILE_MODES = ("two-stream", "one-stream", "reduce-overhead", "max-autotune")
+HAND_CAPTURED = ("two-stream", "one-stream")  # the modes TwoStreamStep runs (its buffer, its prefix buckets)
 
 
 PREFIX_BUCKET = 64  # new slots per prefix bucket of the two-stream step (see TwoStreamStep)
@@ -27,11 +29,11 @@ def compiled_step(compile: bool, mode: str = "reduce-overhead", keep_buffer: boo
     """The decode step compiled whole (CUDA-graph replay with ``reduce-overhead`` and
     ``max-autotune``), or as is. ``max-autotune`` also benchmarks Triton matmul templates
     against cuBLAS and, as gpt-fast does, tunes the fused kernels' launch shapes.
-    ``two-stream``: ``TwoStreamStep(keep_buffer, split_mlp, prefix_bucket)``."""
+    ``two-stream`` / ``one-stream``: ``TwoStreamStep(keep_buffer, split_mlp, prefix_bucket, overlap)``."""
     if not compile:
         return decode_step
-    if mode == "two-stream":
-        return TwoStreamStep(keep_buffer, split_mlp, prefix_bucket)
+    if mode in HAND_CAPTURED:
+        return TwoStreamStep(keep_buffer, split_mlp, prefix_bucket, overlap=mode == "two-stream")
     if mode == "max-autotune":
         torch._inductor.config.coordinate_descent_tuning = True
     return torch.compile(decode_step, mode=mode, fullgraph=True)
@@ -63,9 +65,14 @@ class TwoStreamStep:
     past them. The graphs share one memory pool (they replay one after the other); the first is
     captured after three warm-up runs of its step, each later one after one (a new shape: its
     compile and its cuDNN plan happen there, off the capture), the last run's tokens being the
-    step's. 0, a step without ``filled``, or a quantized buffer: one graph over the whole buffer."""
+    step's. 0, a step without ``filled``, or a quantized buffer: one graph over the whole buffer.
 
-    def __init__(self, keep_buffer: bool = True, split_mlp: bool = False, prefix_bucket: int = PREFIX_BUCKET):
+    ``overlap=False`` runs the MLP on the main stream after the attention (the same kernels, the same
+    graphs): at large batches one branch's kernels may fill the GPU alone, and the other beside them
+    then only slows them down (measured: results/pythia-2.8b_random_speed_frontier_h200/)."""
+
+    def __init__(self, keep_buffer: bool = True, split_mlp: bool = False, prefix_bucket: int = PREFIX_BUCKET,
+                 overlap: bool = True):
         if prefix_bucket < 0:
             raise ValueError(f"prefix_bucket must be at least 0 (0: read the whole buffer), got {prefix_bucket}")
         self.attention_fn = torch.compile(attention_branch, fullgraph=True)
@@ -85,6 +92,7 @@ class TwoStreamStep:
         self.logits_fn = torch.compile(final_logits, fullgraph=True)
         self.keep_buffer = keep_buffer
         self.prefix_bucket = prefix_bucket
+        self.overlap = overlap
         self.kept_buffer = None  # with keep_buffer: the last generation's buffer
         self.captured_for = None  # a weak reference to the buffer the graphs were captured over
         self.graphs, self.outputs = {}, {}  # by the new slots each reads (None: the whole buffer)
@@ -102,6 +110,8 @@ class TwoStreamStep:
         return buffer
 
     def _mlp_beside_attention(self, layer, parts):
+        if not self.overlap:
+            return self.mlp_fn(layer, parts)
         main_stream = torch.cuda.current_stream()
         self.side_stream.wait_stream(main_stream)  # the previous layer's attention output
         main_stream.wait_stream(self.side_stream)  # the previous layer's MLP output

@@ -6,9 +6,9 @@
 The step is compiled without CUDA graphs (so the profiler sees each kernel), run ``--steps``
 times under torch.profiler after warm-up, and the kernels are summed by name: total GPU time
 per step, the share of each kernel, and how many launches a step makes. Then the same step is
-compiled into a CUDA graph (``--compile_mode``: whole, or the two-stream graph) and
-``--graph_steps`` replays are timed: what a decode step costs in generation. With
-``two-stream`` the profiled kernels are the two-stream step's own, launched without its graph;
+compiled into a CUDA graph (``--compile_mode``: whole, or the hand-captured graph on two streams
+or one) and ``--graph_steps`` replays are timed: what a decode step costs in generation. With
+``two-stream`` or ``one-stream`` the profiled kernels are that step's own, launched without its graph;
 otherwise those of the step compiled whole. ``--cell``: the step and weights
 (evaluation/speed_frontier.py's STEP:WEIGHTS: the folded step, quantized weights).
 
@@ -82,8 +82,8 @@ def category_table(frame: pd.DataFrame, operators: list, bandwidth: float) -> li
 
 def steps_for(cell: speed_frontier.Cell, compile_mode: str):
     """(the step whose kernels are profiled, the step timed as a CUDA graph) for ``cell``."""
-    if compile_mode == "two-stream":
-        graph_step = speed_frontier.cell_step(cell, True)
+    if compile_mode in neox_cuda_graphs.HAND_CAPTURED:
+        graph_step = speed_frontier.cell_step(cell, True, compile_mode)
         return graph_step.uncaptured, graph_step
     # no CUDA graphs for the profiled one: the profiler sees kernels
     return neox_cuda_graphs.compiled_step(True, "default"), neox_cuda_graphs.compiled_step(True, compile_mode)
@@ -100,8 +100,8 @@ def main(argv=None) -> None:
                         help="prefill in micro-batches of this many sequences (default: at once; large batches)")
     parser.add_argument("--backend", default="sdpa", choices=neox_decode.ATTENTION_BACKENDS)
     parser.add_argument("--compile_mode", default="reduce-overhead", choices=neox_cuda_graphs.COMPILE_MODES,
-                        help="how the timed CUDA-graph step is compiled (the profiled kernels: the two-stream "
-                             "step's own, else the step compiled whole)")
+                        help="how the timed CUDA-graph step is compiled (the profiled kernels: the hand-captured "
+                             "step's own (two-stream, one-stream), else the step compiled whole)")
     parser.add_argument("--cell", default="plain:fp16", help="STEP:WEIGHTS (evaluation/speed_frontier.py)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--graph_steps", type=int, default=100)

@@ -107,12 +107,12 @@ def static_cache_for(model, prompt: torch.Tensor, new_tokens: int) -> StaticCach
 
 def neox_settings(decoder: str, compile_mode: str, keep_buffer: bool, prefix_bucket: int | None) -> dict:
     """How the step was compiled, for a result row: only the neox decoder has these settings, and
-    only its two-stream step keeps a buffer and reads it by prefix buckets."""
+    only its hand-captured step (two-stream or one-stream) keeps a buffer and reads it by prefix buckets."""
     if decoder != "neox":
         return {"compile_mode": None, "keep_buffer": None, "prefix_bucket": None}
-    two_stream = compile_mode == "two-stream"
-    return {"compile_mode": compile_mode, "keep_buffer": keep_buffer if two_stream else None,
-            "prefix_bucket": prefix_bucket if two_stream else None}
+    hand_captured = compile_mode in neox_cuda_graphs.HAND_CAPTURED
+    return {"compile_mode": compile_mode, "keep_buffer": keep_buffer if hand_captured else None,
+            "prefix_bucket": prefix_bucket if hand_captured else None}
 
 
 def run_once_for(model, prompt: torch.Tensor, press, new_tokens: int, decoder: str, kv_quant: str = "none",

@@ -104,11 +104,12 @@ def cell_model(model, cell: Cell):
     return weight_quant.quantize_weights(model, cell.scheme, cell.library or "torchao")
 
 
-def cell_step(cell: Cell, compile: bool):
-    """The cell's decode step (two-stream CUDA graph on a GPU, keeping its buffer; as is on a CPU)."""
+def cell_step(cell: Cell, compile: bool, mode: str = "two-stream"):
+    """The cell's decode step (a hand-captured CUDA graph on a GPU, ``mode`` two-stream or one-stream,
+    keeping its buffer; as is on a CPU)."""
     if cell.step == "folded":
         return fused_projections.compiled_step(compile)
-    return neox_cuda_graphs.compiled_step(compile, "two-stream", split_mlp=cell.step == "split")
+    return neox_cuda_graphs.compiled_step(compile, mode, split_mlp=cell.step == "split")
 
 
 def reference(cell: Cell, model, decoded, prompt: torch.Tensor, press, tokens: int) -> tuple[torch.Tensor, torch.Tensor, str]:

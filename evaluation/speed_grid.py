@@ -85,9 +85,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="attention back ends of the neox decoder, its prefill included (one cell each)")
     parser.add_argument("--compile_mode", default="two-stream", choices=COMPILE_MODES,
                         help="how the neox decoder's step is compiled: two-stream (the MLP beside the attention "
-                             "in one graph), or whole, by torch.compile's mode (both capture CUDA graphs)")
+                             "in one graph), one-stream (the same graph, the MLP after the attention), or whole, "
+                             "by torch.compile's mode (all capture CUDA graphs)")
     parser.add_argument("--keep_buffer", action=argparse.BooleanOptionalAction, default=True,
-                        help="two-stream: keep the KV buffer (and so the graph) from one generation to the next "
+                        help="two-stream and one-stream: keep the KV buffer (and so the graph) from one generation to the next "
                              "of the same shape; --no-keep_buffer where the next prefill needs that memory")
     parser.add_argument("--prefix_bucket", type=int, default=PREFIX_BUCKET,
                         help="two-stream: one CUDA graph per this many new slots, each reading the buffer only up "

@@ -29,6 +29,9 @@
 #             small: batch 1 (dense and SnapKV keeping 25%, 3 repeats) and dense at batch 176; large: SnapKV
 #             keeping 25% at batch 560 (176 and 560: the largest batches of batch_f140e83/, one warm-up and one
 #             timed run, as the batch part runs them).
+#   streams:  the step with the MLP on the attention's stream (--compile_mode one-stream) against two streams,
+#             SnapKV keeping 25% at batch 560 and dense at 176 (as prefix_large runs them), then the one-stream
+#             step's kernels at 560.
 #   kv_bits:  the decode step over an fp16, an 8-bit and a 4-bit KV buffer (speed_grid.py --kv_bits, the
 #             Triton quantized-KV kernel), dense and SnapKV keeping 25%, batch 1 and 64, 3 repeats each: the
 #             same cells in one call (results/pythia-2.8b_random_kv_bits_decode_h200/ has the first, one run).
@@ -129,6 +132,24 @@ print(max([row["batch_size"] for row in rows if "tpot_ms" in row] or [64]))' "$w
         --no-keep_buffer --prefill_batch 16 --press snapkv --compression_ratio 0.75 --no-dense --batch_size 560 \
         --prefix_bucket $bucket --output_dir "$work/snapkv_b560_bucket$bucket"
     done ;;
+  streams)
+    # the hand-captured step on one stream against two at the largest batches (issue 16 item 3): at 560
+    # sequences the GEMMs and the attention may each fill the GPU alone, so running the MLP beside the
+    # attention may only stretch both; each setting its own process, pairs first, then the one-stream
+    # step's kernels at 560 (no MLP beside the attention)
+    export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+    for cell in "snapkv 560" "dense 176"; do
+      set -- $cell
+      press="--press"
+      [ $1 = snapkv ] && press="--press snapkv --compression_ratio 0.75 --no-dense"
+      for mode in one-stream two-stream; do
+        stage 110 "$1_b$2_$mode" evaluation/speed_grid.py $common --new_tokens 256 --decoder neox --repeats 1 \
+          --no-keep_buffer --prefill_batch 16 $press --batch_size $2 --compile_mode $mode --output_dir "$work/$1_b$2_$mode"
+      done
+    done
+    stage 90 snapkv_b560_one-stream_profile $profile --compile_mode one-stream --cell plain:fp16 --press snapkv \
+      --compression_ratio 0.75 --batch_size 560 --steps 10 --graph_steps 20 --prefill_batch 16 \
+      --output "$work/snapkv_b560_one-stream_profile/profile.json" ;;
   kv_bits)
     for bits in fp16 8x8 4x4; do
       option=""
@@ -136,6 +157,6 @@ print(max([row["batch_size"] for row in rows if "tpot_ms" in row] or [64]))' "$w
       stage 150 "kv_bits_$bits" evaluation/speed_grid.py $common --new_tokens 256 --decoder neox --repeats 3 \
         --press snapkv --compression_ratio 0.75 --batch_size 1 64 $option --output_dir "$work/kv_bits_$bits"
     done ;;
-  *) echo "usage: speed_frontier.sh frontier|fp16|quant|batch|prefix_small|prefix_large|kv_bits" >&2; exit 2 ;;
+  *) echo "usage: speed_frontier.sh frontier|fp16|quant|int4|batch|prefix_small|prefix_large|streams|kv_bits" >&2; exit 2 ;;
 esac
 echo "== done at $((SECONDS - start))s" >&2
