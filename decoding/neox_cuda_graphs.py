@@ -120,7 +120,8 @@ class TwoStreamStep:
 
     def _step(self, model, state: StepState):
         parts = layer_outputs(model, state, self.attention_fn, self._mlp_beside_attention)
-        torch.cuda.current_stream().wait_stream(self.side_stream)  # the last layer's MLP output
+        if self.overlap:  # one stream: nothing to wait for (a capture may not wait on a stream it never used)
+            torch.cuda.current_stream().wait_stream(self.side_stream)  # the last layer's MLP output
         return next_token(self.logits_fn(model, parts), state.temperature, state.top_k, state.noise)
 
     def _reset(self, model, state: StepState):

@@ -105,16 +105,12 @@ def test_branches_compiled_apart_give_the_same_tokens_and_compile_once_for_all_l
 
 def test_the_one_stream_step_runs_the_mlp_in_line():
     # compile_mode one-stream: the two-stream step's graphs with the MLP on the main stream. Its
-    # layer loop here on the CPU, where the two-stream step's stream switch would fail.
+    # step (what the graph captures) runs here on the CPU, where any use of a second stream would
+    # fail (on a GPU, a wait on the unused side stream broke the capture).
     model = build(tiny_neox_config(num_hidden_layers=2), attn_implementation="sdpa")
-    branches = neox_cuda_graphs.compiled_step(True, "one-stream")
-    assert isinstance(branches, neox_cuda_graphs.TwoStreamStep) and not branches.overlap
-
-    def step(model, state):
-        parts = neox_decode.layer_outputs(model, state, branches.attention_fn, branches._mlp_beside_attention)
-        return neox_decode.next_token(neox_decode.final_logits(model, parts), state.temperature, state.top_k,
-                                      state.noise)
-
+    one_stream = neox_cuda_graphs.compiled_step(True, "one-stream")
+    assert isinstance(one_stream, neox_cuda_graphs.TwoStreamStep) and not one_stream.overlap
+    step = one_stream._step
     prompt = prompts(1, 100)
     press = make_press("snapkv", 0.5)
     expected = kvpress_generate(model, prompt, press, new_tokens=4).tokens
