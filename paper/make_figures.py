@@ -137,6 +137,9 @@ SOURCES = {
     # book and budget (book0: P&P, book1: Frankenstein)
     "rdkv_streaming": ["results/smollm2-135m_equal_bytes_streaming_h200/call4/rdkv_book*_512_1.json",
                        "results/smollm2-135m_equal_bytes_streaming_h200/call5/rdkv_book*_1.json"],
+    # the same press at 512 over three streams a book (call3/call4's from token 0 and call6's from 8193 and
+    # 16386), every stretch past the budget pooled (evaluation/streaming_steady_state.py --pool_streams --all_stretches)
+    "rdkv_streaming_pooled": "results/smollm2-135m_equal_bytes_streaming_h200/pooled_streams_all_stretches.json",
     "rdkv_heldout": {
         "Pride and Prejudice": "results/smollm2-135m_equal_bytes_h200/call17/heldout/pg19_book0_*.json",
         "Frankenstein": "results/smollm2-135m_equal_bytes_h200/call17/heldout/pg19_book1_*.json",
@@ -1380,6 +1383,24 @@ def rdkv_checks(root: Path, numbers: Numbers, out: Path, selection: dict) -> Non
     numbers["streamRdkvTop"] = budgets[-1]
     for book, letter in (("book0", "A"), ("book1", "B")):
         numbers[f"streamRdkvDense{letter}"] = signed(cells[(book, budgets[-1])]["delta_pct"], 2)
+
+    # pooled streams: the text says RD-KV beats the best baseline on P&P (interval below zero) and ties on Frankenstein
+    (pooled_path,) = result_files(SOURCES["rdkv_streaming_pooled"], root)
+    pooled = json.loads(pooled_path.read_text())["results"]
+    expected = {"pride_and_prejudice": "below", "frankenstein": "tie"}
+    if sorted(next(key for key in expected if key in group["text"][0]) for group in pooled) != sorted(expected):
+        raise ValueError("pooled streaming: expected one group per book, P&P and Frankenstein")
+    for group in pooled:
+        book = next(key for key in expected if key in group["text"][0])
+        (row,) = [row for row in group["rows"] if is_rdkv(row)]
+        low, high = row["versus_pct_ci95"]
+        if (expected[book] == "below") != (high < 0) or (expected[book] == "tie") != (low < 0 < high):
+            raise ValueError(f"pooled streaming, {book}: RD-KV vs {row['versus_method']} [{low:.2f}, {high:.2f}]; "
+                             f"the text says {expected[book]}")
+        letter = "A" if book == "pride_and_prejudice" else "B"
+        numbers[f"streamPooled{letter}"] = signed(row["versus_pct"], 2)
+        numbers[f"streamPooled{letter}Lo"], numbers[f"streamPooled{letter}Hi"] = signed(low, 2), signed(high, 2)
+        numbers["streamPooledBudget"], numbers["streamPooledStreams"] = group["budget_tokens"], group["streams"]
 
 
 def best_press(rows: list[dict]) -> str:

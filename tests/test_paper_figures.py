@@ -348,3 +348,24 @@ def test_streaming_rdkv_claim_is_the_result_files(built):
     top = [row for row in rows if row["budget_tokens"] == 1024]
     assert [values["streamRdkvDenseA"], values["streamRdkvDenseB"]] == [f"{row['delta_pct']:+.2f}" for row in top]
     assert values["streamRdkvBudgets"] == "256, 512 and 1024" and values["streamRdkvTop"] == "1024"
+
+
+def test_pooled_streaming_claim_is_the_result_file(built, tmp_path, monkeypatch):
+    """The limitations' pooled sentence: over three streams a book at 512, RD-KV's interval against
+    the best baseline lies below zero on P&P and spans it on Frankenstein; a file where P&P ties
+    stops the build."""
+    generator, _, values = built
+    (path,) = generator.result_files(generator.SOURCES["rdkv_streaming_pooled"], REPO)
+    payload = json.loads(path.read_text())
+    assert (values["streamPooledA"], values["streamPooledALo"], values["streamPooledAHi"]) == ("-0.31", "-0.61", "-0.05")
+    assert (values["streamPooledB"], values["streamPooledStreams"], values["streamPooledBudget"]) == ("-0.05", "3", "512")
+    for group in payload["results"]:
+        if "pride_and_prejudice" in group["text"][0]:
+            for row in group["rows"]:
+                if row["method"].startswith("rdkv"):
+                    row["versus_pct_ci95"] = [-0.6, 0.1]
+    tied = tmp_path / "pooled.json"
+    tied.write_text(json.dumps(payload))
+    monkeypatch.setattr(generator, "SOURCES", dict(generator.SOURCES, rdkv_streaming_pooled=str(tied)))
+    with pytest.raises(ValueError, match="pooled streaming, pride_and_prejudice"):
+        generator.build(tmp_path / "out")
