@@ -73,7 +73,7 @@ def rotation(dim: int, device, dtype) -> torch.Tensor:
     return _rotations[key]
 
 
-LEVELS = ("uniform", "gaussian")
+LEVELS = ("uniform", "gaussian", "symmetric")
 GAUSSIAN_SAMPLES = 4096  # seeded Gaussian groups the levels are fitted on
 
 
@@ -126,9 +126,24 @@ def _nearest(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     return torch.bucketize(x, (levels[1:] + levels[:-1]) / 2)
 
 
+def symmetric_quantize(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """``x`` with one group per slice along the last dim, dequantized from ``bits``-bit codes on
+    levels symmetric about zero, (k + 1/2) * scale for k in [-2**(bits-1), 2**(bits-1) - 1], the
+    outermost at the group's largest magnitude: one fp16 scale per group and no zero point. A
+    rotated group's entries are near zero-mean (the rotation spreads the vector's mean over every
+    entry, and a group's mean over d entries shrinks as 1 / sqrt(d) of its spread), so the zero
+    point's 2 bytes buy little: at 2 bits on a 64-entry group they are a tenth of its bytes."""
+    half = 2 ** (bits - 1)
+    scale = (x.abs().amax(-1, keepdim=True) / (half - 0.5)).clamp(min=1e-6).half().to(x.dtype)
+    return ((x / scale).floor().clamp(-half, half - 1) + 0.5) * scale
+
+
 def level_quantize(x: torch.Tensor, bits: int, levels: str = "uniform") -> torch.Tensor:
     """``x`` with one group per slice along the last dim, dequantized: min-max uniform levels
-    (``fake_quantize``) or, with ``levels="gaussian"``, ``gaussian_levels`` where they err less."""
+    (``fake_quantize``), with ``levels="gaussian"`` ``gaussian_levels`` where they err less, with
+    ``levels="symmetric"`` ``symmetric_quantize``."""
+    if levels == "symmetric":
+        return symmetric_quantize(x, bits)
     table = gaussian_levels(x.shape[-1], bits) if levels == "gaussian" else None
     if table is None:
         return fake_quantize(x, bits)
@@ -138,11 +153,12 @@ def level_quantize(x: torch.Tensor, bits: int, levels: str = "uniform") -> torch
 
 
 def check_levels(levels: str, rotate: bool) -> None:
-    """A press's ``levels`` setting: "uniform", or "gaussian" on rotated groups (unrotated ones are not near Gaussian)."""
+    """A press's ``levels`` setting: "uniform", or "gaussian" / "symmetric" on rotated groups (unrotated
+    ones are neither near Gaussian nor centred on zero)."""
     if levels not in LEVELS:
         raise PressConfigError(f"levels must be one of {', '.join(LEVELS)}, got {levels!r}")
-    if levels == "gaussian" and not rotate:
-        raise PressConfigError("levels='gaussian' fits rotated groups (their entries near Gaussian): use rotate=True")
+    if levels != "uniform" and not rotate:
+        raise PressConfigError(f"levels={levels!r} fits rotated groups (near Gaussian, centred on zero): use rotate=True")
 
 
 def quantize_per_token(x: torch.Tensor, bits: int, stats: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -225,12 +241,12 @@ def query_weighted_widths(keys: torch.Tensor, queries: torch.Tensor, bits: int, 
     return widths[(distortion + high.exp() * widths).argmin(-1)].long()
 
 
-def token_bytes(bits: int, head_dim: int) -> float:
+def token_bytes(bits: int, head_dim: int, levels: str = "uniform") -> float:
     """Bytes one token's key or value of one head takes: fp16 at 16 bits, else packed integers
-    and the group's scale and zero point."""
+    and the group's scale and zero point (``levels="symmetric"``: its scale only)."""
     if bits >= 16:
         return FP16_BYTES * head_dim
-    return head_dim * bits / 8 + GROUP_SIDE_BYTES
+    return head_dim * bits / 8 + (FP16_BYTES if levels == "symmetric" else GROUP_SIDE_BYTES)
 
 
 def per_channel_bytes(tokens: int, bits: int, head_dim: int, group_tokens: int) -> float:
@@ -239,12 +255,13 @@ def per_channel_bytes(tokens: int, bits: int, head_dim: int, group_tokens: int) 
     return groups * head_dim * (group_tokens * bits / 8 + GROUP_SIDE_BYTES) + rest * FP16_BYTES * head_dim
 
 
-def quantized_head_bytes(tokens: int, bits: int, head_dim: int, key_layout: str, group_tokens: int) -> float:
+def quantized_head_bytes(tokens: int, bits: int, head_dim: int, key_layout: str, group_tokens: int,
+                         levels: str = "uniform") -> float:
     """Bytes of one head's keys and values over ``tokens`` tokens, every one quantized to
     ``bits``: values per token; keys per channel in groups of ``group_tokens`` (``"channel"``,
-    KIVI) or per token with their channel statistics (``"token"``)."""
+    KIVI) or per token with their channel statistics (``"token"``); per-token groups at ``levels``."""
     if key_layout == "channel":
         key_bytes = per_channel_bytes(tokens, bits, head_dim, group_tokens)
     else:
-        key_bytes = tokens * token_bytes(bits, head_dim) + CHANNEL_STATS_BYTES * head_dim
-    return key_bytes + tokens * token_bytes(bits, head_dim)
+        key_bytes = tokens * token_bytes(bits, head_dim, levels) + CHANNEL_STATS_BYTES * head_dim
+    return key_bytes + tokens * token_bytes(bits, head_dim, levels)

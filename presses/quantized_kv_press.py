@@ -22,7 +22,8 @@ class QuantizedKVPress(BasePress):
     per-token keys) is quantized after a fixed random rotation (QuaRot's, presses/quantize.py); with
     ``channel_widths="query"`` KIVI's key channels take widths by the prefill queries' energy on
     them, ``bits`` on average (ours, presses/quantize.py; their table counted); with ``levels="gaussian"``
-    rotated groups round to Lloyd-Max's levels for normal entries at 2 and 3 bits (same bytes). It removes no token (``compression_ratio`` stays 0): composed
+    rotated groups round to Lloyd-Max's levels for normal entries at 2 and 3 bits (same bytes), with
+    ``levels="symmetric"`` to levels symmetric about zero (a scale, no zero point: 2 bytes fewer a group). It removes no token (``compression_ratio`` stays 0): composed
     after an eviction press it quantizes what that press kept. ``stored_bytes`` holds, per
     layer, the bytes one sequence's keys and values take in that form, scales included."""
 
@@ -32,7 +33,7 @@ class QuantizedKVPress(BasePress):
     recent_tokens: int = 0
     rotate: bool = False
     channel_widths: str = "uniform"  # "query": KIVI key channels' widths by the queries' energy on them
-    levels: str = "uniform"  # "gaussian": rotated per-token groups at Lloyd-Max's levels for normal entries
+    levels: str = "uniform"  # rotated per-token groups: "gaussian" (Lloyd-Max levels), "symmetric" (no zero point)
     compression_ratio: float = 0.0
     stored_bytes: dict = field(default_factory=dict, repr=False)
 
@@ -50,7 +51,7 @@ class QuantizedKVPress(BasePress):
         batch, heads, tokens, head_dim = keys.shape
         old = max(tokens - self.recent_tokens, 0)
         recent_bytes = 2 * (tokens - old) * FP16_BYTES * head_dim
-        quantized_bytes = quantized_head_bytes(old, self.bits, head_dim, self.key_layout, self.group_tokens)
+        quantized_bytes = quantized_head_bytes(old, self.bits, head_dim, self.key_layout, self.group_tokens, self.levels)
         if self.channel_widths == "query":
             widths = query_weighted_widths(keys[:, :, :old], rotated_queries(module, hidden_states, kwargs), self.bits,
                                            self.group_tokens)

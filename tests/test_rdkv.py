@@ -11,7 +11,7 @@ from evaluation.protocols import context_nll, stored_bytes
 from presses.errors import PressConfigError
 from presses.quantize import (CHANNEL_WIDTHS, WIDTH_TABLE_BITS, fake_quantize, gaussian_levels, per_channel_bytes,
                               quantize_per_channel,
-                              quantize_per_token, query_weighted_widths, rotation, token_bytes)
+                              quantize_per_token, query_weighted_widths, rotation, symmetric_quantize, token_bytes)
 from presses.quantized_kv_press import QuantizedKVPress
 from presses.attention import per_kv_head
 from presses.h2o_press import H2OPress
@@ -462,11 +462,45 @@ def test_gaussian_levels_change_the_stored_kv_at_the_same_bytes():
     assert any(not torch.equal(a.values, b.values) for a, b in zip(uniform.layers, cache.layers))
 
 
+def test_symmetric_levels_round_to_a_scale_alone():
+    """levels="symmetric": 2**bits levels (k + 1/2) * scale about zero, the outermost at the group's
+    largest magnitude, within half a step of every entry; 2 bytes fewer a group than min-max."""
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(4))
+    for bits in (2, 3, 4):
+        stored = symmetric_quantize(x, bits)
+        step = x.abs().amax(-1, keepdim=True) / (2 ** (bits - 1) - 0.5)
+        assert ((stored - x).abs() <= step / 2 + 1e-3 * step).all()
+        assert all(row.unique().numel() <= 2**bits for row in stored)
+        assert torch.allclose(stored.abs().amax(-1), x.abs().amax(-1), rtol=1e-3)  # the largest entry is a level
+        assert token_bytes(bits, 64, "symmetric") == token_bytes(bits, 64) - 2
+
+
+def test_symmetric_levels_store_fewer_bytes():
+    model = build(tiny_llama_config())
+    plain, symmetric = (QuantizedKVPress(bits=2, key_layout="token", rotate=True, levels=levels)
+                        for levels in ("uniform", "symmetric"))
+    caches = _prefill(model, plain), _prefill(model, symmetric)
+    heads, dim = model.config.num_key_value_heads, model.config.head_dim
+    tokens = caches[0].layers[0].keys.shape[2] - plain.recent_tokens
+    # per layer: 2 bytes fewer for every quantized key and value group
+    assert all(plain.stored_bytes[layer] - symmetric.stored_bytes[layer] == pytest.approx(2 * 2 * heads * tokens)
+               for layer in plain.stored_bytes)
+    assert not torch.equal(caches[0].layers[0].values, caches[1].layers[0].values)
+    # RD-KV prices the cheaper groups: at the same budget it holds more tokens or bits, within the budget
+    rdkv = RDKVPress(0.8, bits=(2, 3, 8), rotate=True, key_layout="token", window_size=8, levels="symmetric")
+    cache = _prefill(model, rdkv)
+    assert stored_bytes(rdkv, cache) <= 0.2 * fp16_kv_bytes(model.config, 96)
+    uniform = RDKVPress(0.8, bits=(2, 3, 8), rotate=True, key_layout="token", window_size=8)
+    _prefill(model, uniform)
+    assert rdkv.chosen_bits != uniform.chosen_bits
+
+
 @pytest.mark.parametrize("press", [RDKVPress, QuantizedKVPress])
-def test_gaussian_levels_need_rotated_groups(press):
+@pytest.mark.parametrize("levels", ["gaussian", "symmetric"])
+def test_gaussian_levels_need_rotated_groups(press, levels):
     with pytest.raises(PressConfigError, match="use rotate=True"):
-        press(levels="gaussian")
-    with pytest.raises(PressConfigError, match="levels must be one of uniform, gaussian"):
+        press(levels=levels)
+    with pytest.raises(PressConfigError, match="levels must be one of uniform, gaussian, symmetric"):
         press(levels="nf4", rotate=True)
 
 
