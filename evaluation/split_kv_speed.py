@@ -19,6 +19,11 @@ The floor: the layer's bytes (keys, values, query and output, as evaluation/roof
 attention) over the copy bandwidth measured in the same process (evaluation/ceilings.py). Each row
 also has the largest difference of its output from SDPA's on the first layer.
 
+``--sdpa_kernels cudnn efficient math`` adds rows ``sdpa_NAME``: SDPA held to that back end
+(``torch.nn.attention.sdpa_kernel`` inside the compiled call), to see which kernel the default
+dispatch runs and whether another reads short caches at a large batch faster (``--blocks`` with no
+value leaves split_kv out).
+
 ``best`` in the JSON: per shape, the fastest configuration whose output is within ``AGREEMENT`` of
 SDPA's, with its time against the floor and against SDPA's; its ``config`` (BLOCKxWARPSxSTAGES,
 then xCHUNKS where a chunk count beat split_plan's) is what evaluation/speed_frontier.py's
@@ -35,6 +40,7 @@ from pathlib import Path
 
 import torch
 import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from decoding import neox_decode
 from decoding.split_kv_attention import KernelConfig, launch_plan, multiprocessors, split_kv_attention
@@ -49,6 +55,9 @@ COLUMNS = ["shape", "backend", "config", "chunks_run", "layers", "us_per_layer",
 # than this computes something else, however fast
 AGREEMENT = 1e-2
 SHOWN = 10  # the fastest configurations printed per shape (the JSON has them all)
+# --sdpa_kernels: SDPA held to one of its back ends (torch.nn.attention.sdpa_kernel, inside the compiled call)
+SDPA_KERNELS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                "flash": SDPBackend.FLASH_ATTENTION, "math": SDPBackend.MATH}
 
 
 def parse_shape(text: str) -> tuple[int, int, int, int]:
@@ -81,9 +90,21 @@ def graph_us(run, replays: int) -> float:
     return 1e3 * start.elapsed_time(end) / replays
 
 
-def measure_shape(text: str, configs: list[KernelConfig], replays: int, bandwidth: float, deadline: float):
-    """The shape's rows, SDPA's first, then one per configuration, yielded as each is measured;
-    past ``deadline`` (time.monotonic) a last row says how many were left unmeasured."""
+def compiled_sdpa(query, visible, scale, kernel: str | None = None):
+    """neox_decode.attend's SDPA over (keys, values), compiled whole; ``kernel``: held to that back end."""
+    def attend(keys, values):
+        if kernel is None:
+            return neox_decode.attend(query, keys, values, visible, scale, "sdpa")
+        with sdpa_kernel(SDPA_KERNELS[kernel]):
+            return neox_decode.attend(query, keys, values, visible, scale, "sdpa")
+    return torch.compile(attend, fullgraph=True)
+
+
+def measure_shape(text: str, configs: list[KernelConfig], replays: int, bandwidth: float, deadline: float,
+                  sdpa_kernels: tuple[str, ...] = ()):
+    """The shape's rows, SDPA's first, then SDPA held to each of ``sdpa_kernels`` (``sdpa_NAME``),
+    then one per configuration, yielded as each is measured; past ``deadline`` (time.monotonic) a
+    last row says how many were left unmeasured."""
     batch, heads, dim, cache = parse_shape(text)
     layer_bytes = 2 * (2 * batch * heads * cache * dim + 2 * batch * heads * dim)  # fp16
     layers = max(2, min(32, triton.cdiv(L2_SPAN, layer_bytes)))
@@ -93,11 +114,11 @@ def measure_shape(text: str, configs: list[KernelConfig], replays: int, bandwidt
                     for _ in range(2)) for _ in range(layers)]
     visible = torch.ones(batch, 1, cache, device="cuda", dtype=torch.bool)
     scale = dim**-0.5
-    sdpa = torch.compile(lambda keys, values: neox_decode.attend(query, keys, values, visible, scale, "sdpa"),
-                         fullgraph=True)
+    sdpa = compiled_sdpa(query, visible, scale)
     expected = sdpa(*caches[0])
     floor_us = 1e6 * layer_bytes / bandwidth
-    runs = [("sdpa", None)] + [("split_kv", config) for config in configs]
+    runs = [("sdpa", None)] + [(f"sdpa_{kernel}", kernel) for kernel in sdpa_kernels] + [
+        ("split_kv", config) for config in configs]
     for done, (backend, config) in enumerate(runs):
         if time.monotonic() > deadline:
             yield {"shape": text, "error": f"skipped: past --time_limit_s, {len(runs) - done} of {len(runs)} "
@@ -107,6 +128,8 @@ def measure_shape(text: str, configs: list[KernelConfig], replays: int, bandwidt
                "layers": layers, "backend": backend, "bytes": layer_bytes, "floor_us": floor_us}
         if backend == "sdpa":
             attend = sdpa
+        elif backend.startswith("sdpa_"):
+            attend = compiled_sdpa(query, visible, scale, config)
         else:
             row |= {"config": str(config), "block": config.block, "warps": config.warps, "stages": config.stages,
                     "chunks": config.chunks, "chunks_run": launch_plan(batch * heads, cache, query.device, config)[1]}
@@ -145,14 +168,17 @@ def shown(rows: list[dict]) -> list[dict]:
     """What the terminal gets of a shape: SDPA, the SHOWN fastest configurations, and the errors."""
     timed = sorted((row for row in rows if row.get("backend") == "split_kv" and "us_per_layer" in row),
                    key=lambda row: row["us_per_layer"])
-    return [row for row in rows if row.get("backend") == "sdpa"] + timed[:SHOWN] + [
-        row for row in rows if "error" in row and row.get("backend") != "sdpa"]
+    return [row for row in rows if row.get("backend", "").startswith("sdpa")] + timed[:SHOWN] + [
+        row for row in rows if "error" in row and not row.get("backend", "").startswith("sdpa")]
 
 
 def main(argv=None) -> None:
     parser = cli.Parser(__file__, __doc__)
     parser.add_argument("--shapes", nargs="+", default=["1x32x80x2000", "1x32x80x8000", "64x32x80x2000"])
-    parser.add_argument("--blocks", type=int, nargs="+", default=[32, 64, 128], help="slots per loop iteration")
+    parser.add_argument("--blocks", type=int, nargs="*", default=[32, 64, 128],
+                        help="slots per loop iteration of split_kv (none: no split_kv rows)")
+    parser.add_argument("--sdpa_kernels", nargs="*", default=[], choices=sorted(SDPA_KERNELS),
+                        help="SDPA also held to each of these back ends (rows sdpa_NAME beside the default dispatch)")
     parser.add_argument("--warps", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3, 4])
     parser.add_argument("--chunks", type=int, nargs="*", default=[16, 64],
@@ -180,7 +206,7 @@ def main(argv=None) -> None:
             rows.append({"shape": text, "error": "skipped: past --time_limit_s"})
             continue
         try:
-            for row in measure_shape(text, configs, args.replays, ceilings.bandwidth, deadline):
+            for row in measure_shape(text, configs, args.replays, ceilings.bandwidth, deadline, tuple(args.sdpa_kernels)):
                 rows.append(row)
                 write_json_atomic(args.output, header | {"best": best_configs(rows), "rows": rows})
         except Exception as error:  # noqa: BLE001 -- a shape that fails to set up (memory) is its result

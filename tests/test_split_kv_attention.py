@@ -171,3 +171,18 @@ def test_the_sweeps_best_is_the_fastest_configuration_that_agrees_with_sdpa():
             {"shape": "1x32x80x2000", "backend": "split_kv", "config": "128x8x4x16", "error": "OutOfResources"}]
     best = split_kv_speed.best_configs(rows)["1x32x80x2000"]
     assert (best["config"], best["us_per_layer"], best["over_sdpa"]) == ("64x4x3", 12.0, 0.8)
+
+
+def test_sdpa_held_to_one_kernel_computes_the_same_attention():
+    # --sdpa_kernels: the math back end (the one a CPU has besides flash) gives the default dispatch's output,
+    # and the sweep's SDPA rows, held or not, come first in what the terminal shows
+    generator = torch.Generator().manual_seed(0)
+    query, keys, values = (torch.randn(2, 4, n, 16, generator=generator) for n in (1, 30, 30))
+    visible = torch.ones(2, 1, 30, dtype=torch.bool)
+    visible[0, :, :5] = False
+    default = split_kv_speed.compiled_sdpa(query, visible, 0.25)(keys, values)
+    held = split_kv_speed.compiled_sdpa(query, visible, 0.25, "math")(keys, values)
+    assert torch.allclose(held, default, atol=1e-5) and not torch.allclose(held, default.roll(1, 0))
+    rows = [{"shape": "s", "backend": "split_kv", "us_per_layer": 2.0}, {"shape": "s", "backend": "sdpa_math", "us_per_layer": 9.0},
+            {"shape": "s", "backend": "sdpa", "us_per_layer": 5.0}]
+    assert [row["backend"] for row in split_kv_speed.shown(rows)] == ["sdpa_math", "sdpa", "split_kv"]
