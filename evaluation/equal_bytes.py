@@ -45,14 +45,19 @@ KIVI_GROUP = 32  # QuantizedKVPress's default group_tokens
 COMPOSED_WITH = ("snapkv", "h2o")  # eviction presses whose kept tokens are then quantized
 # quantized layouts: KIVI's (per-channel keys) or per-token keys, values per token; "_rot": every
 # per-token group after QuaRot's random rotation (presses/quantize.py), at the same bytes; "_gauss":
-# rotated, to Lloyd-Max's levels for normal entries (run only at the widths where those are used)
-LAYOUTS = ("kivi", "token", "kivi_rot", "token_rot", "kivi_rot_gauss", "token_rot_gauss")
+# rotated, to Lloyd-Max's levels for normal entries (run only at the widths where those are used); "_sym":
+# rotated, to levels symmetric about zero (a scale and no zero point per group: 2 bytes fewer)
+LAYOUTS = ("kivi", "token", "kivi_rot", "token_rot", "kivi_rot_gauss", "token_rot_gauss", "kivi_rot_sym", "token_rot_sym")
+
+
+def layout_levels(layout: str) -> str:
+    """The per-token groups' ``levels`` (presses/quantize.py) of a quantized layout."""
+    return "gaussian" if layout.endswith("_gauss") else "symmetric" if layout.endswith("_sym") else "uniform"
 
 
 def quantizer(layout: str, bits: int, group: int = KIVI_GROUP) -> QuantizedKVPress:
     return QuantizedKVPress(bits=bits, key_layout="channel" if layout.startswith("kivi") else "token",
-                            group_tokens=group, rotate="_rot" in layout,
-                            levels="gaussian" if layout.endswith("_gauss") else "uniform")
+                            group_tokens=group, rotate="_rot" in layout, levels=layout_levels(layout))
 
 
 def layouts(groups: tuple[int, ...], bits: int, head_dim: int) -> list[tuple[str, int]]:
@@ -76,7 +81,7 @@ def kept_for(target: float, layout: str, bits: int, head_dim: int, tokens: int, 
     key_layout = "channel" if layout.startswith("kivi") else "token"
     budget = target * tokens * 2 * FP16_BYTES * head_dim
     return next((kept for kept in range(1, tokens + 1)
-                 if quantized_head_bytes(kept, bits, head_dim, key_layout, group) >= budget), tokens)
+                 if quantized_head_bytes(kept, bits, head_dim, key_layout, group, layout_levels(layout)) >= budget), tokens)
 
 
 def flag(key: str, value: str, text: str) -> bool:

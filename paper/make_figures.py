@@ -778,14 +778,14 @@ def source_constant(relative: str, name: str, root: Path) -> str:
 def equal_bytes_name(method: str, text: bool = False) -> str:
     """'h2o+kivi4' -> 'H$_2$O + KIVI-4' (text: 'H\\textsubscript{2}O then KIVI-4'); 'token3' -> 'per-token-key 3-bit';
     'h2o+kivi_rot4' -> 'H$_2$O + rotated KIVI-4' (QuaRot's rotation before quantizing); 'kivi_rot_gauss3' ->
-    'rotated Gaussian-level KIVI-3'; 'kivi4_g64' -> 'KIVI-4 (64-token groups)'."""
+    'rotated Gaussian-level KIVI-3' ('kivi_rot_sym3': 'rotated symmetric-level KIVI-3'); 'kivi4_g64' -> 'KIVI-4 (64-token groups)'."""
     press, _, quant = method.rpartition("+") if "+" in method else ("", "", method)
     layout = next((name for name in LAYOUTS if quant.startswith(name)), None)
     if layout is None:  # eviction alone
         return (TEXT_NAMES if text else NAMES)[method]
     rest = quant[len(layout):]
-    levels = "Gaussian-level " if "_gauss" in rest else ""
-    bits, _, group = rest.replace("_gauss", "").partition("_g")
+    levels = "Gaussian-level " if "_gauss" in rest else "symmetric-level " if "_sym" in rest else ""
+    bits, _, group = rest.replace("_gauss", "").replace("_sym", "").partition("_g")
     rotated = "rotated " if bits.startswith("_rot") else ""
     bits = bits.removeprefix("_rot")
     quantized = rotated + levels + (f"KIVI-{bits}" if layout == "kivi" else f"per-token-key {bits}-bit")

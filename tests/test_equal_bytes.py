@@ -36,6 +36,18 @@ def test_coarser_kivi_key_groups_are_their_own_baselines_at_their_own_bytes():
     assert kept != kept_for(0.125, "kivi", 4, head_dim, tokens)
 
 
+def test_symmetric_level_baselines_keep_the_tokens_their_cheaper_groups_pay_for():
+    # "_sym" layouts: rotated groups with a scale and no zero point, so a composite holds more tokens at the target
+    head_dim, tokens = 64, 1536
+    rows = {name: press for name, _, press in composites([0.125], head_dim, tokens, ["h2o"])}
+    quantizer = rows["h2o+token_rot_sym2"].presses[1]
+    assert quantizer.levels == "symmetric" and quantizer.rotate and rows["h2o+token_rot2"].presses[1].levels == "uniform"
+    kept = kept_for(0.125, "token_rot_sym", 2, head_dim, tokens)
+    stored = lambda n: 2 * n * token_bytes(2, head_dim, "symmetric") + 4 * head_dim  # keys: their channel statistics too
+    assert stored(kept) >= 0.125 * tokens * 2 * 2 * head_dim > stored(kept - 1)
+    assert kept > kept_for(0.125, "token_rot", 2, head_dim, tokens)
+
+
 def test_rdkv_settings_parse_and_bad_ones_are_named():
     assert rdkv_setting("prior=8 bits=2,4,8 window_size=16") == {"prior": 8.0, "bits": (2, 4, 8), "window_size": 16}
     with pytest.raises(ValueError, match="unknown RD-KV setting 'windows'"):

@@ -369,3 +369,10 @@ def test_pooled_streaming_claim_is_the_result_file(built, tmp_path, monkeypatch)
     monkeypatch.setattr(generator, "SOURCES", dict(generator.SOURCES, rdkv_streaming_pooled=str(tied)))
     with pytest.raises(ValueError, match="pooled streaming, pride_and_prejudice"):
         generator.build(tmp_path / "out")
+
+
+def test_equal_bytes_names_say_the_levels_and_the_rotation(built):
+    generator, _, _ = built
+    assert generator.equal_bytes_name("kivi_rot_gauss3") == "rotated Gaussian-level KIVI-3"
+    assert generator.equal_bytes_name("h2o+token_rot_sym2") == "H$_2$O + rotated symmetric-level per-token-key 2-bit"
+    assert generator.equal_bytes_name("kivi_rot_sym4_g64") == "rotated symmetric-level KIVI-4 (64-token groups)"
