@@ -12,7 +12,7 @@
 # Same three calls as quality_sweep_smollm2.sh (the GGUF in three parts, evaluation/device/smollm2_sweep.sh):
 # Call 2 (carry .gguf_b): mkdir -p /tmp/gg && cp .gguf_b/part /tmp/gg/b
 # Call 3 (carry .gguf_c .sweepdata): export KVPRESS_NEOX_COMMIT=<hash> PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-#                                    bash evaluation/device/equal_bytes_smollm2.sh [tune] [tune_baselines] [gauss_baselines] [group_baselines] [ablation] [ablation_fresh] [budget50] [pg19] [pg19_groups] [uniform] [eviction] [composites] [selected]
+#                                    bash evaluation/device/equal_bytes_smollm2.sh [tune] [tune_baselines] [gauss_baselines] [symmetric] [group_baselines] [ablation] [ablation_fresh] [budget50] [pg19] [pg19_groups] [uniform] [eviction] [composites] [selected]
 sweep=equal_bytes program=evaluation/equal_bytes.py MAX_JOBS=${MAX_JOBS:-16}
 source evaluation/device/smollm2_sweep.sh
 tune="--first_window 32 --num_windows 8"  # windows 32-39: never reported
@@ -62,6 +62,32 @@ if [[ $parts == *" group_baselines "* ]]; then
       run "group_baselines_${group}_$target" $report --part composites --targets $target --composed_with h2o \
         --kivi_groups $group --only $(for b in 2 3 4 8; do echo "h2o+kivi${b}_g$group h2o+kivi_rot${b}_g$group"; done)
     done
+  done
+fi
+if [[ $parts == *" symmetric "* ]]; then
+  # levels=symmetric (rotated per-token groups on levels symmetric about zero, a scale and no zero point: 2 bytes
+  # fewer a group; presses/quantize.py). CPU, windows 32-39 (results/smollm2-135m_equal_bytes_tuning_cpu/): the
+  # 12.5% selection 15.6028 -> 15.5629 (-0.26% [-0.55, +0.07]), the 25% one 15.3554 -> 15.3740 (+0.12%), and
+  # the best baseline's family gains as much (H2O + rotated KIVI-4 15.9176 -> 15.8684). So: a tuning grid with
+  # it around each target's selection (tune_sym_*: run `selected` after, with EXTRA_TUNING naming call17's
+  # tune_*.json, to choose among all), and the symmetric-level baselines on the reported windows beside them
+  i=0
+  for setting in "after_h2o=0.6 evict_weight=4 rotate=1 allocate_over=model channel_widths=query group_tokens=64 levels=symmetric" \
+      "after_h2o=0.6 evict_weight=4 rotate=1 allocate_over=model channel_widths=query group_tokens=64 levels=symmetric bits=2,3,4,8" \
+      "after_h2o=0.5 evict_weight=4 rotate=1 allocate_over=model channel_widths=query group_tokens=64 levels=symmetric" \
+      "after_h2o=0.7 evict_weight=4 rotate=1 allocate_over=model channel_widths=query group_tokens=64 levels=symmetric" \
+      "rotate=1 channel_widths=query levels=symmetric" \
+      "after_h2o=0.3 evict_weight=16 separate_widths=0 allocate_over=model rotate=1 levels=symmetric"; do
+    i=$((i + 1))
+    run "tune_sym_$i" $tune --part rdkv --rdkv "$setting"
+  done
+  sym=""
+  for bits in 2 3 4 8; do sym="$sym kivi_rot_sym$bits token_rot_sym$bits"; done
+  run sym_uniform $report --part uniform --only $sym
+  for target in 0.25 0.125 0.0625; do  # at 25% 2 and 3 bits evict nothing: those are the uniform part's rows
+    composed=""
+    for name in $sym; do [[ $target == 0.25 && $name == *[23] ]] || composed="$composed h2o+$name"; done
+    run "sym_baselines_$target" $report --part composites --targets $target --composed_with h2o --only $composed
   done
 fi
 if [[ $parts == *" tune_baselines "* ]]; then  # the best baseline of windows 0-31 on the tuning windows (call9/)
