@@ -36,6 +36,7 @@ from torch import nn
 SCHEMES = ("none", "int8", "fp8", "int4")
 LIBRARIES = ("torchao", "quanto")
 INT4_GROUP = 128  # inputs per int4 scale and zero point (torchao's default group)
+INT4_GROUPS = (32, 64, 128, 256)  # the group sizes tinygemm's layout takes
 # Bytes a decode step reads per weight and per output channel and group of inputs (int8 / fp8: one
 # group, the fp32 scale torchao keeps; int4: tinygemm's bf16 scale and zero point per INT4_GROUP inputs).
 WEIGHT_BYTES = {"int8": (1, 4), "fp8": (1, 4), "int4": (0.5, 4)}
@@ -48,13 +49,15 @@ def check(scheme: str, library: str) -> None:
         raise ValueError(f"unknown weight quantization library {library!r}; choose from {', '.join(LIBRARIES)}")
 
 
-def quantize_weights(model, scheme: str, library: str = "torchao"):
-    """``model`` with every Linear's weight quantized to ``scheme`` by ``library`` (in place)."""
+def quantize_weights(model, scheme: str, library: str = "torchao", int4_group: int = INT4_GROUP):
+    """``model`` with every Linear's weight quantized to ``scheme`` by ``library`` (in place);
+    int4: one scale and zero point per ``int4_group`` inputs (the speed path keeps INT4_GROUP; a
+    model whose Linears' inputs are not whole groups of it, the SmolLM2 stand-in's 576, needs a smaller one)."""
     check(scheme, library)
     if scheme == "none":
         return model
     if scheme == "int4":
-        check_int4(model, library)
+        check_int4(model, library, int4_group)
     if library == "torchao":
         try:
             from torchao.quantization import (Float8WeightOnlyConfig, Int4WeightOnlyConfig, Int8WeightOnlyConfig,
@@ -67,7 +70,7 @@ def quantize_weights(model, scheme: str, library: str = "torchao"):
             for module in model.modules():  # tinygemm reads bf16 scales and takes bf16 inputs only
                 if isinstance(module, nn.Linear):
                     module.weight.data = module.weight.data.to(torch.bfloat16)
-            config = Int4WeightOnlyConfig(group_size=INT4_GROUP, int4_packing_format="tile_packed_to_4d",
+            config = Int4WeightOnlyConfig(group_size=int4_group, int4_packing_format="tile_packed_to_4d",
                                           set_inductor_config=False)
         else:
             config = (Int8WeightOnlyConfig(set_inductor_config=False) if scheme == "int8"
@@ -80,15 +83,17 @@ def quantize_weights(model, scheme: str, library: str = "torchao"):
     return model
 
 
-def check_int4(model, library: str) -> None:
+def check_int4(model, library: str, group: int = INT4_GROUP) -> None:
     """Refuse int4 where torchao's tinygemm layout cannot hold every Linear, before any weight changes."""
     if library != "torchao":
         raise ValueError("int4 weights are torchao's (its tinygemm layout); quanto's int4 is not wired here")
+    if group not in INT4_GROUPS:
+        raise ValueError(f"int4 group size {group}: tinygemm's layout takes {', '.join(map(str, INT4_GROUPS))}")
     # torchao skips a Linear whose inputs do not fill whole groups, which would stay in bf16 unquantized
     ragged = [f"{name} ({module.in_features} inputs)" for name, module in model.named_modules()
-              if isinstance(module, nn.Linear) and module.in_features % INT4_GROUP]
+              if isinstance(module, nn.Linear) and module.in_features % group]
     if ragged:
-        raise ValueError(f"int4 weights need every Linear's inputs in whole groups of {INT4_GROUP}; not so for "
+        raise ValueError(f"int4 weights need every Linear's inputs in whole groups of {group}; not so for "
                          + ", ".join(ragged[:3]) + (" and more" if len(ragged) > 3 else ""))
     if next(model.parameters()).device.type != "cuda":
         raise ValueError("int4 weights need a CUDA GPU: torchao's tinygemm kernel has no CPU version here")

@@ -119,6 +119,25 @@ def test_int4_weights_are_refused_where_tinygemm_cannot_hold_them(model):
                    and torch.equal(after[name].weight, weight) for name, weight in before.items())
 
 
+def test_int4_groups_are_the_ones_tinygemm_takes_and_must_divide_the_inputs(model):
+    # the SmolLM2 stand-in's 576 inputs are 9 groups of 64, not whole groups of the speed path's 128
+    ragged = nn.Sequential(nn.Linear(576, 8))
+    with pytest.raises(ValueError, match="whole groups of 128"):
+        weight_quant.check_int4(ragged, "torchao")
+    with pytest.raises(ValueError, match="CUDA"):  # past the groups: 64 divides 576
+        weight_quant.quantize_weights(ragged, "int4", "torchao", int4_group=64)
+    with pytest.raises(ValueError, match="takes 32, 64, 128, 256"):
+        weight_quant.quantize_weights(ragged, "int4", "torchao", int4_group=48)
+
+
+def test_int4_quality_needs_bf16_scoring(capsys):
+    from evaluation import weight_quant_quality
+
+    with pytest.raises(SystemExit):
+        weight_quant_quality.main(["--model", "smollm2-135m", "--weights", "int4", "--int4_group", "64"])
+    assert "--dtype bfloat16" in capsys.readouterr().err
+
+
 def test_roofline_counts_a_byte_a_weight_plus_its_channels_scale():
     config = roofline.load_config("EleutherAI/pythia-2.8b")
     by_name = {scheme: {op.name: op.bytes for op in roofline.operators(config, 1, 1, 2000, weight_quant=scheme)}
