@@ -18,6 +18,14 @@ source evaluation/device/smollm2_sweep.sh
 tune="--first_window 32 --num_windows 8"  # windows 32-39: never reported
 report="--first_window 0 --num_windows 32"
 parts=" ${*:-tune uniform eviction composites selected} "
+tune_grid() {  # tune_grid NAME SETTING...: one process per RD-KV setting on the tuning windows, each at every target
+  local name=$1 i=0 setting
+  shift
+  for setting in "$@"; do
+    i=$((i + 1))
+    run "${name}_$i" $tune --part rdkv --rdkv "$setting"
+  done
+}
 date
 if [[ $parts == *" tune "* ]]; then
   # call17 (call11-call16's grids are in results/smollm2-135m_equal_bytes_h200/callN/: run with selected and
@@ -28,8 +36,7 @@ if [[ $parts == *" tune "* ]]; then
   # windows 32-33 at 12.5%, PPL 17.79 against 17.72 uniform, so they are not expected to win), KIVI's key
   # groups of 64 tokens (a 32-token group's fp16 scale and zero point cost 1 bit per key entry; on the CPU
   # 17.74 against 17.72, 128 tokens 17.81), and H2O keeping other shares first
-  i=0
-  for setting in "rotate=1 channel_widths=query levels=gaussian" "rotate=1 channel_widths=query levels=gaussian bits=2,3,4,8" \
+  tune_grid tune_levels_groups "rotate=1 channel_widths=query levels=gaussian" "rotate=1 channel_widths=query levels=gaussian bits=2,3,4,8" \
       "rotate=1 channel_widths=query group_tokens=64" \
       "after_h2o=0.6 evict_weight=4 rotate=1 allocate_over=model channel_widths=query levels=gaussian" \
       "after_h2o=0.6 evict_weight=4 rotate=1 allocate_over=model channel_widths=query levels=gaussian bits=2,3,4,8" \
@@ -39,10 +46,7 @@ if [[ $parts == *" tune "* ]]; then
       "after_h2o=0.5 evict_weight=8 rotate=1 allocate_over=model channel_widths=query" \
       "after_h2o=0.3 evict_weight=16 separate_widths=0 allocate_over=model rotate=1 levels=gaussian" \
       "after_h2o=0.3 evict_weight=16 separate_widths=0 allocate_over=model rotate=1 levels=gaussian bits=2,3,4,8" \
-      "after_h2o=0.4 evict_weight=16 separate_widths=0 allocate_over=model rotate=1 channel_widths=query"; do
-    i=$((i + 1))
-    run "tune_levels_groups_$i" $tune --part rdkv --rdkv "$setting"
-  done
+      "after_h2o=0.4 evict_weight=16 separate_widths=0 allocate_over=model rotate=1 channel_widths=query"
 fi
 if [[ $parts == *" gauss_baselines "* ]]; then
   # the best baseline's family (H2O, then quantization) with the Gaussian levels, on the reported windows
@@ -71,16 +75,12 @@ if [[ $parts == *" symmetric "* ]]; then
   # the best baseline's family gains as much (H2O + rotated KIVI-4 15.9176 -> 15.8684). So: a tuning grid with
   # it around each target's selection (tune_sym_*: run `selected` after, with EXTRA_TUNING naming call17's
   # tune_*.json, to choose among all), and the symmetric-level baselines on the reported windows beside them
-  i=0
-  for setting in "after_h2o=0.6 evict_weight=4 rotate=1 allocate_over=model channel_widths=query group_tokens=64 levels=symmetric" \
+  tune_grid tune_sym "after_h2o=0.6 evict_weight=4 rotate=1 allocate_over=model channel_widths=query group_tokens=64 levels=symmetric" \
       "after_h2o=0.6 evict_weight=4 rotate=1 allocate_over=model channel_widths=query group_tokens=64 levels=symmetric bits=2,3,4,8" \
       "after_h2o=0.5 evict_weight=4 rotate=1 allocate_over=model channel_widths=query group_tokens=64 levels=symmetric" \
       "after_h2o=0.7 evict_weight=4 rotate=1 allocate_over=model channel_widths=query group_tokens=64 levels=symmetric" \
       "rotate=1 channel_widths=query levels=symmetric" \
-      "after_h2o=0.3 evict_weight=16 separate_widths=0 allocate_over=model rotate=1 levels=symmetric"; do
-    i=$((i + 1))
-    run "tune_sym_$i" $tune --part rdkv --rdkv "$setting"
-  done
+      "after_h2o=0.3 evict_weight=16 separate_widths=0 allocate_over=model rotate=1 levels=symmetric"
   sym=""
   for bits in 2 3 4 8; do sym="$sym kivi_rot_sym$bits token_rot_sym$bits"; done
   run sym_uniform $report --part uniform --only $sym
