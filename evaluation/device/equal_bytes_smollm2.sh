@@ -73,13 +73,11 @@ if [[ $parts == *" symmetric "* ]]; then
   # fewer a group; presses/quantize.py). CPU, windows 32-39 (results/smollm2-135m_equal_bytes_tuning_cpu/): the
   # 12.5% selection 15.6028 -> 15.5629 (-0.26% [-0.55, +0.07]), the 25% one 15.3554 -> 15.3740 (+0.12%), and
   # the best baseline's family gains as much (H2O + rotated KIVI-4 15.9176 -> 15.8684); with 2 bits on offer
-  # (16.1603), H2O keeping 50% or 65% (15.7456, 15.6088) or evict_weight=6 (15.5792) it lost there, so none is
-  # in the grid. So: a tuning grid with
-  # it around each target's selection (tune_sym_*: run `selected` after, with EXTRA_TUNING naming call17's
-  # tune_*.json, to choose among all), and the symmetric-level baselines on the reported windows beside them
-  tune_grid tune_sym "after_h2o=0.6 evict_weight=4 rotate=1 allocate_over=model channel_widths=query group_tokens=64 levels=symmetric" \
-      "rotate=1 channel_widths=query levels=symmetric" \
-      "after_h2o=0.3 evict_weight=16 separate_widths=0 allocate_over=model rotate=1 levels=symmetric"
+  # (16.1603), H2O keeping 50% or 65% (15.7456, 15.6088) or evict_weight=6 (15.5792) it lost there, and at 6.25%
+  # the rotated selection with it (16.3080) stays behind the unrotated one (16.2727). So the one setting that won
+  # (tune_sym_1, every target: run `selected` after, with EXTRA_TUNING naming call17's tune_*.json, to choose
+  # among all), and the symmetric-level baselines on the reported windows beside it
+  tune_grid tune_sym "after_h2o=0.6 evict_weight=4 rotate=1 allocate_over=model channel_widths=query group_tokens=64 levels=symmetric"
   sym=""
   for bits in 2 3 4 8; do sym="$sym kivi_rot_sym$bits token_rot_sym$bits"; done
   run sym_uniform $report --part uniform --only $sym
