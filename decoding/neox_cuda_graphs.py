@@ -68,8 +68,8 @@ class TwoStreamStep:
     step's. 0, a step without ``filled``, or a quantized buffer: one graph over the whole buffer.
 
     ``overlap=False`` runs the MLP on the main stream after the attention (the same kernels, the same
-    graphs): at large batches one branch's kernels may fill the GPU alone, and the other beside them
-    then only slows them down (measured: results/pythia-2.8b_random_speed_frontier_h200/)."""
+    graphs), to measure what the overlap is worth where one branch's kernels may fill the GPU alone: at
+    the largest batches on the H200 the two are level (results/pythia-2.8b_random_speed_frontier_h200/streams_2becd43/)."""
 
     def __init__(self, keep_buffer: bool = True, split_mlp: bool = False, prefix_bucket: int = PREFIX_BUCKET,
                  overlap: bool = True):
