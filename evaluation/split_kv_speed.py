@@ -106,6 +106,11 @@ def measure_shape(text: str, configs: list[KernelConfig], replays: int, bandwidt
     then one per configuration, yielded as each is measured; past ``deadline`` (time.monotonic) a
     last row says how many were left unmeasured."""
     batch, heads, dim, cache = parse_shape(text)
+    # Every compiled_sdpa is the same code object to dynamo, so its compilations pile up across
+    # shapes and back ends until dynamo's recompile limit (8) fails one (the fifth shape of a call
+    # with three --sdpa_kernels did on the H200): start each shape with none; a shape compiles
+    # 1 + len(sdpa_kernels) times
+    torch._dynamo.reset()
     layer_bytes = 2 * (2 * batch * heads * cache * dim + 2 * batch * heads * dim)  # fp16
     layers = max(2, min(32, triton.cdiv(L2_SPAN, layer_bytes)))
     generator = torch.Generator("cuda").manual_seed(0)
