@@ -10,9 +10,10 @@
 # runs its own dense row on its windows. Logs in logs/; the files come back as
 # $OUT/equal_bytes.tgz, made on exit (also when cut short).
 # Same three calls as quality_sweep_smollm2.sh (the GGUF in three parts, evaluation/device/smollm2_sweep.sh):
-# Call 2 (carry .gguf_b): mkdir -p /tmp/gg && cp .gguf_b/part /tmp/gg/b
-# Call 3 (carry .gguf_c .sweepdata): export KVPRESS_NEOX_COMMIT=<hash> PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-#                                    bash evaluation/device/equal_bytes_smollm2.sh [tune] [tune_baselines] [gauss_baselines] [symmetric] [group_baselines] [ablation] [ablation_fresh] [budget50] [pg19] [pg19_groups] [uniform] [eviction] [composites] [selected]
+# Call 1 (carry .whl_quality .gguf_1): WHEELS=.whl_quality source evaluation/device/setup_env.sh && mkdir -p /tmp/gg && cp .gguf_1/part /tmp/gg/p1
+# Call 2 (carry .gguf_2 .whl_ao): python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl_ao/*.whl && cp .gguf_2/part /tmp/gg/p2
+# Call 3 (carry .gguf_3 .sweepdata): export KVPRESS_NEOX_COMMIT=<hash> PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+#                                    bash evaluation/device/equal_bytes_smollm2.sh [tune] [tune_baselines] [gauss_baselines] [symmetric] [pg19_sym] [group_baselines] [ablation] [ablation_fresh] [budget50] [pg19] [pg19_groups] [uniform] [eviction] [composites] [selected]
 sweep=equal_bytes program=evaluation/equal_bytes.py MAX_JOBS=${MAX_JOBS:-16}
 source evaluation/device/smollm2_sweep.sh
 tune="--first_window 32 --num_windows 8"  # windows 32-39: never reported
@@ -68,6 +69,14 @@ if [[ $parts == *" group_baselines "* ]]; then
     done
   done
 fi
+# the baselines at levels=symmetric: quantization alone, and H2O then it at a target (at 25% 2 and 3 bits evict
+# nothing: those are the uniform part's rows)
+sym=""
+for bits in 2 3 4 8; do sym="$sym kivi_rot_sym$bits token_rot_sym$bits"; done
+sym_composed() {
+  local name
+  for name in $sym; do [[ $1 == 0.25 && $name == *[23] ]] || echo "h2o+$name"; done
+}
 if [[ $parts == *" symmetric "* ]]; then
   # levels=symmetric (rotated per-token groups on levels symmetric about zero, a scale and no zero point: 2 bytes
   # fewer a group; presses/quantize.py). CPU, windows 32-39 (results/smollm2-135m_equal_bytes_tuning_cpu/): the
@@ -78,13 +87,9 @@ if [[ $parts == *" symmetric "* ]]; then
   # (tune_sym_1, every target: run `selected` after, with EXTRA_TUNING naming call17's tune_*.json, to choose
   # among all), and the symmetric-level baselines on the reported windows beside it
   tune_grid tune_sym "after_h2o=0.6 evict_weight=4 rotate=1 allocate_over=model channel_widths=query group_tokens=64 levels=symmetric"
-  sym=""
-  for bits in 2 3 4 8; do sym="$sym kivi_rot_sym$bits token_rot_sym$bits"; done
   run sym_uniform $report --part uniform --only $sym
-  for target in 0.25 0.125 0.0625; do  # at 25% 2 and 3 bits evict nothing: those are the uniform part's rows
-    composed=""
-    for name in $sym; do [[ $target == 0.25 && $name == *[23] ]] || composed="$composed h2o+$name"; done
-    run "sym_baselines_$target" $report --part composites --targets $target --composed_with h2o --only $composed
+  for target in 0.25 0.125 0.0625; do
+    run "sym_baselines_$target" $report --part composites --targets $target --composed_with h2o --only $(sym_composed $target)
   done
 fi
 if [[ $parts == *" tune_baselines "* ]]; then  # the best baseline of windows 0-31 on the tuning windows (call9/)
@@ -158,6 +163,21 @@ if [[ $parts == *" pg19 "* ]]; then
     run pg19_book${book}_rdkv_0.25 $held --part rdkv --targets 0.25 --rdkv "$selected_25"
     run pg19_book${book}_rdkv_0.125 $held --part rdkv --targets 0.125 --rdkv "$selected_125"
     run pg19_book${book}_rdkv_0.0625 $held --part rdkv --targets 0.0625 --rdkv "$selected_625"
+  done
+fi
+if [[ $parts == *" pg19_sym "* ]]; then
+  # call19's 12.5% selection (levels=symmetric; SELECTED_FROM=results/smollm2-135m_equal_bytes_h200/call19) on
+  # both PG-19-style books as the pg19 part runs them, with the symmetric-level baselines, which became the best
+  # baseline at every target on the reported windows; the rest of the books' rows (the other baselines, RD-KV's
+  # 25% and 6.25% settings, unchanged) are call17's heldout/
+  for book in 0 1; do
+    held="--dataset pg19 --sample_idx $book --first_window 0 --num_windows 16"
+    run pg19_book${book}_sym_uniform $held --part uniform --only $sym
+    for target in 0.25 0.125 0.0625; do
+      run pg19_book${book}_sym_baselines_$target $held --part composites --targets $target --composed_with h2o \
+        --only $(sym_composed $target)
+    done
+    run pg19_book${book}_rdkv_0.125 $held --part rdkv --targets 0.125 --rdkv "$selected_125"
   done
 fi
 [[ $parts == *" uniform "* ]] && run uniform $report --part uniform

@@ -30,9 +30,9 @@
 # Each process runs its own dense row on its text; logs in logs/; the files come back as
 # $OUT/equal_bytes_streaming.tgz, made on exit (also when cut short).
 # Same three calls as quality_sweep_smollm2.sh (the GGUF in three parts, evaluation/device/smollm2_sweep.sh):
-# Call 1 (carry .whl_quality .gguf_a): WHEELS=.whl_quality source evaluation/device/setup_env.sh && mkdir -p /tmp/gg && cp .gguf_a/part /tmp/gg/a
-# Call 2 (carry .gguf_b): mkdir -p /tmp/gg && cp .gguf_b/part /tmp/gg/b
-# Call 3 (carry .gguf_c .sweepdata): export KVPRESS_NEOX_COMMIT=<hash> PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+# Call 1 (carry .whl_quality .gguf_1): WHEELS=.whl_quality source evaluation/device/setup_env.sh && mkdir -p /tmp/gg && cp .gguf_1/part /tmp/gg/p1
+# Call 2 (carry .gguf_2 .whl_ao): python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl_ao/*.whl && cp .gguf_2/part /tmp/gg/p2
+# Call 3 (carry .gguf_3 .sweepdata): export KVPRESS_NEOX_COMMIT=<hash> PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 #                                    bash evaluation/device/equal_bytes_streaming_smollm2.sh [baselines] [rdkv] [chunk]
 sweep=equal_bytes_streaming program=evaluation/equal_bytes_streaming.py MAX_JOBS=${MAX_JOBS:-16}
 source evaluation/device/smollm2_sweep.sh

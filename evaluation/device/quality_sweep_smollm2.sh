@@ -19,12 +19,12 @@
 # (the paired intervals use that row); logs in logs/.
 # The files come back as one tarball, $OUT/quality_sweep.tgz, made on exit (also when cut short).
 #
-# The GGUF (98 MB) exceeds one call's 64 MiB carry, so it travels in three parts (.gguf_a, .gguf_b, .gguf_c)
+# The GGUF (98 MB) exceeds one call's 64 MiB carry, so it travels in three parts (.gguf_1, .gguf_2, .gguf_3)
 # over three calls on the same warm machine; the data travels in .sweepdata (never committed).
-# Call 1 (carry .whl_quality .gguf_a): WHEELS=.whl_quality source evaluation/device/setup_env.sh && mkdir -p /tmp/gg && cp .gguf_a/part /tmp/gg/a
+# Call 1 (carry .whl_quality .gguf_1): WHEELS=.whl_quality source evaluation/device/setup_env.sh && mkdir -p /tmp/gg && cp .gguf_1/part /tmp/gg/p1
 # (.whl_quality: .whl without the torchao and optimum-quanto wheels, which the quality runs do not use)
-# Call 2 (carry .gguf_b): mkdir -p /tmp/gg && cp .gguf_b/part /tmp/gg/b
-# Call 3 (carry .gguf_c .sweepdata): export KVPRESS_NEOX_COMMIT=<hash> PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+# Call 2 (carry .gguf_2 .whl_ao): python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl_ao/*.whl && cp .gguf_2/part /tmp/gg/p2
+# Call 3 (carry .gguf_3 .sweepdata): export KVPRESS_NEOX_COMMIT=<hash> PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 #                                    bash evaluation/device/quality_sweep_smollm2.sh [PART...]   (default: context streaming chunk)
 # Then, here: tar xzf quality_sweep.tgz -C results/smollm2-135m_quality_h200, and evaluation/report.py per part.
 sweep=quality_sweep program=evaluation/perplexity.py
