@@ -13,7 +13,7 @@ per-token keys after per-channel scales (``token``), and each with its per-token
 after QuaRot's random rotation (``kivi_rot``, ``token_rot``; the same bytes); at each byte target,
 ``--part eviction``: eviction presses keeping that fraction of the tokens in fp16; ``--part
 composites``: SnapKV or H2O keeping as many tokens as fit the target (rounded up) then quantizing
-them to 2, 3, 4 or 8 bits in each layout. ``--part rdkv`` runs RD-KV at each target with each ``--rdkv`` setting;
+them to 2, 3, 4, 5, 6 or 8 bits in each layout. ``--part rdkv`` runs RD-KV at each target with each ``--rdkv`` setting;
 ``--part selected`` runs, at each target, the setting with the lowest PPL in a tuning file (run
 on other windows), so the windows reported were never used to choose it. Every part runs its
 own dense row on its windows first; rows pair with it (and across files of the same windows).
@@ -40,7 +40,7 @@ from presses.rdkv_press import RDKVPress
 
 EVICTION = ("snapkv", "h2o", "expected_attention", "tova", "streaming_llm", "knorm")
 UNIFORM_BITS = (2, 3, 4, 8)
-COMPOSED_BITS = (2, 3, 4, 8)
+COMPOSED_BITS = (2, 3, 4, 5, 6, 8)  # 5 and 6: the widths RD-KV may be offered between 4 and 8 bits
 KIVI_GROUP = 32  # QuantizedKVPress's default group_tokens
 COMPOSED_WITH = ("snapkv", "h2o")  # eviction presses whose kept tokens are then quantized
 # quantized layouts: KIVI's (per-channel keys) or per-token keys, values per token; "_rot": every

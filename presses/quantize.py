@@ -29,6 +29,9 @@ from presses.errors import PressConfigError
 
 FP16_BYTES = 2
 GROUP_SIDE_BYTES = 4  # an fp16 scale and an fp16 zero point
+# the integer widths a simulated store takes (a packed store of 3, 5, 6 or 7 bits spans bytes, which
+# the byte count allows: bits per element, not per byte)
+WIDTHS = (2, 3, 4, 5, 6, 7, 8)
 
 
 def quantize_groups(x: torch.Tensor, bits: int, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

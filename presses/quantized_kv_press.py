@@ -8,7 +8,7 @@ from torch import nn
 
 from presses.attention import rotated_queries
 from presses.errors import PressConfigError
-from presses.quantize import (check_channel_widths, check_levels, FP16_BYTES, WIDTH_TABLE_BITS, channel_stats, per_channel_bytes, quantize_per_channel,
+from presses.quantize import (check_channel_widths, check_levels, FP16_BYTES, WIDTH_TABLE_BITS, WIDTHS, channel_stats, per_channel_bytes, quantize_per_channel,
                               quantize_per_token, quantized_head_bytes, query_weighted_widths)
 
 
@@ -38,8 +38,8 @@ class QuantizedKVPress(BasePress):
     stored_bytes: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
-        if self.bits not in (2, 3, 4, 8):
-            raise PressConfigError(f"bits must be 2, 3, 4 or 8, got {self.bits}")
+        if self.bits not in WIDTHS:
+            raise PressConfigError(f"bits must be one of {', '.join(map(str, WIDTHS))}, got {self.bits}")
         if self.key_layout not in ("channel", "token"):
             raise PressConfigError(f"key_layout must be 'channel' or 'token', got {self.key_layout!r}")
         if self.group_tokens < 1 or self.recent_tokens < 0:

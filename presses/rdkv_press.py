@@ -10,7 +10,7 @@ from transformers.models.llama.modeling_llama import repeat_kv
 
 from presses.attention import attention_rows, current_attention, per_kv_head, rotated_queries
 from presses.errors import PressConfigError
-from presses.quantize import (check_channel_widths, check_levels, CHANNEL_STATS_BYTES, FP16_BYTES, GROUP_SIDE_BYTES, WIDTH_TABLE_BITS, channel_stats,
+from presses.quantize import (check_channel_widths, check_levels, CHANNEL_STATS_BYTES, FP16_BYTES, GROUP_SIDE_BYTES, WIDTH_TABLE_BITS, WIDTHS, channel_stats,
                               per_channel_bytes, quantize_per_channel, quantize_per_token, query_weighted_widths,
                               token_bytes)
 
@@ -122,8 +122,8 @@ class RDKVPress(BasePress):
     def __post_init__(self):
         if not 0 <= self.compression_ratio < 1:
             raise PressConfigError(f"compression_ratio must be in [0, 1), got {self.compression_ratio}")
-        if any(b not in (2, 3, 4, 8) for b in self.bits):
-            raise PressConfigError(f"bits must be chosen from 2, 3, 4, 8; got {self.bits}")
+        if not self.bits or any(b not in WIDTHS for b in self.bits) or len(set(self.bits)) != len(self.bits):
+            raise PressConfigError(f"bits must be distinct widths from {', '.join(map(str, WIDTHS))}; got {self.bits}")
         if self.key_layout not in ("token", "channel"):
             raise PressConfigError(f"key_layout must be 'token' or 'channel', got {self.key_layout!r}")
         if self.prior_shape not in ("uniform", "recency"):

@@ -108,6 +108,15 @@ def test_only_runs_the_named_configurations_and_names_the_known_ones(tiny_pythia
     equal_bytes.main(common + ["--only", "h2o+kivi4", "h2o+token_rot8"])
     assert [row["method"] for row in json.loads(out.read_text())["rows"]] == ["dense", "h2o+kivi4", "h2o+token_rot8"]
     with pytest.raises(SystemExit):
-        equal_bytes.main(common + ["--only", "h2o+kivi5"])
+        equal_bytes.main(common + ["--only", "h2o+kivi7"])
     error = capsys.readouterr().err
-    assert "no configuration h2o+kivi5" in error and "h2o+kivi_rot4" in error
+    assert "no configuration h2o+kivi7" in error and "h2o+kivi_rot4" in error
+
+
+def test_composites_offer_the_widths_between_4_and_8_bits_at_their_bytes():
+    # RD-KV may be offered 5 and 6 bits: the baselines are run at them too, each keeping the tokens its width pays for
+    head_dim, tokens = 64, 1536
+    rows = {name: press for name, _, press in composites([0.25], head_dim, tokens, ["h2o"])}
+    assert rows["h2o+kivi_rot_sym6"].presses[1].bits == 6 and rows["h2o+token5"].presses[1].bits == 5
+    kept = [kept_for(0.25, "kivi_rot", bits, head_dim, tokens) for bits in (4, 5, 6, 8)]
+    assert kept == sorted(kept, reverse=True) and len(set(kept)) == 4

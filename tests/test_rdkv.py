@@ -29,10 +29,10 @@ def _prefill(model, press, tokens: int = 96):
 
 def test_fake_quantize_error_shrinks_with_bits_and_keeps_the_range():
     x = torch.randn(2, 3, 40, 16, generator=torch.Generator().manual_seed(0))
-    errors = [(fake_quantize(x, bits) - x).abs().max().item() for bits in (2, 4, 8)]
-    assert errors[0] > errors[1] > errors[2] > 0
+    errors = [(fake_quantize(x, bits) - x).abs().max().item() for bits in (2, 4, 5, 6, 8)]
+    assert errors[0] > errors[1] > errors[2] > errors[3] > errors[4] > 0
     step = (x.amax(-1) - x.amin(-1)) / 255
-    assert errors[2] <= step.max().item() * 0.51 + 1e-3  # at most half a step (the fp16 scale rounds a little)
+    assert errors[4] <= step.max().item() * 0.51 + 1e-3  # at most half a step (the fp16 scale rounds a little)
 
 
 def test_rotation_is_orthogonal_and_tames_a_tokens_outliers():
@@ -123,6 +123,21 @@ def test_rdkv_fits_its_byte_budget_and_mixes_precisions(config, ratio, separate,
     assert press.stored_bytes[0] == pytest.approx(heads * 96 * per_entry + heads * head_dim * 4, rel=1e-5)
 
 
+def test_rdkv_with_widths_between_4_and_8_bits_counts_their_tag_and_uses_them():
+    """bits=(3, 4, 5, 6, 8): the widths between 4 and 8 bits are chosen where the budget has room, the
+    tag names one of 36 key-value pairs (6 bits) per kept (token, head), and the layer fits its bytes."""
+    model = build(tiny_llama_config())
+    press = RDKVPress(0.5, window_size=8, bits=(3, 4, 5, 6, 8), key_layout="token")
+    cache = _prefill(model, press)
+    assert stored_bytes(press, cache) <= 0.5 * fp16_kv_bytes(model.config, 96)
+    keys, values = press.chosen_bits[0]["keys"], press.chosen_bits[0]["values"]
+    assert keys.get(5, 0) + keys.get(6, 0) + values.get(5, 0) + values.get(6, 0) > 0
+    heads, head_dim = cache.layers[0].keys.shape[1], cache.layers[0].keys.shape[3]
+    width = {b: token_bytes(b, head_dim) for b in (3, 4, 5, 6, 8)} | {16: 2 * head_dim}
+    per_entry = sum(share * width[b] for side in (keys, values) for b, share in side.items() if b) + (1 - keys[0]) * 6 / 8
+    assert press.stored_bytes[0] == pytest.approx(heads * 96 * per_entry + heads * head_dim * 4, rel=1e-5)
+
+
 def test_per_head_eviction_keeps_each_heads_own_tokens():
     # head 0 loses most by evicting tokens 0-3, head 1 by evicting tokens 4-7; one option (fp16, 1 byte)
     evict = torch.full((2, 8), 0.01)
@@ -147,6 +162,10 @@ def test_rdkv_changes_the_scores_and_refuses_bad_settings():
         RDKVPress(1.0)
     with pytest.raises(PressConfigError, match="bits"):
         RDKVPress(0.5, bits=(1, 4))
+    with pytest.raises(PressConfigError, match="bits"):
+        RDKVPress(0.5, bits=(4, 4, 8))  # one option twice
+    with pytest.raises(PressConfigError, match="bits"):
+        QuantizedKVPress(bits=9)
     with pytest.raises(PressConfigError, match="evict_weight"):
         RDKVPress(0.5, evict_weight=0)
     with pytest.raises(PressConfigError, match="accumulated"):

@@ -13,7 +13,7 @@
 # Call 1 (carry .whl_quality .gguf_1): WHEELS=.whl_quality source evaluation/device/setup_env.sh && mkdir -p /tmp/gg && cp .gguf_1/part /tmp/gg/p1
 # Call 2 (carry .gguf_2 .whl_ao): python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl_ao/*.whl && cp .gguf_2/part /tmp/gg/p2
 # Call 3 (carry .gguf_3 .sweepdata): export KVPRESS_NEOX_COMMIT=<hash> PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-#                                    bash evaluation/device/equal_bytes_smollm2.sh [tune] [tune_baselines] [gauss_baselines] [symmetric] [pg19_sym] [group_baselines] [ablation] [ablation_fresh] [budget50] [pg19] [pg19_groups] [uniform] [eviction] [composites] [selected]
+#                                    bash evaluation/device/equal_bytes_smollm2.sh [tune] [tune_baselines] [gauss_baselines] [symmetric] [pg19_sym] [widths] [pg19_widths] [group_baselines] [ablation] [ablation_fresh] [budget50] [pg19] [pg19_groups] [uniform] [eviction] [composites] [selected]
 sweep=equal_bytes program=evaluation/equal_bytes.py MAX_JOBS=${MAX_JOBS:-16}
 source evaluation/device/smollm2_sweep.sh
 tune="--first_window 32 --num_windows 8"  # windows 32-39: never reported
@@ -92,9 +92,25 @@ if [[ $parts == *" symmetric "* ]]; then
     run "sym_baselines_$target" $report --part composites --targets $target --composed_with h2o --only $(sym_composed $target)
   done
 fi
-if [[ $parts == *" tune_baselines "* ]]; then  # the best baseline of windows 0-31 on the tuning windows (call9/)
+# widths between 4 and 8 bits (RD-KV's bits, 5 and 6 on offer since presses/quantize.py WIDTHS): the rate-distortion
+# choice between 4 and 8 bits had nothing in between (8 bits errs 256 times less than 4 in squared error, 6 bits
+# 16 times), so a (token, head) worth more than 4 bits paid for 8. Each selection of call19 with 6, with 5 and 6
+# (the tag then names 36 key-value pairs, 6 bits, not 16), and with 6 in place of 8 (16 pairs, the same tag);
+# the baselines at 5 and 6 bits beside them on the reported windows (H2O then each layout)
+widths_names() {
+  local bits layout
+  for bits in 5 6; do for layout in kivi token kivi_rot token_rot kivi_rot_sym token_rot_sym; do echo "h2o+$layout$bits"; done; done
+}
+if [[ $parts == *" widths "* ]]; then
+  i=0
+  for base in "rotate=1 channel_widths=query" \
+      "after_h2o=0.6 evict_weight=4 rotate=1 allocate_over=model channel_widths=query group_tokens=64 levels=symmetric" \
+      "after_h2o=0.3 evict_weight=16 separate_widths=0 allocate_over=model"; do
+    i=$((i + 1))
+    tune_grid "tune_widths_$i" "$base bits=3,4,6,8" "$base bits=3,4,5,6,8" "$base bits=3,4,6"
+  done
   for target in 0.25 0.125 0.0625; do
-    run tuning_h2o_$target $tune --part composites --targets $target --composed_with h2o
+    run "widths_baselines_$target" $report --part composites --targets $target --composed_with h2o --only $(widths_names)
   done
 fi
 # The settings call16 selected per target (pooled over call11-call16's tuning grids on windows 32-39):
@@ -163,6 +179,23 @@ if [[ $parts == *" pg19 "* ]]; then
     run pg19_book${book}_rdkv_0.25 $held --part rdkv --targets 0.25 --rdkv "$selected_25"
     run pg19_book${book}_rdkv_0.125 $held --part rdkv --targets 0.125 --rdkv "$selected_125"
     run pg19_book${book}_rdkv_0.0625 $held --part rdkv --targets 0.0625 --rdkv "$selected_625"
+  done
+fi
+if [[ $parts == *" pg19_widths "* ]]; then  # the books for a selection with 5 or 6 bits (SELECTED_FROM), beside their baselines
+  for book in 0 1; do
+    held="--dataset pg19 --sample_idx $book --first_window 0 --num_windows 16"
+    for target in 0.25 0.125 0.0625; do
+      run pg19_book${book}_widths_baselines_$target $held --part composites --targets $target --composed_with h2o \
+        --only $(widths_names)
+    done
+    run pg19_book${book}_rdkv_0.25 $held --part rdkv --targets 0.25 --rdkv "$selected_25"
+    run pg19_book${book}_rdkv_0.125 $held --part rdkv --targets 0.125 --rdkv "$selected_125"
+    run pg19_book${book}_rdkv_0.0625 $held --part rdkv --targets 0.0625 --rdkv "$selected_625"
+  done
+fi
+if [[ $parts == *" tune_baselines "* ]]; then  # the best baseline of windows 0-31 on the tuning windows (call9/)
+  for target in 0.25 0.125 0.0625; do
+    run tuning_h2o_$target $tune --part composites --targets $target --composed_with h2o
   done
 fi
 if [[ $parts == *" pg19_sym "* ]]; then
