@@ -26,6 +26,7 @@ bootstrap (evaluation/intervals.py), so they equal the README's.
 import argparse
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -90,6 +91,7 @@ SOURCES = {
     # call17: H2O then quantization at Lloyd-Max's levels (2, 3 bits) and at KIVI key groups of 64
     # and 128 tokens (12.5% and 6.25%; at 25% no 2- or 3-bit composite evicts anything);
     # call19: quantization alone and H2O then it, rotated, on levels symmetric about zero (2-8 bits);
+    # call20: H2O then each layout at 5 and 6 bits (the widths RD-KV was offered between 4 and 8);
     # call4: eviction alone (its rows with a "+" are superseded by call13's and not read)
     "equal_bytes": [
         "results/smollm2-135m_equal_bytes_h200/call13/uniform.json",
@@ -98,6 +100,7 @@ SOURCES = {
         "results/smollm2-135m_equal_bytes_h200/call17/group_baselines_*.json",
         "results/smollm2-135m_equal_bytes_h200/call19/sym_uniform.json",
         "results/smollm2-135m_equal_bytes_h200/call19/sym_baselines_*.json",
+        "results/smollm2-135m_equal_bytes_h200/call20/widths_baselines_*.json",
     ],
     "equal_bytes_eviction": [
         "results/smollm2-135m_equal_bytes_h200/call4/baselines_0.25.json",
@@ -107,8 +110,8 @@ SOURCES = {
     # RD-KV: its settings on the tuning windows (tune_*.json), the baselines run on the same windows
     # (tuning_*.json) and the best setting per target run on the reported windows (selected_*.json);
     # told apart by windows and method (equal_bytes_runs). One selection pooled over call11's to
-    # call19's tuning grids (every byte counted: the precision tag at ceil(log2 m) bits, the key
-    # channel widths' table); its rows: call19's selected_*.json (the `selected` parts left call11's tune_reference.json
+    # call20's tuning grids (every byte counted: the precision tag at ceil(log2 m) bits, the key
+    # channel widths' table); its rows: call20's selected_*.json (the `selected` parts left call11's tune_reference.json
     # out, since a setting it names would rerun at today's defaults; none of its rows is the best at
     # any target, so the pool here, which holds it, selects the same rows). No call since call9 repeated the
     # tuning-window baselines (unrotated): call9's are read (same windows, same dense row, checked).
@@ -121,7 +124,8 @@ SOURCES = {
         "results/smollm2-135m_equal_bytes_h200/call16/tune_*.json",
         "results/smollm2-135m_equal_bytes_h200/call17/tune_*.json",
         "results/smollm2-135m_equal_bytes_h200/call19/tune_*.json",
-        "results/smollm2-135m_equal_bytes_h200/call19/selected_*.json",
+        "results/smollm2-135m_equal_bytes_h200/call20/tune_*.json",
+        "results/smollm2-135m_equal_bytes_h200/call20/selected_*.json",
         "results/smollm2-135m_equal_bytes_h200/call9/tuning_h2o_*.json",
     ],
     # RD-KV's checks beyond the selection (H200): one component changed at a time off the 25%
@@ -129,9 +133,10 @@ SOURCES = {
     # ablation_fresh_0 is the selection itself, the base the others pair with) and the same changes on the
     # reported windows, call17's ablation/ (its ablation_6 sets group_tokens=32, the selection's own: it
     # changes nothing and must reproduce the selection's row); at call16's 25% setting (call17's too) the 50%
-    # budget (RD-KV and the baselines there), and at call19's settings a text never tuned on (both
-    # PG-19-style books, 16 windows each): call17's heldout/ rows but its 12.5% RD-KV row (call17's
-    # selection there), and call19's heldout/ (the 12.5% selection, the symmetric-level baselines)
+    # budget (RD-KV and the baselines there), and at call20's settings a text never tuned on (both
+    # PG-19-style books, 16 windows each): call17's heldout/ rows but its 25% and 12.5% RD-KV rows
+    # (call17's selections there), call19's heldout/ (the 12.5% selection, the symmetric-level
+    # baselines) and call20's (the 25% selection, the 5- and 6-bit baselines at 25%)
     "rdkv_ablation": "results/smollm2-135m_equal_bytes_h200/call18/ablation_fresh/ablation_fresh_*.json",
     "rdkv_ablation_base": "results/smollm2-135m_equal_bytes_h200/call18/ablation_fresh/ablation_fresh_0.json",
     "rdkv_ablation_reported": "results/smollm2-135m_equal_bytes_h200/call17/ablation/ablation_*.json",
@@ -148,8 +153,8 @@ SOURCES = {
     "rdkv_streaming_pooled": "results/smollm2-135m_equal_bytes_streaming_h200/pooled_4streams_all_stretches.json",
     "rdkv_heldout": {
         title: [f"results/smollm2-135m_equal_bytes_h200/call17/heldout/pg19_book{book}_{part}.json"
-                for part in ("uniform", "eviction", "composites_*", "group_baselines_*", "rdkv_0.25", "rdkv_0.0625")]
-        + [f"results/smollm2-135m_equal_bytes_h200/call19/heldout/pg19_book{book}_*.json"]
+                for part in ("uniform", "eviction", "composites_*", "group_baselines_*", "rdkv_0.0625")]
+        + [f"results/smollm2-135m_equal_bytes_h200/call{call}/heldout/pg19_book{book}_*.json" for call in (19, 20)]
         for book, title in ((0, "Pride and Prejudice"), (1, "Frankenstein"))
     },
     # the model's own configuration (heads, rotary fraction, training length)
@@ -1004,7 +1009,10 @@ NOT_A_SETTING = ("compression_ratio", "query_chunk")
 
 # The fields the text names where it calls the largest target's setting RDKVPress's defaults
 # ("its defaults, rotated, query-weighted key channels"), with the values it names.
-DEFAULTS_BUT = {"rotate": "True", "channel_widths": "query"}
+DEFAULTS_BUT = {"rotate": "True", "channel_widths": "query", "bits": "3,4,6,8"}
+# The ablations (call17's, call18's) and the 50% budget (call16's) ran off the 25% setting before the 6-bit
+# width was offered (call20): that setting is the selection less this field, and the text says so
+BEFORE_SIX_BITS = "bits=3,4,6,8"
 
 
 def check_ran_at_defaults(row: dict, root: Path, defaults: dict[str, str]) -> None:
@@ -1242,13 +1250,22 @@ def reported_window_rows(entry, root: Path, reported_dense: dict) -> list[dict]:
     return rows
 
 
+def before_six_bits(selected: dict) -> str:
+    """The 25% selection's method as the ablations and the 50% budget ran it: without BEFORE_SIX_BITS."""
+    if f" {BEFORE_SIX_BITS}]" not in selected["method"]:
+        raise ValueError(f"the 25% selection {selected['method']} does not end with {BEFORE_SIX_BITS}: the text says"
+                         " its ablations ran before that width")
+    return selected["method"].replace(f" {BEFORE_SIX_BITS}]", "]")
+
+
 def ablations(entry: str, base_entry: str, root: Path, dense: dict, selected: dict, defaults: dict) -> tuple:
     """(the selection's own row, from ``base_entry``'s files; [(name, row, paired difference to it)]
     per ablation of the 25% ``selected`` setting in the files ``entry`` names), all on ``dense``'s
     windows; a row that changes nothing must be the selection's run again, bit for bit."""
     (base,) = [r for r in reported_window_rows(base_entry, root, dense) if is_rdkv(r)]
-    if base["method"] != selected["method"] or base["target"] != selected["target"]:
-        raise ValueError(f"the ablations' base is {base['method']} at {base['target']}, not the 25% selection")
+    if base["method"] != before_six_bits(selected) or base["target"] != selected["target"]:
+        raise ValueError(f"the ablations' base is {base['method']} at {base['target']}, not the 25% selection"
+                         " before the 6-bit width")
     rows = []
     for row in reported_window_rows(entry, root, dense):
         if is_rdkv(row):
@@ -1296,7 +1313,7 @@ def rdkv_checks(root: Path, numbers: Numbers, out: Path, selection: dict) -> Non
     numbers["ablRepHurt"], numbers["ablRepWindows"] = len(reported_hurts), numbers.values["ebWindows"]
     lines = [
         "\\centering",
-        "\\captionof{table}{One change to the 25\\% setting, windows"
+        "\\captionof{table}{One change to the 25\\% setting (3/4/8 bits), windows"
         f" {first}--{first + count - 1} (fresh): PPL over dense, and paired over the setting (\\%).}}",
         "\\label{tab:ablation}",
         "{\\footnotesize\\setlength{\\tabcolsep}{2pt}",
@@ -1316,8 +1333,8 @@ def rdkv_checks(root: Path, numbers: Numbers, out: Path, selection: dict) -> Non
     # the 50% budget: RD-KV at the 25% setting, the baselines there with the reported ones
     half = reported_window_rows(SOURCES["rdkv_half"], root, reported_dense)
     ours_half = [r for r in half if is_rdkv(r)]
-    if len(ours_half) != 1 or ours_half[0]["method"] != quarter["method"]:
-        raise ValueError("the 50% budget's RD-KV row is not the 25% selection's setting, once")
+    if len(ours_half) != 1 or ours_half[0]["method"] != before_six_bits(quarter):
+        raise ValueError("the 50% budget's RD-KV row is not the 25% selection's setting (before 6 bits), once")
     (ours_half,) = ours_half
     best_half = equal_bytes_best([r for r in reported if not is_rdkv(r)] + [r for r in half if not is_rdkv(r)])[0.5]
     versus = paired(ours_half, best_half)
@@ -1337,10 +1354,14 @@ def rdkv_checks(root: Path, numbers: Numbers, out: Path, selection: dict) -> Non
     if len(group_windows) != 1:
         raise ValueError(f"the held-out books ran {sorted(group_windows)} windows: the caption gives one number")
     (book_windows,) = group_windows
+    # the 5- and 6-bit baselines (call20) ran on the books at some targets only: the caption names them
+    fine = sorted({row["target"] for payloads in heldout.values() for payload in payloads for row in payload["rows"]
+                   if not is_rdkv(row) and re.search(r"[a-z][56](_g\d+)?$", row["method"])}, reverse=True)
+    fine_note = "" if fine == targets else f"; 5/6-bit baselines at {'/'.join(f'{100 * t:g}' for t in fine)}\\% only"
     lines = [
         "\\centering",
         f"\\captionof{{table}}{{Held out: PG-19-style books, {book_windows} windows each, WikiText-2's settings;"
-        " over dense, and paired over the best baseline (\\%).}",
+        f" over dense, and paired over the best baseline (\\%{fine_note}).}}",
         "\\label{tab:heldout}",
         "{\\footnotesize\\setlength{\\tabcolsep}{2pt}",
         "\\begin{tabular}[t]{llrr}",

@@ -148,23 +148,24 @@ def test_equal_bytes_numbers_are_the_result_files(built):
 EQUAL_BYTES = "results/smollm2-135m_equal_bytes_h200"
 
 
-def test_equal_bytes_selection_is_pooled_over_call11_to_call19(built):
-    """RD-KV's reported rows are one selection over call11's to call19's tuning files together: per
-    target the lowest-PPL setting of the grids on windows 32-39, run on windows 0-31 by call19
+def test_equal_bytes_selection_is_pooled_over_call11_to_call20(built):
+    """RD-KV's reported rows are one selection over call11's to call20's tuning files together: per
+    target the lowest-PPL setting of the grids on windows 32-39, run on windows 0-31 by call20
     (call11's selected_0.0625.json, its own grid's choice, is not one of them); every RD-KV byte
     fraction below the baseline's."""
     generator, _, values = built
     names = {path.relative_to(REPO).as_posix() for path in generator.result_files(generator.SOURCES["equal_bytes_rdkv"], REPO)}
-    assert f"{EQUAL_BYTES}/call19/selected_0.0625.json" in names
+    assert f"{EQUAL_BYTES}/call20/selected_0.0625.json" in names
     assert f"{EQUAL_BYTES}/call17/selected_0.125.json" not in names  # superseded: call19's grid moved the selection
+    assert f"{EQUAL_BYTES}/call19/selected_0.25.json" not in names  # superseded: call20's grid moved the selection
     assert f"{EQUAL_BYTES}/call11/selected_0.0625.json" not in names
     assert not any("/call10/" in name for name in names)  # its tag was undercounted
-    tuning = [row for folder in ("call11", "call12", "call13", "call14", "call15", "call16", "call17", "call19")
+    tuning = [row for folder in ("call11", "call12", "call13", "call14", "call15", "call16", "call17", "call19", "call20")
               for path in sorted((REPO / EQUAL_BYTES / folder).glob("tune_*.json"))
               for row in json.loads(path.read_text())["rows"] if row["method"].startswith("rdkv")]
     assert values["ebTuneSettings"] == str(len({row["method"] for row in tuning}))
-    for letter, target, name in (("A", 0.25, "call19/selected_0.25.json"), ("B", 0.125, "call19/selected_0.125.json"),
-                                 ("C", 0.0625, "call19/selected_0.0625.json")):
+    for letter, target, name in (("A", 0.25, "call20/selected_0.25.json"), ("B", 0.125, "call20/selected_0.125.json"),
+                                 ("C", 0.0625, "call20/selected_0.0625.json")):
         (ours,) = [r for r in json.loads((REPO / EQUAL_BYTES / name).read_text())["rows"] if r["method"].startswith("rdkv")]
         assert ours["method"] == min((r for r in tuning if r["target"] == target), key=lambda r: r["ppl"])["method"]
         assert values[f"ebOurs{letter}Bytes"] == f"{100 * ours['kv_bytes_fraction']:.2f}"
@@ -178,7 +179,7 @@ def test_equal_bytes_selection_is_pooled_over_call11_to_call19(built):
     assert (values["ebWidthsB"], values["ebWidthsC"]) == ("widths apart", "one width")
     assert values["ebKeysB"] == "KIVI in 64-token groups, query-weighted" and values["ebLambdaC"] == "one $\\lambda$ for the model"
     assert (values["ebLevelsA"], values["ebLevelsB"], values["ebLevelsC"]) == ("", ", symmetric levels", "")
-    assert values["ebOursA"] == "+0.20" and values["ebGoalA"] == "+0.5"
+    assert values["ebOursA"] == "+0.23" and values["ebGoalA"] == "+0.5"
 
 
 def ablation_verdicts(folder: str, pattern: str, selected: dict, table: str | None) -> list[str]:
@@ -251,8 +252,8 @@ def test_rdkv_heldout_rows_are_the_selected_settings(built, tmp_path, monkeypatc
     at the other book's RD-KV file for a target changes nothing, but at WikiText's ablation files stops it."""
     generator, out, values = built
     table = (out / "table_rdkv_heldout.tex").read_text()
-    assert "-0.00 [-0.15, +0.12]" in table  # P&P at 25%, call17's heldout/pg19_book0_rdkv_0.25.json
-    assert values["heldCells"] == "6" and (values["heldWins"], values["heldTies"]) == ("4", "2")
+    assert "+0.04 [-0.03, +0.11]" in table  # P&P at 25%, call20's heldout/pg19_book0_rdkv_0.25.json
+    assert values["heldCells"] == "6" and (values["heldWins"], values["heldTies"]) == ("3", "3")
     sources = dict(generator.SOURCES)
     sources["rdkv_heldout"] = dict(sources["rdkv_heldout"],
                                    Frankenstein="results/smollm2-135m_equal_bytes_h200/call17/heldout/pg19_book1_[ce]*.json")
@@ -315,15 +316,19 @@ def _row(path: str, method: str, target: float) -> dict:
 
 
 def test_rdkv_selected_setting_ran_at_todays_defaults(built):
-    """The text calls the 25% setting RDKVPress's defaults, rotated, query-weighted key channels: every
-    field as it ran, named or its commit's default, must be today's (accumulated=0.5 among them) but
-    rotate and channel_widths, which must be on. call14's selection (uniform widths) and call11's
-    unrotated one fail; so does the selected row against a default accumulated of 0."""
+    """The text calls the 25% setting RDKVPress's defaults, rotated, query-weighted key channels, widths
+    3/4/6/8: every field as it ran, named or its commit's default, must be today's (accumulated=0.5 among
+    them) but rotate, channel_widths and bits, which must be those. call17's selection (3/4/8 bits),
+    call14's (uniform widths) and call11's unrotated one fail; so does the selected row against a
+    default accumulated of 0."""
     generator, _, _ = built
     defaults = generator.rdkv_defaults(REPO)
     assert float(defaults["accumulated"]) == 0.5
-    selected = _row("call17/selected_0.25.json", "rdkv[rotate=1 channel_widths=query]", 0.25)
+    selected = _row("call20/selected_0.25.json", "rdkv[rotate=1 channel_widths=query bits=3,4,6,8]", 0.25)
     generator.check_ran_at_defaults(selected, REPO, defaults)
+    with pytest.raises(ValueError, match="bits"):
+        generator.check_ran_at_defaults(_row("call17/selected_0.25.json", "rdkv[rotate=1 channel_widths=query]", 0.25),
+                                        REPO, defaults)
     with pytest.raises(ValueError, match="channel_widths"):
         generator.check_ran_at_defaults(_row("call14/selected_0.25.json", "rdkv[rotate=1 key_layout=channel]", 0.25),
                                         REPO, defaults)

