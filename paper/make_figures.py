@@ -1536,7 +1536,11 @@ def equal_bytes_figure(reported, best, chosen, ours, tuning_baselines, tuning_be
                label=f"best {NAMES[best_press(tuning_baselines)]} + quant.")
     right.set(yscale="log", xlabel="tokens H$_2$O keeps first, $f$")
     right.set_xticks(kept)
-    right.set_xticklabels([f"{k:g}" for k in kept], fontsize=5.5)
+    labelled = []  # a tick's label only where it does not run into the one before (0.7, 0.75, 0.8 would)
+    for k in kept:
+        if not labelled or k - labelled[-1] >= 0.09:
+            labelled.append(k)
+    right.set_xticklabels([f"{k:g}" if k in labelled else "" for k in kept], fontsize=5.5)
     right.set_xlim(kept[0] - 0.05, kept[-1] + 0.05)
     right.minorticks_off()
     right.set_yticks(yticks)
