@@ -26,7 +26,6 @@ bootstrap (evaluation/intervals.py), so they equal the README's.
 import argparse
 import json
 import math
-import re
 import sys
 from pathlib import Path
 
@@ -791,24 +790,35 @@ def source_constant(relative: str, name: str, root: Path) -> str:
     return match.group(1)
 
 
+def quantized_parts(method: str) -> dict | None:
+    """'h2o+kivi_rot_sym4_g64' -> {'press': 'h2o', 'layout': 'kivi', 'rotated': True, 'levels': 'symmetric',
+    'bits': 4, 'group': '64'}; None for eviction alone ('h2o')."""
+    press, _, quant = method.rpartition("+") if "+" in method else ("", "", method)
+    layout = next((name for name in LAYOUTS if quant.startswith(name)), None)
+    if layout is None:
+        return None
+    rest = quant[len(layout):]
+    levels = "gaussian" if "_gauss" in rest else "symmetric" if "_sym" in rest else "uniform"
+    bits, _, group = rest.replace("_gauss", "").replace("_sym", "").partition("_g")
+    return {"press": press, "layout": layout, "rotated": bits.startswith("_rot"), "levels": levels,
+            "bits": int(bits.removeprefix("_rot")), "group": group}
+
+
 def equal_bytes_name(method: str, text: bool = False) -> str:
     """'h2o+kivi4' -> 'H$_2$O + KIVI-4' (text: 'H\\textsubscript{2}O then KIVI-4'); 'token3' -> 'per-token-key 3-bit';
     'h2o+kivi_rot4' -> 'H$_2$O + rotated KIVI-4' (QuaRot's rotation before quantizing); 'kivi_rot_gauss3' ->
     'rotated Gaussian-level KIVI-3' ('kivi_rot_sym3': 'rotated symmetric-level KIVI-3'); 'kivi4_g64' -> 'KIVI-4 (64-token groups)'."""
-    press, _, quant = method.rpartition("+") if "+" in method else ("", "", method)
-    layout = next((name for name in LAYOUTS if quant.startswith(name)), None)
-    if layout is None:  # eviction alone
+    parts = quantized_parts(method)
+    if parts is None:  # eviction alone
         return (TEXT_NAMES if text else NAMES)[method]
-    rest = quant[len(layout):]
-    levels = "Gaussian-level " if "_gauss" in rest else "symmetric-level " if "_sym" in rest else ""
-    bits, _, group = rest.replace("_gauss", "").replace("_sym", "").partition("_g")
-    rotated = "rotated " if bits.startswith("_rot") else ""
-    bits = bits.removeprefix("_rot")
-    quantized = rotated + levels + (f"KIVI-{bits}" if layout == "kivi" else f"per-token-key {bits}-bit")
-    quantized += f" ({group}-token groups)" if group else ""
-    if not press:
+    levels = {"gaussian": "Gaussian-level ", "symmetric": "symmetric-level ", "uniform": ""}[parts["levels"]]
+    bits = parts["bits"]
+    quantized = ("rotated " if parts["rotated"] else "") + levels + (
+        f"KIVI-{bits}" if parts["layout"] == "kivi" else f"per-token-key {bits}-bit")
+    quantized += f" ({parts['group']}-token groups)" if parts["group"] else ""
+    if not parts["press"]:
         return quantized
-    return f"{(TEXT_NAMES if text else NAMES)[press]}{' then ' if text else ' + '}{quantized}"
+    return f"{(TEXT_NAMES if text else NAMES)[parts['press']]}{' then ' if text else ' + '}{quantized}"
 
 
 def result_files(entry, root: Path) -> list[Path]:
@@ -1012,7 +1022,7 @@ NOT_A_SETTING = ("compression_ratio", "query_chunk")
 DEFAULTS_BUT = {"rotate": "True", "channel_widths": "query", "bits": "3,4,6,8"}
 # The ablations (call17's, call18's) and the 50% budget (call16's) ran off the 25% setting before the 6-bit
 # width was offered (call20): that setting is the selection less this field, and the text says so
-BEFORE_SIX_BITS = "bits=3,4,6,8"
+BEFORE_SIX_BITS = f"bits={DEFAULTS_BUT['bits']}"
 
 
 def check_ran_at_defaults(row: dict, root: Path, defaults: dict[str, str]) -> None:
@@ -1356,7 +1366,7 @@ def rdkv_checks(root: Path, numbers: Numbers, out: Path, selection: dict) -> Non
     (book_windows,) = group_windows
     # the 5- and 6-bit baselines (call20) ran on the books at some targets only: the caption names them
     fine = sorted({row["target"] for payloads in heldout.values() for payload in payloads for row in payload["rows"]
-                   if not is_rdkv(row) and re.search(r"[a-z][56](_g\d+)?$", row["method"])}, reverse=True)
+                   if not is_rdkv(row) and (quantized_parts(row["method"]) or {}).get("bits") in (5, 6)}, reverse=True)
     fine_note = "" if fine == targets else f"; 5/6-bit baselines at {'/'.join(f'{100 * t:g}' for t in fine)}\\% only"
     lines = [
         "\\centering",
