@@ -92,6 +92,11 @@ if [[ $parts == *" symmetric "* ]]; then
     run "sym_baselines_$target" $report --part composites --targets $target --composed_with h2o --only $(sym_composed $target)
   done
 fi
+if [[ $parts == *" tune_baselines "* ]]; then  # the best baseline of windows 0-31 on the tuning windows (call9/)
+  for target in 0.25 0.125 0.0625; do
+    run tuning_h2o_$target $tune --part composites --targets $target --composed_with h2o
+  done
+fi
 # widths between 4 and 8 bits (RD-KV's bits, 5 and 6 on offer since presses/quantize.py WIDTHS): the rate-distortion
 # choice between 4 and 8 bits had nothing in between (8 bits errs 256 times less than 4 in squared error, 6 bits
 # 16 times), so a (token, head) worth more than 4 bits paid for 8. Each selection of call19 with 6, with 5 and 6
@@ -162,6 +167,11 @@ if [[ $parts == *" budget50 "* ]]; then  # the 50% budget: RD-KV (the 25% select
   run budget50_eviction $report --part eviction --targets 0.5
   run budget50_composites $report --part composites --targets 0.5 --composed_with h2o
 fi
+book_rdkv() {  # book_rdkv BOOK "HELD-OUT OPTIONS": RD-KV at each target's selection on that book
+  run pg19_book$1_rdkv_0.25 $2 --part rdkv --targets 0.25 --rdkv "$selected_25"
+  run pg19_book$1_rdkv_0.125 $2 --part rdkv --targets 0.125 --rdkv "$selected_125"
+  run pg19_book$1_rdkv_0.0625 $2 --part rdkv --targets 0.0625 --rdkv "$selected_625"
+}
 if [[ $parts == *" pg19 "* ]]; then
   # A held-out text: both PG-19-style books, never tuned on, 16 windows each (the same protocol), the
   # baselines and RD-KV at the settings chosen on WikiText-2's tuning windows (the selection above; with
@@ -176,9 +186,7 @@ if [[ $parts == *" pg19 "* ]]; then
         --targets $target --composed_with h2o --kivi_groups 64 128 \
         --only $(for g in 64 128; do for b in 3 4; do echo "h2o+kivi${b}_g$g h2o+kivi_rot${b}_g$g"; done; done)
     done
-    run pg19_book${book}_rdkv_0.25 $held --part rdkv --targets 0.25 --rdkv "$selected_25"
-    run pg19_book${book}_rdkv_0.125 $held --part rdkv --targets 0.125 --rdkv "$selected_125"
-    run pg19_book${book}_rdkv_0.0625 $held --part rdkv --targets 0.0625 --rdkv "$selected_625"
+    book_rdkv $book "$held"
   done
 fi
 if [[ $parts == *" pg19_widths "* ]]; then  # the books for a selection with 5 or 6 bits (SELECTED_FROM), beside their baselines
@@ -188,14 +196,7 @@ if [[ $parts == *" pg19_widths "* ]]; then  # the books for a selection with 5 o
       run pg19_book${book}_widths_baselines_$target $held --part composites --targets $target --composed_with h2o \
         --only $(widths_names)
     done
-    run pg19_book${book}_rdkv_0.25 $held --part rdkv --targets 0.25 --rdkv "$selected_25"
-    run pg19_book${book}_rdkv_0.125 $held --part rdkv --targets 0.125 --rdkv "$selected_125"
-    run pg19_book${book}_rdkv_0.0625 $held --part rdkv --targets 0.0625 --rdkv "$selected_625"
-  done
-fi
-if [[ $parts == *" tune_baselines "* ]]; then  # the best baseline of windows 0-31 on the tuning windows (call9/)
-  for target in 0.25 0.125 0.0625; do
-    run tuning_h2o_$target $tune --part composites --targets $target --composed_with h2o
+    book_rdkv $book "$held"
   done
 fi
 if [[ $parts == *" pg19_sym "* ]]; then
